@@ -1,0 +1,23 @@
+"""A local OpenAI-compatible Batch API server (Files + Batches) for demos and tests.
+
+Run it with ``python -m local_batch_server --port 8765 --data-dir DIR [--config cfg.json]`` or, in
+tests, with :func:`local_batch_server.testing.running_server`. The real ``openai`` client works
+against ``http://127.0.0.1:PORT/v1`` unchanged.
+
+* Endpoints: ``POST/GET /v1/files``, ``GET/DELETE /v1/files/{id}``, ``GET /v1/files/{id}/content``,
+  ``POST/GET /v1/batches``, ``GET /v1/batches/{id}``, ``POST /v1/batches/{id}/cancel``; admin:
+  ``GET/PUT /_admin/config``, ``POST /_admin/reset``.
+* Answers are deterministic; their exact formats are documented in :mod:`local_batch_server.answers`.
+* Failure injection, timings and limits: :class:`local_batch_server.config.ServerConfig`.
+* Batch life cycle and files: :mod:`local_batch_server.app`.
+"""
+
+from .config import FailValidation, HttpFault, ServerConfig
+
+__all__ = ["FailValidation", "HttpFault", "ServerConfig", "create_app"]
+
+
+def create_app(*args, **kwargs):
+    from .app import create_app as _create_app
+
+    return _create_app(*args, **kwargs)

@@ -1,0 +1,117 @@
+"""Configuration of the local batch server (failure injection, timings, limits, upstream).
+
+The whole object is JSON-able. It is given at start (``--config file.json``) and can be read or
+changed at run time with ``GET /_admin/config`` and ``PUT /_admin/config`` (top-level keys of the PUT
+body are merged into the current config; ``PUT /_admin/config?replace=true`` replaces it, missing keys
+taking their defaults).
+
+Secrets (``api_key``, ``upstream_api_key``) are never logged and are shown as ``"***"`` by
+``GET /_admin/config``; sending ``"***"`` back in a PUT keeps the current value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SECRET_MASK = "***"
+SECRET_FIELDS = ("api_key", "upstream_api_key")
+
+DEFAULT_TOKEN_LIMIT_MESSAGE = (
+    "Enqueued token limit reached for {model} in organization org-local. "
+    "Limit: 90,000 enqueued tokens. Please try submitting fewer tasks at a time."
+)
+
+
+class FailValidation(BaseModel):
+    """Make new batches end ``failed`` at validation with this single error.
+
+    ``{model}`` in ``message`` is replaced by the model of the batch's input file.
+    ``times``: how many batches (created from now on) get it; ``None`` = every batch.
+    The decision is taken when the batch is created.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    code: str = "token_limit_exceeded"
+    message: str = DEFAULT_TOKEN_LIMIT_MESSAGE
+    line: int | None = None
+    param: str | None = None
+    times: int | None = None
+
+
+class HttpFault(BaseModel):
+    """The next ``times`` HTTP calls matching ``method`` and ``path`` get ``status``.
+
+    ``method``: ``"GET"``, ``"POST"``, ... or ``"*"``. ``path``: a regex searched (``re.search``) in the
+    URL path, e.g. ``"^/v1/batches/[^/]+$"``. ``times``: ``None`` = forever. The count decrements as
+    the fault fires; a fault whose count reaches 0 is removed. 429 answers carry ``Retry-After: 0``;
+    ``retry_after_ms`` (optional) adds a ``retry-after-ms`` header, which the openai client honours.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = "*"
+    path: str = ".*"
+    status: int = Field(default=500, ge=400, le=599)
+    times: int | None = 1
+    message: str | None = None
+    retry_after_ms: int | None = None
+
+
+class ServerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # --- failure injection -------------------------------------------------------------------
+    reject_marker: str | None = "[[reject]]"
+    """A request whose body JSON text contains this string gets a 400 invalid_request error line."""
+    fail_validation: FailValidation | None = None
+    expire_fraction: float | None = Field(default=None, ge=0.0, le=1.0)
+    """Batch ends ``expired`` after answering floor(fraction * total) requests (first in input order)."""
+    http_faults: list[HttpFault] = Field(default_factory=list)
+
+    # --- timings (seconds; read live, so lowering one releases a batch waiting in that phase) -----
+    validating_seconds: float = Field(default=0.3, ge=0)
+    in_progress_seconds: float = Field(default=0.3, ge=0)
+    """Requests are answered progressively over this duration (in up to 50 steps)."""
+    finalizing_seconds: float = Field(default=0.3, ge=0)
+    cancelling_seconds: float = Field(default=0.2, ge=0)
+
+    # --- limits -----------------------------------------------------------------------------------
+    max_requests_per_file: int = Field(default=50_000, ge=1)
+    max_file_bytes: int = Field(default=200_000_000, ge=1)
+    """200 MB taken as 200,000,000 bytes: stricter than 200 MiB, so what passes here passes there."""
+    max_metadata_pairs: int = 16
+
+    # --- output ---------------------------------------------------------------------------------
+    shuffle_seed: int = 1234
+    """Seed of the (deterministic) shuffle of output and error file lines."""
+
+    # --- upstream forwarding --------------------------------------------------------------------
+    upstream_base_url: str | None = None
+    """When set, each request is POSTed to ``{upstream_base_url}{url}`` (a trailing ``/v1`` on the
+    base is dropped when ``url`` starts with ``/v1``)."""
+    upstream_api_key: str | None = None
+    upstream_timeout_seconds: float = 120.0
+    upstream_concurrency: int = Field(default=4, ge=1)
+
+    # --- auth -----------------------------------------------------------------------------------
+    api_key: str | None = None
+    """When set, ``/v1/*`` calls need ``Authorization: Bearer <api_key>`` (else 401)."""
+
+    def public_dict(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json")
+        for name in SECRET_FIELDS:
+            if data.get(name):
+                data[name] = SECRET_MASK
+        return data
+
+    def merged(self, changes: dict[str, Any], replace: bool = False) -> ServerConfig:
+        changes = dict(changes)
+        for name in SECRET_FIELDS:
+            if changes.get(name) == SECRET_MASK:
+                changes[name] = getattr(self, name)
+        base = {} if replace else self.model_dump(mode="python")
+        base.update(changes)
+        return ServerConfig.model_validate(base)
