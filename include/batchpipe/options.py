@@ -1,0 +1,151 @@
+"""Options for building batch requests from a CSV."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .errors import InputError
+
+ENDPOINTS = ("/v1/chat/completions", "/v1/responses", "/v1/embeddings")
+IMAGE_DETAILS = ("auto", "low", "high")
+MAX_REQUESTS_PER_FILE = 50_000
+MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI: at most 200 MB per batch input file
+
+_INT_FIELDS = ("start_row", "end_row", "max_requests_per_batch", "max_batch_bytes", "max_tokens")
+_FLOAT_FIELDS = ("temperature", "max_image_mb")
+_OPTIONAL_STR_FIELDS = ("prompt_template", "system_prompt", "image_column", "id_column")
+
+
+@dataclass
+class BuildOptions:
+    prompt_column: str = "prompt"
+    prompt_template: str | None = None
+    system_prompt: str | None = None
+    image_column: str | None = None
+    image_detail: str = "auto"
+    id_column: str | None = None
+    model: str = "gpt-4o"
+    endpoint: str = "/v1/chat/completions"
+    max_tokens: int | None = None
+    temperature: float | None = None
+    extra_body: dict | None = field(default=None)
+    start_row: int = 0
+    end_row: int | None = None
+    max_requests_per_batch: int = 50_000
+    max_batch_bytes: int = 199_000_000
+    max_image_mb: float = 20.0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> BuildOptions:
+        """Build options from a dict (Airflow params, JSON). Unknown keys are ignored.
+
+        Light coercion for values that arrive as strings from forms/CLIs: int/float fields accept
+        numeric strings, ``extra_body`` accepts a JSON object string, and "" means None for the
+        optional text fields and for ``end_row``/``max_tokens``/``temperature``/``extra_body``.
+        """
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            if key not in known:
+                continue
+            if key in _OPTIONAL_STR_FIELDS and value == "":
+                value = None
+            elif key in _INT_FIELDS or key in _FLOAT_FIELDS:
+                value = _coerce_number(key, value, float if key in _FLOAT_FIELDS else int)
+            elif key == "extra_body" and isinstance(value, str):
+                if value.strip() == "":
+                    value = None
+                else:
+                    try:
+                        value = json.loads(value)
+                    except json.JSONDecodeError as exc:
+                        raise InputError(f"option extra_body: not valid JSON ({exc})") from None
+            kwargs[key] = value
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        if d["extra_body"] is not None:
+            d["extra_body"] = dict(d["extra_body"])
+        return d
+
+    def validate(self) -> BuildOptions:
+        """Raise InputError for a bad value. Returns self so calls can be chained."""
+
+        def bad(name: str, why: str) -> InputError:
+            return InputError(f"option {name}={getattr(self, name)!r}: {why}")
+
+        if self.prompt_template is None:
+            if not isinstance(self.prompt_column, str) or not self.prompt_column:
+                raise bad("prompt_column", "must be a non-empty column name")
+        elif not isinstance(self.prompt_template, str) or not self.prompt_template.strip():
+            raise bad("prompt_template", "must be a non-empty string")
+        for name in ("system_prompt", "image_column", "id_column"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise bad(name, "must be a string")
+        for name in ("image_column", "id_column"):
+            if getattr(self, name) == "":
+                raise bad(name, "must be a column name (use None for none)")
+        if self.endpoint not in ENDPOINTS:
+            raise bad("endpoint", f"must be one of {', '.join(ENDPOINTS)}")
+        if self.image_detail not in IMAGE_DETAILS:
+            raise bad("image_detail", f"must be one of {', '.join(IMAGE_DETAILS)}")
+        if self.image_column and self.endpoint == "/v1/embeddings":
+            raise bad("image_column", "images cannot be sent to /v1/embeddings")
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise bad("model", "must be a non-empty model name")
+        if not _is_int(self.start_row) or self.start_row < 0:
+            raise bad("start_row", "must be an integer >= 0")
+        if self.end_row is not None:
+            if not _is_int(self.end_row):
+                raise bad("end_row", "must be an integer or None")
+            if self.end_row <= self.start_row:
+                raise InputError(
+                    f"option end_row={self.end_row} must be greater than start_row={self.start_row} "
+                    "(end_row is exclusive)"
+                )
+        if not _is_int(self.max_requests_per_batch) or not (
+            1 <= self.max_requests_per_batch <= MAX_REQUESTS_PER_FILE
+        ):
+            raise bad("max_requests_per_batch", f"must be an integer in 1..{MAX_REQUESTS_PER_FILE}")
+        if not _is_int(self.max_batch_bytes) or not (1 <= self.max_batch_bytes <= MAX_FILE_BYTES):
+            raise bad("max_batch_bytes", f"must be an integer in 1..{MAX_FILE_BYTES}")
+        if not _is_number(self.max_image_mb) or self.max_image_mb <= 0:
+            raise bad("max_image_mb", "must be a number > 0")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise bad("max_tokens", "must be an integer >= 1 or None")
+        if self.temperature is not None and (
+            not _is_number(self.temperature) or not (0 <= self.temperature <= 2)
+        ):
+            raise bad("temperature", "must be a number in 0..2 or None")
+        if self.extra_body is not None and not isinstance(self.extra_body, dict):
+            raise bad("extra_body", "must be a JSON object (dict) or None")
+        return self
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _coerce_number(name: str, value: Any, kind: type) -> Any:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if text == "" and name in ("end_row", "max_tokens", "temperature"):
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise InputError(f"option {name}={value!r}: not a number") from None
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value

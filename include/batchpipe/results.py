@@ -1,0 +1,203 @@
+"""Parse Batch API output/error files into per-request outcomes.
+
+Output line: ``{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error": null}``.
+Error-file line: a non-200 ``response`` or ``"response": null, "error": {"code", "message"}``.
+Nothing here raises on a malformed line: it becomes an Outcome with an ``error``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+@dataclass
+class Outcome:
+    custom_id: str | None
+    response: str | None = None
+    error: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    error_code: str | None = None  # short key for report counts, e.g. "invalid_request", "batch_expired"
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _usage(body: dict, endpoint: str) -> tuple[int | None, int | None, int | None]:
+    usage = body.get("usage")
+    if not isinstance(usage, dict):
+        return None, None, None
+    if endpoint == "/v1/responses":
+        return (
+            _int(usage.get("input_tokens")),
+            _int(usage.get("output_tokens")),
+            _int(usage.get("total_tokens")),
+        )
+    if endpoint == "/v1/embeddings":
+        return _int(usage.get("prompt_tokens")), None, _int(usage.get("total_tokens"))
+    return (
+        _int(usage.get("prompt_tokens")),
+        _int(usage.get("completion_tokens")),
+        _int(usage.get("total_tokens")),
+    )
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _chat_text(body: dict) -> str:
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise _Malformed("no choices in the response body")
+    message = choices[0].get("message")
+    if not isinstance(message, dict):
+        raise _Malformed("no message in choices[0]")
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts
+        texts = [p.get("text") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        if texts:
+            return "".join(texts)
+    refusal = message.get("refusal")
+    if isinstance(refusal, str) and refusal:
+        raise _Malformed(f"refusal: {refusal}")
+    raise _Malformed("choices[0].message.content is empty")
+
+
+def _responses_text(body: dict) -> str:
+    output = body.get("output")
+    if not isinstance(output, list):
+        raise _Malformed("no output list in the response body")
+    texts: list[str] = []
+    refusals: list[str] = []
+    for item in output:
+        if not isinstance(item, dict) or item.get("type") != "message":
+            continue
+        content = item.get("content")
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            if not isinstance(part, dict):
+                continue
+            if part.get("type") == "output_text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif part.get("type") == "refusal" and isinstance(part.get("refusal"), str):
+                refusals.append(part["refusal"])
+    if texts:
+        return "".join(texts)
+    if refusals:
+        raise _Malformed(f"refusal: {' '.join(refusals)}")
+    status = body.get("status")
+    raise _Malformed(f"no output_text in the response (status {status})" if status else "no output_text")
+
+
+def _embedding_text(body: dict) -> str:
+    data = body.get("data")
+    if not isinstance(data, list) or not data or not isinstance(data[0], dict):
+        raise _Malformed("no data in the embeddings body")
+    emb = data[0].get("embedding")
+    if isinstance(emb, list) or isinstance(emb, str):  # list of floats, or base64 string
+        return json.dumps(emb) if isinstance(emb, list) else emb
+    raise _Malformed("no embedding in data[0]")
+
+
+def _error_text(err: Any) -> tuple[str | None, str]:
+    """(code, message) of an OpenAI error object."""
+    if isinstance(err, dict):
+        code = err.get("code") or err.get("type")
+        message = err.get("message")
+        return (str(code) if code else None), (str(message) if message is not None else json.dumps(err))
+    if isinstance(err, str):
+        return None, err
+    return None, json.dumps(err)
+
+
+def parse_result_line(line: Any, endpoint: str) -> Outcome:
+    """One output/error-file line (already JSON-decoded) → Outcome. Never raises."""
+    if not isinstance(line, dict):
+        return Outcome(None, error="malformed result line: not a JSON object", error_code="malformed_result")
+    cid = line.get("custom_id")
+    cid = cid if isinstance(cid, str) else (str(cid) if cid is not None else None)
+    response = line.get("response")
+    err = line.get("error")
+    if not isinstance(response, dict):
+        if err:
+            code, message = _error_text(err)
+            return Outcome(cid, error=f"{code}: {message}" if code else message, error_code=code or "error")
+        return Outcome(
+            cid, error="malformed result line: no response and no error", error_code="malformed_result"
+        )
+
+    status = response.get("status_code")
+    body = response.get("body")
+    if status != 200:
+        code, message = (None, "")
+        if isinstance(body, dict) and "error" in body:
+            code, message = _error_text(body.get("error"))
+        elif body is not None:
+            message = body if isinstance(body, str) else json.dumps(body, ensure_ascii=False)
+        head = f"HTTP {status} {code}" if code else f"HTTP {status}"
+        text = f"{head}: {message}" if message else head
+        return Outcome(cid, error=text, error_code=code or f"http_{status}")
+
+    if isinstance(body, str):  # some proxies return the body as a JSON string
+        try:
+            body = json.loads(body)
+        except json.JSONDecodeError:
+            body = None
+    if not isinstance(body, dict):
+        return Outcome(
+            cid, error="malformed result: HTTP 200 without a JSON body", error_code="malformed_result"
+        )
+    p, c, t = _usage(body, endpoint)
+    try:
+        if endpoint == "/v1/responses":
+            text = _responses_text(body)
+        elif endpoint == "/v1/embeddings":
+            text = _embedding_text(body)
+        else:
+            text = _chat_text(body)
+    except _Malformed as exc:
+        msg = str(exc)
+        code = "refusal" if msg.startswith("refusal:") else "malformed_result"
+        if code == "malformed_result":
+            msg = f"malformed result: {msg}"
+        return Outcome(cid, error=msg, prompt_tokens=p, completion_tokens=c, total_tokens=t, error_code=code)
+    return Outcome(cid, response=text, prompt_tokens=p, completion_tokens=c, total_tokens=t)
+
+
+def iter_outcomes(paths: Iterable[str | os.PathLike], endpoint: str) -> Iterator[Outcome]:
+    """Outcomes of every non-blank line of every file, in file order.
+
+    A line that is not valid JSON yields an Outcome with ``custom_id=None`` and an error.
+    """
+    for path in paths:
+        with open(path, encoding="utf-8") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    obj = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    yield Outcome(
+                        None,
+                        error=f"{path}: line {lineno}: not valid JSON ({exc.msg})",
+                        error_code="malformed_result",
+                    )
+                    continue
+                yield parse_result_line(obj, endpoint)

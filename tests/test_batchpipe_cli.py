@@ -1,0 +1,188 @@
+"""The batchpipe CLI: validate, build, merge round trip; exit code 2 on input errors."""
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from batchpipe.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample" / "questions.csv"
+
+
+def write_inputs(tmp_path):
+    Image.new("RGB", (10, 10), "green").save(tmp_path / "g.png")
+    rows = [
+        {"id": "a", "prompt": "hello, there", "image": "", "zip": "007"},
+        {"id": "b", "prompt": "look", "image": "g.png", "zip": ""},
+        {"id": "c", "prompt": "", "image": "", "zip": "010"},
+        {"id": "d", "prompt": "multi\nline", "image": "", "zip": "0"},
+    ]
+    p = tmp_path / "in.csv"
+    with open(p, "w", encoding="utf-8", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return p, rows
+
+
+def answer_all(build_dir, out_path):
+    with open(out_path, "w", encoding="utf-8") as out:
+        for shard in sorted(Path(build_dir).glob("shard-*.jsonl")):
+            for raw in reversed(shard.read_text(encoding="utf-8").splitlines()):
+                cid = json.loads(raw)["custom_id"]
+                out.write(
+                    json.dumps(
+                        {
+                            "custom_id": cid,
+                            "response": {
+                                "status_code": 200,
+                                "body": {
+                                    "choices": [{"message": {"content": f"ok {cid}"}}],
+                                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                                },
+                            },
+                        }
+                    )
+                    + "\n"
+                )
+
+
+def test_main_round_trip(tmp_path, capsys):
+    p, rows = write_inputs(tmp_path)
+    assert main(["validate", str(p), "--image-column", "image", "--id-column", "id", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["valid"] == 3 and summary["invalid"] == 1
+
+    build = tmp_path / "build"
+    assert (
+        main(
+            [
+                "build",
+                str(p),
+                "--out-dir",
+                str(build),
+                "--image-column",
+                "image",
+                "--id-column",
+                "id",
+                "--max-requests-per-batch",
+                "2",
+                "--max-tokens",
+                "20",
+                "--extra-body",
+                '{"seed": 3}',
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "shard 0:" in text and "shard 1:" in text and "row 2 [prompt]: empty prompt" in text
+    first = json.loads((build / "shard-00000.jsonl").read_text().splitlines()[0])
+    assert first["body"]["seed"] == 3 and first["body"]["max_tokens"] == 20
+
+    answer_all(build, tmp_path / "out.jsonl")
+    out_csv = tmp_path / "results.csv"
+    assert (
+        main(
+            [
+                "merge",
+                "--build-dir",
+                str(build),
+                str(tmp_path / "out.jsonl"),
+                "--out",
+                str(out_csv),
+                "--batch-id",
+                "batch_x",
+            ]
+        )
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert report["answered"] == 3 and report["invalid"] == 1 and report["batch_ids"] == ["batch_x"]
+    with open(out_csv, encoding="utf-8", newline="") as fh:
+        got = list(csv.DictReader(fh))
+    assert [r["zip"] for r in got] == ["007", "", "010", "0"]
+    assert [r["prompt"] for r in got] == [r["prompt"] for r in rows]
+    assert [r["response"] for r in got] == ["ok a", "ok b", "", "ok d"]
+
+
+def test_main_input_error_exit_2(tmp_path, capsys):
+    p, _ = write_inputs(tmp_path)
+    assert main(["validate", str(p), "--image-column", "picture"]) == 2
+    err = capsys.readouterr().err
+    assert "in.csv: column 'picture' not found (columns: id, prompt, image, zip)" in err
+    assert main(["build", str(p), "--out-dir", str(tmp_path / "b"), "--start-row", "9"]) == 2
+    assert "4 data row" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    not (REPO / ".venv" / "bin" / "batchpipe").exists(), reason="console script not installed"
+)
+def test_console_script_on_sample(tmp_path):
+    exe = str(REPO / ".venv" / "bin" / "batchpipe")
+    sample_dir = tmp_path / "sample"
+    shutil.copytree(SAMPLE.parent, sample_dir)
+    csv_path = sample_dir / "questions.csv"
+    build = tmp_path / "build"
+    r = subprocess.run(
+        [
+            exe,
+            "build",
+            str(csv_path),
+            "--out-dir",
+            str(build),
+            "--id-column",
+            "id",
+            "--image-column",
+            "image",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["rows"] == 30 and res["invalid"] == 2 and res["valid"] == 28
+    answer_all(build, tmp_path / "out.jsonl")
+    r = subprocess.run(
+        [
+            exe,
+            "merge",
+            "--build-dir",
+            str(build),
+            str(tmp_path / "out.jsonl"),
+            "--out",
+            str(tmp_path / "results.csv"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert (report["rows"], report["answered"], report["invalid"]) == (30, 28, 2)
+    r = subprocess.run([exe, "validate", str(tmp_path / "missing.csv")], capture_output=True, text=True)
+    assert r.returncode == 2 and "missing.csv: file not found" in r.stderr
+
+
+def test_sample_data_shape():
+    with open(SAMPLE, encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["id", "prompt", "image", "zip"]
+    assert len(rows) == 30
+    assert any(r["zip"].startswith("0") and len(r["zip"]) > 1 for r in rows)
+    assert sum(1 for r in rows if r["image"]) == 6  # 5 real images + 1 missing on purpose
+    assert sum(1 for r in rows if "[[reject]]" in r["prompt"]) == 1
+    assert sum(1 for r in rows if r["prompt"] == "") == 1
+    assert len(list((SAMPLE.parent / "images").iterdir())) == 4
+
+
+def test_module_entry_point(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "batchpipe.cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "validate" in r.stdout
