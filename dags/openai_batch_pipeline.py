@@ -1,0 +1,282 @@
+"""
+# OpenAI Batch pipeline
+
+Push a CSV of prompts (optionally with images) through the OpenAI **Batch API** at half the
+price of live calls, and get the answers back as a CSV.
+
+`validate_csv` → `build_jsonl` → `upload` → `create_batch` → `wait_for_batch` → `download` → `merge`
+
+* **validate_csv** reads the CSV as text and checks columns, row range and every row (prompt,
+  image file, size, type). Fatal problems stop the run *before anything is uploaded*; bad rows
+  are listed in the log and come back in the results with their error, the rest goes on.
+* **build_jsonl** writes the request file(s). Over `max_requests_per_batch` requests or
+  `max_batch_bytes` bytes the input is split into shards, and upload → download run once per
+  shard (dynamic task mapping).
+* **wait_for_batch** is deferrable: the triggerer polls the batch every `check_interval`
+  seconds, no worker slot is held.
+* **merge** writes `<output_dir>/<csv name>/<run id>/results.csv`: every selected row exactly
+  once, in input order, original columns unchanged, plus `response`, `error` and token columns;
+  `report.json` beside it.
+
+`output_dir` empty means: Airflow Variable `openai_batch_output_dir`, else environment variable
+`OPENAI_BATCH_OUTPUT_DIR`, else `$AIRFLOW_HOME/openai_batch_results`.
+
+The OpenAI connection is `openai_default` (or the `conn_id` param); its host may be any
+OpenAI-compatible base URL, e.g. the repo's local batch server.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from airflow.sdk import Param, dag, get_current_context, task
+
+from openai_batch_airflow.sensors import OpenAIBatchSensor
+
+INPUT, MODEL, BATCHING, OUTPUT = "Input", "Model and request", "Batching", "Output"
+
+
+def _nullable(kind: str) -> list[str]:
+    return ["null", kind]
+
+
+PARAMS = {
+    # -- input ----------------------------------------------------------------------------------
+    "input_csv": Param(
+        type="string",
+        minLength=1,
+        title="Input CSV",
+        description="Path to the CSV of prompts. Relative image paths resolve against its folder.",
+        section=INPUT,
+    ),
+    "prompt_column": Param(
+        "prompt",
+        type="string",
+        minLength=1,
+        title="Prompt column",
+        description="Column holding the prompt text (ignored when a prompt template is given).",
+        section=INPUT,
+    ),
+    "prompt_template": Param(
+        None,
+        type=_nullable("string"),
+        title="Prompt template",
+        format="multiline",
+        description="Optional. Text with {column} placeholders filled from each row; {{ and }} are "
+        "literal braces. Overrides the prompt column.",
+        section=INPUT,
+    ),
+    "image_column": Param(
+        None,
+        type=_nullable("string"),
+        title="Image column",
+        description="Optional. Column with an image path (relative to the CSV) or http(s) URL per row. "
+        "An empty cell means a text-only request.",
+        section=INPUT,
+    ),
+    "id_column": Param(
+        None,
+        type=_nullable("string"),
+        title="ID column",
+        description="Optional. Column with a unique id per row, used as the request's custom_id "
+        "(default: the row number).",
+        section=INPUT,
+    ),
+    "start_row": Param(
+        0,
+        type="integer",
+        minimum=0,
+        title="Start row",
+        description="First data row to send, 0-based, inclusive.",
+        section=INPUT,
+    ),
+    "end_row": Param(
+        None,
+        type=_nullable("integer"),
+        minimum=1,
+        title="End row",
+        description="Stop before this data row (exclusive). 10 = the first ten rows. Empty = to the end.",
+        section=INPUT,
+    ),
+    "max_image_mb": Param(
+        20,
+        type="number",
+        exclusiveMinimum=0,
+        title="Largest image (MB)",
+        description="Rows whose image is larger are not sent and come back with an error.",
+        section=INPUT,
+    ),
+    # -- model ----------------------------------------------------------------------------------
+    "model": Param(
+        "gpt-4o", type="string", minLength=1, title="Model", description="One model per run.", section=MODEL
+    ),
+    "endpoint": Param(
+        "/v1/chat/completions",
+        type="string",
+        enum=["/v1/chat/completions", "/v1/responses", "/v1/embeddings"],
+        title="Endpoint",
+        description="Batch endpoint. Embeddings return the vector as JSON in the response column.",
+        section=MODEL,
+    ),
+    "system_prompt": Param(
+        None,
+        type=_nullable("string"),
+        title="System prompt",
+        format="multiline",
+        description="Optional system (or, for /v1/responses, instructions) text for every request.",
+        section=MODEL,
+    ),
+    "image_detail": Param(
+        "auto",
+        type="string",
+        enum=["auto", "low", "high"],
+        title="Image detail",
+        description="Vision detail level; low is cheapest.",
+        section=MODEL,
+    ),
+    "max_tokens": Param(
+        None,
+        type=_nullable("integer"),
+        minimum=1,
+        title="Max output tokens",
+        description="Optional cap on each answer's length.",
+        section=MODEL,
+    ),
+    "temperature": Param(
+        None,
+        type=_nullable("number"),
+        minimum=0,
+        maximum=2,
+        title="Temperature",
+        description="Optional sampling temperature.",
+        section=MODEL,
+    ),
+    "extra_body": Param(
+        None,
+        type=_nullable("object"),
+        title="Extra request fields",
+        description='Optional JSON object merged into every request body, e.g. {"response_format": '
+        '{"type": "json_object"}}.',
+        section=MODEL,
+    ),
+    # -- batching -------------------------------------------------------------------------------
+    "completion_window": Param(
+        "24h",
+        type="string",
+        enum=["24h"],
+        title="Completion window",
+        description="The Batch API accepts only 24h.",
+        section=BATCHING,
+    ),
+    "check_interval": Param(
+        60,
+        type="integer",
+        minimum=1,
+        title="Check interval (s)",
+        description="Seconds between status checks while waiting (done by the triggerer).",
+        section=BATCHING,
+    ),
+    "max_requests_per_batch": Param(
+        50_000,
+        type="integer",
+        minimum=1,
+        maximum=50_000,
+        title="Requests per batch",
+        description="Split into several batches above this many requests (API limit 50,000).",
+        section=BATCHING,
+    ),
+    "max_batch_bytes": Param(
+        199_000_000,
+        type="integer",
+        minimum=1000,
+        maximum=200_000_000,
+        title="Bytes per batch file",
+        description="Split when a request file would exceed this size (API limit 200 MB).",
+        section=BATCHING,
+    ),
+    "conn_id": Param(
+        "openai_default",
+        type="string",
+        minLength=1,
+        title="OpenAI connection",
+        description="Airflow connection of type openai; its host may be any OpenAI-compatible base URL.",
+        section=BATCHING,
+    ),
+    # -- output ---------------------------------------------------------------------------------
+    "output_dir": Param(
+        None,
+        type=_nullable("string"),
+        title="Output folder",
+        description="Where results land. Empty: Variable openai_batch_output_dir, else env "
+        "OPENAI_BATCH_OUTPUT_DIR, else $AIRFLOW_HOME/openai_batch_results.",
+        section=OUTPUT,
+    ),
+    "keep_temp_files": Param(
+        False,
+        type="boolean",
+        title="Keep temporary files",
+        description="Keep the JSONL request files and downloaded batch files after a successful merge.",
+        section=OUTPUT,
+    ),
+}
+
+
+def _params() -> dict:
+    return dict(get_current_context()["params"])
+
+
+def _run_id() -> str:
+    return get_current_context()["run_id"]
+
+
+@dag(
+    dag_id="openai_batch_pipeline",
+    schedule=None,
+    catchup=False,
+    doc_md=__doc__,
+    tags=["openai", "batch", "llm"],
+    params=PARAMS,
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True},
+    max_active_tasks=32,
+)
+def openai_batch_pipeline():
+    from openai_batch_airflow import tasks as t
+
+    @task
+    def validate_csv() -> dict:
+        return t.validate(_params())
+
+    @task
+    def build_jsonl(summary: dict) -> list[dict]:
+        return t.build(_params(), _run_id())
+
+    @task
+    def upload(shard: dict) -> dict:
+        return t.upload(shard, _params()["conn_id"])
+
+    @task
+    def create_batch(shard: dict) -> dict:
+        ctx = get_current_context()
+        return t.create(shard, _params(), _params()["conn_id"], ctx["dag"].dag_id, ctx["run_id"])
+
+    @task
+    def download(waited: dict) -> dict:
+        return t.download(waited, _params()["conn_id"])
+
+    # none_failed: also runs when no row could be sent (zero shards, so the mapped tasks skip).
+    @task(trigger_rule="none_failed")
+    def merge(downloads: list | None) -> str:
+        return t.merge(list(downloads or []), _params(), _run_id())
+
+    built = build_jsonl(validate_csv())
+    created = create_batch.expand(shard=upload.expand(shard=built))
+    waited = OpenAIBatchSensor.partial(
+        task_id="wait_for_batch",
+        conn_id="{{ params.conn_id }}",
+        check_interval="{{ params.check_interval }}",
+        retries=3,
+    ).expand(batch=created)
+    merge(download.expand(waited=waited.output))
+
+
+openai_batch_pipeline()

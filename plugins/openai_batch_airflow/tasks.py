@@ -1,0 +1,206 @@
+"""The bodies of the ``openai_batch_pipeline`` tasks, kept out of the DAG file.
+
+Each function takes plain values (the run's params, ids, small manifests) and returns a small
+JSON-able manifest for XCom: paths, ids and counts, never file contents. The heavy lifting is
+in the Airflow-free library :mod:`batchpipe`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+#: Airflow Variable and environment variable that give the default output folder.
+OUTPUT_DIR_VARIABLE = "openai_batch_output_dir"
+OUTPUT_DIR_ENV = "OPENAI_BATCH_OUTPUT_DIR"
+
+def _client(conn_id: str):
+    from airflow.providers.openai.hooks.openai import OpenAIHook
+
+    return OpenAIHook(conn_id=conn_id).get_conn()
+
+
+def build_options(params: dict[str, Any]):
+    from batchpipe.options import BuildOptions
+
+    with fail_on_bad_input():
+        opts = BuildOptions.from_dict(params)  # the build options among the params
+        opts.validate()
+    return opts
+
+
+@contextmanager
+def fail_on_bad_input():
+    """Bad input fails the task at once: retrying cannot fix a CSV."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from batchpipe.errors import InputError
+
+    try:
+        yield
+    except InputError as exc:
+        raise AirflowFailException(str(exc)) from exc
+
+
+def default_output_dir() -> str:
+    """Param ``output_dir`` when empty: Variable, then environment, then ``$AIRFLOW_HOME``."""
+    from airflow.sdk import Variable
+
+    value = Variable.get(OUTPUT_DIR_VARIABLE, default=None) or os.environ.get(OUTPUT_DIR_ENV)
+    if value:
+        return value
+    home = os.environ.get("AIRFLOW_HOME") or os.path.expanduser("~/airflow")
+    return os.path.join(home, "openai_batch_results")
+
+
+def safe_name(text: str) -> str:
+    """A run id such as ``manual__2026-11-30T05:00:00+00:00`` made safe as a folder name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "run"
+
+
+def run_dir(params: dict[str, Any], run_id: str) -> Path:
+    """``<output_dir>/<input file stem>/<run id made filesystem-safe>``."""
+    base = params.get("output_dir") or default_output_dir()
+    return Path(base).expanduser().resolve() / Path(params["input_csv"]).stem / safe_name(run_id)
+
+
+def validate(params: dict[str, Any]) -> dict[str, Any]:
+    from batchpipe.build import validate_csv
+
+    opts = build_options(params)
+    with fail_on_bad_input():
+        summary = validate_csv(params["input_csv"], opts)
+    log.info(
+        "%s: %d rows selected of %d; %d valid, %d invalid",
+        summary["file"],
+        summary["rows_selected"],
+        summary["rows_in_file"],
+        summary["valid"],
+        summary["invalid"],
+    )
+    for example in summary.get("first_invalid") or []:
+        log.warning("invalid row %s (column %s): %s", example["row"], example["column"], example["error"])
+    if summary["valid"] == 0:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(
+            f"{summary['file']}: none of the {summary['rows_selected']} selected rows can be sent; "
+            f"first problems: {summary.get('first_invalid')}"
+        )
+    return summary
+
+
+def build(params: dict[str, Any], run_id: str) -> list[dict[str, Any]]:
+    """Write the shard file(s); return one small manifest per shard (the list the run maps over)."""
+    from batchpipe.build import build_jsonl
+
+    work_dir = run_dir(params, run_id) / "work"
+    opts = build_options(params)
+    with fail_on_bad_input():
+        manifest = build_jsonl(params["input_csv"], opts, work_dir)
+    log.info(
+        "built %d shard(s) with %d requests (%d invalid rows kept aside) in %s",
+        len(manifest["shards"]),
+        manifest["valid"],
+        manifest["invalid"],
+        work_dir,
+    )
+    common = {"manifest": manifest["manifest"], "work_dir": manifest["work_dir"]}
+    return [{**shard, **common} for shard in manifest["shards"]]
+
+
+def upload(shard: dict[str, Any], conn_id: str) -> dict[str, Any]:
+    client = _client(conn_id)
+    with open(shard["path"], "rb") as fh:
+        uploaded = client.files.create(file=fh, purpose="batch")
+    log.info(
+        "shard %s: uploaded %s (%d bytes) as %s", shard["index"], shard["path"], shard["bytes"], uploaded.id
+    )
+    return {**shard, "input_file_id": uploaded.id}
+
+
+def create(
+    shard: dict[str, Any], params: dict[str, Any], conn_id: str, dag_id: str, run_id: str
+) -> dict[str, Any]:
+    client = _client(conn_id)
+    batch = client.batches.create(
+        input_file_id=shard["input_file_id"],
+        endpoint=params["endpoint"],
+        completion_window=params["completion_window"],
+        metadata={
+            "dag_id": dag_id[:512],
+            "run_id": run_id[:512],
+            "shard": str(shard["index"]),
+            "source": Path(params["input_csv"]).name[:512],
+        },
+    )
+    log.info("shard %s: created batch %s (%d requests)", shard["index"], batch.id, shard["requests"])
+    return {**shard, "batch_id": batch.id}
+
+
+def download(waited: dict[str, Any], conn_id: str) -> dict[str, Any]:
+    """Stream the batch's output and error files to disk next to the shard."""
+    client = _client(conn_id)
+    summary = waited["batch"]
+    folder = Path(waited["path"]).parent / "results"
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for kind in ("output", "error"):
+        file_id = summary.get(f"{kind}_file_id")
+        if not file_id:
+            continue
+        target = folder / f"shard-{int(waited['index']):05d}.{kind}.jsonl"
+        with client.files.with_streaming_response.content(file_id) as response:
+            response.stream_to_file(target)
+        lines = _count_lines(target)
+        log.info(
+            "shard %s: downloaded %s file %s (%d lines) to %s", waited["index"], kind, file_id, lines, target
+        )
+        files.append(str(target))
+    return {
+        "index": waited["index"],
+        "batch_id": summary["id"],
+        "status": summary["status"],
+        "request_counts": summary["request_counts"],
+        "result_files": files,
+    }
+
+
+def merge(downloads: list[dict[str, Any]] | None, params: dict[str, Any], run_id: str) -> str:
+    """Join every shard's results back onto the CSV rows; return the path of results.csv."""
+    from batchpipe.merge import merge_results
+
+    downloads = sorted(downloads or [], key=lambda d: int(d["index"]))
+    folder = run_dir(params, run_id)
+    work_dir = folder / "work"
+    out_csv = folder / "results.csv"
+    report = merge_results(
+        work_dir / "build_manifest.json",
+        [path for d in downloads for path in d["result_files"]],
+        out_csv,
+        batch_ids=[d["batch_id"] for d in downloads],
+    )
+    log.info(
+        "results: %s rows, %s answered, %s failed, %s invalid -> %s",
+        report["rows"],
+        report["answered"],
+        report["failed"],
+        report["invalid"],
+        out_csv,
+    )
+    if not params.get("keep_temp_files"):
+        shutil.rmtree(work_dir, ignore_errors=True)
+        log.info("removed temporary files in %s (keep_temp_files is off)", work_dir)
+    return str(out_csv)
+
+
+def _count_lines(path: Path) -> int:
+    with open(path, "rb") as fh:
+        return sum(1 for _ in fh)

@@ -1,0 +1,47 @@
+"""Test set-up: a private AIRFLOW_HOME (SQLite) for the whole session, set before Airflow is imported."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_HOME = Path(tempfile.mkdtemp(prefix="obp-airflow-home-"))
+
+# Airflow reads its configuration from the environment at import time: set it all here.
+os.environ.update(
+    {
+        "AIRFLOW_HOME": str(_HOME),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_HOME / 'airflow.db'}",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+    }
+)
+# A developer's real key must never be used by the tests.
+os.environ.pop("OPENAI_API_KEY", None)
+os.environ.pop("AIRFLOW_CONN_OPENAI_DEFAULT", None)
+
+_db_ready = False
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """Migrate the session's SQLite metadata DB once (only tests that run Airflow ask for it)."""
+    global _db_ready
+    if not _db_ready:
+        subprocess.run(
+            [sys.executable, "-m", "airflow", "db", "migrate"],
+            check=True,
+            env=os.environ.copy(),
+            stdout=subprocess.DEVNULL,
+        )
+        _db_ready = True
+    return _HOME
