@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))  # airflow_stack, shared with `make demo`
 _HOME = Path(tempfile.mkdtemp(prefix="obp-airflow-home-"))
 
 # Airflow reads its configuration from the environment at import time: set it all here.
