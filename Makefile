@@ -3,7 +3,7 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test lint clean
+.PHONY: install demo stop test lint clean
 
 install: $(VENV)/.installed
 
@@ -17,11 +17,15 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 demo: install
 	$(BIN)/python scripts/demo.py
 
+# Stop the Airflow processes and local batch server that `make demo` left running.
+stop:
+	test ! -x $(BIN)/python || $(BIN)/python scripts/demo.py stop
+
 test: install lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: install
 	$(BIN)/ruff check .
 
-clean:
+clean: stop
 	rm -rf $(VENV) airflow_home var output

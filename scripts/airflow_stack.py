@@ -28,6 +28,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie child of ours is as good as gone
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
 class AirflowStack:
     """Airflow processes sharing one ``AIRFLOW_HOME`` and SQLite DB; logs go to ``home/process-logs``."""
 
@@ -83,17 +96,18 @@ class AirflowStack:
         self.airflow("db", "migrate")
 
     def start(self, *components: str) -> None:
-        self.logs.mkdir(parents=True, exist_ok=True)
         for name in components or COMPONENTS:
             args = [name, "--port", str(self.api_port)] if name == "api-server" else [name]
-            log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+            self.start_process(name, [sys.executable, "-m", "airflow", *args])
+
+    def start_process(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        """Start ``cmd`` in its own session with this stack's environment, logging to ``logs/<name>.log``."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        with open(self.logs / f"{name}.log", "ab") as log:
             self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "airflow", *args],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+                cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
+        return self.procs[name]
 
     def stop(self, *components: str, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
         names = components or tuple(self.procs)
@@ -116,6 +130,38 @@ class AirflowStack:
                 except ProcessLookupError:
                     pass
                 proc.wait(timeout=10)
+
+    # -- leaving processes running after the script ends (``make demo``) -----------------------
+    @property
+    def pid_file(self) -> Path:
+        return self.home / "stack.pids"
+
+    def detach(self) -> None:
+        """Keep the processes running after this script exits; ``stop_detached`` ends them."""
+        self.pid_file.write_text(json.dumps({name: p.pid for name, p in self.procs.items()}))
+        self.procs.clear()
+
+    def stop_detached(self, timeout: float = 15) -> list[str]:
+        """Stop the processes a previous :meth:`detach` left running; return their names."""
+        if not self.pid_file.exists():
+            return []
+        pids = json.loads(self.pid_file.read_text())
+        for pid in pids.values():
+            try:
+                os.killpg(pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + timeout
+        for pid in pids.values():
+            while time.monotonic() < deadline and _alive(pid):
+                time.sleep(0.2)
+            if _alive(pid):
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        self.pid_file.unlink()
+        return list(pids)
 
     def __enter__(self) -> AirflowStack:
         return self

@@ -112,7 +112,11 @@ def test_merge_order_completeness_and_report(built):
     assert (
         got[0]["response"] == "answer to row-0" and got[0]["error"] == "" and got[0]["total_tokens"] == "12"
     )
-    assert got[3]["response"] == "" and got[3]["error"] == "empty prompt" and got[3]["prompt_tokens"] == ""
+    assert (
+        got[3]["response"] == ""
+        and got[3]["error"] == "not sent: empty prompt (column 'prompt')"
+        and got[3]["prompt_tokens"] == ""
+    )
     assert got[7]["error"] == "no result returned for this request" and got[7]["response"] == ""
     assert got[9]["error"] == "HTTP 400 invalid_request: bad"
     assert got[11]["error"] == "batch_expired: late" and got[11]["response"] == ""

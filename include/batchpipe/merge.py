@@ -119,7 +119,8 @@ def merge_results(
             with open(inv_path, encoding="utf-8") as fh:
                 recs = (json.loads(raw) for raw in fh if raw.strip())
                 db.executemany(
-                    "INSERT OR REPLACE INTO invalid VALUES (?,?)", ((int(r["row"]), r["error"]) for r in recs)
+                    "INSERT OR REPLACE INTO invalid VALUES (?,?)",
+                    ((int(r["row"]), _not_sent(r)) for r in recs),
                 )
         db.commit()
 
@@ -215,3 +216,9 @@ def merge_results(
     tmp_report.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp_report, report_path)
     return report
+
+
+def _not_sent(record: dict) -> str:
+    """The ``error`` cell of a row that failed validation: why, and in which column."""
+    column = record.get("column")
+    return f"not sent: {record['error']}" + (f" (column '{column}')" if column else "")

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 OUTPUT_DIR_VARIABLE = "openai_batch_output_dir"
 OUTPUT_DIR_ENV = "OPENAI_BATCH_OUTPUT_DIR"
 
+
 def _client(conn_id: str):
     from airflow.providers.openai.hooks.openai import OpenAIHook
 

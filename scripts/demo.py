@@ -1,0 +1,169 @@
+"""``make demo``: run the whole pipeline once on the bundled sample and leave Airflow up to explore.
+
+Without an OpenAI key it starts the repo's local batch server (offline). With ``OPENAI_API_KEY``
+(or ``AIRFLOW_CONN_OPENAI_DEFAULT``) in the environment, the same run goes to OpenAI for real.
+
+Airflow (SQLite, LocalExecutor) lives in ``airflow_home/`` inside the repo (git-ignored):
+api-server, scheduler, dag-processor and triggerer run as separate processes. Results land in
+``output/``. ``make stop`` ends the processes this script leaves running.
+
+Environment: ``DEMO_API_PORT`` (default 8080), ``DEMO_BATCH_SERVER_PORT`` (default 8765),
+``DEMO_MODEL`` (default gpt-4o), ``DEMO_CHECK_INTERVAL`` (seconds; default 2 offline, 30 online).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from airflow_stack import REPO, AirflowStack, free_port  # noqa: E402
+
+DAG_ID = "openai_batch_pipeline"
+HOME = REPO / "airflow_home"
+OUTPUT = REPO / "output"
+SAMPLE = REPO / "data" / "sample" / "questions.csv"
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) != 0
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def start_local_batch_server(stack: AirflowStack) -> str:
+    port = int(os.environ.get("DEMO_BATCH_SERVER_PORT", "8765"))
+    if not port_free(port):
+        port = free_port()
+    stack.start_process(
+        "batch-server",
+        [sys.executable, "-m", "local_batch_server", "--host", "127.0.0.1", "--port", str(port),
+         "--data-dir", str(REPO / "var" / "batch-server")],
+    )  # fmt: skip
+    base_url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/_admin/config", timeout=2).close()
+            return base_url
+        except OSError:
+            time.sleep(0.3)
+    raise SystemExit(f"local batch server did not start:\n{stack.log_tail('batch-server')}")
+
+
+def connection() -> tuple[str, str, str]:
+    """(AIRFLOW_CONN_OPENAI_DEFAULT value or "", mode, description) — never prints the key."""
+    if os.environ.get("AIRFLOW_CONN_OPENAI_DEFAULT"):
+        return (
+            os.environ["AIRFLOW_CONN_OPENAI_DEFAULT"],
+            "online",
+            "the AIRFLOW_CONN_OPENAI_DEFAULT connection",
+        )
+    if os.environ.get("OPENAI_API_KEY"):
+        conn = {"conn_type": "openai", "password": os.environ["OPENAI_API_KEY"]}
+        return json.dumps(conn), "online", "OpenAI with your OPENAI_API_KEY"
+    return "", "offline", "the local batch server (no OpenAI key set)"
+
+
+def login_hint(stack: AirflowStack) -> str:
+    passwords = stack.home / "simple_auth_manager_passwords.json.generated"
+    try:
+        password = json.loads(passwords.read_text())["admin"]
+    except (OSError, ValueError, KeyError):
+        return f"user admin, password in {passwords}"
+    return f"user admin, password {password}"
+
+
+def main() -> int:
+    conn, mode, where = connection()
+    api_port = int(os.environ.get("DEMO_API_PORT", "8080"))
+    stack = AirflowStack(HOME, api_port=api_port)
+    stopped = stack.stop_detached()
+    if stopped:
+        say(f"stopped the previous demo's processes: {', '.join(stopped)}")
+    if not port_free(api_port):
+        raise SystemExit(
+            f"port {api_port} is taken by another program: set DEMO_API_PORT to a free port, e.g. "
+            f"DEMO_API_PORT={free_port()} make demo"
+        )
+    say(f"Airflow home: {HOME} (SQLite). Batches go to {where}.")
+    ok = False
+    try:
+        if mode == "offline":
+            base_url = start_local_batch_server(stack)
+            conn = json.dumps({"conn_type": "openai", "host": base_url, "password": "local-demo-key"})
+            say(f"local batch server: {base_url}")
+        stack.env["AIRFLOW_CONN_OPENAI_DEFAULT"] = conn
+        stack.env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] = "admin:admin"
+        say("preparing the Airflow database ...")
+        stack.migrate()
+        say("starting api-server, scheduler, dag-processor and triggerer ...")
+        stack.start()
+        stack.wait_healthy()
+        stack.wait_dag(DAG_ID)
+        interval = int(os.environ.get("DEMO_CHECK_INTERVAL", "2" if mode == "offline" else "30"))
+        conf = {
+            "input_csv": str(SAMPLE),
+            "output_dir": str(OUTPUT),
+            "prompt_column": "prompt",
+            "image_column": "image",
+            "model": os.environ.get("DEMO_MODEL", "gpt-4o"),
+            "check_interval": interval,
+        }
+        run_id = "demo__" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+        say("\ntriggering, as you would yourself:")
+        say(f"  airflow dags trigger {DAG_ID} --run-id {run_id} --conf '{json.dumps(conf)}'\n")
+        stack.trigger(DAG_ID, conf, run_id=run_id)
+        seen: dict[tuple[str, int], str | None] = {}
+
+        def show(s: AirflowStack) -> None:
+            for task, index, state in s.task_states(DAG_ID, run_id):
+                if seen.get((task, index)) != state and state:
+                    seen[(task, index)] = state
+                    label = task if index < 0 else f"{task}[{index}]"
+                    say(f"  {datetime.now().strftime('%H:%M:%S')}  {label:<22} {state}")
+
+        timeout = 3600 if mode == "offline" else 26 * 3600
+        state = stack.wait_run(DAG_ID, run_id, timeout=timeout, on_poll=show)
+        say()
+        if state != "success":
+            say(f"the run ended {state}: see the task logs in the UI or under {HOME / 'logs'}")
+            return 1
+        results = Path(stack.xcom(DAG_ID, run_id, "merge"))
+        report = json.loads((results.parent / "report.json").read_text())
+        say(f"results.csv landed at: {results}")
+        say(
+            f"  {report['rows']} rows: {report['answered']} answered, {report['failed']} failed, "
+            f"{report['invalid']} invalid (not sent); tokens {report['tokens']}"
+        )
+        say(f"  report: {results.parent / 'report.json'}")
+        ok = True
+        return 0
+    finally:
+        if ok:
+            stack.detach()
+            say(
+                f"\nAirflow UI: http://127.0.0.1:{api_port}  ({login_hint(stack)})\n"
+                f"  the DAG '{DAG_ID}' has a Trigger button with the form of all params.\n"
+                f"  Airflow keeps running; stop it with: make stop"
+            )
+        else:
+            stack.stop()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "stop":
+        names = AirflowStack(HOME).stop_detached()
+        print("stopped: " + (", ".join(names) if names else "nothing was running"))
+        sys.exit(0)
+    sys.exit(main())
