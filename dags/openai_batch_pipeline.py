@@ -27,6 +27,7 @@ OpenAI-compatible base URL, e.g. the repo's local batch server.
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
@@ -194,6 +195,31 @@ PARAMS = {
         description="Split when a request file would exceed this size (API limit 200 MB).",
         section=BATCHING,
     ),
+    "max_resubmits": Param(
+        2,
+        type="integer",
+        minimum=0,
+        maximum=10,
+        title="Resubmit rounds",
+        description="Requests that failed for a retryable reason (batch expired, 429, 5xx) are sent again "
+        "in a follow-up batch, up to this many rounds. Permanent errors (4xx) are never resubmitted.",
+        section=BATCHING,
+    ),
+    "token_limit_wait": Param(
+        600,
+        type="integer",
+        minimum=1,
+        title="Wait after token-limit refusal (s)",
+        description="A batch refused for the enqueued token limit is submitted again after this pause.",
+        section=BATCHING,
+    ),
+    "cancel_on_kill": Param(
+        True,
+        type="boolean",
+        title="Cancel batch when the task is stopped",
+        description="Killing, clearing or marking the waiting task failed cancels its batch.",
+        section=BATCHING,
+    ),
     "conn_id": Param(
         "openai_default",
         type="string",
@@ -236,7 +262,12 @@ def _run_id() -> str:
     doc_md=__doc__,
     tags=["openai", "batch", "llm"],
     params=PARAMS,
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=30), "retry_exponential_backoff": True},
+    default_args={
+        "retries": 2,
+        # OPENAI_BATCH_RETRY_DELAY_SECONDS: for tests and impatient demos; 30 s is kind to the API.
+        "retry_delay": timedelta(seconds=float(os.environ.get("OPENAI_BATCH_RETRY_DELAY_SECONDS", "30"))),
+        "retry_exponential_backoff": True,
+    },
     max_active_tasks=32,
 )
 def openai_batch_pipeline():
@@ -252,12 +283,11 @@ def openai_batch_pipeline():
 
     @task
     def upload(shard: dict) -> dict:
-        return t.upload(shard, _params()["conn_id"])
+        return t.upload(shard, _params()["conn_id"], get_current_context())
 
     @task
     def create_batch(shard: dict) -> dict:
-        ctx = get_current_context()
-        return t.create(shard, _params(), _params()["conn_id"], ctx["dag"].dag_id, ctx["run_id"])
+        return t.create(shard, _params(), get_current_context())
 
     @task
     def download(waited: dict) -> dict:
@@ -274,6 +304,9 @@ def openai_batch_pipeline():
         task_id="wait_for_batch",
         conn_id="{{ params.conn_id }}",
         check_interval="{{ params.check_interval }}",
+        max_resubmits="{{ params.max_resubmits }}",
+        token_limit_wait="{{ params.token_limit_wait }}",
+        cancel_on_kill="{{ params.cancel_on_kill }}",
         retries=3,
     ).expand(batch=created)
     merge(download.expand(waited=waited.output))

@@ -42,7 +42,9 @@ def dag():
 
 def run(dag, conf: dict):
     dr = dag.test(run_conf=conf)
-    states = {(ti.task_id, ti.map_index): ti.state for ti in dr.get_task_instances()}
+    tis = dr.get_task_instances()
+    states = {(ti.task_id, ti.map_index): ti.state for ti in tis}
+    run.tries = {(ti.task_id, ti.map_index): ti.try_number for ti in tis}
     return dr, states
 
 
@@ -77,6 +79,7 @@ def test_sample_csv_every_row_back_once_in_order(dag, server, tmp_path):
         },
     )
     assert dr.state == "success", states
+    assert set(run.tries.values()) == {1}, run.tries  # nothing needed a retry
     results = results_path(out, "questions")
     rows = read_csv(results)
     source = read_csv(data / "questions.csv")

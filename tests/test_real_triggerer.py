@@ -40,7 +40,8 @@ def test_deferred_wait_is_finished_by_a_separate_triggerer_process(tmp_path):
     data = tmp_path / "in"
     shutil.copytree(REPO / "data" / "sample", data)
     out = tmp_path / "out"
-    with running_server(tmp_path / "server") as server:
+    # Batches stay in progress until the test lets them finish (phase durations are read live).
+    with running_server(tmp_path / "server", config={"in_progress_seconds": 600}) as server:
         conn = {"conn_type": "openai", "host": server.base_url, "password": "sk-real-triggerer-secret"}
         stack = AirflowStack(
             tmp_path / "airflow", extra_env={"AIRFLOW_CONN_OPENAI_DEFAULT": json.dumps(conn)}
@@ -69,6 +70,7 @@ def test_deferred_wait_is_finished_by_a_separate_triggerer_process(tmp_path):
             )
             # Without a triggerer nobody polls: the batches finish on the server but the tasks
             # stay deferred.
+            server.set_config({"in_progress_seconds": 0.2})
             client = server.client()
             wait_for(
                 lambda: all(b.status == "completed" for b in client.batches.list(limit=10).data),

@@ -6,6 +6,7 @@ import asyncio
 import importlib
 import io
 import json
+import time
 
 import pytest
 
@@ -55,7 +56,14 @@ async def collect(trigger: OpenAIBatchTrigger, timeout: float = 60) -> list:
 
 
 def test_serialize_round_trip():
-    trigger = OpenAIBatchTrigger(batch_id="batch_1", conn_id="c", poll_interval=2.5, max_consecutive_errors=4)
+    trigger = OpenAIBatchTrigger(
+        batch_id="batch_1",
+        conn_id="c",
+        poll_interval=2.5,
+        max_consecutive_errors=4,
+        deadline=1_900_000_000.5,
+        cancel_on_kill=False,
+    )
     classpath, kwargs = trigger.serialize()
     module, name = classpath.rsplit(".", 1)
     assert module == "openai_batch_airflow.triggers"  # importable by a triggerer, not from dags/
@@ -67,6 +75,8 @@ def test_serialize_round_trip():
         "conn_id": "c",
         "poll_interval": 2.5,
         "max_consecutive_errors": 4,
+        "deadline": 1_900_000_000.5,
+        "cancel_on_kill": False,
     }
 
 
@@ -123,3 +133,23 @@ def test_unknown_batch_is_a_permanent_error(server, conn):
     events = asyncio.run(collect(trigger))
     payload = events[0].payload
     assert payload["status"] == "error" and "404" in payload["message"]
+
+
+def test_deadline_ends_the_wait(server, conn):
+    server.set_config({"in_progress_seconds": 30})
+    batch_id = make_batch(server)
+    trigger = OpenAIBatchTrigger(batch_id=batch_id, conn_id=conn, poll_interval=0.2, deadline=time.time() + 1)
+    events = asyncio.run(collect(trigger))
+    assert events[0].payload["status"] == "error" and "deadline" in events[0].payload["message"]
+    server.client().batches.cancel(batch_id)
+
+
+def test_on_kill_cancels_the_batch_unless_told_not_to(server, conn):
+    server.set_config({"in_progress_seconds": 30})
+    keep = make_batch(server)
+    asyncio.run(OpenAIBatchTrigger(batch_id=keep, conn_id=conn, cancel_on_kill=False).on_kill())
+    assert server.client().batches.retrieve(keep).status in ("validating", "in_progress")
+    stop = make_batch(server)
+    asyncio.run(OpenAIBatchTrigger(batch_id=stop, conn_id=conn).on_kill())
+    assert server.client().batches.retrieve(stop).status in ("cancelling", "cancelled")
+    server.client().batches.cancel(keep)

@@ -6,6 +6,10 @@ Public API (called by the Airflow DAG):
   fatal problems, counts and lists row-level problems.
 * ``build_jsonl(csv_path, opts, work_dir) -> dict`` — writes ``shard-00000.jsonl``..., ``invalid.jsonl``
   and ``build_manifest.json`` into ``work_dir``; returns a small dict for XCom.
+
+Both take ``allowed_roots=`` (keyword only): a list of folders the CSV and image files must resolve
+into, None for no restriction, or by default ``OPENAI_BATCH_ALLOWED_ROOTS`` read at call time (see
+``paths``). A CSV outside is a fatal ``InputError``; an image outside makes only its row invalid.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import csvio
+from . import csvio, paths
 from .errors import InputError, RowError
 from .images import check_image_cell, image_url_for_cell
 from .options import BuildOptions
@@ -151,6 +155,7 @@ class _Plan:
     header: list[str]
     template: PromptTemplate | None
     base_dir: Path
+    roots: list[Path] | None = None
 
     def custom_id(self, index: int, row: dict[str, str]) -> str:
         if self.opts.id_column:
@@ -185,19 +190,21 @@ class _Plan:
             return None
         try:
             if encode:
-                return image_url_for_cell(row[col], self.base_dir, self.opts.max_image_mb)
-            check_image_cell(row[col], self.base_dir, self.opts.max_image_mb)
+                return image_url_for_cell(row[col], self.base_dir, self.opts.max_image_mb, self.roots)
+            check_image_cell(row[col], self.base_dir, self.opts.max_image_mb, self.roots)
             return None
         except RowError as exc:
             exc.column = col
             raise
 
 
-def _prepare(csv_path: str | os.PathLike, opts: BuildOptions) -> _Plan:
+def _prepare(csv_path: str | os.PathLike, opts: BuildOptions, allowed_roots: Any) -> _Plan:
     if not isinstance(opts, BuildOptions):
         opts = BuildOptions.from_dict(opts)
     opts.validate()
     path = str(csv_path)
+    roots = paths.roots_or_env(allowed_roots)
+    paths.check_input_csv(path, roots)  # before anything is read
     header = csvio.read_header(path)
     cols = ", ".join(header)
 
@@ -223,7 +230,7 @@ def _prepare(csv_path: str | os.PathLike, opts: BuildOptions) -> _Plan:
             f"{path}: the input already has column(s) {', '.join(repr(c) for c in clashes)}, which the "
             f"merged results add (output columns: {', '.join(OUTPUT_COLUMNS)}); rename them first"
         )
-    return _Plan(path, opts, header, template, Path(path).resolve().parent)
+    return _Plan(path, opts, header, template, Path(path).resolve().parent, roots)
 
 
 class _IdTracker:
@@ -253,19 +260,26 @@ def _example(index: int, exc: RowError) -> dict[str, Any]:
 # --------------------------------------------------------------------------- validate
 
 
-def validate_csv(csv_path: str | os.PathLike, opts: BuildOptions) -> dict[str, Any]:
+def validate_csv(
+    csv_path: str | os.PathLike,
+    opts: BuildOptions,
+    *,
+    allowed_roots: list[Path] | None = paths.FROM_ENV,
+) -> dict[str, Any]:
     """Check the CSV and options without writing anything.
 
     Fatal problems raise InputError; row-level problems are counted. Images are checked cheaply (exists,
-    size, magic bytes) but not encoded. Returns ``{"file", "columns", "rows_in_file", "rows_selected",
-    "valid", "invalid", "first_invalid": [{"row", "column", "error"}, ... up to 10]}``.
+    size, magic bytes) but not encoded. ``allowed_roots``: folders the CSV and image files must be in
+    (None: anywhere; default: ``OPENAI_BATCH_ALLOWED_ROOTS``, read now). Returns ``{"file", "columns",
+    "rows_in_file", "rows_selected", "valid", "invalid", "first_invalid": [{"row", "column", "error"},
+    ... up to 10]}``.
     """
-    plan = _prepare(csv_path, opts)
+    plan = _prepare(csv_path, opts, allowed_roots)
     o = plan.opts
     ids = _IdTracker(plan)
     rows_in_file = selected = valid = invalid = 0
     examples: list[dict[str, Any]] = []
-    for index, row in csvio.iter_rows(plan.path, 0, None):
+    for index, row in csvio.iter_rows(plan.path, 0, None, allowed_roots=None):
         rows_in_file += 1
         if index < o.start_row or (o.end_row is not None and index >= o.end_row):
             continue
@@ -360,15 +374,21 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 
 
 def build_jsonl(
-    csv_path: str | os.PathLike, opts: BuildOptions, work_dir: str | os.PathLike
+    csv_path: str | os.PathLike,
+    opts: BuildOptions,
+    work_dir: str | os.PathLike,
+    *,
+    allowed_roots: list[Path] | None = paths.FROM_ENV,
 ) -> dict[str, Any]:
     """Write the request shards, ``invalid.jsonl`` and ``build_manifest.json`` into ``work_dir``.
+
+    ``allowed_roots`` as for :func:`validate_csv`. ``work_dir`` is not checked against any root.
 
     Returns a small dict: ``{"csv", "work_dir", "manifest", "rows", "valid", "invalid", "invalid_path",
     "first_invalid", "shards": [{"index", "path", "requests", "bytes", "first_row", "last_row"}]}``.
     ``shards`` is ``[]`` when no row is valid.
     """
-    plan = _prepare(csv_path, opts)
+    plan = _prepare(csv_path, opts, allowed_roots)
     o = plan.opts
     wd = Path(work_dir).resolve()
     wd.mkdir(parents=True, exist_ok=True)
@@ -381,7 +401,7 @@ def build_jsonl(
     examples: list[dict[str, Any]] = []
     try:
         with open(str(invalid_path) + ".tmp", "w", encoding="utf-8", newline="\n") as inv:
-            for index, row in csvio.iter_rows(plan.path, o.start_row, o.end_row):
+            for index, row in csvio.iter_rows(plan.path, o.start_row, o.end_row, allowed_roots=None):
                 rows += 1
                 ids.add(index, row)
                 custom_id = plan.custom_id(index, row)

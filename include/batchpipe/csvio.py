@@ -15,6 +15,7 @@ import csv
 import os
 from collections.abc import Iterator
 
+from . import paths
 from .errors import InputError
 
 # Prompts can be long: lift the csv module's default 128 KiB field limit.
@@ -100,12 +101,23 @@ def iter_rows(
     start_row: int = 0,
     end_row: int | None = None,
     chunksize: int = 10_000,
+    *,
+    allowed_roots: list | None = paths.FROM_ENV,
 ) -> Iterator[tuple[int, dict[str, str]]]:
     """Yield ``(row_index, {column: text})`` for data rows in ``[start_row, end_row)``.
 
     Streams the file row by row (``chunksize`` is accepted for API compatibility; the csv module
     reads incrementally anyway). Stops reading at ``end_row``.
+
+    ``allowed_roots``: folders the file must resolve into (None: anywhere; default:
+    ``OPENAI_BATCH_ALLOWED_ROOTS``, read now). Outside → InputError, raised by this call itself,
+    before the file is opened.
     """
+    paths.check_input_csv(path, paths.roots_or_env(allowed_roots))
+    return _iter_dicts(path, start_row, end_row)
+
+
+def _iter_dicts(path, start_row: int, end_row: int | None) -> Iterator[tuple[int, dict[str, str]]]:
     for index, header, row in _iter_lists(path, start_row, end_row):
         yield index, dict(zip(header, row, strict=True))
 

@@ -4,6 +4,8 @@
 * Anything else is a file path; relative paths resolve against the CSV's folder. The file is sent as a
   ``data:<mime>;base64,...`` URL of its exact bytes. The MIME type comes from the magic bytes
   (PNG, JPEG, GIF, WebP); anything else is rejected.
+* With ``roots`` (see ``paths.allowed_roots``), a path that resolves (following symlinks and ``..``)
+  outside every root makes the row invalid before the file is stat'ed or opened.
 
 Problems raise ``RowError`` (the row is invalid, the run goes on).
 """
@@ -15,6 +17,7 @@ import os
 from pathlib import Path
 
 from .errors import RowError
+from .paths import PathNotAllowed, check_within
 
 _MAGIC_LEN = 12
 
@@ -42,6 +45,17 @@ def resolve_path(value: str, base_dir: str | os.PathLike | None) -> Path:
     if not p.is_absolute() and base_dir is not None:
         p = Path(base_dir) / p
     return p
+
+
+def _path_for_cell(value: str, base_dir: str | os.PathLike | None, roots: list[Path] | None) -> Path:
+    """The file an image cell names; with ``roots``, its resolved path, or RowError when outside them."""
+    p = resolve_path(value, base_dir)
+    if roots is None:
+        return p
+    try:
+        return check_within(p, roots, "image", shown=value)
+    except PathNotAllowed as exc:
+        raise RowError(str(exc)) from None
 
 
 def check_image(
@@ -102,22 +116,31 @@ def encode_image(
 
 
 def image_url_for_cell(
-    value: str, base_dir: str | os.PathLike | None, max_image_mb: float | None = None
+    value: str,
+    base_dir: str | os.PathLike | None,
+    max_image_mb: float | None = None,
+    roots: list[Path] | None = None,
 ) -> str | None:
-    """The URL to send for an image cell, or None when the cell is empty (text-only request)."""
+    """The URL to send for an image cell, or None when the cell is empty (text-only request).
+
+    ``roots``: allowed roots for file paths (None = no restriction); URLs are never restricted.
+    """
     v = value.strip()
     if not v:
         return None
     if is_url(v):
         return v
-    return encode_image(resolve_path(v, base_dir), max_image_mb, v)[0]
+    return encode_image(_path_for_cell(v, base_dir, roots), max_image_mb, v)[0]
 
 
 def check_image_cell(
-    value: str, base_dir: str | os.PathLike | None, max_image_mb: float | None = None
+    value: str,
+    base_dir: str | os.PathLike | None,
+    max_image_mb: float | None = None,
+    roots: list[Path] | None = None,
 ) -> None:
     """Cheap validation of an image cell (stat + magic bytes, no base64). Raises RowError."""
     v = value.strip()
     if not v or is_url(v):
         return
-    check_image(resolve_path(v, base_dir), max_image_mb, v)
+    check_image(_path_for_cell(v, base_dir, roots), max_image_mb, v)

@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from . import csvio
+from . import csvio, paths
 from .build import INVALID_NAME, MANIFEST_NAME, OUTPUT_COLUMNS
 from .errors import InputError
 from .options import BuildOptions
@@ -49,6 +49,8 @@ def merge_results(
     result_paths: list[str | os.PathLike],
     out_csv: str | os.PathLike,
     batch_ids: list[str] | None = None,
+    *,
+    allowed_roots: list[Path] | None = paths.FROM_ENV,
 ) -> dict[str, Any]:
     """Write ``out_csv`` (input columns + response, error, prompt/completion/total_tokens) and
     ``report.json`` beside it. Returns the report: ``{"rows", "answered", "failed", "invalid",
@@ -56,12 +58,17 @@ def merge_results(
     "unmatched_results", "malformed_lines"}``.
 
     Later result files win over earlier ones for the same custom_id (resubmissions come later).
+
+    ``allowed_roots``: folders the input CSV named in the manifest must resolve into (None: anywhere;
+    default: ``OPENAI_BATCH_ALLOWED_ROOTS``, read now); outside → InputError before it is read.
+    ``out_csv`` and the result files are not checked against any root.
     """
     mpath, manifest = load_manifest(manifest_path)
     opts = BuildOptions.from_dict(manifest.get("options") or {})
     csv_path = manifest.get("csv")
     if not csv_path:
         raise InputError(f"{mpath}: manifest has no 'csv' entry")
+    paths.check_input_csv(csv_path, paths.roots_or_env(allowed_roots))
     for rp in result_paths:
         if not Path(rp).is_file():
             raise InputError(f"{rp}: result file not found")
@@ -181,7 +188,7 @@ def merge_results(
                         w.writerow(values + ["", error, _fmt(p), _fmt(c), _fmt(t)])
                 chunk.clear()
 
-            for item in csvio.iter_rows(csv_path, opts.start_row, opts.end_row):
+            for item in csvio.iter_rows(csv_path, opts.start_row, opts.end_row, allowed_roots=None):
                 chunk.append(item)
                 if len(chunk) >= CHUNK_ROWS:
                     flush()

@@ -528,8 +528,12 @@ def create_app(data_dir: str | Path, config: ServerConfig | None = None) -> Fast
     @app.middleware("http")
     async def _faults_and_auth(request: Request, call_next):
         path = request.url.path
+        lost = None  # a fault that fires after the call was handled
         if not path.startswith("/_admin"):
             cfg = store.config
+            if cfg.api_key and path.startswith("/v1"):
+                if request.headers.get("authorization") != f"Bearer {cfg.api_key}":
+                    return error_response(401, "Incorrect API key provided.", None, "invalid_api_key")
             for fault in list(cfg.http_faults):
                 if fault.method not in ("*", request.method.upper()) or not re.search(fault.path, path):
                     continue
@@ -544,11 +548,12 @@ def create_app(data_dir: str | Path, config: ServerConfig | None = None) -> Fast
                     headers["retry-after-ms"] = str(fault.retry_after_ms)
                 message = fault.message or f"Injected fault: HTTP {fault.status} for {request.method} {path}"
                 code = "rate_limit_exceeded" if fault.status == 429 else None
+                if fault.after:
+                    lost = error_response(fault.status, message, None, code, headers)
+                    break
                 return error_response(fault.status, message, None, code, headers)
-            if cfg.api_key and path.startswith("/v1"):
-                if request.headers.get("authorization") != f"Bearer {cfg.api_key}":
-                    return error_response(401, "Incorrect API key provided.", None, "invalid_api_key")
-        return await call_next(request)
+        response = await call_next(request)
+        return lost if lost is not None else response
 
     # ---- admin ---------------------------------------------------------------------------------
     @app.get("/_admin/config")

@@ -48,6 +48,8 @@ class HttpFault(BaseModel):
     URL path, e.g. ``"^/v1/batches/[^/]+$"``. ``times``: ``None`` = forever. The count decrements as
     the fault fires; a fault whose count reaches 0 is removed. 429 answers carry ``Retry-After: 0``;
     ``retry_after_ms`` (optional) adds a ``retry-after-ms`` header, which the openai client honours.
+    ``after``: handle the call for real first, then answer with the error instead of its response
+    (the "created, but the response was lost" case: a retry must not create a second batch).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -58,6 +60,7 @@ class HttpFault(BaseModel):
     times: int | None = 1
     message: str | None = None
     retry_after_ms: int | None = None
+    after: bool = False
 
 
 class ServerConfig(BaseModel):

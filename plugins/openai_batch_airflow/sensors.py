@@ -1,11 +1,32 @@
-"""``OpenAIBatchSensor``: wait for one OpenAI batch, deferring to :class:`OpenAIBatchTrigger`."""
+"""``OpenAIBatchSensor``: wait for one shard's batch, deferring to :class:`OpenAIBatchTrigger`,
+and see it through to a final outcome for every request.
+
+* **Resubmits.** When the batch ends (completed or expired) with requests that failed for a
+  retryable reason (``batch_expired``, 429, 5xx), those request lines are copied byte for byte
+  into a follow-up file, uploaded and submitted as a new batch, and the wait goes on; up to
+  ``max_resubmits`` rounds. Permanent failures (4xx) are not resubmitted.
+* **Enqueued token limit.** A batch that fails validation with ``token_limit_exceeded`` is
+  created again from the same input file after ``token_limit_wait`` seconds (deferred: no worker
+  is held), up to ``token_limit_retries`` times. Other validation failures fail the task with
+  the service's messages, each mapped back to the request's ``custom_id`` (= CSV row).
+* **Kill means cancel.** With ``cancel_on_kill`` (default), killing, clearing or marking the
+  waiting task cancels the batch (the trigger's ``on_kill`` while deferred; :meth:`on_kill` here
+  while the task itself runs).
+
+Returns the ``create_batch`` manifest plus ``batch`` (final summary) and ``batches``: every
+batch of the shard in order (round 0, follow-ups...), each with its round, so ``download`` and
+``merge`` can take the latest outcome of every row.
+"""
 
 from __future__ import annotations
 
+import json
+import time
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
-from airflow.sdk import BaseSensorOperator, PokeReturnValue
+from airflow.sdk import BaseSensorOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from openai_batch_airflow.triggers import (
@@ -15,24 +36,31 @@ from openai_batch_airflow.triggers import (
     progress_line,
 )
 
+RESUBMITTABLE_STATUSES = ("completed", "expired")
+
 
 class OpenAIBatchSensor(BaseSensorOperator):
-    """Wait until a batch is completed, expired or cancelled; fail if it failed validation.
+    """Wait until a shard's batch (and its follow-ups) reach a final outcome.
 
-    ``batch`` is the manifest of ``create_batch`` (a dict with at least ``batch_id``; usually the
-    shard's index and paths too). The sensor returns that manifest with ``"batch"`` set to the
-    final batch summary (status, output and error file ids, request counts, usage), so the
-    ``download`` task downstream needs nothing else.
-
-    Deferrable by default: the wait costs no worker slot, the triggerer polls every
-    ``check_interval`` seconds with the async client.
-
-    An expired or cancelled batch is *not* an error here: what it completed is kept and the rest
-    comes back as per-row errors. A batch that failed validation fails the task with the
-    service's messages (line numbers refer to the shard file).
+    :param batch: the ``create_batch`` manifest: ``batch_id``, and for resubmits the shard's
+        ``path``, ``index`` and ``input_file_id``.
+    :param conn_id: the OpenAI connection.
+    :param check_interval: seconds between polls (at least 1).
+    :param max_resubmits: follow-up rounds for retryable failures (0 = none).
+    :param token_limit_wait: seconds to wait before re-creating a batch rejected for the enqueued
+        token limit; ``token_limit_retries`` bounds how often.
+    :param cancel_on_kill: cancel the batch when the task is killed, cleared or marked.
+    :param expiry_margin: seconds past the batch's ``expires_at`` before the wait gives up.
     """
 
-    template_fields = ("batch", "conn_id", "check_interval")
+    template_fields = (
+        "batch",
+        "conn_id",
+        "check_interval",
+        "max_resubmits",
+        "token_limit_wait",
+        "cancel_on_kill",
+    )
 
     def __init__(
         self,
@@ -42,20 +70,36 @@ class OpenAIBatchSensor(BaseSensorOperator):
         check_interval: float | str = 60,
         deferrable: bool = True,
         max_consecutive_errors: int = 10,
+        max_resubmits: int | str = 2,
+        token_limit_wait: float | str = 600,
+        token_limit_retries: int = 12,
+        cancel_on_kill: bool | str = True,
+        expiry_margin: float = 3600,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("timeout", timedelta(days=2))
+        kwargs.setdefault("timeout", timedelta(days=3))
         super().__init__(**kwargs)
         self.batch = batch
         self.conn_id = conn_id
         self.check_interval = check_interval
         self.deferrable = deferrable
         self.max_consecutive_errors = max_consecutive_errors
+        self.max_resubmits = max_resubmits
+        self.token_limit_wait = token_limit_wait
+        self.token_limit_retries = token_limit_retries
+        self.cancel_on_kill = cancel_on_kill
+        self.expiry_margin = expiry_margin
+        self._current: str | None = None
 
-    # -- helpers -----------------------------------------------------------------------------
+    # -- small helpers ----------------------------------------------------------------------------
     @property
-    def batch_id(self) -> str:
-        return self.batch["batch_id"] if isinstance(self.batch, dict) else str(self.batch)
+    def manifest(self) -> dict[str, Any]:
+        return dict(self.batch) if isinstance(self.batch, dict) else {"batch_id": str(self.batch)}
+
+    def _client(self):
+        from airflow.providers.openai.hooks.openai import OpenAIHook
+
+        return OpenAIHook(conn_id=self.conn_id).get_conn()
 
     def _interval(self) -> float:
         interval = float(self.check_interval)
@@ -63,58 +107,244 @@ class OpenAIBatchSensor(BaseSensorOperator):
             raise AirflowFailException(f"check_interval must be at least 1 second, got {interval}")
         return interval
 
-    def _finish(self, summary: dict[str, Any]) -> dict[str, Any]:
+    def _cancel_flag(self) -> bool:
+        return str(self.cancel_on_kill).lower() not in ("false", "0", "no", "")
+
+    # -- the wait ---------------------------------------------------------------------------------
+    # The wait's progress (round, current batch, history) is kept in the task_state_store, which
+    # survives deferrals and the task's retries (a retry resumes with the current follow-up batch),
+    # and also passed as the deferral's kwargs.
+    STATE_KEY = "wait_state"
+
+    def _save(self, context: Any, state: dict[str, Any]) -> None:
+        from openai_batch_airflow.submit import generation
+
+        store = context.get("task_state_store")
+        if store is not None:
+            store.set(self.STATE_KEY, {**state, "generation": generation(context)})
+
+    def _load(self, context: Any, passed: dict[str, Any] | None) -> dict[str, Any] | None:
+        from openai_batch_airflow.submit import generation
+
+        if passed:
+            return passed
+        store = context.get("task_state_store")
+        saved = store.get(self.STATE_KEY) if store is not None else None
+        if isinstance(saved, dict) and saved.get("generation") == generation(context):
+            return {k: v for k, v in saved.items() if k != "generation"}
+        return None
+
+    def execute(self, context: Any) -> Any:
+        m = self.manifest
+        state = self._load(context, None)
+        if state is not None and state.get("origin") == m["batch_id"]:
+            self.log.info(
+                "resuming the wait of an earlier try: round %s, batch %s", state["round"], state["batch_id"]
+            )
+        else:
+            state = {
+                "origin": m["batch_id"],
+                "round": 0,
+                "token_waits": 0,
+                "batch_id": m["batch_id"],
+                "input_file_id": m.get("input_file_id"),
+                "shard_path": m.get("path"),
+                "history": [],
+            }
+        return self._wait(context, state)
+
+    def _wait(self, context: Any, state: dict[str, Any]) -> Any:
+        """Look at the current batch once; finish it if it has ended, else defer (or poll here)."""
+        self._current = state["batch_id"]
+        client = self._client()
+        summary = batch_summary(client.batches.retrieve(state["batch_id"]))
         self.log.info(progress_line(summary))
+        if summary["status"] in TERMINAL_STATUSES:
+            return self._on_terminal(context, state, summary)
+        deadline = (summary.get("expires_at") or time.time() + 24 * 3600) + float(self.expiry_margin)
+        self._save(context, state)
+        if not self.deferrable:
+            while summary["status"] not in TERMINAL_STATUSES:
+                if time.time() > deadline:
+                    raise AirflowException(f"batch {summary['id']} has not ended by its deadline")
+                time.sleep(self._interval())
+                summary = batch_summary(client.batches.retrieve(state["batch_id"]))
+                self.log.info(progress_line(summary))
+            return self._on_terminal(context, state, summary)
+        self.defer(
+            trigger=OpenAIBatchTrigger(
+                batch_id=state["batch_id"],
+                conn_id=self.conn_id,
+                poll_interval=self._interval(),
+                max_consecutive_errors=self.max_consecutive_errors,
+                deadline=deadline,
+                cancel_on_kill=self._cancel_flag(),
+            ),
+            method_name="execute_complete",
+            kwargs={"state": state},
+            timeout=timedelta(seconds=max(deadline - time.time(), 0) + 600),
+        )
+
+    def execute_complete(
+        self, context: Any, event: dict[str, Any] | None = None, state: dict[str, Any] | None = None
+    ) -> Any:
+        if not event:
+            raise AirflowException(f"no event received while waiting for batch {self.manifest['batch_id']}")
+        if event.get("status") != "done":
+            raise AirflowException(event.get("message") or "waiting for the batch failed")
+        state = self._load(context, state)
+        if state is None:
+            raise AirflowException("the wait's state was lost; clear the task to start the shard again")
+        return self._on_terminal(context, state, event["batch"])
+
+    def resubmit_after_wait(
+        self, context: Any, event: dict[str, Any] | None = None, state: dict[str, Any] | None = None
+    ) -> Any:
+        """After a token-limit pause: create the batch again from the same input file."""
+        from openai_batch_airflow.submit import create_once
+
+        state = self._load(context, state)
+        if state is None:
+            raise AirflowException("the wait's state was lost; clear the task to start the shard again")
+        batch = create_once(
+            self._client(),
+            self._intent(context, f"token-retry-{state['round']}-{state['token_waits']}"),
+            metadata=self._metadata(context, state),
+            input_file_id=state["input_file_id"],
+            endpoint=state["history"][-1]["endpoint"],
+            completion_window="24h",
+        )
+        self.log.info("re-created the batch after the token-limit pause: %s", batch.id)
+        state["batch_id"] = batch.id
+        return self._wait(context, state)
+
+    # -- outcomes ---------------------------------------------------------------------------------
+    def _on_terminal(self, context: Any, state: dict[str, Any], summary: dict[str, Any]) -> Any:
+        self.log.info(progress_line(summary))
+        summary = {**summary, "round": state["round"]}
+        state["history"].append(summary)
         if summary["status"] == "failed":
-            details = "; ".join(
-                f"line {e.get('line')}: {e.get('code')}: {e.get('message')}"
-                if e.get("line")
-                else f"{e.get('code')}: {e.get('message')}"
-                for e in summary.get("errors") or []
-            )
-            raise AirflowException(
-                f"batch {summary['id']} failed validation: {details or 'no details given'}"
-            )
+            return self._on_failed(context, state, summary)
         if summary["status"] in ("expired", "cancelled"):
             self.log.warning(
-                "batch %s ended %s; keeping its %d completed requests, the rest come back as errors",
+                "batch %s ended %s: %d requests completed and are kept",
                 summary["id"],
                 summary["status"],
                 summary["request_counts"]["completed"],
             )
-        manifest = dict(self.batch) if isinstance(self.batch, dict) else {"batch_id": self.batch_id}
-        manifest["batch"] = summary
-        return manifest
+        if summary["status"] in RESUBMITTABLE_STATUSES and state["round"] < int(self.max_resubmits):
+            if self._resubmit(context, state, summary):
+                return self._wait(context, state)
+        return {**self.manifest, "batch": summary, "batches": state["history"]}
 
-    # -- execution ---------------------------------------------------------------------------
-    def execute(self, context: Any) -> Any:
-        interval = self._interval()
-        if not self.deferrable:
-            self.poke_interval = interval
-            return super().execute(context)
-        self.defer(
-            trigger=OpenAIBatchTrigger(
-                batch_id=self.batch_id,
-                conn_id=self.conn_id,
-                poll_interval=interval,
-                max_consecutive_errors=self.max_consecutive_errors,
-            ),
-            method_name="execute_complete",
-            timeout=timedelta(seconds=self.timeout),
+    def _on_failed(self, context: Any, state: dict[str, Any], summary: dict[str, Any]) -> Any:
+        codes = {e.get("code") for e in summary.get("errors") or []}
+        if "token_limit_exceeded" in codes and state["token_waits"] < int(self.token_limit_retries):
+            state["token_waits"] += 1
+            wait = float(self.token_limit_wait)
+            self.log.warning(
+                "batch %s was refused: enqueued token limit reached (%s). Waiting %.0fs before "
+                "submitting it again (%d/%d)",
+                summary["id"],
+                "; ".join(e.get("message") or "" for e in summary["errors"]),
+                wait,
+                state["token_waits"],
+                int(self.token_limit_retries),
+            )
+            from airflow.providers.standard.triggers.temporal import TimeDeltaTrigger
+
+            self._save(context, state)
+            self.defer(
+                trigger=TimeDeltaTrigger(timedelta(seconds=wait)),
+                method_name="resubmit_after_wait",
+                kwargs={"state": state},
+            )
+        details = "; ".join(self._describe_error(e, state) for e in summary.get("errors") or [])
+        raise AirflowFailException(
+            f"batch {summary['id']} failed validation: {details or 'no details given'}"
         )
 
-    def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> dict[str, Any]:
-        if not event:
-            raise AirflowException(f"no event received while waiting for batch {self.batch_id}")
-        if event.get("status") != "done":
-            raise AirflowException(event.get("message") or f"waiting for batch {self.batch_id} failed")
-        return self._finish(event["batch"])
+    def _describe_error(self, error: dict[str, Any], state: dict[str, Any]) -> str:
+        text = f"{error.get('code')}: {error.get('message')}"
+        line = error.get("line")
+        if not line or not state.get("shard_path"):
+            return text
+        custom_id = _custom_id_at_line(state["shard_path"], int(line))
+        where = f"line {line} of {Path(state['shard_path']).name}"
+        return f"{where} (custom_id {custom_id}): {text}" if custom_id else f"{where}: {text}"
 
-    def poke(self, context: Any) -> bool | PokeReturnValue:
-        from airflow.providers.openai.hooks.openai import OpenAIHook
+    def _resubmit(self, context: Any, state: dict[str, Any], summary: dict[str, Any]) -> bool:
+        """Submit the retryable failures of ``summary`` as a follow-up batch; False if there are none."""
+        from batchpipe.resubmit import select_retryable, write_followup
+        from openai_batch_airflow.submit import create_once, upload_once
+        from openai_batch_airflow.tasks import download_batch_files
 
-        summary = batch_summary(OpenAIHook(conn_id=self.conn_id).get_conn().batches.retrieve(self.batch_id))
-        self.log.info(progress_line(summary))
-        if summary["status"] not in TERMINAL_STATUSES:
+        if not summary.get("error_file_id") and summary["request_counts"]["failed"] == 0:
             return False
-        return PokeReturnValue(is_done=True, xcom_value=self._finish(summary))
+        client = self._client()
+        shard_path = Path(self.manifest["path"])
+        index = int(self.manifest.get("index", 0))
+        files = download_batch_files(client, summary, shard_path.parent / "results", index)
+        summary["files"] = files
+        retry = select_retryable(files)
+        if not retry:
+            return False
+        nxt = state["round"] + 1
+        followup = write_followup(
+            state["shard_path"], retry, shard_path.parent / f"shard-{index:05d}.r{nxt}.jsonl"
+        )
+        self.log.warning(
+            "batch %s: %d requests failed for a retryable reason; resubmitting them (round %d of %s)",
+            summary["id"],
+            len(retry),
+            nxt,
+            self.max_resubmits,
+        )
+        name = f"{context['dag'].dag_id}-{context['run_id']}-shard-{index:05d}-r{nxt}"
+        uploaded = upload_once(client, followup["path"], name, self._intent(context, f"upload-r{nxt}"))
+        state.update(round=nxt, input_file_id=uploaded.id, shard_path=followup["path"])
+        batch = create_once(
+            client,
+            self._intent(context, f"create-r{nxt}"),
+            metadata=self._metadata(context, state),
+            input_file_id=uploaded.id,
+            endpoint=summary["endpoint"],
+            completion_window="24h",
+        )
+        self.log.info("follow-up batch %s with %d requests", batch.id, followup["requests"])
+        state["batch_id"] = batch.id
+        return True
+
+    def _intent(self, context: Any, key: str):
+        from openai_batch_airflow.submit import Intent, generation
+
+        return Intent(context.get("task_state_store"), key, generation(context))
+
+    def _metadata(self, context: Any, state: dict[str, Any]) -> dict[str, str]:
+        return {
+            "dag_id": context["dag"].dag_id[:512],
+            "run_id": context["run_id"][:512],
+            "shard": str(self.manifest.get("index", 0)),
+            "round": str(state["round"]),
+        }
+
+    def on_kill(self) -> None:
+        """Killed while running on a worker (not deferred): cancel the current batch."""
+        if self._current and self._cancel_flag():
+            try:
+                self._client().batches.cancel(self._current)
+                self.log.warning("task killed: cancelled batch %s", self._current)
+            except Exception as exc:  # best effort: the task is going away
+                self.log.warning("could not cancel batch %s: %s", self._current, exc)
+
+
+def _custom_id_at_line(path: str, line: int) -> str | None:
+    """The custom_id of the 1-based ``line`` of a request file (None if unreadable)."""
+    try:
+        with open(path, "rb") as fh:
+            for number, raw in enumerate(fh, start=1):
+                if number == line:
+                    return json.loads(raw).get("custom_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None

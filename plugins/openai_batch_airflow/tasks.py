@@ -117,59 +117,94 @@ def build(params: dict[str, Any], run_id: str) -> list[dict[str, Any]]:
     return [{**shard, **common} for shard in manifest["shards"]]
 
 
-def upload(shard: dict[str, Any], conn_id: str) -> dict[str, Any]:
-    client = _client(conn_id)
-    with open(shard["path"], "rb") as fh:
-        uploaded = client.files.create(file=fh, purpose="batch")
+def _intent(context: Any, key: str):
+    from openai_batch_airflow.submit import Intent, generation
+
+    return Intent(context.get("task_state_store"), key, generation(context))
+
+
+def upload(shard: dict[str, Any], conn_id: str, context: Any) -> dict[str, Any]:
+    """Upload one shard; a retry re-attaches to the file an earlier try uploaded."""
+    from openai_batch_airflow.submit import upload_once
+
+    name = (
+        f"{safe_name(context['dag'].dag_id)}-{safe_name(context['run_id'])}-shard-{int(shard['index']):05d}"
+    )
+    uploaded = upload_once(_client(conn_id), shard["path"], name, _intent(context, "upload"))
     log.info(
         "shard %s: uploaded %s (%d bytes) as %s", shard["index"], shard["path"], shard["bytes"], uploaded.id
     )
     return {**shard, "input_file_id": uploaded.id}
 
 
-def create(
-    shard: dict[str, Any], params: dict[str, Any], conn_id: str, dag_id: str, run_id: str
-) -> dict[str, Any]:
-    client = _client(conn_id)
-    batch = client.batches.create(
-        input_file_id=shard["input_file_id"],
-        endpoint=params["endpoint"],
-        completion_window=params["completion_window"],
+def create(shard: dict[str, Any], params: dict[str, Any], context: Any) -> dict[str, Any]:
+    """Create the shard's batch; a retry re-attaches to the batch an earlier try created."""
+    from openai_batch_airflow.submit import create_once
+
+    dag_id, run_id = context["dag"].dag_id, context["run_id"]
+    batch = create_once(
+        _client(params["conn_id"]),
+        _intent(context, "create_batch"),
         metadata={
             "dag_id": dag_id[:512],
             "run_id": run_id[:512],
             "shard": str(shard["index"]),
             "source": Path(params["input_csv"]).name[:512],
         },
+        input_file_id=shard["input_file_id"],
+        endpoint=params["endpoint"],
+        completion_window=params["completion_window"],
     )
-    log.info("shard %s: created batch %s (%d requests)", shard["index"], batch.id, shard["requests"])
+    log.info("shard %s: batch %s (%d requests)", shard["index"], batch.id, shard["requests"])
     return {**shard, "batch_id": batch.id}
 
 
-def download(waited: dict[str, Any], conn_id: str) -> dict[str, Any]:
-    """Stream the batch's output and error files to disk next to the shard."""
-    client = _client(conn_id)
-    summary = waited["batch"]
-    folder = Path(waited["path"]).parent / "results"
+def download_batch_files(client: Any, summary: dict[str, Any], folder: Path, index: int) -> list[str]:
+    """Stream a finished batch's output and error files to ``folder`` (skipping what is already
+    there) and check they hold a line for every request; return their paths, output first."""
+    from batchpipe.resubmit import DownloadMismatch, check_download, count_result_lines
+
     folder.mkdir(parents=True, exist_ok=True)
-    files = []
+    paths: dict[str, Path] = {}
     for kind in ("output", "error"):
         file_id = summary.get(f"{kind}_file_id")
         if not file_id:
             continue
-        target = folder / f"shard-{int(waited['index']):05d}.{kind}.jsonl"
-        with client.files.with_streaming_response.content(file_id) as response:
-            response.stream_to_file(target)
-        lines = _count_lines(target)
-        log.info(
-            "shard %s: downloaded %s file %s (%d lines) to %s", waited["index"], kind, file_id, lines, target
+        target = folder / f"shard-{index:05d}.r{summary.get('round', 0)}.{kind}.jsonl"
+        if not target.exists():
+            part = target.with_name(target.name + ".part")
+            # streamed to disk, never held in memory; 5xx and resets are retried by the client
+            with client.with_options(max_retries=5).files.with_streaming_response.content(file_id) as resp:
+                resp.stream_to_file(part)
+            os.replace(part, target)
+            log.info("batch %s: downloaded %s file %s to %s", summary["id"], kind, file_id, target)
+        paths[kind] = target
+    try:
+        check_download(
+            summary["request_counts"],
+            count_result_lines(paths.get("output")),
+            count_result_lines(paths.get("error")),
+            summary["status"],
         )
-        files.append(str(target))
+    except DownloadMismatch:
+        for path in paths.values():  # let the task's retry download them again
+            path.unlink(missing_ok=True)
+        raise
+    return [str(p) for p in paths.values()]
+
+
+def download(waited: dict[str, Any], conn_id: str) -> dict[str, Any]:
+    """Download the result files of every batch of the shard (first submission and follow-ups)."""
+    client = _client(conn_id)
+    index = int(waited["index"])
+    folder = Path(waited["path"]).parent / "results"
+    batches = waited.get("batches") or [waited["batch"]]
+    files = [f for summary in batches for f in download_batch_files(client, summary, folder, index)]
     return {
-        "index": waited["index"],
-        "batch_id": summary["id"],
-        "status": summary["status"],
-        "request_counts": summary["request_counts"],
+        "index": index,
+        "batch_ids": [b["id"] for b in batches],
+        "status": waited["batch"]["status"],
+        "request_counts": waited["batch"]["request_counts"],
         "result_files": files,
     }
 
@@ -186,7 +221,7 @@ def merge(downloads: list[dict[str, Any]] | None, params: dict[str, Any], run_id
         work_dir / "build_manifest.json",
         [path for d in downloads for path in d["result_files"]],
         out_csv,
-        batch_ids=[d["batch_id"] for d in downloads],
+        batch_ids=[batch_id for d in downloads for batch_id in d["batch_ids"]],
     )
     log.info(
         "results: %s rows, %s answered, %s failed, %s invalid -> %s",

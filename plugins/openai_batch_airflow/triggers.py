@@ -7,6 +7,7 @@ triggerer process imports triggers by class path and cannot import code from a D
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -71,6 +72,11 @@ class OpenAIBatchTrigger(BaseTrigger):
         base URL).
     :param poll_interval: seconds between polls.
     :param max_consecutive_errors: transient polling failures in a row that end the wait.
+    :param deadline: Unix time after which the wait ends with an error. The sensor sets it from
+        the batch's own ``expires_at`` plus a margin, so a restarted triggerer keeps the same
+        deadline (it is part of the serialized trigger, not measured from the trigger's start).
+    :param cancel_on_kill: cancel the batch when a user kills, clears or marks the waiting task
+        (Airflow calls :meth:`on_kill` then; not on triggerer restarts or redistribution).
     """
 
     def __init__(
@@ -79,12 +85,16 @@ class OpenAIBatchTrigger(BaseTrigger):
         conn_id: str = "openai_default",
         poll_interval: float = 60.0,
         max_consecutive_errors: int = 10,
+        deadline: float | None = None,
+        cancel_on_kill: bool = True,
     ) -> None:
         super().__init__()
         self.batch_id = batch_id
         self.conn_id = conn_id
         self.poll_interval = float(poll_interval)
         self.max_consecutive_errors = int(max_consecutive_errors)
+        self.deadline = float(deadline) if deadline is not None else None
+        self.cancel_on_kill = bool(cancel_on_kill)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -94,6 +104,8 @@ class OpenAIBatchTrigger(BaseTrigger):
                 "conn_id": self.conn_id,
                 "poll_interval": self.poll_interval,
                 "max_consecutive_errors": self.max_consecutive_errors,
+                "deadline": self.deadline,
+                "cancel_on_kill": self.cancel_on_kill,
             },
         )
 
@@ -118,6 +130,15 @@ class OpenAIBatchTrigger(BaseTrigger):
             return
         async with client:
             while True:
+                if self.deadline is not None and time.time() > self.deadline:
+                    yield TriggerEvent(
+                        self._error(
+                            f"batch {self.batch_id} has not ended by its deadline "
+                            f"({time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(self.deadline))}, "
+                            "its expiry plus a margin); stopped waiting"
+                        )
+                    )
+                    return
                 try:
                     batch = await client.batches.retrieve(self.batch_id)
                 except transient as exc:
@@ -149,6 +170,19 @@ class OpenAIBatchTrigger(BaseTrigger):
                     yield TriggerEvent({"status": "done", "batch": summary})
                     return
                 await asyncio.sleep(self.poll_interval)
+
+    async def on_kill(self) -> None:
+        """The waiting task was killed, cleared or marked by a user: cancel the batch (billing stops;
+        what it finished is kept by the service)."""
+        if not self.cancel_on_kill:
+            self.log.info("batch %s left running (cancel_on_kill is off)", self.batch_id)
+            return
+        client = await self._client()
+        async with client:
+            batch = await client.batches.cancel(self.batch_id)
+        self.log.warning(
+            "waiting task was stopped by a user: cancelled batch %s (%s)", self.batch_id, batch.status
+        )
 
     def _error(self, message: str) -> dict[str, Any]:
         return {"status": "error", "batch_id": self.batch_id, "message": message}

@@ -1,0 +1,117 @@
+"""Allowed roots: which folders the pipeline may read from and write to.
+
+Two settings, each an ``os.pathsep``-separated list of folders (``:`` on Linux):
+
+* ``OPENAI_BATCH_ALLOWED_ROOTS`` — where input CSVs and image files may be read from.
+* ``OPENAI_BATCH_OUTPUT_ROOTS`` — where outputs may be written (checked by the caller with
+  :func:`output_roots` + :func:`check_within`).
+
+Unset (or only empty entries) means no restriction. Paths are compared after ``resolve()``, which
+follows symlinks and ``..``, so a symlink inside a root that points outside counts as outside. Checking
+a path never reads the file: only ``resolve()`` touches the file system.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import InputError
+
+ALLOWED_ROOTS_ENV = "OPENAI_BATCH_ALLOWED_ROOTS"
+OUTPUT_ROOTS_ENV = "OPENAI_BATCH_OUTPUT_ROOTS"
+
+
+class PathNotAllowed(ValueError):
+    """A path resolves outside the allowed roots."""
+
+
+class _FromEnv:
+    """Sentinel default of ``allowed_roots=`` keywords: read ``OPENAI_BATCH_ALLOWED_ROOTS`` at call time."""
+
+    def __repr__(self) -> str:
+        return "FROM_ENV"
+
+
+FROM_ENV = _FromEnv()
+
+
+class Roots(list):
+    """A ``list[Path]`` that remembers which setting it came from (used in error messages)."""
+
+    def __init__(self, paths=(), setting: str = ALLOWED_ROOTS_ENV):
+        super().__init__(paths)
+        self.setting = setting
+
+
+def parse_roots(text: str | None) -> list[Path]:
+    """Split an ``os.pathsep``-separated list; each entry ``expanduser().resolve()``d, empties dropped."""
+    if not text:
+        return []
+    return [Path(part.strip()).expanduser().resolve() for part in text.split(os.pathsep) if part.strip()]
+
+
+def allowed_roots(env_var: str = ALLOWED_ROOTS_ENV, extra: str | None = None) -> list[Path] | None:
+    """Roots from the environment variable ``env_var`` plus ``extra`` (same format, e.g. the value of an
+    Airflow Variable passed in by the caller). None when neither names a folder (= no restriction)."""
+    roots = parse_roots(os.environ.get(env_var)) + parse_roots(extra)
+    if not roots:
+        return None
+    unique = list(dict.fromkeys(roots))  # keep order, drop duplicates
+    return Roots(unique, setting=env_var)
+
+
+def output_roots(extra: str | None = None) -> list[Path] | None:
+    """:func:`allowed_roots` for ``OPENAI_BATCH_OUTPUT_ROOTS``."""
+    return allowed_roots(OUTPUT_ROOTS_ENV, extra)
+
+
+def _resolve(path: str | os.PathLike) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def check_within(
+    path: str | os.PathLike,
+    roots: list[Path] | None,
+    what: str,
+    *,
+    setting: str | None = None,
+    shown: str | None = None,
+) -> Path:
+    """The resolved ``path`` if ``roots`` is None or it lies inside one of them (a root itself counts).
+
+    Otherwise raise :class:`PathNotAllowed`, e.g. ``input CSV /x/y.csv is outside the allowed roots
+    (OPENAI_BATCH_ALLOWED_ROOTS: /a, /b)``. ``what`` says what the path is ("input CSV", "image",
+    "output folder"); ``shown`` is how the path is named in the message (default: ``path`` as given);
+    ``setting`` is the setting named in the message (default: the one ``roots`` came from, else
+    ``OPENAI_BATCH_ALLOWED_ROOTS``). An empty list allows nothing. No file content is read.
+    """
+    name = shown if shown is not None else str(path)
+    try:
+        resolved = _resolve(path)
+    except (OSError, RuntimeError) as exc:  # e.g. a symlink loop
+        if roots is None:
+            return Path(os.path.abspath(os.path.expanduser(path)))
+        raise PathNotAllowed(f"{what} {name} cannot be resolved ({exc})") from None
+    if roots is None:
+        return resolved
+    for root in roots:
+        if resolved.is_relative_to(_resolve(root)):
+            return resolved
+    setting = setting or getattr(roots, "setting", None) or ALLOWED_ROOTS_ENV
+    listed = ", ".join(str(r) for r in roots) or "(none)"
+    via = f" (resolves to {resolved})" if str(resolved) != name else ""
+    raise PathNotAllowed(f"{what} {name}{via} is outside the allowed roots ({setting}: {listed})")
+
+
+def roots_or_env(roots: list[Path] | None | _FromEnv) -> list[Path] | None:
+    """``roots`` as given, or read from ``OPENAI_BATCH_ALLOWED_ROOTS`` now when it is :data:`FROM_ENV`."""
+    return allowed_roots() if roots is FROM_ENV else roots
+
+
+def check_input_csv(csv_path: str | os.PathLike, roots: list[Path] | None) -> Path:
+    """:func:`check_within` for an input CSV, raising the fatal :class:`InputError` instead."""
+    try:
+        return check_within(csv_path, roots, "input CSV")
+    except PathNotAllowed as exc:
+        raise InputError(str(exc)) from None

@@ -1,0 +1,241 @@
+"""Pick the requests of a finished batch that deserve a second try, and write them to a follow-up shard.
+
+A batch that expires keeps what completed and lists the rest in its error file with
+``"error": {"code": "batch_expired"}``; single requests can also fail for a transient reason (HTTP 429,
+5xx). Those are resubmitted in a follow-up batch. Permanent failures (HTTP 400/401/403/404/422,
+``invalid_request``, ...) would fail again and are not. ``batch_cancelled`` is not retried either: a
+cancel is the user's decision.
+
+Also here: a check that a downloaded output/error file is complete (``check_download``), because a
+truncated download (e.g. after a 502 on a large file) would otherwise silently drop results.
+
+No Airflow import: the DAG calls these functions with plain paths and dicts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "FINAL_STATUSES",
+    "RETRYABLE_CODES",
+    "DownloadMismatch",
+    "check_download",
+    "count_result_lines",
+    "is_retryable",
+    "select_retryable",
+    "write_followup",
+]
+
+#: ``error.code`` values (on lines without an HTTP response) that are worth a resubmit.
+RETRYABLE_CODES: frozenset[str] = frozenset(
+    {
+        "batch_expired",  # not run before the 24 h window closed
+        "rate_limit_exceeded",
+        "server_error",
+        "internal_error",
+        "service_unavailable",
+        "timeout",
+    }
+)
+
+#: Batch statuses after which the output/error files are final and ``check_download`` applies.
+FINAL_STATUSES: frozenset[str] = frozenset({"completed", "expired", "cancelled"})
+
+_MAX_NAMED = 20  # ids named in an error message
+
+
+def _status_code(line: Mapping[str, Any]) -> int | None:
+    response = line.get("response")
+    if not isinstance(response, dict):
+        return None
+    code = response.get("status_code")
+    if isinstance(code, bool) or not isinstance(code, int):
+        return None
+    return code
+
+
+def is_retryable(line: Any) -> bool:
+    """Whether one (JSON-decoded) output/error-file line failed for a transient reason.
+
+    * A line with an HTTP response is judged by its ``status_code`` alone: 429 or >= 500 is retryable,
+      200 and every other code (400, 401, 404, 422, ...) is not.
+    * A line without an HTTP response is judged by ``error.code``: retryable when it is in
+      ``RETRYABLE_CODES`` (``batch_expired``, ``rate_limit_exceeded``, ``server_error``, ...);
+      ``batch_cancelled`` and unknown codes are permanent.
+    * Anything else (not an object, neither response nor error) is not retryable.
+    """
+    if not isinstance(line, dict):
+        return False
+    status = _status_code(line)
+    if status is not None:
+        return status == 429 or status >= 500
+    error = line.get("error")
+    if isinstance(error, dict):
+        code = error.get("code")
+        return isinstance(code, str) and code in RETRYABLE_CODES
+    return False
+
+
+def _iter_json_lines(path: str | os.PathLike) -> Iterable[Any]:
+    """JSON-decoded non-blank lines of ``path``, streaming; lines that are not JSON are skipped."""
+    with open(path, "rb") as fh:
+        for raw in fh:
+            if not raw.strip():
+                continue
+            try:
+                yield json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+
+
+def select_retryable(result_paths: Iterable[str | os.PathLike]) -> list[str]:
+    """custom_ids to resubmit, from a batch's output and error files (read line by line).
+
+    An id is selected when one of its lines ``is_retryable``, and never when any line of the files
+    shows it succeeded (HTTP 200): a resubmit must not bill a request twice. Lines that are not JSON,
+    or carry no string ``custom_id``, are ignored. Order: first appearance; no duplicates.
+    """
+    retry: dict[str, None] = {}  # ordered set
+    succeeded: set[str] = set()
+    for path in result_paths:
+        for line in _iter_json_lines(path):
+            if not isinstance(line, dict):
+                continue
+            cid = line.get("custom_id")
+            if not isinstance(cid, str):
+                continue
+            if _status_code(line) == 200:
+                succeeded.add(cid)
+            elif is_retryable(line):
+                retry.setdefault(cid)
+    return [cid for cid in retry if cid not in succeeded]
+
+
+def _line_custom_id(raw: bytes) -> str | None:
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    cid = obj.get("custom_id") if isinstance(obj, dict) else None
+    return cid if isinstance(cid, str) else None
+
+
+def _name_ids(ids: Iterable[str]) -> str:
+    ids = sorted(ids)
+    shown = ", ".join(repr(i) for i in ids[:_MAX_NAMED])
+    more = f" and {len(ids) - _MAX_NAMED} more" if len(ids) > _MAX_NAMED else ""
+    return shown + more
+
+
+def write_followup(
+    shard_path: str | os.PathLike, custom_ids: Iterable[str], out_path: str | os.PathLike
+) -> dict[str, Any]:
+    """Copy the request lines of ``shard_path`` whose custom_id is in ``custom_ids`` to ``out_path``.
+
+    Lines are copied byte for byte (not re-serialised), in shard order; a final line without a newline
+    gets one, so the output is always newline-terminated JSONL. A custom_id present twice in the shard
+    is written once (the API requires unique ids per file). The file is written to a temporary name in
+    the same directory, flushed to disk and renamed, so ``out_path`` is either complete or absent.
+
+    Returns ``{"path": str, "requests": int, "bytes": int}``.
+    Raises ``ValueError`` when ``custom_ids`` is empty, or names the ids not found in the shard (then
+    nothing is written).
+    """
+    wanted = set(custom_ids)
+    if not wanted:
+        raise ValueError(f"{shard_path}: no custom_ids to resubmit")
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    found: set[str] = set()
+    written = 0
+    try:
+        with open(shard_path, "rb") as src, open(tmp, "wb") as dst:
+            for raw in src:
+                if not raw.strip():
+                    continue
+                cid = _line_custom_id(raw)
+                if cid is None or cid not in wanted or cid in found:
+                    continue
+                found.add(cid)
+                if not raw.endswith(b"\n"):
+                    raw += b"\n"
+                dst.write(raw)
+                written += len(raw)
+            dst.flush()
+            os.fsync(dst.fileno())
+        missing = wanted - found
+        if missing:
+            raise ValueError(
+                f"{shard_path}: {len(missing)} custom_id(s) to resubmit not found in the shard: "
+                f"{_name_ids(missing)}"
+            )
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"path": str(out), "requests": len(found), "bytes": written}
+
+
+def count_result_lines(path: str | os.PathLike | None) -> int:
+    """Non-blank lines of a downloaded output/error file (streaming). ``None`` (no such file) → 0."""
+    if path is None:
+        return 0
+    n = 0
+    with open(path, "rb") as fh:
+        for raw in fh:
+            if raw.strip():
+                n += 1
+    return n
+
+
+class DownloadMismatch(ValueError):
+    """A downloaded output/error file holds fewer (or more) lines than the batch's request_counts."""
+
+    def __init__(self, message: str, *, expected: int, got: int, status: str):
+        super().__init__(message)
+        self.expected = expected
+        self.got = got
+        self.status = status
+
+
+def _count(counts: Mapping[str, Any], key: str) -> int | None:
+    v = counts.get(key)
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def check_download(
+    counts: Mapping[str, Any] | None, output_lines: int, error_lines: int, status: str
+) -> None:
+    """Raise ``DownloadMismatch`` when the downloaded files do not account for every request.
+
+    Rule: for a batch in a final status (``completed``, ``expired``, ``cancelled``) whose
+    ``request_counts.total`` is > 0, every request has exactly one line in either the output file or
+    the error file (expired/cancelled batches list the requests that never ran in the error file), so
+    ``output_lines + error_lines`` must equal ``total``. Fewer means a truncated download (or a file
+    not downloaded); more means duplicated lines. Nothing is checked how lines split between the two
+    files: a non-200 response may sit in either, so ``completed``/``failed`` are not compared with the
+    per-file figures. Other statuses, a ``total`` of 0 and missing counts are not checked.
+    """
+    if status not in FINAL_STATUSES or not isinstance(counts, Mapping):
+        return
+    total = _count(counts, "total")
+    if total is None or total <= 0:
+        return
+    got = output_lines + error_lines
+    if got == total:
+        return
+    what = "short" if got < total else "too long"
+    detail = ", ".join(f"{k} {v}" for k in ("completed", "failed") if (v := _count(counts, k)) is not None)
+    raise DownloadMismatch(
+        f"batch {status}: downloaded results are {what}: {output_lines} output + {error_lines} error "
+        f"= {got} lines, but request_counts.total is {total}" + (f" ({detail})" if detail else ""),
+        expected=total,
+        got=got,
+        status=status,
+    )

@@ -1,0 +1,352 @@
+"""Allowed roots: the input CSV and image files must resolve inside OPENAI_BATCH_ALLOWED_ROOTS."""
+
+from __future__ import annotations
+
+import builtins
+import csv
+import json
+import os
+import pathlib
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from batchpipe import BuildOptions, InputError, build_jsonl, merge_results, validate_csv
+from batchpipe.csvio import iter_rows
+from batchpipe.paths import (
+    ALLOWED_ROOTS_ENV,
+    OUTPUT_ROOTS_ENV,
+    PathNotAllowed,
+    allowed_roots,
+    check_within,
+    output_roots,
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_roots_in_env(monkeypatch):
+    """Tests start with neither setting, whatever the developer's shell has."""
+    monkeypatch.delenv(ALLOWED_ROOTS_ENV, raising=False)
+    monkeypatch.delenv(OUTPUT_ROOTS_ENV, raising=False)
+
+
+def write_csv(path: Path, rows: list[dict[str, str]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def png(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (4, 4), (10, 20, 30)).save(path, "PNG")
+    return path
+
+
+@pytest.fixture
+def layout(tmp_path):
+    """root/data/in.csv, root/data/ok.png, outside/secret.png; returns (root, outside)."""
+    root = tmp_path / "root"
+    outside = tmp_path / "outside"
+    png(root / "data" / "ok.png")
+    png(outside / "secret.png")
+    return root, outside
+
+
+IMG = BuildOptions(image_column="image")
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def test_unset_means_no_restriction(tmp_path):
+    assert allowed_roots() is None
+    assert output_roots() is None
+    assert allowed_roots(extra="") is None
+    p = tmp_path / "x" / ".." / "a.csv"
+    assert check_within(p, None, "input CSV") == (tmp_path / "a.csv").resolve()
+
+
+def test_only_empty_entries_mean_no_restriction(monkeypatch):
+    monkeypatch.setenv(ALLOWED_ROOTS_ENV, os.pathsep + " " + os.pathsep)
+    assert allowed_roots() is None
+
+
+def test_env_and_extra_are_combined_and_resolved(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.setenv(
+        ALLOWED_ROOTS_ENV, f"{tmp_path / 'a'}{os.pathsep}{os.pathsep}{tmp_path / 'x' / '..' / 'b'}"
+    )
+    roots = allowed_roots(extra=f"{tmp_path / 'link'}{os.pathsep}")
+    assert roots == [(tmp_path / "a").resolve(), (tmp_path / "b").resolve(), (tmp_path / "real").resolve()]
+    assert allowed_roots(extra=str(tmp_path / "c")) == [
+        (tmp_path / "a").resolve(),
+        (tmp_path / "b").resolve(),
+        (tmp_path / "c").resolve(),
+    ]
+
+
+def test_tilde_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert allowed_roots(extra="~/data") == [(tmp_path / "data").resolve()]
+
+
+def test_check_within_message_and_root_itself(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert check_within(a, [a, b], "output folder") == a.resolve()  # a root itself is inside
+    assert check_within(b / "x" / "y.csv", [a, b], "input CSV") == (b / "x" / "y.csv").resolve()
+    with pytest.raises(PathNotAllowed) as e:
+        check_within(tmp_path / "c" / "y.csv", [a, b], "input CSV")
+    msg = str(e.value)
+    assert msg == (
+        f"input CSV {tmp_path / 'c' / 'y.csv'} is outside the allowed roots "
+        f"({ALLOWED_ROOTS_ENV}: {a.resolve()}, {b.resolve()})"
+    )
+    assert isinstance(e.value, ValueError)
+
+
+def test_prefix_is_not_inside(tmp_path):
+    with pytest.raises(PathNotAllowed):
+        check_within(tmp_path / "ab" / "f", [tmp_path / "a"], "input CSV")
+
+
+def test_dotdot_escape_is_outside(tmp_path):
+    root = tmp_path / "root"
+    with pytest.raises(PathNotAllowed, match="resolves to"):
+        check_within(root / ".." / "secret", [root], "input CSV")
+
+
+def test_empty_list_allows_nothing(tmp_path):
+    with pytest.raises(PathNotAllowed):
+        check_within(tmp_path / "f", [], "input CSV")
+
+
+def test_symlink_loop_is_not_allowed(tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(PathNotAllowed):
+        check_within(tmp_path / "loop", [tmp_path / "elsewhere"], "image")
+
+
+def test_output_roots_and_folder(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    monkeypatch.setenv(OUTPUT_ROOTS_ENV, str(out))
+    roots = output_roots()
+    assert roots == [out.resolve()]
+    assert allowed_roots() is None  # the two settings are independent
+    assert check_within(out, roots, "output folder") == out.resolve()
+    assert (
+        check_within(out / "run-1" / "results", roots, "output folder") == (out / "run-1/results").resolve()
+    )
+    with pytest.raises(PathNotAllowed) as e:
+        check_within(tmp_path / "elsewhere", roots, "output folder")
+    assert f"output folder {tmp_path / 'elsewhere'} is outside the allowed roots ({OUTPUT_ROOTS_ENV}:" in str(
+        e.value
+    )
+    extra = output_roots(extra=str(tmp_path / "more"))
+    assert extra == [out.resolve(), (tmp_path / "more").resolve()]
+    assert check_within(tmp_path / "more" / "x", extra, "output folder")
+
+
+# --------------------------------------------------------------------------- input CSV
+
+
+def test_csv_outside_is_fatal_and_not_read(tmp_path, monkeypatch):
+    p = write_csv(tmp_path / "outside" / "in.csv", [{"prompt": "hi"}])
+    root = tmp_path / "root"
+    root.mkdir()
+    opened: list[str] = []
+    real_open = builtins.open
+
+    def spy_open(file, *args, **kwargs):
+        opened.append(str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy_open)
+    for call in (
+        lambda: validate_csv(p, BuildOptions(), allowed_roots=[root]),
+        lambda: build_jsonl(p, BuildOptions(), tmp_path / "w", allowed_roots=[root]),
+        lambda: iter_rows(p, allowed_roots=[root]),
+    ):
+        with pytest.raises(InputError) as e:
+            call()
+        assert str(p) in str(e.value) and ALLOWED_ROOTS_ENV in str(e.value)
+        assert "is outside the allowed roots" in str(e.value)
+    assert str(p) not in opened
+    assert not (tmp_path / "w").exists()
+
+
+def test_csv_outside_from_env(tmp_path, monkeypatch):
+    p = write_csv(tmp_path / "outside" / "in.csv", [{"prompt": "hi"}])
+    monkeypatch.setenv(ALLOWED_ROOTS_ENV, str(tmp_path / "root"))
+    with pytest.raises(InputError, match=ALLOWED_ROOTS_ENV) as e:
+        validate_csv(p, BuildOptions())
+    assert str(p) in str(e.value)
+    with pytest.raises(InputError, match=ALLOWED_ROOTS_ENV):
+        build_jsonl(p, BuildOptions(), tmp_path / "w")
+    with pytest.raises(InputError, match=ALLOWED_ROOTS_ENV):
+        list(iter_rows(p))
+    # an explicit None overrides the environment
+    assert validate_csv(p, BuildOptions(), allowed_roots=None)["valid"] == 1
+
+
+def test_csv_symlink_inside_pointing_outside(tmp_path):
+    target = write_csv(tmp_path / "outside" / "in.csv", [{"prompt": "hi"}])
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "in.csv").symlink_to(target)
+    with pytest.raises(InputError, match="is outside the allowed roots"):
+        validate_csv(root / "in.csv", BuildOptions(), allowed_roots=[root])
+
+
+def test_csv_inside_several_roots(tmp_path, monkeypatch):
+    a = write_csv(tmp_path / "a" / "in.csv", [{"prompt": "hi"}])
+    b = write_csv(tmp_path / "b" / "sub" / "in.csv", [{"prompt": "hi"}, {"prompt": "yo"}])
+    monkeypatch.setenv(ALLOWED_ROOTS_ENV, f"{tmp_path / 'a'}{os.pathsep}{tmp_path / 'b'}")
+    assert validate_csv(a, BuildOptions())["valid"] == 1
+    assert build_jsonl(b, BuildOptions(), tmp_path / "w")["valid"] == 2
+    assert [i for i, _ in iter_rows(b)] == [0, 1]
+    c = write_csv(tmp_path / "c" / "in.csv", [{"prompt": "hi"}])
+    with pytest.raises(InputError):
+        validate_csv(c, BuildOptions())
+
+
+def test_merge_checks_the_manifest_csv(tmp_path, monkeypatch):
+    p = write_csv(tmp_path / "data" / "in.csv", [{"prompt": "hi"}])
+    b = build_jsonl(p, BuildOptions(), tmp_path / "build", allowed_roots=None)
+    with pytest.raises(InputError, match="is outside the allowed roots") as e:
+        merge_results(b["manifest"], [], tmp_path / "out" / "r.csv", allowed_roots=[tmp_path / "other"])
+    assert str(p.resolve()) in str(e.value)
+    assert not (tmp_path / "out" / "r.csv").exists()
+    monkeypatch.setenv(ALLOWED_ROOTS_ENV, str(tmp_path / "other"))
+    with pytest.raises(InputError, match=ALLOWED_ROOTS_ENV):
+        merge_results(b["manifest"], [], tmp_path / "out" / "r.csv")
+    monkeypatch.setenv(ALLOWED_ROOTS_ENV, str(tmp_path / "data"))
+    report = merge_results(b["manifest"], [], tmp_path / "out" / "r.csv")
+    assert report["rows"] == 1
+
+
+# --------------------------------------------------------------------------- images
+
+
+@pytest.fixture
+def no_read_of(monkeypatch):
+    """Record every open, read_bytes and Path.stat of a file under the banned folders, except the
+    stat that ``Path.resolve()`` itself does (allowed: resolving is how the roots are checked)."""
+    banned: list[Path] = []
+    touched: list[str] = []
+    real_open, real_stat, real_read_bytes = builtins.open, Path.stat, Path.read_bytes
+
+    def hit(p) -> bool:
+        try:
+            rp = Path(os.path.realpath(os.fspath(p)))
+        except TypeError:  # a file descriptor
+            return False
+        return any(rp.is_relative_to(b) for b in banned)
+
+    def spy_open(file, *args, **kwargs):
+        if hit(file):
+            touched.append(f"open {file}")
+        return real_open(file, *args, **kwargs)
+
+    def spy_stat(self, *args, **kwargs):
+        caller = sys._getframe(1).f_code
+        if hit(self) and not (caller.co_name == "resolve" and caller.co_filename == pathlib.__file__):
+            touched.append(f"stat {self}")
+        return real_stat(self, *args, **kwargs)
+
+    def spy_read_bytes(self):
+        if hit(self):
+            touched.append(f"read_bytes {self}")
+        return real_read_bytes(self)
+
+    monkeypatch.setattr(builtins, "open", spy_open)
+    monkeypatch.setattr(Path, "stat", spy_stat)
+    monkeypatch.setattr(Path, "read_bytes", spy_read_bytes)
+
+    def ban(folder: Path) -> list[str]:
+        banned.append(folder.resolve())
+        return touched
+
+    return ban
+
+
+def image_csv(root: Path, cells: list[str]) -> Path:
+    return write_csv(root / "data" / "in.csv", [{"prompt": f"p{i}", "image": c} for i, c in enumerate(cells)])
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute", "symlink"])
+def test_image_outside_makes_only_that_row_invalid(layout, how, no_read_of):
+    root, outside = layout
+    secret = outside / "secret.png"
+    if how == "dotdot":
+        cell = "../../outside/secret.png"
+    elif how == "absolute":
+        cell = str(secret)
+    else:
+        (root / "data" / "link.png").symlink_to(secret)
+        cell = "link.png"
+    p = image_csv(root, ["ok.png", cell, "https://example.com/x.png", ""])
+    touched = no_read_of(outside)
+
+    s = validate_csv(p, IMG, allowed_roots=[root])
+    assert (s["valid"], s["invalid"]) == (3, 1)
+    ex = s["first_invalid"][0]
+    assert ex["row"] == 1 and ex["column"] == "image"
+    assert ex["error"].startswith(f"image {cell} ")
+    assert "is outside the allowed roots" in ex["error"] and ALLOWED_ROOTS_ENV in ex["error"]
+
+    out = build_jsonl(p, IMG, root / "work", allowed_roots=[root])
+    assert (out["valid"], out["invalid"]) == (3, 1)
+    rec = json.loads(Path(out["invalid_path"]).read_text().splitlines()[0])
+    assert rec["row"] == 1 and "is outside the allowed roots" in rec["error"]
+    body = Path(out["shards"][0]["path"]).read_text()
+    assert "data:image/png;base64," in body and "https://example.com/x.png" in body
+
+    assert touched == []  # the outside file was never stat'ed, opened or read
+
+
+def test_image_outside_from_env(layout, monkeypatch):
+    root, outside = layout
+    p = image_csv(root, [str(outside / "secret.png")])
+    monkeypatch.setenv(ALLOWED_ROOTS_ENV, str(root))
+    s = validate_csv(p, IMG)
+    assert s["invalid"] == 1 and "is outside the allowed roots" in s["first_invalid"][0]["error"]
+
+
+def test_missing_image_outside_gets_the_roots_message(layout):
+    root, _ = layout
+    p = image_csv(root, ["../../nowhere/missing.png"])
+    err = validate_csv(p, IMG, allowed_roots=[root])["first_invalid"][0]["error"]
+    assert "is outside the allowed roots" in err and "not found" not in err
+
+
+def test_images_inside_are_fine(layout):
+    root, outside = layout
+    png(root / "images" / "b.png")
+    (root / "data" / "inner-link.png").symlink_to(root / "images" / "b.png")
+    cells = ["ok.png", "../images/b.png", str(root / "images" / "b.png"), "inner-link.png", "http://x/y.jpg"]
+    p = image_csv(root, cells)
+    s = validate_csv(p, IMG, allowed_roots=[root])
+    assert (s["valid"], s["invalid"]) == (5, 0)
+    assert build_jsonl(p, IMG, root / "work", allowed_roots=[root])["valid"] == 5
+
+
+def test_image_in_second_root(layout, monkeypatch):
+    root, outside = layout
+    p = image_csv(root, [str(outside / "secret.png"), "ok.png"])
+    monkeypatch.setenv(ALLOWED_ROOTS_ENV, f"{root}{os.pathsep}{outside}")
+    s = validate_csv(p, IMG)
+    assert (s["valid"], s["invalid"]) == (2, 0)
+
+
+def test_no_roots_no_restriction_for_images(layout):
+    root, outside = layout
+    p = image_csv(root, [str(outside / "secret.png"), "../../outside/secret.png"])
+    s = validate_csv(p, IMG)
+    assert (s["valid"], s["invalid"]) == (2, 0)
