@@ -275,7 +275,7 @@ def openai_batch_pipeline():
 
     @task
     def validate_csv() -> dict:
-        return t.validate(_params())
+        return t.validate(_params(), _run_id())
 
     @task
     def build_jsonl(summary: dict) -> list[dict]:

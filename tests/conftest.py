@@ -24,6 +24,8 @@ os.environ.update(
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_HOME / 'airflow.db'}",
         "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+        # the DAG's retry delay, short so tests of task retries do not wait 30 s
+        "OPENAI_BATCH_RETRY_DELAY_SECONDS": "1",
     }
 )
 # A developer's real key must never be used by the tests.

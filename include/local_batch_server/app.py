@@ -346,6 +346,11 @@ class Runner:
         total = len(requests)
         steps = max(1, min(PROGRESS_STEPS, total))
         fraction = self.cfg.expire_fraction  # snapshot: decided when processing starts
+        if fraction is not None and self.cfg.expire_batches is not None:
+            if self.cfg.expire_batches <= 0:
+                fraction = None
+            else:
+                self.cfg.expire_batches -= 1
         limit = total if fraction is None else math.floor(fraction * total + 1e-9)
         start = time.monotonic()
         index = 0

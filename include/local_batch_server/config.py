@@ -71,6 +71,8 @@ class ServerConfig(BaseModel):
     """A request whose body JSON text contains this string gets a 400 invalid_request error line."""
     fail_validation: FailValidation | None = None
     expire_fraction: float | None = Field(default=None, ge=0.0, le=1.0)
+    expire_batches: int | None = None
+    """With ``expire_fraction``: only the next N batches expire (decremented as each starts); None = all."""
     """Batch ends ``expired`` after answering floor(fraction * total) requests (first in input order)."""
     http_faults: list[HttpFault] = Field(default_factory=list)
 

@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 #: Airflow Variable and environment variable that give the default output folder.
 OUTPUT_DIR_VARIABLE = "openai_batch_output_dir"
 OUTPUT_DIR_ENV = "OPENAI_BATCH_OUTPUT_DIR"
+#: Variables adding to OPENAI_BATCH_ALLOWED_ROOTS / OPENAI_BATCH_OUTPUT_ROOTS (os.pathsep-separated).
+ALLOWED_ROOTS_VARIABLE = "openai_batch_allowed_roots"
+OUTPUT_ROOTS_VARIABLE = "openai_batch_output_roots"
 
 
 def _client(conn_id: str):
@@ -72,12 +75,39 @@ def run_dir(params: dict[str, Any], run_id: str) -> Path:
     return Path(base).expanduser().resolve() / Path(params["input_csv"]).stem / safe_name(run_id)
 
 
-def validate(params: dict[str, Any]) -> dict[str, Any]:
+def read_roots() -> list[Path] | None:
+    """Allowed input roots: env OPENAI_BATCH_ALLOWED_ROOTS plus Variable openai_batch_allowed_roots."""
+    from airflow.sdk import Variable
+
+    from batchpipe.paths import allowed_roots
+
+    return allowed_roots(extra=Variable.get(ALLOWED_ROOTS_VARIABLE, default=None))
+
+
+def checked_run_dir(params: dict[str, Any], run_id: str) -> Path:
+    """The run folder, refused (before anything is uploaded) when outside the allowed output roots."""
+    from airflow.sdk import Variable
+
+    from batchpipe.paths import PathNotAllowed, check_within, output_roots
+
+    folder = run_dir(params, run_id)
+    roots = output_roots(extra=Variable.get(OUTPUT_ROOTS_VARIABLE, default=None))
+    try:
+        check_within(folder, roots, "output folder")
+    except PathNotAllowed as exc:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(str(exc)) from exc
+    return folder
+
+
+def validate(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     from batchpipe.build import validate_csv
 
     opts = build_options(params)
     with fail_on_bad_input():
-        summary = validate_csv(params["input_csv"], opts)
+        summary = validate_csv(params["input_csv"], opts, allowed_roots=read_roots())
+    checked_run_dir(params, run_id)
     log.info(
         "%s: %d rows selected of %d; %d valid, %d invalid",
         summary["file"],
@@ -102,10 +132,10 @@ def build(params: dict[str, Any], run_id: str) -> list[dict[str, Any]]:
     """Write the shard file(s); return one small manifest per shard (the list the run maps over)."""
     from batchpipe.build import build_jsonl
 
-    work_dir = run_dir(params, run_id) / "work"
+    work_dir = checked_run_dir(params, run_id) / "work"
     opts = build_options(params)
     with fail_on_bad_input():
-        manifest = build_jsonl(params["input_csv"], opts, work_dir)
+        manifest = build_jsonl(params["input_csv"], opts, work_dir, allowed_roots=read_roots())
     log.info(
         "built %d shard(s) with %d requests (%d invalid rows kept aside) in %s",
         len(manifest["shards"]),
@@ -214,14 +244,15 @@ def merge(downloads: list[dict[str, Any]] | None, params: dict[str, Any], run_id
     from batchpipe.merge import merge_results
 
     downloads = sorted(downloads or [], key=lambda d: int(d["index"]))
-    folder = run_dir(params, run_id)
+    folder = checked_run_dir(params, run_id)
     work_dir = folder / "work"
     out_csv = folder / "results.csv"
     report = merge_results(
         work_dir / "build_manifest.json",
-        [path for d in downloads for path in d["result_files"]],
+        [path for d in downloads for path in d["result_files"]],  # by shard, then round: latest wins
         out_csv,
         batch_ids=[batch_id for d in downloads for batch_id in d["batch_ids"]],
+        allowed_roots=read_roots(),
     )
     log.info(
         "results: %s rows, %s answered, %s failed, %s invalid -> %s",
