@@ -3,8 +3,13 @@
     batchpipe validate INPUT.csv [options]
     batchpipe build INPUT.csv --out-dir DIR [options]
     batchpipe merge --build-dir DIR RESULT.jsonl... --out results.csv [--batch-id ID ...]
+    batchpipe estimate INPUT.csv [build options] [--expected-output-tokens N] [--prices FILE_OR_JSON]
+                       [--max-cost-usd X] [--out-dir DIR] [--json]
+    batchpipe analyze RESULTS.csv|OUTPUT.jsonl... [--json] [--html OUT.html [--estimate estimate.json]
+                      [--batches batches.json] [--model M] [--prices FILE_OR_JSON]]
 
-Fatal input problems print the message on stderr and exit with code 2.
+Fatal input problems print the message on stderr and exit with code 2; ``estimate`` exits with code 3
+when the estimate exceeds ``--max-cost-usd``.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from .build import build_jsonl, validate_csv
@@ -99,6 +106,83 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_OVER_BUDGET = 3
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    from .estimate import estimate_build, exceeds_budget, format_estimate, load_prices, write_estimate
+
+    prices = load_prices(args.prices)
+    opts = _options(args)
+    if args.out_dir:
+        build_jsonl(args.input, opts, args.out_dir)
+        estimate = estimate_build(args.out_dir, prices, args.expected_output_tokens)
+        write_estimate(estimate, args.out_dir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="batchpipe-estimate-") as tmp:
+            build_jsonl(args.input, opts, tmp)
+            estimate = estimate_build(tmp, prices, args.expected_output_tokens)
+    over = exceeds_budget(estimate, args.max_cost_usd)
+    if args.json:
+        print(json.dumps({**estimate, "over_budget": over}, ensure_ascii=False, indent=2))
+    else:
+        print(format_estimate(estimate), end="")
+        if args.out_dir:
+            print(f"\nwritten: {Path(args.out_dir) / 'estimate.json'}, {Path(args.out_dir) / 'estimate.md'}")
+    if over:
+        print(f"batchpipe: over budget: {over}", file=sys.stderr)
+        return EXIT_OVER_BUDGET
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    from .report import analyze, format_analysis, write_report_html
+
+    for p in args.results:
+        if not Path(p).is_file():
+            raise InputError(f"{p}: file not found")
+    try:
+        result = analyze(args.results)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+    print(json.dumps(result, ensure_ascii=False, indent=2) if args.json else format_analysis(result))
+    if args.html:
+        csvs = [p for p in args.results if p.lower().endswith(".csv")]
+        if len(csvs) != 1:
+            raise InputError("--html needs exactly one results .csv (with its report.json beside it)")
+        report_json = Path(csvs[0]).with_name("report.json")
+        batches = None
+        if args.batches:
+            batches = _read_json_arg(args.batches, "--batches")
+            if isinstance(batches, dict):  # {"batches": [...]} as some tools write it
+                batches = batches.get("batches")
+            if not isinstance(batches, list):
+                raise InputError("--batches: expected a JSON list of batch summaries")
+        prices = None
+        if args.prices:
+            from .estimate import load_prices
+
+            prices = load_prices(args.prices)
+        out = write_report_html(
+            csvs[0],
+            report_json if report_json.is_file() else None,
+            args.html,
+            estimate=_read_json_arg(args.estimate, "--estimate") if args.estimate else None,
+            batches=batches,
+            model=args.model,
+            prices=prices,
+        )
+        print(f"report: {out}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _read_json_arg(path: str, option: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{option} {path}: cannot read JSON ({exc})") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchpipe", description="CSV of prompts <-> OpenAI Batch API files"
@@ -122,6 +206,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="results CSV to write (report.json goes beside it)")
     p.add_argument("--batch-id", action="append", help="batch id to record in the report (repeatable)")
     p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("estimate", help="build into a temporary folder and estimate tokens and cost")
+    _add_build_options(p)
+    p.add_argument(
+        "--expected-output-tokens",
+        type=int,
+        help="output tokens expected per request (default 200; capped by --max-tokens; 0 for embeddings)",
+    )
+    p.add_argument("--prices", help="price override: a JSON file or string, e.g. '{\"models\": {...}}'")
+    p.add_argument("--max-cost-usd", type=float, help="exit with code 3 when the Batch cost may exceed this")
+    p.add_argument("--out-dir", help="keep the build and write estimate.json/estimate.md here")
+    p.set_defaults(func=_cmd_estimate)
+
+    p = sub.add_parser("analyze", help="summarise results.csv or raw output/error .jsonl files")
+    p.add_argument("results", nargs="+", metavar="RESULTS", help="results .csv and/or output/error .jsonl")
+    p.add_argument("--json", action="store_true", help="print the analysis as JSON")
+    p.add_argument("--html", metavar="OUT.html", help="write the HTML report (one results.csv needed)")
+    p.add_argument("--estimate", help="estimate.json to compare with (for --html)")
+    p.add_argument("--batches", help="JSON list of batch summaries for the timeline (for --html)")
+    p.add_argument("--model", help="model for the actual cost (default: the estimate's)")
+    p.add_argument("--prices", help="price override: a JSON file or string (for --html)")
+    p.set_defaults(func=_cmd_analyze)
     return parser
 
 

@@ -36,7 +36,10 @@ __all__ = [
     "encoding_for",
     "image_size_from_data_url",
     "image_tokens",
+    "iter_request_images",
     "request_prompt_tokens",
+    "request_text_tokens",
+    "request_token_breakdown",
     "shard_prompt_tokens",
 ]
 
@@ -487,3 +490,84 @@ def shard_prompt_tokens(shard_path: str | os.PathLike, endpoint: str, model: str
                 raise ValueError(f"{shard_path}: line {lineno}: no request body")
             total += request_prompt_tokens(body, endpoint, model)
     return total
+
+
+# --------------------------------------------------------------------------- text / image split
+
+_IMAGE_PART_TYPES = ("image_url", "input_image")
+
+
+def _request_messages(body: Mapping[str, Any], ep: str) -> list[Any]:
+    """The message dicts of a chat/responses body (the only places images can be)."""
+    if ep == "/v1/chat/completions":
+        msgs = body.get("messages")
+        return [m for m in msgs if isinstance(m, dict)] if isinstance(msgs, list) else []
+    if ep == "/v1/responses":
+        inp = body.get("input")
+        if not isinstance(inp, list):
+            return []
+        return [i for i in inp if isinstance(i, dict) and "role" in i and i.get("type") in (None, "message")]
+    return []
+
+
+def _image_part(part: Any) -> tuple[Any, Any] | None:
+    """(url, detail) of an image content part, or None for any other part."""
+    if not isinstance(part, dict) or part.get("type") not in _IMAGE_PART_TYPES:
+        return None
+    if part["type"] == "image_url":
+        img = part.get("image_url")
+        if isinstance(img, str):
+            return img, None
+        if isinstance(img, dict):
+            return img.get("url"), img.get("detail")
+        return None
+    return part.get("image_url"), part.get("detail")
+
+
+def iter_request_images(body: Mapping[str, Any], endpoint: str) -> list[tuple[Any, Any]]:
+    """``(url, detail)`` of every image part that ``request_prompt_tokens`` counts, in body order."""
+    out = []
+    for msg in _request_messages(body, _endpoint(endpoint)):
+        content = msg.get("content")
+        if isinstance(content, list):
+            out.extend(ip for ip in map(_image_part, content) if ip is not None)
+    return out
+
+
+def _without_images(body: Mapping[str, Any], ep: str) -> Mapping[str, Any]:
+    """A shallow copy of ``body`` with the image parts removed from the message contents."""
+    key = "messages" if ep == "/v1/chat/completions" else "input"
+    items = body.get(key)
+    if ep not in ("/v1/chat/completions", "/v1/responses") or not isinstance(items, list):
+        return body
+    new_items = []
+    for item in items:
+        if isinstance(item, dict) and isinstance(item.get("content"), list):
+            item = {**item, "content": [p for p in item["content"] if _image_part(p) is None]}
+        new_items.append(item)
+    return {**body, key: new_items}
+
+
+def request_token_breakdown(
+    body: Mapping[str, Any],
+    endpoint: str,
+    model: str,
+    image_sizes: Mapping[str, tuple[int, int]] | None = None,
+) -> tuple[int, int]:
+    """``(text_tokens, image_tokens)`` of one request; their sum is ``request_prompt_tokens(...)``.
+
+    Text tokens include the chat framing, tools and schemas; image tokens are the image parts alone
+    (same rules and assumptions as ``request_prompt_tokens``). Raises ``UnknownModel`` when the body
+    holds an image and ``model`` has no image rule: ``request_text_tokens`` then still counts the text.
+    """
+    text = request_text_tokens(body, endpoint, model)
+    image = 0
+    for url, detail in iter_request_images(body, endpoint):
+        image += _image_part_tokens(url, detail, model, image_sizes)
+    return text, image
+
+
+def request_text_tokens(body: Mapping[str, Any], endpoint: str, model: str) -> int:
+    """Prompt tokens of one request without its images (never raises ``UnknownModel``)."""
+    ep = _endpoint(endpoint)
+    return request_prompt_tokens(_without_images(body, ep), ep, model)

@@ -1,0 +1,626 @@
+"""Run report (self-contained HTML page) and analysis of results files.
+
+* ``write_report_html(results_csv, report_json, out_html, estimate=None, batches=None) -> Path`` — one
+  HTML file with inline CSS and inline SVG plots (no script, no external resource: it opens from disk).
+* ``analyze(results_paths) -> dict`` — counts, error codes, tokens and response lengths of merged
+  ``results.csv`` files and/or raw Batch API output/error ``.jsonl`` files.
+* ``batch_phases(batch) -> list[(phase, start, end)]`` — time spent in each batch status.
+
+Files are streamed (``csv``/line by line); memory does not grow with their size. No Airflow import.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import os
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from .estimate import load_prices, price_for, token_cost
+from .results import parse_result_line
+
+HIST_BINS = 20
+STATUS_COLORS = {"answered": "#2e7d32", "failed": "#c62828", "invalid": "#9e9e9e"}
+PHASE_COLORS = {
+    "validating": "#90a4ae",
+    "in_progress": "#1e88e5",
+    "finalizing": "#8e24aa",
+    "cancelling": "#ef6c00",
+}
+_END_KEYS = ("completed_at", "expired_at", "cancelled_at", "failed_at")
+_START_KEYS = (
+    ("created_at", "validating"),
+    ("in_progress_at", "in_progress"),
+    ("finalizing_at", "finalizing"),
+    ("cancelling_at", "cancelling"),
+)
+NOT_SENT_PREFIX = "not sent:"
+NO_RESULT = "no result returned for this request"
+
+
+def _raise_csv_limit() -> None:
+    """Responses can be long: lift the csv module's 128 KiB field limit."""
+    limit = sys.maxsize
+    while True:
+        try:
+            csv.field_size_limit(limit)
+            return
+        except OverflowError:
+            limit //= 10
+
+
+# --------------------------------------------------------------------------- row classification
+
+_HTTP_CODE = re.compile(r"^HTTP (\d{3})(?: ([A-Za-z0-9_.\-]+))?(?::|$)")
+_CODE_PREFIX = re.compile(r"^([a-z][a-z0-9_]*): ")
+
+
+def error_code_of(error: str) -> str:
+    """Short error code of a results.csv ``error`` cell (the inverse of how merge writes them):
+    ``invalid_input``, ``no_result``, ``malformed_result``, ``refusal``, the API's code
+    (``HTTP 400 invalid_request: ...`` → ``invalid_request``; ``batch_expired: ...``), ``http_<status>``,
+    else ``error``."""
+    if error.startswith(NOT_SENT_PREFIX):
+        return "invalid_input"
+    if error.startswith(NO_RESULT):
+        return "no_result"
+    if error.startswith("malformed result"):
+        return "malformed_result"
+    if error.startswith("refusal:"):
+        return "refusal"
+    m = _HTTP_CODE.match(error)
+    if m:
+        return m.group(2) or f"http_{m.group(1)}"
+    m = _CODE_PREFIX.match(error)
+    return m.group(1) if m else "error"
+
+
+def _int_cell(v: str | None) -> int | None:
+    if v is None or v.strip() == "":
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        return None
+
+
+class _Stats:
+    """Streaming counts for analyze / the report."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.codes: Counter[str] = Counter()
+        self.tokens = {"prompt": 0, "completion": 0, "total": 0}
+        self.rows_with_usage = 0
+        self.row_tokens_min: int | None = None
+        self.row_tokens_max: int | None = None
+        self.resp_n = 0
+        self.resp_sum = 0
+        self.resp_min: int | None = None
+        self.resp_max: int | None = None
+
+    def add(self, status: str, code: str | None, response: str | None, p, c, t) -> None:
+        self.counts["rows"] += 1
+        self.counts[status] += 1
+        if code is not None:
+            self.codes[code] += 1
+        if response is not None and status == "answered":
+            n = len(response)
+            self.resp_n += 1
+            self.resp_sum += n
+            self.resp_min = n if self.resp_min is None else min(self.resp_min, n)
+            self.resp_max = n if self.resp_max is None else max(self.resp_max, n)
+        if p is None and c is None and t is None:
+            return
+        self.tokens["prompt"] += p or 0
+        self.tokens["completion"] += c or 0
+        total = t if t is not None else (p or 0) + (c or 0)
+        self.tokens["total"] += total
+        self.rows_with_usage += 1
+        self.row_tokens_min = total if self.row_tokens_min is None else min(self.row_tokens_min, total)
+        self.row_tokens_max = total if self.row_tokens_max is None else max(self.row_tokens_max, total)
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "rows": self.counts["rows"],
+            "answered": self.counts["answered"],
+            "failed": self.counts["failed"],
+            "invalid": self.counts["invalid"],
+            "errors_by_code": dict(sorted(self.codes.items())),
+            "tokens": dict(self.tokens),
+            "rows_with_usage": self.rows_with_usage,
+            "tokens_per_row": {"min": self.row_tokens_min, "max": self.row_tokens_max},
+            "response_chars": {
+                "count": self.resp_n,
+                "min": self.resp_min,
+                "max": self.resp_max,
+                "mean": round(self.resp_sum / self.resp_n, 1) if self.resp_n else None,
+            },
+        }
+
+
+def _iter_csv_rows(path: str | os.PathLike):
+    """(status, code, response, prompt, completion, total) per row of a merged results.csv."""
+    _raise_csv_limit()
+    with open(path, encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in ("response", "error") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: not a results CSV (no column(s) {', '.join(missing)})")
+        for row in reader:
+            error = row.get("error") or ""
+            p = _int_cell(row.get("prompt_tokens"))
+            c = _int_cell(row.get("completion_tokens"))
+            t = _int_cell(row.get("total_tokens"))
+            if not error:
+                yield "answered", None, row.get("response") or "", p, c, t
+                continue
+            code = error_code_of(error)
+            yield ("invalid" if code == "invalid_input" else "failed"), code, None, p, c, t
+
+
+def _endpoint_of(line: Any) -> str:
+    """Endpoint of a raw output line, guessed from its response body."""
+    body = (line.get("response") or {}).get("body") if isinstance(line, dict) else None
+    if isinstance(body, dict):
+        if body.get("object") == "response" or "output" in body:
+            return "/v1/responses"
+        if body.get("object") == "list" or "data" in body:
+            return "/v1/embeddings"
+    return "/v1/chat/completions"
+
+
+def _iter_jsonl_rows(path: str | os.PathLike):
+    with open(path, encoding="utf-8") as fh:
+        for raw in fh:
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError:
+                yield "failed", "malformed_result", None, None, None, None
+                continue
+            o = parse_result_line(obj, _endpoint_of(obj))
+            if o.ok:
+                yield "answered", None, o.response, o.prompt_tokens, o.completion_tokens, o.total_tokens
+            else:
+                code = o.error_code or "error"
+                yield "failed", code, None, o.prompt_tokens, o.completion_tokens, o.total_tokens
+
+
+def _iter_rows(path: str | os.PathLike):
+    suffix = Path(path).suffix.lower()
+    if suffix == ".csv":
+        return _iter_csv_rows(path)
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return _iter_jsonl_rows(path)
+    raise ValueError(f"{path}: expected a results .csv or a Batch API output/error .jsonl file")
+
+
+def analyze(results_paths: list[str | os.PathLike]) -> dict[str, Any]:
+    """Summary of merged ``results.csv`` files and/or raw output/error ``.jsonl`` files (by extension).
+
+    CSV rows: answered when ``error`` is empty; invalid when it starts with ``not sent:``; else failed,
+    with the code read back from the error text (``error_code_of``). JSONL lines: parsed like the merge
+    does (endpoint guessed per line); every line is one request (a request that appears in several files
+    counts several times). Returns ``{"files", "rows", "answered", "failed", "invalid",
+    "errors_by_code", "tokens": {"prompt", "completion", "total"}, "rows_with_usage", "tokens_per_row":
+    {"min", "max"}, "response_chars": {"count", "min", "max", "mean"}, "per_file": [{"file", "rows",
+    "answered", "failed", "invalid"}]}``.
+    """
+    total = _Stats()
+    per_file = []
+    for path in results_paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: file not found")
+        mine = _Stats()
+        for rec in _iter_rows(path):
+            total.add(*rec)
+            mine.add(*rec)
+        r = mine.result()
+        per_file.append({"file": str(path), **{k: r[k] for k in ("rows", "answered", "failed", "invalid")}})
+    return {"files": [str(p) for p in results_paths], **total.result(), "per_file": per_file}
+
+
+def format_analysis(a: dict[str, Any]) -> str:
+    """Plain-text rendering of ``analyze``'s result (what the CLI prints)."""
+    lines = [
+        f"files: {', '.join(a['files'])}",
+        f"rows: {a['rows']}  answered: {a['answered']}  failed: {a['failed']}  invalid: {a['invalid']}",
+    ]
+    if a["errors_by_code"]:
+        lines.append("errors by code:")
+        lines += [f"  {code}: {n}" for code, n in sorted(a["errors_by_code"].items(), key=lambda x: -x[1])]
+    t = a["tokens"]
+    lines.append(
+        f"tokens: prompt {t['prompt']:,}  completion {t['completion']:,}  total {t['total']:,} "
+        f"({a['rows_with_usage']} rows with usage)"
+    )
+    r = a["response_chars"]
+    if r["count"]:
+        lines.append(f"response length (chars): min {r['min']}  mean {r['mean']}  max {r['max']}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def _ts(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else None
+
+
+def batch_phases(batch: dict[str, Any], now: float | None = None) -> list[tuple[str, float, float]]:
+    """``[(phase, start, end)]`` of one batch summary from its ``*_at`` Unix timestamps.
+
+    Phases: ``validating`` (created → in_progress, or → the end), ``in_progress``, ``finalizing``,
+    ``cancelling``; each ends where the next known one starts, the last at ``completed_at`` /
+    ``expired_at`` / ``cancelled_at`` / ``failed_at``. A batch with no end yet runs to ``now`` (when
+    given; else its last phase is left out).
+    """
+    starts = sorted((t, name) for key, name in _START_KEYS if (t := _ts(batch.get(key))) is not None)
+    ends = [t for key in _END_KEYS if (t := _ts(batch.get(key))) is not None]
+    end = min(ends) if ends else now
+    out = []
+    for i, (t, name) in enumerate(starts):
+        stop = starts[i + 1][0] if i + 1 < len(starts) else end
+        if stop is None:
+            break
+        out.append((name, t, max(t, stop)))
+    return out
+
+
+def _dur(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    return f"{s // 3600}h {s % 3600 // 60:02d}m"
+
+
+# --------------------------------------------------------------------------- SVG plots
+
+_FONT = 'font-family="sans-serif" font-size="12"'
+
+
+def _e(v: Any) -> str:
+    return html.escape(str(v), quote=True)
+
+
+def _svg_open(kind: str, title: str, width: int, height: int) -> list[str]:
+    return [
+        f'<svg xmlns="http://www.w3.org/2000/svg" data-plot="{kind}" role="img" width="{width}" '
+        f'height="{height}" viewBox="0 0 {width} {height}">',
+        f"<title>{_e(title)}</title>",
+    ]
+
+
+def _svg_empty(kind: str, title: str, message: str) -> str:
+    parts = _svg_open(kind, title, 640, 60)
+    parts.append(f'<text x="10" y="35" {_FONT} fill="#666">{_e(message)}</text></svg>')
+    return "\n".join(parts)
+
+
+def svg_status(counts: dict[str, int]) -> str:
+    """Horizontal bars: answered / failed / invalid."""
+    title = "Rows by outcome"
+    items = [(k, int(counts.get(k) or 0)) for k in ("answered", "failed", "invalid")]
+    total = sum(v for _, v in items)
+    if not total:
+        return _svg_empty("status", title, "no rows")
+    width, label_w, bar_w, row_h = 640, 90, 430, 28
+    parts = _svg_open("status", title, width, row_h * len(items) + 10)
+    for i, (name, v) in enumerate(items):
+        y = 5 + i * row_h
+        w = bar_w * v / total
+        parts.append(f'<text x="{label_w - 6}" y="{y + 17}" text-anchor="end" {_FONT}>{name}</text>')
+        parts.append(
+            f'<rect x="{label_w}" y="{y}" width="{w:.1f}" height="{row_h - 6}" fill="{STATUS_COLORS[name]}">'
+            f"<title>{name}: {v}</title></rect>"
+        )
+        parts.append(
+            f'<text x="{label_w + w + 6:.1f}" y="{y + 17}" {_FONT}>{v:,} ({100 * v / total:.1f} %)</text>'
+        )
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def svg_histogram(bins: list[tuple[int, int, int]], xlabel: str = "tokens per row") -> str:
+    """Vertical bars; ``bins`` = [(low, high inclusive, count)]."""
+    title = f"Histogram of {xlabel}"
+    if not bins or not any(n for _, _, n in bins):
+        return _svg_empty("tokens", title, "no token usage in the results")
+    width, height, left, bottom, top = 640, 240, 50, 40, 10
+    plot_w, plot_h = width - left - 10, height - bottom - top
+    peak = max(n for _, _, n in bins)
+    bw = plot_w / len(bins)
+    parts = _svg_open("tokens", title, width, height)
+    parts.append(
+        f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#333"/>'
+    )
+    parts.append(f'<text x="{left - 4}" y="{top + 10}" text-anchor="end" {_FONT}>{peak}</text>')
+    parts.append(f'<text x="{left - 4}" y="{top + plot_h}" text-anchor="end" {_FONT}>0</text>')
+    for i, (lo, hi, n) in enumerate(bins):
+        h = plot_h * n / peak
+        x = left + i * bw
+        rng = f"{lo}" if lo == hi else f"{lo}-{hi}"
+        parts.append(
+            f'<rect x="{x + 1:.1f}" y="{top + plot_h - h:.1f}" width="{max(bw - 2, 1):.1f}" height="{h:.1f}" '
+            f'fill="#1e88e5"><title>{rng}: {n} rows</title></rect>'
+        )
+    lo0, hi_last = bins[0][0], bins[-1][1]
+    parts.append(f'<text x="{left}" y="{top + plot_h + 16}" {_FONT}>{lo0}</text>')
+    parts.append(
+        f'<text x="{left + plot_w}" y="{top + plot_h + 16}" text-anchor="end" {_FONT}>{hi_last}</text>'
+    )
+    parts.append(
+        f'<text x="{left + plot_w / 2:.0f}" y="{height - 6}" text-anchor="middle" {_FONT}>{_e(xlabel)}</text>'
+    )
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def svg_timeline(batches: list[dict[str, Any]] | None) -> str:
+    """One row per batch, one bar per phase, x = time since the first batch was created."""
+    title = "Batch timeline (time in each status)"
+    rows = []
+    for b in batches or ():
+        phases = batch_phases(b)
+        if phases:
+            rows.append((b, phases))
+    if not rows:
+        return _svg_empty("timeline", title, "no batch timing given")
+    t0 = min(p[1] for _, ph in rows for p in ph)
+    t1 = max(p[2] for _, ph in rows for p in ph)
+    span = max(t1 - t0, 1.0)
+    width, left, right, row_h, top = 760, 200, 20, 24, 10
+    plot_w = width - left - right
+    height = top + row_h * len(rows) + 50
+    parts = _svg_open("timeline", title, width, height)
+    for i, (b, phases) in enumerate(rows):
+        y = top + i * row_h
+        label = f"{b.get('id', '?')}" + (f" (round {b['round']})" if b.get("round") is not None else "")
+        parts.append(f'<text x="{left - 6}" y="{y + 15}" text-anchor="end" {_FONT}>{_e(label[:30])}</text>')
+        for name, s, e in phases:
+            x = left + plot_w * (s - t0) / span
+            w = max(plot_w * (e - s) / span, 1.0)
+            color = PHASE_COLORS.get(name, "#555")
+            parts.append(
+                f'<rect x="{x:.1f}" y="{y + 3}" width="{w:.1f}" height="{row_h - 8}" fill="{color}">'
+                f"<title>{_e(b.get('id', '?'))} {name}: {_dur(e - s)}</title></rect>"
+            )
+    axis_y = top + row_h * len(rows) + 4
+    parts.append(f'<line x1="{left}" y1="{axis_y}" x2="{left + plot_w}" y2="{axis_y}" stroke="#333"/>')
+    parts.append(f'<text x="{left}" y="{axis_y + 14}" {_FONT}>0</text>')
+    parts.append(f'<text x="{left + plot_w}" y="{axis_y + 14}" text-anchor="end" {_FONT}>{_dur(span)}</text>')
+    x = left
+    for name, color in PHASE_COLORS.items():
+        parts.append(f'<rect x="{x}" y="{axis_y + 24}" width="10" height="10" fill="{color}"/>')
+        parts.append(f'<text x="{x + 14}" y="{axis_y + 33}" {_FONT}>{name}</text>')
+        x += 110
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- the page
+
+
+def _histogram(
+    path: str | os.PathLike, lo: int, hi: int, nbins: int = HIST_BINS
+) -> list[tuple[int, int, int]]:
+    """Second pass over results.csv: counts of tokens per row in ``nbins`` integer bins over lo..hi."""
+    width = max(1, -(-(hi - lo + 1) // nbins))
+    n = -(-(hi - lo + 1) // width)
+    counts = [0] * n
+    for _status, _code, _resp, p, c, t in _iter_csv_rows(path):
+        if p is None and c is None and t is None:
+            continue
+        total = t if t is not None else (p or 0) + (c or 0)
+        counts[min((total - lo) // width, n - 1)] += 1
+    return [(lo + i * width, min(lo + (i + 1) * width - 1, hi), k) for i, k in enumerate(counts)]
+
+
+def _pct_diff(actual: float | None, estimate: float | None) -> str:
+    if actual is None or estimate is None or estimate == 0:
+        return ""
+    return f"{100 * (actual - estimate) / estimate:+.1f} %"
+
+
+def _num(v: Any) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"${v:,.6f}".rstrip("0").rstrip(".")
+    return f"{v:,}" if isinstance(v, int) else _e(v)
+
+
+def _table(headers: list[str], rows: list[list[Any]], cls: str = "") -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    c = f' class="{cls}"' if cls else ""
+    return f"<table{c}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_CSS = """
+body{font-family:sans-serif;margin:2em;max-width:60em;color:#222}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+.kpi{display:flex;gap:1em}.kpi div{border:1px solid #ccc;padding:.6em 1em;border-radius:4px}
+.kpi b{display:block;font-size:1.4em}.note{color:#555;font-size:.9em}
+"""
+
+
+def _load_json(v: Any) -> Any:
+    if v is None or isinstance(v, (dict, list)):
+        return v
+    return json.loads(Path(v).read_text(encoding="utf-8"))
+
+
+def write_report_html(
+    results_csv: str | os.PathLike,
+    report_json: str | os.PathLike | dict | None,
+    out_html: str | os.PathLike,
+    estimate: dict[str, Any] | str | os.PathLike | None = None,
+    batches: list[dict[str, Any]] | None = None,
+    *,
+    model: str | None = None,
+    prices: dict[str, Any] | None = None,
+) -> Path:
+    """Write a self-contained HTML report of a run and return its path.
+
+    ``results_csv``: the merged CSV (streamed twice: counts and token sums, then the histogram).
+    ``report_json``: merge's report (path or dict) — its counts and error codes are shown; None: they are
+    derived from the CSV. ``estimate``: ``estimate_build``'s dict (or estimate.json) to compare tokens and
+    cost with. ``batches``: batch summaries (``id``, ``status``, ``round``, ``request_counts``, ``*_at``
+    Unix timestamps) for the time-per-status table and the timeline. The actual cost is computed from the
+    usage columns at Batch prices of ``model`` (default: the estimate's) from ``prices`` (default:
+    ``load_prices()``).
+    """
+    report = _load_json(report_json) if report_json is not None else None
+    estimate = _load_json(estimate)
+    stats = _Stats()
+    for rec in _iter_csv_rows(results_csv):
+        stats.add(*rec)
+    a = stats.result()
+    counts = {k: (report or a).get(k, a[k]) for k in ("rows", "answered", "failed", "invalid")}
+    codes = (report or {}).get("errors_by_code", a["errors_by_code"])
+    tokens = a["tokens"]
+    bins = []
+    if a["tokens_per_row"]["min"] is not None:
+        bins = _histogram(results_csv, a["tokens_per_row"]["min"], a["tokens_per_row"]["max"])
+
+    model = model or (estimate or {}).get("model")
+    price = price_for(prices if prices is not None else load_prices(), model) if model else None
+    actual_cost = actual_std = None
+    if price is not None:
+        out_t = tokens["completion"]
+        actual_cost = token_cost(price, tokens["prompt"], out_t, batch=True)
+        actual_std = token_cost(price, tokens["prompt"], out_t, batch=False)
+
+    p: list[str] = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>Batch run report: {_e(Path(results_csv).name)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        "<h1>Batch run report</h1>",
+        f'<p class="note">results: {_e(results_csv)}'
+        + (f" · model {_e(model)}" if model else "")
+        + (f" · batches: {_e(', '.join(report['batch_ids']))}" if (report or {}).get("batch_ids") else "")
+        + "</p>",
+        '<div class="kpi">',
+    ]
+    for k in ("rows", "answered", "failed", "invalid"):
+        p.append(f'<div id="count-{k}"><b>{counts[k]:,}</b>{k}</div>')
+    p.append("</div>")
+    p.append("<h2>Outcomes</h2>")
+    p.append(svg_status(counts))
+    if codes:
+        p.append("<h3>Errors by code</h3>")
+        rows = [[_e(c), f"{n:,}"] for c, n in sorted(codes.items(), key=lambda x: -x[1])]
+        p.append(_table(["code", "rows"], rows, "codes"))
+
+    p.append("<h2>Tokens and cost</h2>")
+    est_cost = ((estimate or {}).get("cost") or {}).get("batch") or {}
+    est_std = ((estimate or {}).get("cost") or {}).get("standard") or {}
+    rows = [
+        [
+            "prompt tokens",
+            _num((estimate or {}).get("prompt_tokens")),
+            _num(tokens["prompt"]),
+            _pct_diff(tokens["prompt"], (estimate or {}).get("prompt_tokens")),
+        ],
+        [
+            "output tokens (expected)",
+            _num((estimate or {}).get("output_tokens_expected")),
+            _num(tokens["completion"]),
+            _pct_diff(tokens["completion"], (estimate or {}).get("output_tokens_expected")),
+        ],
+        ["output tokens (at most)", _num((estimate or {}).get("output_tokens_max")), "", ""],
+        ["total tokens", "", _num(tokens["total"]), ""],
+        [
+            "cost at Batch prices (USD)",
+            _num(est_cost.get("expected")),
+            _num(actual_cost),
+            _pct_diff(actual_cost, est_cost.get("expected")),
+        ],
+        [
+            "cost at standard prices (USD)",
+            _num(est_std.get("expected")),
+            _num(actual_std),
+            _pct_diff(actual_std, est_std.get("expected")),
+        ],
+    ]
+    p.append(_table(["", "estimate", "actual", "difference"], rows, "tokens"))
+    note = (
+        f"Actual figures: usage reported for {a['rows_with_usage']:,} rows. The estimate covers every "
+        "request sent; requests that failed without usage are not billed."
+    )
+    if price is None:
+        note += " Actual cost unknown: no price for " + (
+            f"model {_e(model)}." if model else "an unknown model."
+        )
+    else:
+        note += (
+            f" Prices as of {_e(price.get('as_of'))}: {price['input']} / {price.get('output')} "
+            f"{_e(price['currency'])} per {price['per']:,} input / output tokens, Batch "
+            f"{round((1 - price['batch_discount']) * 100, 2):g} % of that."
+        )
+    p.append(f'<p class="note">{note}</p>')
+    p.append("<h3>Tokens per row</h3>")
+    p.append(svg_histogram(bins))
+
+    p.append("<h2>Batches</h2>")
+    p.append(svg_timeline(batches))
+    if batches:
+        rows = []
+        phase_names = list(PHASE_COLORS)
+        for b in batches:
+            spent = Counter()
+            for name, s, e in batch_phases(b):
+                spent[name] += e - s
+            rc = b.get("request_counts") or {}
+            rows.append(
+                [_e(b.get("id", "")), _e(b.get("round", "")), _e(b.get("status", ""))]
+                + [_e(rc.get(k, "")) for k in ("total", "completed", "failed")]
+                + [_dur(spent[n]) if n in spent else "" for n in phase_names]
+                + [_dur(sum(spent.values())) if spent else ""]
+            )
+        p.append(
+            _table(
+                ["batch", "round", "status", "requests", "completed", "failed", *phase_names, "total"],
+                rows,
+                "batches",
+            )
+        )
+    if estimate and estimate.get("shards"):
+        p.append("<h3>Shards (estimate)</h3>")
+        rows = [
+            [
+                _e(s.get("index")),
+                _num(s.get("requests")),
+                _num(s.get("prompt_tokens")),
+                _num(s.get("image_tokens")),
+            ]
+            for s in estimate["shards"]
+        ]
+        p.append(_table(["shard", "requests", "prompt tokens", "image tokens"], rows, "shards"))
+    if estimate and estimate.get("notes"):
+        p.append(
+            "<h3>Estimate notes</h3><ul>" + "".join(f"<li>{_e(n)}</li>" for n in estimate["notes"]) + "</ul>"
+        )
+    p.append("</body></html>")
+
+    out = Path(out_html)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text("\n".join(p) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    return out

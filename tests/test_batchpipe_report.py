@@ -1,0 +1,295 @@
+"""HTML run report (self-contained, inline SVG plots) and analyze()."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from batchpipe import BuildOptions, build_jsonl, merge_results
+from batchpipe.cli import main
+from batchpipe.estimate import estimate_build, load_prices
+from batchpipe.report import analyze, batch_phases, error_code_of, write_report_html
+
+
+def write_csv(path, rows):
+    with open(path, "w", encoding="utf-8", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def write_jsonl(path, lines):
+    with open(path, "w", encoding="utf-8") as fh:
+        for x in lines:
+            fh.write((x if isinstance(x, str) else json.dumps(x)) + "\n")
+    return path
+
+
+def ok_line(cid, text, p, c):
+    return {
+        "id": f"r-{cid}",
+        "custom_id": cid,
+        "error": None,
+        "response": {
+            "status_code": 200,
+            "body": {
+                "choices": [{"message": {"content": text}}],
+                "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
+            },
+        },
+    }
+
+
+def fail_line(cid):
+    return {
+        "custom_id": cid,
+        "error": None,
+        "response": {"status_code": 400, "body": {"error": {"message": "bad", "code": "invalid_request"}}},
+    }
+
+
+def expired_line(cid):
+    return {"custom_id": cid, "response": None, "error": {"code": "batch_expired", "message": "too late"}}
+
+
+T0 = 1_700_000_000
+BATCHES = [
+    {
+        "id": "batch_a",
+        "status": "completed",
+        "round": 0,
+        "request_counts": {"total": 6, "completed": 5, "failed": 1},
+        "created_at": T0,
+        "in_progress_at": T0 + 30,
+        "finalizing_at": T0 + 630,
+        "completed_at": T0 + 660,
+    },
+    {
+        "id": "batch_b",
+        "status": "expired",
+        "round": 1,
+        "request_counts": {"total": 2, "completed": 0, "failed": 2},
+        "created_at": T0 + 700,
+        "in_progress_at": T0 + 760,
+        "expired_at": T0 + 1000,
+    },
+]
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A build of 10 rows (1 invalid), results for 7, 1 HTTP 400, 1 expired; merged."""
+    rows = [{"prompt": f"question number {i}"} for i in range(10)]
+    rows[4]["prompt"] = ""
+    src = write_csv(tmp_path / "in.csv", rows)
+    build = build_jsonl(src, BuildOptions(max_tokens=100, max_requests_per_batch=5), tmp_path / "build")
+    out = [ok_line(f"row-{i}", "x" * (i + 1), 10 + i, 3 * i) for i in (0, 1, 2, 3, 5, 6, 7)]
+    out_path = write_jsonl(tmp_path / "out.jsonl", out)
+    err_path = write_jsonl(tmp_path / "err.jsonl", [fail_line("row-8"), expired_line("row-9")])
+    report = merge_results(build["manifest"], [out_path, err_path], tmp_path / "res" / "results.csv")
+    return {
+        "build": build,
+        "report": report,
+        "csv": tmp_path / "res" / "results.csv",
+        "report_json": tmp_path / "res" / "report.json",
+        "out": out_path,
+        "err": err_path,
+        "tmp": tmp_path,
+        "prompt": sum(10 + i for i in (0, 1, 2, 3, 5, 6, 7)),
+        "completion": sum(3 * i for i in (0, 1, 2, 3, 5, 6, 7)),
+    }
+
+
+def svgs(page):
+    return re.findall(r"<svg\b.*?</svg>", page, flags=re.S)
+
+
+def test_report_html(run):
+    est = estimate_build(run["build"]["manifest"])
+    out = write_report_html(run["csv"], run["report_json"], run["tmp"] / "report.html", est, BATCHES)
+    page = out.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>")
+
+    plots = {}
+    for s in svgs(page):
+        el = ET.fromstring(s)  # well-formed SVG
+        plots[el.get("data-plot")] = el
+        assert el.find("{http://www.w3.org/2000/svg}title").text
+    assert set(plots) == {"status", "tokens", "timeline"}
+    # self-contained: no external resources, no script at all
+    assert 'src="http' not in page and "<script" not in page and "<link" not in page
+    assert "@import" not in page and "url(" not in page
+
+    # counts from the merge report
+    r = run["report"]
+    assert (r["answered"], r["failed"], r["invalid"]) == (7, 2, 1)
+    for k in ("answered", "failed", "invalid"):
+        assert f'id="count-{k}"><b>{r[k]:,}</b>' in page
+    for code in ("invalid_request", "batch_expired", "invalid_input"):
+        assert f"<td>{code}</td><td>1</td>" in page
+    # tokens and cost from the usage columns at Batch prices of gpt-4o
+    assert f"<td>{run['prompt']:,}</td>" in page
+    actual = round((run["prompt"] * 2.5 + run["completion"] * 10.0) / 1e6 * 0.5, 6)
+    assert f"${actual:,.6f}".rstrip("0").rstrip(".") in page
+    diff = 100 * (run["prompt"] - est["prompt_tokens"]) / est["prompt_tokens"]
+    assert f"{diff:+.1f} %" in page
+    # status bars: one rect per outcome; histogram: 7 rows with usage
+    assert len(plots["status"].findall("{http://www.w3.org/2000/svg}rect")) == 3
+    hist_titles = [t.text for t in plots["tokens"].iter("{http://www.w3.org/2000/svg}title")][1:]
+    assert sum(int(re.search(r": (\d+) rows", t).group(1)) for t in hist_titles) == 7
+    # timeline: 3 phases for batch_a, 2 for batch_b; time per status in the table
+    assert len(plots["timeline"].findall("{http://www.w3.org/2000/svg}rect")) == 5 + 4  # + legend
+    assert "batch_a" in page and "10m 00s" in page and "4m 00s" in page
+    # shard table from the estimate
+    assert "Shards (estimate)" in page
+
+
+def test_report_without_estimate_or_batches(run):
+    out = write_report_html(run["csv"], None, run["tmp"] / "r2.html")
+    page = out.read_text(encoding="utf-8")
+    kinds = [ET.fromstring(s).get("data-plot") for s in svgs(page)]
+    assert sorted(kinds) == ["status", "timeline", "tokens"]
+    assert "no batch timing given" in page
+    assert 'id="count-answered"><b>7</b>' in page  # derived from the CSV alone
+    assert "Actual cost unknown" in page  # no model known: no guess
+
+
+def test_report_with_model_and_price_override(run):
+    prices = load_prices({"models": {"gpt-4o": {"input": 1.0, "output": 1.0}}})
+    out = write_report_html(
+        run["csv"], run["report_json"], run["tmp"] / "r3.html", model="gpt-4o-2024-08-06", prices=prices
+    )
+    page = out.read_text(encoding="utf-8")
+    actual = round((run["prompt"] + run["completion"]) / 1e6 * 0.5, 6)
+    assert f"${actual:.6f}".rstrip("0").rstrip(".") in page
+    assert "Actual cost unknown" not in page
+
+
+def test_batch_phases():
+    a = batch_phases(BATCHES[0])
+    assert a == [
+        ("validating", T0, T0 + 30),
+        ("in_progress", T0 + 30, T0 + 630),
+        ("finalizing", T0 + 630, T0 + 660),
+    ]
+    assert batch_phases(BATCHES[1])[-1] == ("in_progress", T0 + 760, T0 + 1000)
+    running = {"created_at": T0, "in_progress_at": T0 + 5, "completed_at": None}
+    assert batch_phases(running) == [("validating", T0, T0 + 5)]
+    assert batch_phases(running, now=T0 + 50)[-1] == ("in_progress", T0 + 5, T0 + 50)
+    failed = {"created_at": T0, "failed_at": T0 + 3}
+    assert batch_phases(failed) == [("validating", T0, T0 + 3)]
+
+
+def test_error_code_of():
+    assert error_code_of("HTTP 400 invalid_request: bad") == "invalid_request"
+    assert error_code_of("HTTP 500") == "http_500"
+    assert error_code_of("HTTP 502: upstream") == "http_502"
+    assert error_code_of("batch_expired: too late") == "batch_expired"
+    assert error_code_of("not sent: empty prompt (column 'prompt')") == "invalid_input"
+    assert error_code_of("no result returned for this request") == "no_result"
+    assert error_code_of("malformed result: no choices") == "malformed_result"
+    assert error_code_of("refusal: no") == "refusal"
+    assert error_code_of("Something odd") == "error"
+
+
+def test_analyze_results_csv_matches_merge_report(run):
+    a = analyze([str(run["csv"])])
+    r = run["report"]
+    for k in ("rows", "answered", "failed", "invalid", "errors_by_code", "tokens"):
+        assert a[k] == r[k], k
+    assert a["rows_with_usage"] == 7
+    assert a["response_chars"] == {
+        "count": 7,
+        "min": 1,
+        "max": 8,
+        "mean": round(sum((1, 2, 3, 4, 6, 7, 8)) / 7, 1),
+    }
+    assert a["tokens_per_row"]["min"] == 10
+
+
+def test_analyze_jsonl(run, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", ["{not json", ""])
+    a = analyze([run["out"], run["err"], bad])
+    assert (a["rows"], a["answered"], a["failed"], a["invalid"]) == (10, 7, 3, 0)
+    assert a["errors_by_code"] == {"batch_expired": 1, "invalid_request": 1, "malformed_result": 1}
+    assert a["tokens"] == {
+        "prompt": run["prompt"],
+        "completion": run["completion"],
+        "total": run["prompt"] + run["completion"],
+    }
+    assert [f["rows"] for f in a["per_file"]] == [7, 2, 1]
+
+
+def test_analyze_jsonl_responses_and_embeddings(tmp_path):
+    lines = [
+        {
+            "custom_id": "a",
+            "response": {
+                "status_code": 200,
+                "body": {
+                    "object": "response",
+                    "output": [{"type": "message", "content": [{"type": "output_text", "text": "hey"}]}],
+                    "usage": {"input_tokens": 5, "output_tokens": 1, "total_tokens": 6},
+                },
+            },
+        },
+        {
+            "custom_id": "b",
+            "response": {
+                "status_code": 200,
+                "body": {
+                    "object": "list",
+                    "data": [{"embedding": [0.1, 0.2]}],
+                    "usage": {"prompt_tokens": 4, "total_tokens": 4},
+                },
+            },
+        },
+    ]
+    a = analyze([write_jsonl(tmp_path / "o.jsonl", lines)])
+    assert a["answered"] == 2 and a["tokens"] == {"prompt": 9, "completion": 1, "total": 10}
+
+
+def test_analyze_rejects_other_files(tmp_path):
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(ValueError, match="expected a results"):
+        analyze([tmp_path / "x.txt"])
+    with pytest.raises(FileNotFoundError):
+        analyze([tmp_path / "missing.csv"])
+
+
+def test_cli_analyze(run, tmp_path, capsys):
+    assert main(["analyze", str(run["csv"])]) == 0
+    out = capsys.readouterr().out
+    assert "answered: 7" in out and "invalid_request: 1" in out
+
+    assert main(["analyze", str(run["out"]), str(run["err"]), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["answered"] == 7
+
+    est = estimate_build(run["build"]["manifest"])
+    (tmp_path / "estimate.json").write_text(json.dumps(est))
+    (tmp_path / "batches.json").write_text(json.dumps(BATCHES))
+    html_path = tmp_path / "page" / "report.html"
+    rc = main(
+        [
+            "analyze",
+            str(run["csv"]),
+            "--html",
+            str(html_path),
+            "--estimate",
+            str(tmp_path / "estimate.json"),
+            "--batches",
+            str(tmp_path / "batches.json"),
+        ]
+    )
+    assert rc == 0
+    page = html_path.read_text(encoding="utf-8")
+    assert page.count("data-plot=") == 3 and "batch_b" in page
+
+    assert main(["analyze", str(run["out"]), "--html", str(tmp_path / "x.html")]) == 2
+    assert "exactly one results .csv" in capsys.readouterr().err
+    assert main(["analyze", str(tmp_path / "missing.csv")]) == 2
