@@ -213,6 +213,16 @@ PARAMS = {
         description="A batch refused for the enqueued token limit is submitted again after this pause.",
         section=BATCHING,
     ),
+    "max_enqueued_tokens": Param(
+        None,
+        type=["null", "integer"],
+        minimum=1,
+        title="Enqueued token limit",
+        description="Optional. Your organisation's enqueued prompt-token limit for the model: shards "
+        "are submitted in waves that stay under it. Empty: Variable openai_batch_max_enqueued_tokens, "
+        "else no limit.",
+        section=BATCHING,
+    ),
     "cancel_on_kill": Param(
         True,
         type="boolean",
@@ -285,7 +295,8 @@ def openai_batch_pipeline():
     def upload(shard: dict) -> dict:
         return t.upload(shard, _params()["conn_id"], get_current_context())
 
-    @task
+    # one create at a time per run, so waves under max_enqueued_tokens see each other's batches
+    @task(max_active_tis_per_dagrun=1)
     def create_batch(shard: dict) -> dict:
         return t.create(shard, _params(), get_current_context())
 

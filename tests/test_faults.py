@@ -283,3 +283,25 @@ def test_the_api_key_never_reaches_logs_xcom_conf_or_files(dag, srv, tmp_path, s
     for path in Path(airflow_db).rglob("*.log"):
         assert SECRET.encode() not in path.read_bytes(), path
     assert SECRET not in srv.log()
+
+
+def test_shards_go_out_in_waves_under_the_enqueued_token_limit(dag, srv, tmp_path):
+    from batchpipe.build import build_jsonl
+    from batchpipe.options import BuildOptions
+    from batchpipe.tokens import shard_prompt_tokens
+
+    src = tmp_path / "many.csv"
+    src.write_text("id,prompt\n" + "".join(f"{i},question number {i}\n" for i in range(25)), encoding="utf-8")
+    opts = BuildOptions(max_requests_per_batch=9)
+    shards = build_jsonl(src, opts, tmp_path / "probe")["shards"]
+    sizes = [shard_prompt_tokens(s["path"], opts.endpoint, opts.model) for s in shards]
+    limit = max(sizes) + min(sizes) - 1  # any one shard fits, no two together
+    dr, tis = run(dag, tmp_path, src, image_column=None, max_requests_per_batch=9, max_enqueued_tokens=limit)
+    assert dr.state == "success", states(tis)
+    made = sorted(batches(srv), key=lambda b: b.created_at)
+    assert len(made) == 3
+    assert sorted(int(b.metadata["est_prompt_tokens"]) for b in made) == sorted(sizes)
+    for earlier, later in zip(made, made[1:], strict=False):
+        assert later.created_at >= earlier.completed_at  # never two enqueued at once
+    rows, report = results(tmp_path, "many")
+    assert [r["id"] for r in rows] == [str(i) for i in range(25)] and report["answered"] == 25

@@ -2,8 +2,12 @@
 triggerer process, run as they are in production (LocalExecutor on SQLite).
 
 ``dag.test()`` runs triggers inline in the test process, so it cannot tell whether the triggerer
-can import the trigger. Here the waiting task is first left deferred with *no* triggerer running
-(it must not move), then a triggerer process is started and has to finish the wait.
+can import the trigger, survives a restart, or calls ``on_kill``. Here:
+
+1. the waiting tasks are left deferred with *no* triggerer running (they must not move), then a
+   triggerer process is started and has to finish the wait;
+2. the triggerer is killed (SIGKILL) mid-wait and a new one resumes polling the same batch;
+3. marking a waiting task failed in the UI/API cancels its batch (trigger ``on_kill``).
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import signal
 import time
+import urllib.request
 
 import pytest
 
@@ -21,6 +27,41 @@ from local_batch_server.testing import running_server
 
 pytestmark = pytest.mark.slow
 DAG_ID = "openai_batch_pipeline"
+SECRET = "sk-real-triggerer-secret"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("real")
+    shutil.copytree(REPO / "data" / "sample", tmp / "in")
+    # Batches stay in progress until a test lets them finish (phase durations are read live).
+    with running_server(tmp / "server", config={"in_progress_seconds": 600}) as server:
+        conn = {"conn_type": "openai", "host": server.base_url, "password": SECRET}
+        stack = AirflowStack(
+            tmp / "airflow",
+            extra_env={
+                "AIRFLOW_CONN_OPENAI_DEFAULT": json.dumps(conn),
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+                # a killed triggerer's triggers are taken over once it has missed this long
+                "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "10",
+            },
+        )
+        with stack:
+            stack.migrate()
+            stack.start("api-server", "scheduler", "dag-processor")
+            stack.wait_healthy()
+            stack.wait_dag(DAG_ID)
+            yield tmp, server, stack
+
+
+def conf(tmp, **extra):
+    return {
+        "input_csv": str(tmp / "in" / "questions.csv"),
+        "output_dir": str(tmp / "out"),
+        "image_column": "image",
+        "check_interval": 1,
+        **extra,
+    }
 
 
 def states(stack: AirflowStack, run_id: str, task_id: str) -> list[str | None]:
@@ -33,72 +74,103 @@ def wait_for(predicate, timeout: float, what: str, stack: AirflowStack):
         if predicate():
             return
         time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}\n--- scheduler ---\n{stack.log_tail('scheduler')}")
+    raise AssertionError(
+        f"timed out waiting for {what}\n--- scheduler ---\n{stack.log_tail('scheduler')}"
+        f"\n--- triggerer ---\n{stack.log_tail('triggerer')}"
+    )
 
 
-def test_deferred_wait_is_finished_by_a_separate_triggerer_process(tmp_path):
-    data = tmp_path / "in"
-    shutil.copytree(REPO / "data" / "sample", data)
-    out = tmp_path / "out"
-    # Batches stay in progress until the test lets them finish (phase durations are read live).
-    with running_server(tmp_path / "server", config={"in_progress_seconds": 600}) as server:
-        conn = {"conn_type": "openai", "host": server.base_url, "password": "sk-real-triggerer-secret"}
-        stack = AirflowStack(
-            tmp_path / "airflow", extra_env={"AIRFLOW_CONN_OPENAI_DEFAULT": json.dumps(conn)}
-        )
-        with stack:
-            stack.migrate()
-            stack.start("api-server", "scheduler", "dag-processor")
-            stack.wait_healthy()
-            stack.wait_dag(DAG_ID)
-            run_id = stack.trigger(
-                DAG_ID,
-                {
-                    "input_csv": str(data / "questions.csv"),
-                    "output_dir": str(out),
-                    "image_column": "image",
-                    "max_requests_per_batch": 20,  # two shards, two deferred waits
-                    "check_interval": 1,
-                },
-                run_id="real_triggerer_test",
-            )
-            wait_for(
-                lambda: states(stack, run_id, "wait_for_batch") == ["deferred", "deferred"],
-                240,
-                "both wait_for_batch tasks to defer",
-                stack,
-            )
-            # Without a triggerer nobody polls: the batches finish on the server but the tasks
-            # stay deferred.
-            server.set_config({"in_progress_seconds": 0.2})
-            client = server.client()
-            wait_for(
-                lambda: all(b.status == "completed" for b in client.batches.list(limit=10).data),
-                60,
-                "the batches to complete on the server",
-                stack,
-            )
-            time.sleep(3)
-            assert states(stack, run_id, "wait_for_batch") == ["deferred", "deferred"]
-            assert stack.run_state(DAG_ID, run_id) == "running"
+def run_batches(server, run_id: str) -> list:
+    return [b for b in server.client().batches.list(limit=100).data if b.metadata.get("run_id") == run_id]
 
-            stack.start("triggerer")
-            state = stack.wait_run(DAG_ID, run_id, timeout=300)
-            assert state == "success", (stack.task_states(DAG_ID, run_id), stack.log_tail("triggerer"))
 
-        # The trigger ran in the triggerer process and logged its polls there.
-        trigger_logs = "\n".join(
-            p.read_text(errors="replace")
-            for p in (tmp_path / "airflow").rglob("*")
-            if p.is_file() and "trigger" in p.name
-        )
-        assert "status=completed" in trigger_logs
-        assert "sk-real-triggerer-secret" not in trigger_logs
+def trigger_log_text(tmp) -> str:
+    return "\n".join(
+        p.read_text(errors="replace")
+        for p in (tmp / "airflow").rglob("*")
+        if p.is_file() and "trigger" in p.name
+    )
 
-    results = list(out.glob("questions/*/results.csv"))
-    assert len(results) == 1
-    with open(results[0], newline="", encoding="utf-8") as fh:
+
+def test_1_deferred_wait_is_finished_by_a_separate_triggerer_process(env):
+    tmp, server, stack = env
+    run_id = stack.trigger(DAG_ID, conf(tmp, max_requests_per_batch=20), run_id="deferral")  # 2 shards
+    wait_for(
+        lambda: states(stack, run_id, "wait_for_batch") == ["deferred", "deferred"],
+        240,
+        "both wait_for_batch tasks to defer",
+        stack,
+    )
+    # Without a triggerer nobody polls: the batches finish on the server, the tasks stay deferred.
+    server.set_config({"in_progress_seconds": 0.2})
+    wait_for(
+        lambda: [b.status for b in run_batches(server, run_id)] == ["completed", "completed"],
+        60,
+        "the batches to complete on the server",
+        stack,
+    )
+    time.sleep(3)
+    assert states(stack, run_id, "wait_for_batch") == ["deferred", "deferred"]
+    assert stack.run_state(DAG_ID, run_id) == "running"
+
+    stack.start("triggerer")
+    state = stack.wait_run(DAG_ID, run_id, timeout=300)
+    assert state == "success", (stack.task_states(DAG_ID, run_id), stack.log_tail("triggerer"))
+
+    # The trigger ran in the triggerer process and logged its polls there.
+    logs = trigger_log_text(tmp)
+    assert "status=completed" in logs and SECRET not in logs
+    (results,) = (tmp / "out" / "questions").glob(f"{run_id}/results.csv")
+    with open(results, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 30
-    assert sum(1 for r in rows if r["response"]) == 27
-    assert stack.xcom(DAG_ID, run_id, "merge") == str(results[0])
+    assert len(rows) == 30 and sum(1 for r in rows if r["response"]) == 27
+    assert stack.xcom(DAG_ID, run_id, "merge") == str(results)
+
+
+def test_2_triggerer_killed_mid_wait_a_new_one_resumes_the_same_batch(env):
+    tmp, server, stack = env
+    server.set_config({"in_progress_seconds": 600})
+    run_id = stack.trigger(DAG_ID, conf(tmp), run_id="restart")
+    wait_for(lambda: states(stack, run_id, "wait_for_batch") == ["deferred"], 240, "the wait to defer", stack)
+    (batch,) = run_batches(server, run_id)
+    wait_for(lambda: f"batch {batch.id}: status=in_progress" in trigger_log_text(tmp), 60, "a poll", stack)
+
+    stack.stop("triggerer", sig=signal.SIGKILL)  # no goodbye, no cleanup
+    stack.start("triggerer")
+    server.set_config({"in_progress_seconds": 0.2})
+    state = stack.wait_run(DAG_ID, run_id, timeout=300)
+    assert state == "success", stack.task_states(DAG_ID, run_id)
+    (again,) = run_batches(server, run_id)  # still one batch: nothing was submitted twice
+    assert again.id == batch.id and again.status == "completed"  # a restart does not cancel
+
+
+def test_3_marking_the_waiting_task_failed_cancels_its_batch(env):
+    tmp, server, stack = env
+    server.set_config({"in_progress_seconds": 600})
+    run_id = stack.trigger(DAG_ID, conf(tmp), run_id="mark_failed")
+    wait_for(lambda: states(stack, run_id, "wait_for_batch") == ["deferred"], 240, "the wait to defer", stack)
+    (batch,) = run_batches(server, run_id)
+    wait_for(lambda: f"batch {batch.id}: status=in_progress" in trigger_log_text(tmp), 60, "a poll", stack)
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{stack.api_port}/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/wait_for_batch/0",
+        data=json.dumps({"new_state": "failed"}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="PATCH",
+    )
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        assert resp.status == 200
+
+    client = server.client()
+    wait_for(
+        lambda: client.batches.retrieve(batch.id).status in ("cancelling", "cancelled"),
+        60,
+        "the batch to be cancelled",
+        stack,
+    )
+    # it was the trigger's on_kill, in the triggerer, that cancelled it
+    logged = lambda: trigger_log_text(tmp) + stack.log_tail("triggerer", 400)  # noqa: E731
+    wait_for(lambda: f"cancelled batch {batch.id}" in logged(), 30, "the on_kill log line", stack)
+    assert stack.wait_run(DAG_ID, run_id, timeout=120) == "failed"
+    assert len(run_batches(server, run_id)) == 1
+    server.set_config({"in_progress_seconds": 0.2})

@@ -11,7 +11,9 @@ import logging
 import os
 import re
 import shutil
+import time
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -167,20 +169,73 @@ def upload(shard: dict[str, Any], conn_id: str, context: Any) -> dict[str, Any]:
     return {**shard, "input_file_id": uploaded.id}
 
 
+ACTIVE_STATUSES = ("validating", "in_progress", "finalizing")
+MAX_ENQUEUED_TOKENS_VARIABLE = "openai_batch_max_enqueued_tokens"
+
+
+def max_enqueued_tokens(params: dict[str, Any]) -> int | None:
+    """Param ``max_enqueued_tokens``, else Variable ``openai_batch_max_enqueued_tokens``; None = no limit."""
+    from airflow.sdk import Variable
+
+    value = params.get("max_enqueued_tokens") or Variable.get(MAX_ENQUEUED_TOKENS_VARIABLE, default=None)
+    return int(value) if value else None
+
+
+def enqueued_tokens(client: Any, model: str) -> int:
+    """Estimated prompt tokens of this pipeline's batches for ``model`` that are still enqueued."""
+    total, since = 0, time.time() - 26 * 3600  # nothing older can still be running (24 h window)
+    for b in client.batches.list(limit=100):
+        if (b.created_at or 0) < since:
+            break
+        meta = b.metadata or {}
+        if b.status in ACTIVE_STATUSES and meta.get("model") == model and meta.get("est_prompt_tokens"):
+            total += int(meta["est_prompt_tokens"])
+    return total
+
+
 def create(shard: dict[str, Any], params: dict[str, Any], context: Any) -> dict[str, Any]:
-    """Create the shard's batch; a retry re-attaches to the batch an earlier try created."""
+    """Create the shard's batch; a retry re-attaches to the batch an earlier try created.
+
+    With ``max_enqueued_tokens`` the shards go out in waves: a shard whose estimated prompt tokens
+    would push this model's enqueued total over the limit waits (rescheduled, no worker held)
+    until earlier batches finish. A shard is never held back when nothing is enqueued.
+    """
     from openai_batch_airflow.submit import create_once
 
     dag_id, run_id = context["dag"].dag_id, context["run_id"]
+    client = _client(params["conn_id"])
+    intent = _intent(context, "create_batch")
+    metadata = {
+        "dag_id": dag_id[:512],
+        "run_id": run_id[:512],
+        "shard": str(shard["index"]),
+        "source": Path(params["input_csv"]).name[:512],
+        "model": params["model"][:512],
+    }
+    limit = max_enqueued_tokens(params)
+    if limit and not (intent.saved and intent.saved.get("batch_id")):
+        from batchpipe.tokens import shard_prompt_tokens
+
+        estimate = shard_prompt_tokens(shard["path"], params["endpoint"], params["model"])
+        metadata["est_prompt_tokens"] = str(estimate)
+        queued = enqueued_tokens(client, params["model"])
+        if queued and queued + estimate > limit:
+            from airflow.sdk.exceptions import AirflowRescheduleException
+
+            wait = max(float(params.get("check_interval") or 60), 1.0)
+            log.info(
+                "shard %s waits for the next wave: %d tokens enqueued for %s + %d for this shard > %d",
+                shard["index"],
+                queued,
+                params["model"],
+                estimate,
+                limit,
+            )
+            raise AirflowRescheduleException(datetime.now(UTC) + timedelta(seconds=wait))
     batch = create_once(
-        _client(params["conn_id"]),
-        _intent(context, "create_batch"),
-        metadata={
-            "dag_id": dag_id[:512],
-            "run_id": run_id[:512],
-            "shard": str(shard["index"]),
-            "source": Path(params["input_csv"]).name[:512],
-        },
+        client,
+        intent,
+        metadata=metadata,
         input_file_id=shard["input_file_id"],
         endpoint=params["endpoint"],
         completion_window=params["completion_window"],
