@@ -3,7 +3,7 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo stop test lint clean
+.PHONY: install browser demo stop test lint clean
 
 install: $(VENV)/.installed
 
@@ -14,6 +14,10 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $@
 
+# Debian's Chromium for the browser tests (Playwright drives it; it never downloads a browser).
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
+
 demo: install
 	$(BIN)/python scripts/demo.py
 
@@ -21,7 +25,7 @@ demo: install
 stop:
 	test ! -x $(BIN)/python || $(BIN)/python scripts/demo.py stop
 
-test: install lint
+test: install browser lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: install

@@ -34,7 +34,7 @@ from airflow.sdk import Param, dag, get_current_context, task
 
 from openai_batch_airflow.sensors import OpenAIBatchSensor
 
-INPUT, MODEL, BATCHING, OUTPUT = "Input", "Model and request", "Batching", "Output"
+INPUT, MODEL, BATCHING, COST, OUTPUT = "Input", "Model and request", "Batching", "Cost", "Output"
 
 
 def _nullable(kind: str) -> list[str]:
@@ -237,6 +237,40 @@ PARAMS = {
         title="OpenAI connection",
         description="Airflow connection of type openai; its host may be any OpenAI-compatible base URL.",
         section=BATCHING,
+    ),
+    # -- cost -----------------------------------------------------------------------------------
+    "estimate_only": Param(
+        False,
+        type="boolean",
+        title="Estimate only",
+        description="Validate, build and estimate tokens and cost (estimate.json and estimate.md in the run "
+        "folder), upload nothing, end successfully.",
+        section=COST,
+    ),
+    "max_cost_usd": Param(
+        None,
+        type=["null", "number"],
+        exclusiveMinimum=0,
+        title="Budget (USD)",
+        description="Optional. Stop before upload when the worst-case Batch cost exceeds this (the expected "
+        "cost when max_tokens is unset, as the worst case is then unbounded).",
+        section=COST,
+    ),
+    "expected_output_tokens": Param(
+        200,
+        type="integer",
+        minimum=0,
+        title="Expected answer length (tokens)",
+        description="Used for the expected cost; the worst case uses max_tokens.",
+        section=COST,
+    ),
+    "prices": Param(
+        None,
+        type=["null", "object"],
+        title="Price overrides",
+        description='Optional. {"models": {"my-model": {"input": 1.0, "output": 4.0}}} in USD per 1M tokens '
+        "at standard prices, merged over the shipped dated table (Variable openai_batch_prices too).",
+        section=COST,
     ),
     # -- output ---------------------------------------------------------------------------------
     "output_dir": Param(

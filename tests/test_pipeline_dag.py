@@ -113,7 +113,13 @@ def test_sample_csv_every_row_back_once_in_order(dag, server, tmp_path):
     assert len(server.client().batches.list(limit=100).data) == before + 1
     # temporary files removed after a successful merge (keep_temp_files defaults to false)
     assert not (results.parent / "work").exists()
-    assert sorted(p.name for p in results.parent.iterdir()) == ["report.json", "results.csv"]
+    assert sorted(p.name for p in results.parent.iterdir()) == [
+        "estimate.json",
+        "estimate.md",
+        "report.html",
+        "report.json",
+        "results.csv",
+    ]
 
 
 def test_25_rows_split_into_4_batches_and_one_results_csv(dag, server, tmp_path):

@@ -7,6 +7,7 @@ in the Airflow-free library :mod:`batchpipe`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -145,8 +146,47 @@ def build(params: dict[str, Any], run_id: str) -> list[dict[str, Any]]:
         manifest["invalid"],
         work_dir,
     )
+    estimate = estimate_cost(manifest["manifest"], params, work_dir.parent)
+    if params.get("estimate_only"):
+        log.info("estimate_only: nothing is uploaded; the estimate is in %s", work_dir.parent / "estimate.md")
+        if not params.get("keep_temp_files"):
+            shutil.rmtree(work_dir, ignore_errors=True)
+        return []
     common = {"manifest": manifest["manifest"], "work_dir": manifest["work_dir"]}
+    log.info("estimated prompt tokens: %s", estimate["prompt_tokens"])
     return [{**shard, **common} for shard in manifest["shards"]]
+
+
+PRICES_VARIABLE = "openai_batch_prices"
+
+
+def prices(params: dict[str, Any]) -> dict[str, Any]:
+    """The shipped, dated price table, overridden by param ``prices`` or Variable ``openai_batch_prices``."""
+    from airflow.sdk import Variable
+
+    from batchpipe.estimate import load_prices
+
+    override = params.get("prices") or Variable.get(PRICES_VARIABLE, default=None)
+    with fail_on_bad_input():
+        return load_prices(override or None)
+
+
+def estimate_cost(manifest_path: str, params: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Estimate tokens and cost offline, write estimate.json/.md, log it, and stop the run before
+    anything is uploaded when the worst case exceeds ``max_cost_usd``."""
+    from batchpipe.estimate import estimate_build, exceeds_budget, format_estimate, write_estimate
+
+    estimate = estimate_build(
+        manifest_path, prices=prices(params), expected_output_tokens=params.get("expected_output_tokens")
+    )
+    write_estimate(estimate, folder)
+    log.info("cost estimate (written to %s):\n%s", folder / "estimate.md", format_estimate(estimate))
+    over = exceeds_budget(estimate, params.get("max_cost_usd"))
+    if over:
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(f"stopped before upload: {over} (max_cost_usd)")
+    return estimate
 
 
 def _intent(context: Any, key: str):
@@ -291,13 +331,21 @@ def download(waited: dict[str, Any], conn_id: str) -> dict[str, Any]:
         "status": waited["batch"]["status"],
         "request_counts": waited["batch"]["request_counts"],
         "result_files": files,
+        "batches": [
+            {k: v for k, v in b.items() if k not in ("errors", "metadata", "files")} for b in batches
+        ],
     }
 
 
 def merge(downloads: list[dict[str, Any]] | None, params: dict[str, Any], run_id: str) -> str:
-    """Join every shard's results back onto the CSV rows; return the path of results.csv."""
+    """Join every shard's results back onto the CSV rows, write report.json (with the actual cost
+    against the estimate) and report.html; return the path of results.csv."""
     from batchpipe.merge import merge_results
 
+    if params.get("estimate_only"):
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        raise AirflowSkipException("estimate_only: nothing was sent, so there is nothing to merge")
     downloads = sorted(downloads or [], key=lambda d: int(d["index"]))
     folder = checked_run_dir(params, run_id)
     work_dir = folder / "work"
@@ -317,12 +365,42 @@ def merge(downloads: list[dict[str, Any]] | None, params: dict[str, Any], run_id
         report["invalid"],
         out_csv,
     )
+    batches = [b for d in downloads for b in d.get("batches") or []]
+    write_reports(folder, out_csv, report, batches, params)
     if not params.get("keep_temp_files"):
         shutil.rmtree(work_dir, ignore_errors=True)
         log.info("removed temporary files in %s (keep_temp_files is off)", work_dir)
     return str(out_csv)
 
 
-def _count_lines(path: Path) -> int:
-    with open(path, "rb") as fh:
-        return sum(1 for _ in fh)
+def write_reports(
+    folder: Path, out_csv: Path, report: dict[str, Any], batches: list[dict[str, Any]], params: dict[str, Any]
+) -> None:
+    """Add the estimate, the actual cost and the batches to report.json; write report.html beside it."""
+    from batchpipe.estimate import price_for, token_cost
+    from batchpipe.report import write_report_html
+
+    table = prices(params)
+    price = price_for(table, params["model"])
+    estimate_path = folder / "estimate.json"
+    estimate = json.loads(estimate_path.read_text()) if estimate_path.exists() else None
+    tokens = report["tokens"]
+    actual = token_cost(price, tokens["prompt"], tokens["completion"], batch=True) if price else None
+    expected = ((estimate or {}).get("cost") or {}).get("batch", {}).get("expected")
+    report_path = Path(report["report"])
+    full = json.loads(report_path.read_text())
+    full["model"] = params["model"]
+    full["cost_usd"] = {
+        "actual_batch": actual,
+        "estimated_batch_expected": expected,
+        "estimated_batch_max": ((estimate or {}).get("cost") or {}).get("batch", {}).get("max"),
+        "difference_pct": round((actual - expected) / expected * 100, 1) if actual and expected else None,
+    }
+    full["estimate"] = {
+        k: (estimate or {}).get(k) for k in ("prompt_tokens", "image_tokens", "output_tokens_max")
+    }
+    full["batches"] = batches
+    report_path.write_text(json.dumps(full, indent=2))
+    html = write_report_html(out_csv, full, folder / "report.html", estimate=estimate, batches=batches,
+                             model=params["model"], prices=table)  # fmt: skip
+    log.info("report: %s (actual Batch cost %s USD, estimated %s)", html, actual, expected)
