@@ -174,3 +174,24 @@ def test_3_marking_the_waiting_task_failed_cancels_its_batch(env):
     assert stack.wait_run(DAG_ID, run_id, timeout=120) == "failed"
     assert len(run_batches(server, run_id)) == 1
     server.set_config({"in_progress_seconds": 0.2})
+
+
+def test_4_clearing_a_finished_run_is_a_deliberate_new_submission(env):
+    # A retry re-attaches to the batch it made; clearing a finished run in the UI/API is a
+    # decision to run again, so it submits new batches (the clear starts a new "generation").
+    tmp, server, stack = env
+    server.set_config({"in_progress_seconds": 0.2})
+    run_id = "restart"  # finished successfully in test_2 with one batch
+    assert stack.run_state(DAG_ID, run_id) == "success" and len(run_batches(server, run_id)) == 1
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{stack.api_port}/api/v2/dags/{DAG_ID}/clearTaskInstances",
+        data=json.dumps({"dry_run": False, "dag_run_id": run_id, "only_failed": False}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        assert resp.status == 200
+    wait_for(lambda: stack.run_state(DAG_ID, run_id) != "success", 60, "the run to be cleared", stack)
+    assert stack.wait_run(DAG_ID, run_id, timeout=300) == "success", stack.task_states(DAG_ID, run_id)
+    made = run_batches(server, run_id)
+    assert len(made) == 2 and len({b.metadata["submission"] for b in made}) == 2
