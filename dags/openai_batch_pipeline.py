@@ -32,6 +32,8 @@ from datetime import timedelta
 
 from airflow.sdk import Param, dag, get_current_context, task
 
+from openai_batch_airflow.assets import RESULTS_ASSET
+from openai_batch_airflow.notify import RunNotifier
 from openai_batch_airflow.sensors import OpenAIBatchSensor
 
 INPUT, MODEL, BATCHING, COST, OUTPUT = "Input", "Model and request", "Batching", "Cost", "Output"
@@ -311,6 +313,8 @@ def _run_id() -> str:
         # OPENAI_BATCH_RETRY_DELAY_SECONDS: for tests and impatient demos; 30 s is kind to the API.
         "retry_delay": timedelta(seconds=float(os.environ.get("OPENAI_BATCH_RETRY_DELAY_SECONDS", "30"))),
         "retry_exponential_backoff": True,
+        # task-level callbacks: they run on the worker with the run's full context
+        "on_failure_callback": RunNotifier("failure"),
     },
     max_active_tasks=32,
 )
@@ -339,9 +343,9 @@ def openai_batch_pipeline():
         return t.download(waited, _params()["conn_id"])
 
     # none_failed: also runs when no row could be sent (zero shards, so the mapped tasks skip).
-    @task(trigger_rule="none_failed")
+    @task(trigger_rule="none_failed", outlets=[RESULTS_ASSET], on_success_callback=RunNotifier("success"))
     def merge(downloads: list | None) -> str:
-        return t.merge(list(downloads or []), _params(), _run_id())
+        return t.merge(list(downloads or []), _params(), _run_id(), get_current_context())
 
     built = build_jsonl(validate_csv())
     created = create_batch.expand(shard=upload.expand(shard=built))

@@ -195,3 +195,20 @@ def test_4_clearing_a_finished_run_is_a_deliberate_new_submission(env):
     assert stack.wait_run(DAG_ID, run_id, timeout=300) == "success", stack.task_states(DAG_ID, run_id)
     made = run_batches(server, run_id)
     assert len(made) == 2 and len({b.metadata["submission"] for b in made}) == 2
+
+
+def test_5_a_dag_scheduled_on_the_results_asset_runs_after_each_success(env):
+    tmp, server, stack = env
+    consumer = "openai_batch_results_consumer"
+    landed = {str(p) for p in (tmp / "out" / "questions").glob("*/results.csv")}
+    assert landed  # earlier tests' successful runs
+
+    def consumer_runs():
+        return stack._query("SELECT run_id, state FROM dag_run WHERE dag_id = ?", consumer)
+
+    wait_for(lambda: consumer_runs() and all(s == "success" for _, s in consumer_runs()), 180,
+             "the consumer DAG to run on the asset", stack)  # fmt: skip
+    seen = set()
+    for run_id, _ in consumer_runs():
+        seen.update(stack.xcom(consumer, run_id, "summarise") or [])
+    assert seen <= landed and seen  # it was told where each results.csv landed

@@ -337,7 +337,9 @@ def download(waited: dict[str, Any], conn_id: str) -> dict[str, Any]:
     }
 
 
-def merge(downloads: list[dict[str, Any]] | None, params: dict[str, Any], run_id: str) -> str:
+def merge(
+    downloads: list[dict[str, Any]] | None, params: dict[str, Any], run_id: str, context: Any = None
+) -> str:
     """Join every shard's results back onto the CSV rows, write report.json (with the actual cost
     against the estimate) and report.html; return the path of results.csv."""
     from batchpipe.merge import merge_results
@@ -370,6 +372,16 @@ def merge(downloads: list[dict[str, Any]] | None, params: dict[str, Any], run_id
     if not params.get("keep_temp_files"):
         shutil.rmtree(work_dir, ignore_errors=True)
         log.info("removed temporary files in %s (keep_temp_files is off)", work_dir)
+    if context is not None:  # tell downstream DAGs (scheduled on the Asset) what landed
+        from openai_batch_airflow.assets import RESULTS_ASSET
+
+        context["outlet_events"][RESULTS_ASSET].extra = {
+            "results_csv": str(out_csv),
+            "report_json": str(folder / "report.json"),
+            "input_csv": str(params["input_csv"]),
+            "run_id": run_id,
+            **{k: report[k] for k in ("rows", "answered", "failed", "invalid")},
+        }
     return str(out_csv)
 
 

@@ -1,0 +1,11 @@
+"""The Asset every successful ``openai_batch_pipeline`` run updates; schedule downstream DAGs on it.
+
+Each event's ``extra`` says what landed: ``results_csv``, ``report_json``, ``input_csv``,
+``run_id`` and the counts (``rows``, ``answered``, ``failed``, ``invalid``).
+"""
+
+from __future__ import annotations
+
+from airflow.sdk import Asset
+
+RESULTS_ASSET = Asset(name="openai_batch_results", uri="openai-batch://results", group="openai_batch")

@@ -1,0 +1,75 @@
+"""Run notifications: a notifier for the pipeline's success / failure callbacks.
+
+The DAG attaches it as ``on_failure_callback`` of every task (after its retries are spent) and as
+``on_success_callback`` of ``merge`` (the run's results have landed).
+
+``RunNotifier`` logs a one-line summary and, when a webhook is configured (environment variable
+``OPENAI_BATCH_NOTIFY_WEBHOOK`` or Airflow Variable ``openai_batch_notify_webhook``), POSTs it as
+JSON (Slack-compatible ``text`` plus the fields). It never raises: a failed notification must not
+fail a run. Any other Airflow notifier (Slack, SMTP, ...) can be used instead, see the README.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from airflow.sdk import BaseNotifier
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_ENV = "OPENAI_BATCH_NOTIFY_WEBHOOK"
+WEBHOOK_VARIABLE = "openai_batch_notify_webhook"
+
+
+def webhook_url() -> str | None:
+    url = os.environ.get(WEBHOOK_ENV)
+    if url:
+        return url
+    try:
+        from airflow.sdk import Variable
+
+        return Variable.get(WEBHOOK_VARIABLE, default=None)
+    except Exception:  # no Variable access where this callback runs
+        return None
+
+
+class RunNotifier(BaseNotifier):
+    """Notify that a run succeeded or a task of it failed (``event``: ``"success"`` or ``"failure"``)."""
+
+    template_fields = ()
+
+    def __init__(self, event: str):
+        super().__init__()
+        self.event = event
+
+    def message(self, context: Any) -> dict[str, Any]:
+        dag_run = context.get("dag_run")
+        dag_id = getattr(dag_run, "dag_id", None) or getattr(context.get("dag"), "dag_id", None)
+        run_id = getattr(dag_run, "run_id", None) or context.get("run_id")
+        conf = dict(getattr(dag_run, "conf", None) or {})
+        ti = context.get("ti") or context.get("task_instance")
+        reason = context.get("reason") or (
+            f"task {ti.task_id} failed" if ti and self.event == "failure" else None
+        )
+        if self.event == "success" and ti is not None:
+            reason = f"results at {ti.xcom_pull(task_ids=ti.task_id)}"
+        text = f"{dag_id} run {run_id}: {self.event}" + (f" ({reason})" if reason else "")
+        if conf.get("input_csv"):
+            text += f" — input {conf['input_csv']}"
+        return {"text": text, "dag_id": dag_id, "run_id": run_id, "event": self.event,
+                "input_csv": conf.get("input_csv"), "reason": reason}  # fmt: skip
+
+    def notify(self, context: Any) -> None:
+        message = self.message(context)
+        log.info("notification: %s", message["text"])
+        url = webhook_url()
+        if not url:
+            return
+        try:
+            import httpx
+
+            httpx.post(url, json=message, timeout=10).raise_for_status()
+        except Exception as exc:
+            log.warning("notification to the webhook failed: %s", exc)
