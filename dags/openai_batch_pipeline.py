@@ -77,6 +77,13 @@ PARAMS = {
         "An empty cell means a text-only request.",
         section=INPUT,
     ),
+    "image_base_dir": Param(
+        None,
+        type=["null", "string"],
+        title="Image folder",
+        description="Optional. Folder that relative image paths resolve against (default: the CSV's folder).",
+        section=INPUT,
+    ),
     "id_column": Param(
         None,
         type=_nullable("string"),

@@ -78,3 +78,17 @@ def test_dag_file_is_thin_and_imports_nothing_heavy():
         for alias in (node.names if isinstance(node, ast.Import) else [ast.alias(node.module or "")])
     }
     assert not top_level_imports & {"pandas", "openai", "batchpipe", "PIL", "numpy"}
+
+
+def test_inbox_dag_knows_every_pipeline_param_and_is_scheduled(dag):
+    from airflow.dag_processing.dagbag import DagBag
+
+    from openai_batch_airflow.inbox import PIPELINE_PARAMS
+
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert set(PIPELINE_PARAMS) == set(dag.params.keys())
+    inbox = bag.dags["openai_batch_inbox"]
+    assert inbox.timetable.expression == "0 2 * * *"  # nightly by default
+    assert sorted(t.task_id for t in inbox.tasks) == ["claim", "process", "settle"]
+    condition = bag.dags["openai_batch_results_consumer"].timetable.asset_condition
+    assert [a.name for a in condition.objects] == ["openai_batch_results"]

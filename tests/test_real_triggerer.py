@@ -44,6 +44,7 @@ def env(tmp_path_factory):
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
                 # a killed triggerer's triggers are taken over once it has missed this long
                 "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "10",
+                "OPENAI_BATCH_INBOX_POKE_SECONDS": "2",
             },
         )
         with stack:
@@ -212,3 +213,57 @@ def test_5_a_dag_scheduled_on_the_results_asset_runs_after_each_success(env):
     for run_id, _ in consumer_runs():
         seen.update(stack.xcom(consumer, run_id, "summarise") or [])
     assert seen <= landed and seen  # it was told where each results.csv landed
+
+
+def test_6_inbox_two_csvs_processed_exactly_once_and_a_second_run_finds_nothing(env):
+    tmp, server, stack = env
+    server.set_config({"in_progress_seconds": 0.2})
+    inbox = tmp / "inbox"
+    shutil.copytree(tmp / "in" / "images", inbox / "images")
+    for name in ("alpha.csv", "beta.csv"):
+        shutil.copy(tmp / "in" / "questions.csv", inbox / name)
+    (inbox / "beta.json").write_text(json.dumps({"end_row": 5, "model": "gpt-4o-mini"}))
+    out = tmp / "inbox-out"
+    conf = {
+        "inbox": str(inbox),
+        "min_age_seconds": 0,
+        "defaults": {"image_column": "image", "check_interval": 1, "output_dir": str(out)},
+    }
+
+    def pipeline_runs(prefix):
+        return stack._query(
+            "SELECT run_id, state, conf FROM dag_run WHERE dag_id = ? AND run_id LIKE ?", DAG_ID, prefix + "%"
+        )
+
+    assert (
+        stack.wait_run("openai_batch_inbox", stack.trigger("openai_batch_inbox", conf, "inbox_1"))
+        == "success"
+    )
+    runs = pipeline_runs("inbox__inbox_1__")
+    assert sorted(r[0] for r in runs) == ["inbox__inbox_1__alpha", "inbox__inbox_1__beta"]
+    assert all(r[1] == "success" for r in runs)
+    assert sorted(p.name for p in (inbox / "done" / "inbox_1").iterdir()) == [
+        "alpha.csv",
+        "beta.csv",
+        "beta.json",
+    ]
+    assert not list(inbox.glob("*.csv")) and not list((inbox / "processing").glob("*/*"))
+    rows = {}
+    for stem in ("alpha", "beta"):
+        (results,) = (out / stem).glob("*/results.csv")
+        with open(results, newline="", encoding="utf-8") as fh:
+            rows[stem] = list(csv.DictReader(fh))
+    assert len(rows["alpha"]) == 30 and sum(1 for r in rows["alpha"] if r["response"]) == 27  # images found
+    assert len(rows["beta"]) == 5  # its sidecar's end_row
+    beta_batches = [
+        b
+        for b in server.client().batches.list(limit=100).data
+        if b.metadata.get("run_id") == "inbox__inbox_1__beta"
+    ]
+    assert [b.metadata["model"] for b in beta_batches] == ["gpt-4o-mini"]
+
+    assert (
+        stack.wait_run("openai_batch_inbox", stack.trigger("openai_batch_inbox", conf, "inbox_2"))
+        == "success"
+    )
+    assert pipeline_runs("inbox__inbox_2__") == []  # nothing new: nothing processed twice

@@ -230,7 +230,8 @@ def _prepare(csv_path: str | os.PathLike, opts: BuildOptions, allowed_roots: Any
             f"{path}: the input already has column(s) {', '.join(repr(c) for c in clashes)}, which the "
             f"merged results add (output columns: {', '.join(OUTPUT_COLUMNS)}); rename them first"
         )
-    return _Plan(path, opts, header, template, Path(path).resolve().parent, roots)
+    base_dir = Path(opts.image_base_dir or Path(path).parent).expanduser().resolve()
+    return _Plan(path, opts, header, template, base_dir, roots)
 
 
 class _IdTracker:

@@ -15,7 +15,7 @@ MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI: at most 200 MB per batch input fil
 
 _INT_FIELDS = ("start_row", "end_row", "max_requests_per_batch", "max_batch_bytes", "max_tokens")
 _FLOAT_FIELDS = ("temperature", "max_image_mb")
-_OPTIONAL_STR_FIELDS = ("prompt_template", "system_prompt", "image_column", "id_column")
+_OPTIONAL_STR_FIELDS = ("prompt_template", "system_prompt", "image_column", "id_column", "image_base_dir")
 
 
 @dataclass
@@ -36,6 +36,8 @@ class BuildOptions:
     max_requests_per_batch: int = 50_000
     max_batch_bytes: int = 199_000_000
     max_image_mb: float = 20.0
+    #: Folder that relative image paths resolve against; None = the CSV's own folder.
+    image_base_dir: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> BuildOptions:
