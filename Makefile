@@ -3,7 +3,7 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install browser demo stop test lint clean
+.PHONY: install browser demo stop test lint bench clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ stop:
 
 test: install browser lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# Not part of `make test`: build and merge against a naive pandas script on generated 200k/1M rows.
+bench: install
+	$(BIN)/python scripts/bench.py
 
 lint: install
 	$(BIN)/ruff check .

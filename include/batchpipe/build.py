@@ -17,13 +17,17 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from json.encoder import encode_basestring
 from pathlib import Path
 from typing import Any
 
 from . import csvio, paths
 from .errors import InputError, RowError
-from .images import check_image_cell, image_url_for_cell
+from .images import check_image_cell, encoded_size_hint, image_url_for_cell
 from .options import BuildOptions
 
 OUTPUT_COLUMNS = ("response", "error", "prompt_tokens", "completion_tokens", "total_tokens")
@@ -33,6 +37,8 @@ MANIFEST_NAME = "build_manifest.json"
 INVALID_NAME = "invalid.jsonl"
 SHARD_GLOB = "shard-*.jsonl"
 MANIFEST_VERSION = 1
+IMAGE_WORKERS = min(8, max(4, os.cpu_count() or 1))  # threads reading + base64-encoding images
+IMAGE_BYTES_IN_FLIGHT = 64 * 1024 * 1024  # bound on encoded image data read ahead of the writer
 
 
 def dumps_line(obj: Any) -> str:
@@ -81,6 +87,16 @@ class PromptTemplate:
 
     def render(self, row: dict[str, str]) -> str:
         return "".join(row[text] if is_field else text for is_field, text in self.parts)
+
+    def compile(self, header: list[str]) -> Callable[[list[str]], str]:
+        """A renderer for rows given as lists in ``header`` order (same result as :meth:`render`)."""
+        pos = {name: i for i, name in enumerate(header)}
+        parts = [(pos[text], "") if is_field else (-1, text) for is_field, text in self.parts]
+
+        def render_list(row: list[str]) -> str:
+            return "".join(row[i] if i >= 0 else text for i, text in parts)
+
+        return render_list
 
 
 # --------------------------------------------------------------------------- request bodies
@@ -322,31 +338,35 @@ class _ShardWriter:
         self.shards: list[dict[str, Any]] = []
         self._fh = None
         self._cur: dict[str, Any] | None = None
+        self._n = 0  # requests in the current shard
+        self._b = 0  # bytes in the current shard
+        self._last = -1
 
     def add(self, line: bytes, row_index: int) -> None:
-        cur = self._cur
-        if cur is not None and (
-            cur["requests"] + 1 > self.max_requests or cur["bytes"] + len(line) > self.max_bytes
-        ):
+        size = len(line)
+        if self._cur is not None and (self._n >= self.max_requests or self._b + size > self.max_bytes):
             self._close_current()
-            cur = None
-        if cur is None:
+        if self._cur is None:
             index = len(self.shards)
             path = self.work_dir / f"shard-{index:05d}.jsonl"
-            cur = {"index": index, "path": str(path), "requests": 0, "bytes": 0, "first_row": row_index}
-            self._cur = cur
-            self._fh = open(str(path) + ".tmp", "wb")
+            self._cur = {"index": index, "path": str(path), "requests": 0, "bytes": 0, "first_row": row_index}
+            self._n = self._b = 0
+            self._fh = open(str(path) + ".tmp", "wb", buffering=1024 * 1024)
         self._fh.write(line)
-        cur["requests"] += 1
-        cur["bytes"] += len(line)
-        cur["last_row"] = row_index
+        self._n += 1
+        self._b += size
+        self._last = row_index
 
     def _close_current(self) -> None:
         if self._cur is None:
             return
         self._fh.close()
-        os.replace(self._cur["path"] + ".tmp", self._cur["path"])
-        self.shards.append(self._cur)
+        cur = self._cur
+        cur["requests"] = self._n
+        cur["bytes"] = self._b
+        cur["last_row"] = self._last
+        os.replace(cur["path"] + ".tmp", cur["path"])
+        self.shards.append(cur)
         self._cur = None
         self._fh = None
 
@@ -358,6 +378,118 @@ class _ShardWriter:
         if self._fh is not None:
             self._fh.close()
             Path(self._cur["path"] + ".tmp").unlink(missing_ok=True)
+
+
+_CID_MARK = "\x00batchpipe-custom-id\x00"
+_PROMPT_MARK = "\x00batchpipe-prompt\x00"
+
+
+def _line_template(o: BuildOptions) -> tuple[str, str, str] | None:
+    """The request line of a text-only row, pre-serialised around its two variable strings.
+
+    Returns ``(head, middle, tail)`` such that ``head + json(custom_id) + middle + json(prompt) + tail``
+    is exactly ``dumps_line(request) + "\n"``; None when the prompt does not appear exactly once in the
+    body (e.g. ``extra_body`` replaces the messages), in which case the generic path is used.
+    """
+    request = {
+        "custom_id": _CID_MARK,
+        "method": "POST",
+        "url": o.endpoint,
+        "body": make_body(o, _PROMPT_MARK, None),
+    }
+    text = dumps_line(request) + "\n"
+    cid, prompt = encode_basestring(_CID_MARK), encode_basestring(_PROMPT_MARK)
+    if text.count(cid) != 1 or text.count(prompt) != 1:
+        return None
+    head, rest = text.split(cid)
+    if prompt not in rest:
+        return None
+    middle, tail = rest.split(prompt)
+    return head, middle, tail
+
+
+def _request_line(o: BuildOptions, custom_id: str, prompt: str, image_url: str | None) -> bytes:
+    request = {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": o.endpoint,
+        "body": make_body(o, prompt, image_url),
+    }
+    return (dumps_line(request) + "\n").encode("utf-8")
+
+
+def _too_big(line: bytes, max_bytes: int) -> RowError:
+    return RowError(f"request is {len(line)} bytes, larger than max_batch_bytes={max_bytes}")
+
+
+def _check_id_value(value: str, column: str) -> None:
+    if value.strip() == "":
+        raise RowError("empty id", column)
+    if len(value) > MAX_CUSTOM_ID_LEN:
+        raise RowError(f"id is {len(value)} characters, at most {MAX_CUSTOM_ID_LEN} allowed", column)
+
+
+def _encode_ordered(
+    items: Iterator[tuple[int, str, str | None, RowError | None, str]],
+    plan: _Plan,
+    workers: int | None = None,
+    max_bytes_in_flight: int | None = None,
+) -> Iterator[tuple[int, str, str | None, RowError | None, str | None]]:
+    """Image URLs of ``(index, custom_id, prompt, error, image_cell)`` items, encoded by a thread pool.
+
+    Yields ``(index, custom_id, prompt, error, image_url)`` in input order. Rows that already have an
+    ``error`` are not encoded; an encoding ``RowError`` (with the image column set) becomes the row's
+    error. At most ``max_bytes_in_flight`` bytes of (estimated) encoded image data are pending, plus
+    one image, so memory stays bounded whatever the input size.
+    """
+    workers = workers or IMAGE_WORKERS
+    if max_bytes_in_flight is None:
+        max_bytes_in_flight = IMAGE_BYTES_IN_FLIGHT
+    o = plan.opts
+    col = o.image_column
+    base_dir, max_mb, roots = plan.base_dir, o.max_image_mb, plan.roots
+
+    def encode(cell: str) -> str | None:
+        try:
+            return image_url_for_cell(cell, base_dir, max_mb, roots)
+        except RowError as exc:
+            exc.column = col
+            raise
+
+    pending: deque[tuple[int, str, str | None, RowError | None, Future | None, int]] = deque()
+    in_flight = 0
+
+    def pop() -> tuple[int, str, str | None, RowError | None, str | None]:
+        nonlocal in_flight
+        index, cid, prompt, err, fut, size = pending.popleft()
+        in_flight -= size
+        url = None
+        if fut is not None:
+            try:
+                url = fut.result()
+            except RowError as exc:
+                err = exc
+        return index, cid, prompt, err, url
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="batchpipe-img")
+    try:
+        for index, cid, prompt, err, cell in items:
+            fut, size = None, 0
+            if err is None:
+                size = encoded_size_hint(cell, base_dir)
+                while pending and (in_flight + size > max_bytes_in_flight or len(pending) >= 4096):
+                    yield pop()
+                fut = pool.submit(encode, cell)
+                in_flight += size
+            pending.append((index, cid, prompt, err, fut, size))
+            while pending and pending[0][4] is not None and pending[0][4].done():
+                yield pop()
+            while pending and pending[0][4] is None:
+                yield pop()
+        while pending:
+            yield pop()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _clean_work_dir(work_dir: Path) -> None:
@@ -400,43 +532,105 @@ def build_jsonl(
     invalid_path = wd / INVALID_NAME
     rows = valid = invalid = 0
     examples: list[dict[str, Any]] = []
+
+    header = plan.header
+    id_col = o.id_column
+    id_i = header.index(id_col) if id_col else -1
+    seen = ids.seen
+    path = plan.path
+    if plan.template is not None:
+        render: Callable[[list[str]], str] | None = plan.template.compile(header)
+        prompt_col, prompt_i = None, -1
+    else:
+        render, prompt_col, prompt_i = None, o.prompt_column, header.index(o.prompt_column)
+    image_i = header.index(o.image_column) if o.image_column else -1
+    max_bytes = o.max_batch_bytes
+    template = _line_template(o)
+    stream = csvio._iter_lists(path, o.start_row, o.end_row)
+    images = None
+
+    def fail(inv, index: int, custom_id: str, exc: RowError) -> None:
+        nonlocal invalid
+        invalid += 1
+        if len(examples) < MAX_EXAMPLES:
+            examples.append(_example(index, exc))
+        rec = {
+            "row": index,
+            "custom_id": custom_id or f"row-{index}",
+            "column": exc.column,
+            "error": exc.message,
+        }
+        inv.write(dumps_line(rec) + "\n")
+
     try:
         with open(str(invalid_path) + ".tmp", "w", encoding="utf-8", newline="\n") as inv:
-            for index, row in csvio.iter_rows(plan.path, o.start_row, o.end_row, allowed_roots=None):
-                rows += 1
-                ids.add(index, row)
-                custom_id = plan.custom_id(index, row)
-                try:
-                    plan.check_id(row)
-                    prompt = plan.prompt(row)
-                    image_url = plan.image_url(row, encode=True)
-                    request = {
-                        "custom_id": custom_id,
-                        "method": "POST",
-                        "url": o.endpoint,
-                        "body": make_body(o, prompt, image_url),
-                    }
-                    line = (dumps_line(request) + "\n").encode("utf-8")
-                    if len(line) > o.max_batch_bytes:
-                        raise RowError(
-                            f"request is {len(line)} bytes, larger than max_batch_bytes={o.max_batch_bytes}"
-                        )
-                except RowError as exc:
-                    invalid += 1
-                    if len(examples) < MAX_EXAMPLES:
-                        examples.append(_example(index, exc))
-                    rec = {
-                        "row": index,
-                        "custom_id": custom_id or f"row-{index}",
-                        "column": exc.column,
-                        "error": exc.message,
-                    }
-                    inv.write(dumps_line(rec) + "\n")
-                    continue
-                writer.add(line, index)
-                valid += 1
+            if image_i < 0:
+                # Text only: no pool; the line is the pre-serialised template around two JSON strings.
+                add = writer.add
+                enc = encode_basestring
+                if template is not None:
+                    head, middle, tail = template
+                for index, _, row in stream:
+                    rows += 1
+                    if id_i >= 0:
+                        custom_id = row[id_i]
+                        if custom_id.strip() != "":
+                            first = seen.setdefault(custom_id, index)
+                            if first != index:
+                                ids.add(index, {id_col: custom_id})  # raises the duplicate InputError
+                    else:
+                        custom_id = f"row-{index}"
+                    try:
+                        if id_i >= 0:
+                            _check_id_value(custom_id, id_col)
+                        prompt = row[prompt_i] if render is None else render(row)
+                        if prompt.strip() == "":
+                            raise RowError("empty prompt", prompt_col)
+                        if template is not None:
+                            line = (head + enc(custom_id) + middle + enc(prompt) + tail).encode("utf-8")
+                        else:
+                            line = _request_line(o, custom_id, prompt, None)
+                        if len(line) > max_bytes:
+                            raise _too_big(line, max_bytes)
+                    except RowError as exc:
+                        fail(inv, index, custom_id, exc)
+                        continue
+                    add(line, index)
+                    valid += 1
+            else:
+
+                def items() -> Iterator[tuple[int, str, str | None, RowError | None, str]]:
+                    nonlocal rows
+                    for index, _, row in stream:
+                        rows += 1
+                        d = dict(zip(header, row, strict=True))
+                        ids.add(index, d)
+                        custom_id = plan.custom_id(index, d)
+                        try:
+                            plan.check_id(d)
+                            prompt = plan.prompt(d)
+                        except RowError as exc:
+                            yield index, custom_id, None, exc, ""
+                            continue
+                        yield index, custom_id, prompt, None, row[image_i]
+
+                images = _encode_ordered(items(), plan)
+                for index, custom_id, prompt, err, url in images:
+                    try:
+                        if err is not None:
+                            raise err
+                        line = _request_line(o, custom_id, prompt, url)
+                        if len(line) > max_bytes:
+                            raise _too_big(line, max_bytes)
+                    except RowError as exc:
+                        fail(inv, index, custom_id, exc)
+                        continue
+                    writer.add(line, index)
+                    valid += 1
         shards = writer.close()
     except BaseException:
+        if images is not None:
+            images.close()  # stops the pool
         writer.abort()
         Path(str(invalid_path) + ".tmp").unlink(missing_ok=True)
         _clean_work_dir(wd)  # never leave a partial set of shards behind

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import os
+import stat
 from pathlib import Path
 
 from .errors import RowError
@@ -100,12 +101,25 @@ def _check_size(p: str, nbytes: int, max_image_mb: float | None) -> None:
 def encode_image(
     path: str | os.PathLike, max_image_mb: float | None = None, shown: str | None = None
 ) -> tuple[str, str, int]:
-    """Read an image file and return ``(data_url, mime, nbytes)``; the base64 is of the exact bytes."""
+    """Read an image file and return ``(data_url, mime, nbytes)``; the base64 is of the exact bytes.
+
+    Same checks and messages as :func:`check_image` (stat, size, type), but the file is opened once.
+    Thread-safe (no shared state): the build encodes images from a thread pool.
+    """
     p = Path(path)
     name = shown or str(p)
-    check_image(p, max_image_mb, name)
     try:
-        data = p.read_bytes()
+        st = p.stat()
+    except FileNotFoundError:
+        raise RowError(f"image file not found: {name}") from None
+    except OSError as exc:
+        raise RowError(f"cannot read image {name}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise RowError(f"image path is not a file: {name}")
+    _check_size(name, st.st_size, max_image_mb)  # before reading: never load an oversized file
+    try:
+        with open(p, "rb") as fh:
+            data = fh.read()
     except OSError as exc:
         raise RowError(f"cannot read image {name}: {exc.strerror or exc}") from None
     _check_size(name, len(data), max_image_mb)
@@ -113,6 +127,19 @@ def encode_image(
     if mime is None:
         raise RowError(f"unsupported image type (not PNG, JPEG, GIF or WebP): {name}")
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", mime, len(data)
+
+
+def encoded_size_hint(value: str, base_dir: str | os.PathLike | None) -> int:
+    """Roughly how many bytes the data URL of an image cell will take (0 for URLs, empty or missing
+    files). Cheap (one stat); used to bound the encoded data in flight. Never raises."""
+    v = value.strip()
+    if not v or is_url(v):
+        return 0
+    try:
+        n = os.stat(resolve_path(v, base_dir)).st_size
+    except (OSError, ValueError):
+        return 0
+    return 4 * ((n + 2) // 3) + 32
 
 
 def image_url_for_cell(
