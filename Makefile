@@ -3,7 +3,7 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install browser demo stop test lint bench clean
+.PHONY: install browser demo stop test lint bench bench-dag clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,10 @@ test: install browser lint
 # Not part of `make test`: build and merge against a naive pandas script on generated 200k/1M rows.
 bench: install
 	$(BIN)/python scripts/bench.py
+
+# A million rows through the whole DAG (dag.test against the local server): 20 shards, small XCom.
+bench-dag: install
+	$(BIN)/python scripts/bench_dag.py
 
 lint: install
 	$(BIN)/ruff check .

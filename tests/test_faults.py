@@ -298,7 +298,9 @@ def test_shards_go_out_in_waves_under_the_enqueued_token_limit(dag, srv, tmp_pat
     limit = max(sizes) + min(sizes) - 1  # any one shard fits, no two together
     dr, tis = run(dag, tmp_path, src, image_column=None, max_requests_per_batch=9, max_enqueued_tokens=limit)
     assert dr.state == "success", states(tis)
-    made = sorted(batches(srv), key=lambda b: b.created_at)
+    # timestamps are whole seconds: a batch created and finished within the second another one
+    # was created sorts first by its completion
+    made = sorted(batches(srv), key=lambda b: (b.created_at, b.completed_at))
     assert len(made) == 3
     assert sorted(int(b.metadata["est_prompt_tokens"]) for b in made) == sorted(sizes)
     for earlier, later in zip(made, made[1:], strict=False):

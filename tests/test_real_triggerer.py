@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import signal
+import subprocess
 import time
 import urllib.request
 
@@ -81,6 +83,12 @@ def wait_for(predicate, timeout: float, what: str, stack: AirflowStack):
     )
 
 
+def ensure_triggerer(stack: AirflowStack) -> None:
+    """Tests after the first need a triggerer (the first starts it; alone, they start their own)."""
+    if "triggerer" not in stack.procs:
+        stack.start("triggerer")
+
+
 def run_batches(server, run_id: str) -> list:
     return [b for b in server.client().batches.list(limit=100).data if b.metadata.get("run_id") == run_id]
 
@@ -130,6 +138,7 @@ def test_1_deferred_wait_is_finished_by_a_separate_triggerer_process(env):
 
 def test_2_triggerer_killed_mid_wait_a_new_one_resumes_the_same_batch(env):
     tmp, server, stack = env
+    ensure_triggerer(stack)
     server.set_config({"in_progress_seconds": 600})
     run_id = stack.trigger(DAG_ID, conf(tmp), run_id="restart")
     wait_for(lambda: states(stack, run_id, "wait_for_batch") == ["deferred"], 240, "the wait to defer", stack)
@@ -147,6 +156,7 @@ def test_2_triggerer_killed_mid_wait_a_new_one_resumes_the_same_batch(env):
 
 def test_3_marking_the_waiting_task_failed_cancels_its_batch(env):
     tmp, server, stack = env
+    ensure_triggerer(stack)
     server.set_config({"in_progress_seconds": 600})
     run_id = stack.trigger(DAG_ID, conf(tmp), run_id="mark_failed")
     wait_for(lambda: states(stack, run_id, "wait_for_batch") == ["deferred"], 240, "the wait to defer", stack)
@@ -181,6 +191,7 @@ def test_4_clearing_a_finished_run_is_a_deliberate_new_submission(env):
     # A retry re-attaches to the batch it made; clearing a finished run in the UI/API is a
     # decision to run again, so it submits new batches (the clear starts a new "generation").
     tmp, server, stack = env
+    ensure_triggerer(stack)
     server.set_config({"in_progress_seconds": 0.2})
     run_id = "restart"  # finished successfully in test_2 with one batch
     assert stack.run_state(DAG_ID, run_id) == "success" and len(run_batches(server, run_id)) == 1
@@ -200,6 +211,7 @@ def test_4_clearing_a_finished_run_is_a_deliberate_new_submission(env):
 
 def test_5_a_dag_scheduled_on_the_results_asset_runs_after_each_success(env):
     tmp, server, stack = env
+    ensure_triggerer(stack)
     consumer = "openai_batch_results_consumer"
     landed = {str(p) for p in (tmp / "out" / "questions").glob("*/results.csv")}
     assert landed  # earlier tests' successful runs
@@ -217,6 +229,7 @@ def test_5_a_dag_scheduled_on_the_results_asset_runs_after_each_success(env):
 
 def test_6_inbox_two_csvs_processed_exactly_once_and_a_second_run_finds_nothing(env):
     tmp, server, stack = env
+    ensure_triggerer(stack)
     server.set_config({"in_progress_seconds": 0.2})
     inbox = tmp / "inbox"
     shutil.copytree(tmp / "in" / "images", inbox / "images")
@@ -267,3 +280,22 @@ def test_6_inbox_two_csvs_processed_exactly_once_and_a_second_run_finds_nothing(
         == "success"
     )
     assert pipeline_runs("inbox__inbox_2__") == []  # nothing new: nothing processed twice
+
+
+def test_7_the_readme_trigger_command_runs_verbatim(env):
+    tmp, server, stack = env
+    ensure_triggerer(stack)
+    server.set_config({"in_progress_seconds": 0.2})
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("### From the command line", 1)[1]
+    command = re.search(r"```bash\n(airflow dags trigger .*?)```", section, re.S).group(1)
+    before = {r[0] for r in stack._query("SELECT run_id FROM dag_run WHERE dag_id = ?", DAG_ID)}
+    done = subprocess.run(["bash", "-c", command], cwd=REPO, env=stack.env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_id,) = {r[0] for r in stack._query("SELECT run_id FROM dag_run WHERE dag_id = ?", DAG_ID)} - before
+    assert stack.wait_run(DAG_ID, run_id, timeout=300) == "success", stack.task_states(DAG_ID, run_id)
+    # no output_dir in the command: the default folder, $AIRFLOW_HOME/openai_batch_results
+    results = stack.xcom(DAG_ID, run_id, "merge")
+    assert results.startswith(str(stack.home / "openai_batch_results" / "questions"))
+    with open(results, newline="", encoding="utf-8") as fh:
+        assert [r["id"] for r in csv.DictReader(fh)] == [f"q{i:03d}" for i in range(1, 11)]

@@ -316,9 +316,9 @@ class OpenAIBatchSensor(BaseSensorOperator):
         return True
 
     def _intent(self, context: Any, key: str):
-        from openai_batch_airflow.submit import Intent, generation
+        from openai_batch_airflow.tasks import intent
 
-        return Intent(context.get("task_state_store"), key, generation(context))
+        return intent(context, key)
 
     def _metadata(self, context: Any, state: dict[str, Any]) -> dict[str, str]:
         return {

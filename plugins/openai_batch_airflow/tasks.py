@@ -189,7 +189,8 @@ def estimate_cost(manifest_path: str, params: dict[str, Any], folder: Path) -> d
     return estimate
 
 
-def _intent(context: Any, key: str):
+def intent(context: Any, key: str):
+    """This task's recorded submission ``key`` (see :mod:`openai_batch_airflow.submit`)."""
     from openai_batch_airflow.submit import Intent, generation
 
     return Intent(context.get("task_state_store"), key, generation(context))
@@ -202,7 +203,7 @@ def upload(shard: dict[str, Any], conn_id: str, context: Any) -> dict[str, Any]:
     name = (
         f"{safe_name(context['dag'].dag_id)}-{safe_name(context['run_id'])}-shard-{int(shard['index']):05d}"
     )
-    uploaded = upload_once(_client(conn_id), shard["path"], name, _intent(context, "upload"))
+    uploaded = upload_once(_client(conn_id), shard["path"], name, intent(context, "upload"))
     log.info(
         "shard %s: uploaded %s (%d bytes) as %s", shard["index"], shard["path"], shard["bytes"], uploaded.id
     )
@@ -244,7 +245,7 @@ def create(shard: dict[str, Any], params: dict[str, Any], context: Any) -> dict[
 
     dag_id, run_id = context["dag"].dag_id, context["run_id"]
     client = _client(params["conn_id"])
-    intent = _intent(context, "create_batch")
+    recorded = intent(context, "create_batch")
     metadata = {
         "dag_id": dag_id[:512],
         "run_id": run_id[:512],
@@ -253,7 +254,7 @@ def create(shard: dict[str, Any], params: dict[str, Any], context: Any) -> dict[
         "model": params["model"][:512],
     }
     limit = max_enqueued_tokens(params)
-    if limit and not (intent.saved and intent.saved.get("batch_id")):
+    if limit and not (recorded.saved and recorded.saved.get("batch_id")):
         from batchpipe.tokens import shard_prompt_tokens
 
         estimate = shard_prompt_tokens(shard["path"], params["endpoint"], params["model"])
@@ -274,7 +275,7 @@ def create(shard: dict[str, Any], params: dict[str, Any], context: Any) -> dict[
             raise AirflowRescheduleException(datetime.now(UTC) + timedelta(seconds=wait))
     batch = create_once(
         client,
-        intent,
+        recorded,
         metadata=metadata,
         input_file_id=shard["input_file_id"],
         endpoint=params["endpoint"],
