@@ -13,13 +13,15 @@ Processes every new CSV dropped into an **inbox folder**, each exactly once:
 
 Every successful file updates the `openai_batch_results` Asset (downstream DAGs can be scheduled
 on it). Inbox folder: the `inbox` param, else Variable `openai_batch_inbox`, else
-`$OPENAI_BATCH_INBOX`. Schedule: `$OPENAI_BATCH_INBOX_SCHEDULE` (cron, default `0 2 * * *`, nightly
-at 02:00).
+`$OPENAI_BATCH_INBOX`. Schedule: `$OPENAI_BATCH_INBOX_SCHEDULE`: a cron expression (default
+`0 2 * * *`, nightly at 02:00) or an interval such as `15m`.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from datetime import timedelta
 
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import Param, dag, get_current_context, task
@@ -27,9 +29,16 @@ from airflow.sdk import Param, dag, get_current_context, task
 from openai_batch_airflow.notify import RunNotifier
 
 
+def _schedule(value: str) -> str | timedelta:
+    """A cron expression, or an interval such as ``20s``, ``15m``, ``6h``."""
+    if m := re.fullmatch(r"\s*(\d+)\s*([smh])\s*", value):
+        return timedelta(**{{"s": "seconds", "m": "minutes", "h": "hours"}[m[2]]: int(m[1])})
+    return value
+
+
 @dag(
     dag_id="openai_batch_inbox",
-    schedule=os.environ.get("OPENAI_BATCH_INBOX_SCHEDULE", "0 2 * * *"),
+    schedule=_schedule(os.environ.get("OPENAI_BATCH_INBOX_SCHEDULE", "0 2 * * *")),
     catchup=False,
     doc_md=__doc__,
     tags=["openai", "batch", "inbox"],

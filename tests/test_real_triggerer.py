@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 import signal
@@ -47,6 +48,9 @@ def env(tmp_path_factory):
                 # a killed triggerer's triggers are taken over once it has missed this long
                 "AIRFLOW__TRIGGERER__TRIGGERER_HEALTH_CHECK_THRESHOLD": "10",
                 "OPENAI_BATCH_INBOX_POKE_SECONDS": "2",
+                # the inbox DAG on a fast schedule (paused until test_6 unpauses it)
+                "OPENAI_BATCH_INBOX_SCHEDULE": "15s",
+                "OPENAI_BATCH_INBOX": str(tmp / "inbox"),
             },
         )
         with stack:
@@ -54,6 +58,9 @@ def env(tmp_path_factory):
             stack.start("api-server", "scheduler", "dag-processor")
             stack.wait_healthy()
             stack.wait_dag(DAG_ID)
+            stack.wait_dag("openai_batch_inbox")
+            stack.airflow("dags", "pause", "openai_batch_inbox")
+            (tmp / "inbox").mkdir()
             yield tmp, server, stack
 
 
@@ -227,40 +234,56 @@ def test_5_a_dag_scheduled_on_the_results_asset_runs_after_each_success(env):
     assert seen <= landed and seen  # it was told where each results.csv landed
 
 
-def test_6_inbox_two_csvs_processed_exactly_once_and_a_second_run_finds_nothing(env):
+def test_6_inbox_scheduled_run_processes_two_csvs_once_and_the_next_finds_nothing(env):
     tmp, server, stack = env
     ensure_triggerer(stack)
     server.set_config({"in_progress_seconds": 0.2})
-    inbox = tmp / "inbox"
+    inbox, out = tmp / "inbox", tmp / "inbox-out"
     shutil.copytree(tmp / "in" / "images", inbox / "images")
-    for name in ("alpha.csv", "beta.csv"):
-        shutil.copy(tmp / "in" / "questions.csv", inbox / name)
-    (inbox / "beta.json").write_text(json.dumps({"end_row": 5, "model": "gpt-4o-mini"}))
-    out = tmp / "inbox-out"
-    conf = {
-        "inbox": str(inbox),
-        "min_age_seconds": 0,
-        "defaults": {"image_column": "image", "check_interval": 1, "output_dir": str(out)},
-    }
+    settings = {"image_column": "image", "check_interval": 1, "output_dir": str(out)}
+    for name, extra in (("alpha", {}), ("beta", {"end_row": 5, "model": "gpt-4o-mini"})):
+        shutil.copy(tmp / "in" / "questions.csv", inbox / f"{name}.csv")
+        (inbox / f"{name}.json").write_text(json.dumps({**settings, **extra}))
+        old = time.time() - 3600  # older than min_age_seconds: fully written
+        os.utime(inbox / f"{name}.csv", (old, old))
 
-    def pipeline_runs(prefix):
+    def inbox_runs():
         return stack._query(
-            "SELECT run_id, state, conf FROM dag_run WHERE dag_id = ? AND run_id LIKE ?", DAG_ID, prefix + "%"
+            "SELECT run_id, run_type, state FROM dag_run "
+            "WHERE dag_id = 'openai_batch_inbox' ORDER BY run_after"
         )
 
-    assert (
-        stack.wait_run("openai_batch_inbox", stack.trigger("openai_batch_inbox", conf, "inbox_1"))
-        == "success"
-    )
-    runs = pipeline_runs("inbox__inbox_1__")
-    assert sorted(r[0] for r in runs) == ["inbox__inbox_1__alpha", "inbox__inbox_1__beta"]
-    assert all(r[1] == "success" for r in runs)
-    assert sorted(p.name for p in (inbox / "done" / "inbox_1").iterdir()) == [
-        "alpha.csv",
-        "beta.csv",
-        "beta.json",
-    ]
-    assert not list(inbox.glob("*.csv")) and not list((inbox / "processing").glob("*/*"))
+    def pipeline_runs():
+        return stack._query(
+            "SELECT run_id, state FROM dag_run WHERE dag_id = ? AND run_id LIKE 'inbox__%'", DAG_ID
+        )
+
+    stack.airflow("dags", "unpause", "openai_batch_inbox")  # its schedule here: every 15 s
+    try:
+        wait_for(lambda: len(list((inbox / "done").glob("*/*.csv"))) == 2, 300, "both files done", stack)
+        (claim,) = {p.parent.name for p in (inbox / "done").glob("*/*.csv")}  # one run took both
+        (first,) = [r for r in inbox_runs() if safe(r[0]) == claim]
+        assert first[1] == "scheduled"
+        assert stack.wait_run("openai_batch_inbox", first[0]) == "success"
+        assert sorted(pipeline_runs()) == [
+            (f"inbox__{claim}__alpha", "success"),
+            (f"inbox__{claim}__beta", "success"),
+        ]
+        assert sorted(p.name for p in (inbox / "done" / claim).iterdir()) == [
+            "alpha.csv", "alpha.json", "beta.csv", "beta.json"
+        ]  # fmt: skip
+        assert not list(inbox.glob("*.csv")) and not list((inbox / "processing").glob("*/*"))
+
+        # the next scheduled run finds nothing: nothing is processed twice
+        def next_scheduled_run_succeeded():
+            runs = inbox_runs()
+            later = runs[[r[0] for r in runs].index(first[0]) + 1 :]
+            return any(r[1] == "scheduled" and r[2] == "success" for r in later)
+
+        wait_for(next_scheduled_run_succeeded, 120, "the next scheduled inbox run", stack)
+        assert len(pipeline_runs()) == 2
+    finally:
+        stack.airflow("dags", "pause", "openai_batch_inbox")
     rows = {}
     for stem in ("alpha", "beta"):
         (results,) = (out / stem).glob("*/results.csv")
@@ -268,18 +291,16 @@ def test_6_inbox_two_csvs_processed_exactly_once_and_a_second_run_finds_nothing(
             rows[stem] = list(csv.DictReader(fh))
     assert len(rows["alpha"]) == 30 and sum(1 for r in rows["alpha"] if r["response"]) == 27  # images found
     assert len(rows["beta"]) == 5  # its sidecar's end_row
-    beta_batches = [
-        b
-        for b in server.client().batches.list(limit=100).data
-        if b.metadata.get("run_id") == "inbox__inbox_1__beta"
+    beta = [
+        b for b in server.client().batches.list(limit=100).data if b.metadata["run_id"].endswith("__beta")
     ]
-    assert [b.metadata["model"] for b in beta_batches] == ["gpt-4o-mini"]
+    assert [b.metadata["model"] for b in beta] == ["gpt-4o-mini"]
 
-    assert (
-        stack.wait_run("openai_batch_inbox", stack.trigger("openai_batch_inbox", conf, "inbox_2"))
-        == "success"
-    )
-    assert pipeline_runs("inbox__inbox_2__") == []  # nothing new: nothing processed twice
+
+def safe(run_id: str) -> str:
+    from openai_batch_airflow.tasks import safe_name
+
+    return safe_name(run_id)
 
 
 def test_7_the_readme_trigger_command_runs_verbatim(env):
