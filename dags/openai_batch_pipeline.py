@@ -352,7 +352,9 @@ def openai_batch_pipeline():
     # none_failed: also runs when no row could be sent (zero shards, so the mapped tasks skip).
     @task(trigger_rule="none_failed", outlets=[RESULTS_ASSET], on_success_callback=RunNotifier("success"))
     def merge(downloads: list | None) -> str:
-        return t.merge(list(downloads or []), _params(), _run_id(), get_current_context())
+        # index by length: iterating the lazy XCom sequence probes one past its end (an error log)
+        shards = [downloads[i] for i in range(len(downloads))] if downloads else []
+        return t.merge(shards, _params(), _run_id(), get_current_context())
 
     built = build_jsonl(validate_csv())
     created = create_batch.expand(shard=upload.expand(shard=built))
