@@ -146,7 +146,17 @@ def main() -> int:
             f"  {report['rows']} rows: {report['answered']} answered, {report['failed']} failed, "
             f"{report['invalid']} invalid (not sent); tokens {report['tokens']}"
         )
-        say(f"  report: {results.parent / 'report.json'}")
+        cost = report.get("cost_usd") or {}
+        if cost.get("actual_batch") is not None:
+            say(
+                f"  Batch cost: ${cost['actual_batch']:.6f} "
+                f"(estimated before upload: ${cost['estimated_batch_expected'] or 0:.6f})"
+            )
+            if mode == "offline":
+                say("  (offline, the local server echoes prompts and counts words as tokens: a real")
+                say("   model's answers are longer, closer to the estimate's 200 tokens per answer)")
+        say(f"  report: {results.parent / 'report.html'} (open it in a browser) and report.json")
+        say(f"  estimate made before upload: {results.parent / 'estimate.md'}")
         ok = True
         return 0
     finally:
