@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -50,3 +52,28 @@ def airflow_db() -> Path:
         )
         _db_ready = True
     return _HOME
+
+
+@contextmanager
+def local_openai(tmp_dir: Path, password: str, config: dict | None = None):
+    """The local batch server, with the ``openai_default`` connection pointing at it for dag.test()."""
+    from local_batch_server.testing import running_server
+
+    with running_server(tmp_dir, config=config) as srv:
+        os.environ["AIRFLOW_CONN_OPENAI_DEFAULT"] = json.dumps(
+            {"conn_type": "openai", "host": srv.base_url, "password": password}
+        )
+        try:
+            yield srv
+        finally:
+            os.environ.pop("AIRFLOW_CONN_OPENAI_DEFAULT", None)
+
+
+@pytest.fixture
+def dag():
+    """A fresh ``openai_batch_pipeline`` per test: dag.test() leaves a run's conf in the DAG's params."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert bag.import_errors == {}
+    return bag.dags["openai_batch_pipeline"]

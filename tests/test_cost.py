@@ -4,14 +4,12 @@ headless Chromium, whose screenshot is kept in test-artifacts/)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-from local_batch_server.testing import running_server
+from conftest import REPO, local_openai
 
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -19,19 +17,8 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, airflow_db):
-    with running_server(tmp_path_factory.mktemp("server")) as srv:
-        os.environ["AIRFLOW_CONN_OPENAI_DEFAULT"] = json.dumps(
-            {"conn_type": "openai", "host": srv.base_url, "password": "sk-cost-tests"}
-        )
+    with local_openai(tmp_path_factory.mktemp("server"), "sk-cost-tests") as srv:
         yield srv
-        os.environ.pop("AIRFLOW_CONN_OPENAI_DEFAULT", None)
-
-
-@pytest.fixture
-def dag():
-    from airflow.dag_processing.dagbag import DagBag
-
-    return DagBag(dag_folder=str(REPO / "dags")).dags["openai_batch_pipeline"]
 
 
 @pytest.fixture

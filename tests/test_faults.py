@@ -14,20 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-from local_batch_server.testing import running_server
+from conftest import REPO, local_openai
 
 SECRET = "sk-fault-tests-secret-9d2c71"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, airflow_db):
-    with running_server(tmp_path_factory.mktemp("server")) as srv:
-        os.environ["AIRFLOW_CONN_OPENAI_DEFAULT"] = json.dumps(
-            {"conn_type": "openai", "host": srv.base_url, "password": SECRET}
-        )
+    with local_openai(tmp_path_factory.mktemp("server"), SECRET) as srv:
         yield srv
-        os.environ.pop("AIRFLOW_CONN_OPENAI_DEFAULT", None)
 
 
 @pytest.fixture
@@ -35,15 +30,6 @@ def srv(server):
     server.reset()
     server.set_config({"validating_seconds": 0.2, "in_progress_seconds": 0.4, "finalizing_seconds": 0.2})
     return server
-
-
-@pytest.fixture
-def dag():
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(REPO / "dags"))
-    assert bag.import_errors == {}
-    return bag.dags["openai_batch_pipeline"]
 
 
 @pytest.fixture

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import REPO
-from local_batch_server.testing import running_server
+from conftest import REPO, local_openai
 
 
 @pytest.fixture
@@ -36,19 +34,8 @@ def webhook(monkeypatch):
 
 @pytest.fixture(scope="module")
 def batch_server(tmp_path_factory, airflow_db):
-    with running_server(tmp_path_factory.mktemp("server")) as srv:
-        os.environ["AIRFLOW_CONN_OPENAI_DEFAULT"] = json.dumps(
-            {"conn_type": "openai", "host": srv.base_url, "password": "sk-notify-secret-55"}
-        )
+    with local_openai(tmp_path_factory.mktemp("server"), "sk-notify-secret-55") as srv:
         yield srv
-        os.environ.pop("AIRFLOW_CONN_OPENAI_DEFAULT", None)
-
-
-@pytest.fixture
-def dag():
-    from airflow.dag_processing.dagbag import DagBag
-
-    return DagBag(dag_folder=str(REPO / "dags")).dags["openai_batch_pipeline"]
 
 
 def test_success_and_failure_are_notified(dag, batch_server, webhook, tmp_path):

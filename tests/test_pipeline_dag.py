@@ -6,38 +6,21 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-from local_batch_server.testing import running_server
+from conftest import REPO, local_openai
 
 SAMPLE = REPO / "data" / "sample"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, airflow_db):
-    with running_server(
-        tmp_path_factory.mktemp("server"),
-        config={"validating_seconds": 0.2, "in_progress_seconds": 0.5, "finalizing_seconds": 0.2},
-    ) as srv:
-        conn = {"conn_type": "openai", "host": srv.base_url, "password": "sk-local-test-secret"}
-        os.environ["AIRFLOW_CONN_OPENAI_DEFAULT"] = json.dumps(conn)
+    config = {"validating_seconds": 0.2, "in_progress_seconds": 0.5, "finalizing_seconds": 0.2}
+    with local_openai(tmp_path_factory.mktemp("server"), "sk-local-test-secret", config) as srv:
         yield srv
-        os.environ.pop("AIRFLOW_CONN_OPENAI_DEFAULT", None)
-
-
-@pytest.fixture
-def dag():
-    # A fresh DAG object per test: dag.test() leaves a run's conf in the DAG's params.
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(REPO / "dags"))
-    assert bag.import_errors == {}
-    return bag.dags["openai_batch_pipeline"]
 
 
 def run(dag, conf: dict):
