@@ -3,7 +3,7 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install browser demo stop test lint bench bench-dag clean
+.PHONY: install browser demo stop test lint bench bench-dag clean e2e-celery
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ stop:
 
 test: install browser lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The pipeline on Postgres + CeleryExecutor (Redis broker) with two workers (also part of `make test`).
+e2e-celery: install
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_e2e_celery.py
 
 # Not part of `make test`: build and merge against a naive pandas script on generated 200k/1M rows.
 bench: install

@@ -22,6 +22,17 @@ COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 FINISHED = {"success", "failed"}
 
 
+def _db_errors() -> tuple[type[Exception], ...]:
+    try:
+        import psycopg2
+    except ImportError:
+        return (sqlite3.OperationalError,)
+    return (sqlite3.OperationalError, psycopg2.Error)
+
+
+_DB_ERRORS = _db_errors()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -44,8 +55,17 @@ def _alive(pid: int) -> bool:
 class AirflowStack:
     """Airflow processes sharing one ``AIRFLOW_HOME`` and SQLite DB; logs go to ``home/process-logs``."""
 
-    def __init__(self, home: Path, api_port: int | None = None, extra_env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        home: Path,
+        api_port: int | None = None,
+        extra_env: dict[str, str] | None = None,
+        sql_alchemy_conn: str | None = None,
+    ):
+        """``sql_alchemy_conn`` (optional) puts the metadata DB elsewhere, e.g. on PostgreSQL
+        (``postgresql+psycopg2://...``); the query helpers then read it there. Default: SQLite."""
         self.home = Path(home).resolve()
+        self.sql_alchemy_conn = sql_alchemy_conn
         self.api_port = api_port or free_port()
         self.db = self.home / "airflow.db"
         self.logs = self.home / "process-logs"
@@ -78,6 +98,7 @@ class AirflowStack:
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
             "AIRFLOW__API__WORKERS": "1",
+            **({"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": sql_alchemy_conn} if sql_alchemy_conn else {}),
             **(extra_env or {}),
         }
 
@@ -100,14 +121,32 @@ class AirflowStack:
             args = [name, "--port", str(self.api_port)] if name == "api-server" else [name]
             self.start_process(name, [sys.executable, "-m", "airflow", *args])
 
-    def start_process(self, name: str, cmd: list[str]) -> subprocess.Popen:
-        """Start ``cmd`` in its own session with this stack's environment, logging to ``logs/<name>.log``."""
+    def start_process(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start ``cmd`` in its own session with this stack's environment, logging to ``logs/<name>.log``.
+
+        ``env`` (optional) adds to or overrides this stack's environment for this process only."""
         self.logs.mkdir(parents=True, exist_ok=True)
         with open(self.logs / f"{name}.log", "ab") as log:
             self.procs[name] = subprocess.Popen(
-                cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                cmd,
+                env={**self.env, **env} if env else self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         return self.procs[name]
+
+    def start_celery_worker(self, name: str, concurrency: int = 2) -> subprocess.Popen:
+        """Start ``airflow celery worker`` as Celery node ``<name>@<host>`` (process name ``name``),
+        with its own log-server port and pid file so several can run on one machine.
+        Needs ``AIRFLOW__CORE__EXECUTOR=CeleryExecutor`` and a broker in the environment."""
+        cmd = [
+            *(sys.executable, "-m", "airflow", "celery", "worker"),
+            *("--celery-hostname", f"{name}@%h", "--concurrency", str(concurrency)),
+            *("--pid", str(self.home / f"celery-{name}.pid")),
+        ]
+        log_port = {"AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port())}
+        return self.start_process(name, cmd, env=log_port)
 
     def stop(self, *components: str, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
         names = components or tuple(self.procs)
@@ -195,9 +234,34 @@ class AirflowStack:
             time.sleep(1)
         raise TimeoutError(f"Airflow API on port {self.api_port} not healthy after {timeout}s")
 
+    @property
+    def on_postgres(self) -> bool:
+        return bool(self.sql_alchemy_conn) and self.sql_alchemy_conn.startswith("postgres")
+
     def _query(self, sql: str, *args) -> list[tuple]:
+        if self.on_postgres:
+            return self._query_postgres(sql, *args)
         with sqlite3.connect(self.db, timeout=30) as con:
             return con.execute(sql, args).fetchall()
+
+    def _query_postgres(self, sql: str, *args) -> list[tuple]:
+        """``_query`` on PostgreSQL: the same ``?`` placeholders, run through psycopg2."""
+        import psycopg2
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.sql_alchemy_conn)
+        params = {"host": url.host, "port": url.port, "user": url.username, "dbname": url.database}
+        if url.password:
+            params["password"] = url.password
+        if args:  # psycopg2's paramstyle: %s, and a literal % doubled
+            sql = sql.replace("%", "%%").replace("?", "%s")
+        con = psycopg2.connect(**{k: v for k, v in params.items() if v is not None}, connect_timeout=30)
+        try:
+            with con, con.cursor() as cur:
+                cur.execute(sql, args or None)
+                return [tuple(row) for row in cur.fetchall()]
+        finally:
+            con.close()
 
     def wait_dag(self, dag_id: str, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
@@ -205,7 +269,7 @@ class AirflowStack:
             try:
                 if self._query("SELECT 1 FROM serialized_dag WHERE dag_id = ?", dag_id):
                     return
-            except sqlite3.OperationalError:
+            except _DB_ERRORS:
                 pass
             time.sleep(1)
         raise TimeoutError(f"DAG {dag_id} not parsed after {timeout}s:\n{self.log_tail('dag-processor')}")
@@ -239,8 +303,11 @@ class AirflowStack:
         raise TimeoutError(f"run {run_id} still {state} after {timeout}s: {self.task_states(dag_id, run_id)}")
 
     def xcom(self, dag_id: str, run_id: str, task_id: str):
+        # PostgreSQL keeps the value as JSONB, which psycopg2 would decode: read it as JSON text there
+        column = "CAST(value AS TEXT)" if self.on_postgres else "value"
         rows = self._query(
-            "SELECT value FROM xcom WHERE dag_id = ? AND run_id = ? AND task_id = ? AND key = 'return_value'",
+            f"SELECT {column} FROM xcom "
+            "WHERE dag_id = ? AND run_id = ? AND task_id = ? AND key = 'return_value'",
             dag_id,
             run_id,
             task_id,
