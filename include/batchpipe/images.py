@@ -68,16 +68,7 @@ def check_image(
     """
     p = Path(path)
     name = shown or str(p)
-    try:
-        st = p.stat()
-    except FileNotFoundError:
-        raise RowError(f"image file not found: {name}") from None
-    except OSError as exc:
-        raise RowError(f"cannot read image {name}: {exc.strerror or exc}") from None
-    if not p.is_file():
-        raise RowError(f"image path is not a file: {name}")
-    nbytes = st.st_size
-    _check_size(name, nbytes, max_image_mb)
+    nbytes = _checked_size(p, name, max_image_mb)
     try:
         with open(p, "rb") as fh:
             head = fh.read(_MAGIC_LEN)
@@ -87,6 +78,21 @@ def check_image(
     if mime is None:
         raise RowError(f"unsupported image type (not PNG, JPEG, GIF or WebP): {name}")
     return mime, nbytes
+
+
+def _checked_size(p: Path, name: str, max_image_mb: float | None) -> int:
+    """The size of image file ``p`` (shown as ``name``), after the checks both readers share:
+    it exists, is a regular file, is not empty and not over ``max_image_mb``. Raises RowError."""
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        raise RowError(f"image file not found: {name}") from None
+    except OSError as exc:
+        raise RowError(f"cannot read image {name}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise RowError(f"image path is not a file: {name}")
+    _check_size(name, st.st_size, max_image_mb)
+    return st.st_size
 
 
 def _check_size(p: str, nbytes: int, max_image_mb: float | None) -> None:
@@ -108,15 +114,7 @@ def encode_image(
     """
     p = Path(path)
     name = shown or str(p)
-    try:
-        st = p.stat()
-    except FileNotFoundError:
-        raise RowError(f"image file not found: {name}") from None
-    except OSError as exc:
-        raise RowError(f"cannot read image {name}: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise RowError(f"image path is not a file: {name}")
-    _check_size(name, st.st_size, max_image_mb)  # before reading: never load an oversized file
+    _checked_size(p, name, max_image_mb)  # before reading: never load an oversized file
     try:
         with open(p, "rb") as fh:
             data = fh.read()
