@@ -96,6 +96,17 @@ def ensure_triggerer(stack: AirflowStack) -> None:
         stack.start("triggerer")
 
 
+def start_a_polled_wait(tmp, server, stack: AirflowStack, run_id: str):
+    """Trigger a run whose batch stays in progress; return that batch once the triggerer polls it."""
+    ensure_triggerer(stack)
+    server.set_config({"in_progress_seconds": 600})
+    stack.trigger(DAG_ID, conf(tmp), run_id=run_id)
+    wait_for(lambda: states(stack, run_id, "wait_for_batch") == ["deferred"], 240, "the wait to defer", stack)
+    (batch,) = run_batches(server, run_id)
+    wait_for(lambda: f"batch {batch.id}: status=in_progress" in trigger_log_text(tmp), 60, "a poll", stack)
+    return batch
+
+
 def run_batches(server, run_id: str) -> list:
     return [b for b in server.client().batches.list(limit=100).data if b.metadata.get("run_id") == run_id]
 
@@ -145,12 +156,8 @@ def test_1_deferred_wait_is_finished_by_a_separate_triggerer_process(env):
 
 def test_2_triggerer_killed_mid_wait_a_new_one_resumes_the_same_batch(env):
     tmp, server, stack = env
-    ensure_triggerer(stack)
-    server.set_config({"in_progress_seconds": 600})
-    run_id = stack.trigger(DAG_ID, conf(tmp), run_id="restart")
-    wait_for(lambda: states(stack, run_id, "wait_for_batch") == ["deferred"], 240, "the wait to defer", stack)
-    (batch,) = run_batches(server, run_id)
-    wait_for(lambda: f"batch {batch.id}: status=in_progress" in trigger_log_text(tmp), 60, "a poll", stack)
+    run_id = "restart"
+    batch = start_a_polled_wait(tmp, server, stack, run_id)
 
     stack.stop("triggerer", sig=signal.SIGKILL)  # no goodbye, no cleanup
     stack.start("triggerer")
@@ -163,12 +170,8 @@ def test_2_triggerer_killed_mid_wait_a_new_one_resumes_the_same_batch(env):
 
 def test_3_marking_the_waiting_task_failed_cancels_its_batch(env):
     tmp, server, stack = env
-    ensure_triggerer(stack)
-    server.set_config({"in_progress_seconds": 600})
-    run_id = stack.trigger(DAG_ID, conf(tmp), run_id="mark_failed")
-    wait_for(lambda: states(stack, run_id, "wait_for_batch") == ["deferred"], 240, "the wait to defer", stack)
-    (batch,) = run_batches(server, run_id)
-    wait_for(lambda: f"batch {batch.id}: status=in_progress" in trigger_log_text(tmp), 60, "a poll", stack)
+    run_id = "mark_failed"
+    batch = start_a_polled_wait(tmp, server, stack, run_id)
 
     request = urllib.request.Request(
         f"http://127.0.0.1:{stack.api_port}/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/wait_for_batch/0",
