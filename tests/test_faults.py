@@ -68,6 +68,12 @@ def batches(srv) -> list:
     return srv.client().batches.list(limit=100).data
 
 
+def in_creation_order(srv) -> list:
+    """Oldest first. The list is newest first, like OpenAI's; created_at has whole seconds only,
+    so sorting by it cannot order two batches made within the same second."""
+    return list(reversed(batches(srv)))
+
+
 def states(tis) -> dict:
     return {key: ti.state for key, ti in tis.items()}
 
@@ -128,7 +134,7 @@ def test_expired_batch_keeps_its_half_and_the_rest_is_resubmitted(dag, srv, tmp_
     srv.set_config({"expire_fraction": 0.5, "expire_batches": 1})
     dr, tis = run(dag, tmp_path, sample)
     assert dr.state == "success", states(tis)
-    made = sorted(batches(srv), key=lambda b: b.created_at)
+    made = in_creation_order(srv)
     assert [b.status for b in made] == ["expired", "completed"]
     # half of the 28 requests ran (one of them the request the server rejects); the 14 that did
     # not run come back as batch_expired and go out again, the rejected one does not
@@ -193,7 +199,7 @@ def test_token_limit_refusal_waits_and_submits_again(dag, srv, tmp_path, sample)
     )
     dr, tis = run(dag, tmp_path, sample, token_limit_wait=1)
     assert dr.state == "success", states(tis)
-    made = sorted(batches(srv), key=lambda b: b.created_at)
+    made = in_creation_order(srv)
     assert [b.status for b in made] == ["failed", "completed"]
     assert made[1].input_file_id == made[0].input_file_id  # the same file, submitted again
     rows, report = results(tmp_path)
@@ -284,9 +290,7 @@ def test_shards_go_out_in_waves_under_the_enqueued_token_limit(dag, srv, tmp_pat
     limit = max(sizes) + min(sizes) - 1  # any one shard fits, no two together
     dr, tis = run(dag, tmp_path, src, image_column=None, max_requests_per_batch=9, max_enqueued_tokens=limit)
     assert dr.state == "success", states(tis)
-    # timestamps are whole seconds: a batch created and finished within the second another one
-    # was created sorts first by its completion
-    made = sorted(batches(srv), key=lambda b: (b.created_at, b.completed_at))
+    made = in_creation_order(srv)
     assert len(made) == 3
     assert sorted(int(b.metadata["est_prompt_tokens"]) for b in made) == sorted(sizes)
     for earlier, later in zip(made, made[1:], strict=False):
