@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from batchpipe import BuildOptions, InputError, build_jsonl, merge_results, validate_csv
+from batchpipe import BuildOptions, InputError, build_jsonl, merge_results, paths, validate_csv
 from batchpipe.csvio import iter_rows
 from batchpipe.paths import (
     ALLOWED_ROOTS_ENV,
@@ -350,3 +350,62 @@ def test_no_roots_no_restriction_for_images(layout):
     p = image_csv(root, [str(outside / "secret.png"), "../../outside/secret.png"])
     s = validate_csv(p, IMG)
     assert (s["valid"], s["invalid"]) == (2, 0)
+
+
+# --- URL roots (object storage) ---------------------------------------------------------------
+
+
+def test_parse_roots_keeps_urls_whole_and_normalises_them(tmp_path):
+    text = f"{tmp_path}:s3://Bucket/results/:gs://conn@other/x:file://{tmp_path}/sub"
+    assert paths.parse_roots(text) == [
+        tmp_path.resolve(),
+        "s3://Bucket/results",
+        "gs://other/x",
+        (tmp_path / "sub").resolve(),
+    ]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "s3://bucket/results",
+        "s3://bucket/results/a/b.csv",
+        "S3://my_conn@bucket/results/x",
+        "s3://bucket/results/",
+    ],
+)
+def test_url_inside_a_url_root(url):
+    roots = paths.Roots(paths.parse_roots("s3://bucket/results"), setting=paths.OUTPUT_ROOTS_ENV)
+    assert paths.check_within(url, roots, "output folder") == url
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "s3://bucket/results-other/x",
+        "s3://bucket/other",
+        "gs://bucket/results/x",
+        "s3://bucket/results/../secret",
+    ],
+)
+def test_url_outside_a_url_root_is_refused(url):
+    roots = paths.Roots(paths.parse_roots("s3://bucket/results"), setting=paths.OUTPUT_ROOTS_ENV)
+    with pytest.raises(paths.PathNotAllowed, match=r"output folder s3://|output folder gs://"):
+        paths.check_within(url, roots, "output folder")
+
+
+def test_local_roots_refuse_urls_and_url_roots_refuse_local_paths(tmp_path):
+    local_only = paths.Roots([tmp_path.resolve()], setting=paths.OUTPUT_ROOTS_ENV)
+    with pytest.raises(paths.PathNotAllowed, match="OPENAI_BATCH_OUTPUT_ROOTS"):
+        paths.check_within("s3://bucket/x", local_only, "output folder")
+    url_only = paths.Roots(["s3://bucket"], setting=paths.OUTPUT_ROOTS_ENV)
+    with pytest.raises(paths.PathNotAllowed):
+        paths.check_within(tmp_path / "x", url_only, "output folder")
+    # a file:// URL is a local path
+    assert (
+        paths.check_within(f"file://{tmp_path}/x", local_only, "output folder") == (tmp_path / "x").resolve()
+    )
+
+
+def test_no_roots_allows_any_url():
+    assert paths.check_within("s3://bucket/anything", None, "output folder") == "s3://bucket/anything"

@@ -6,6 +6,11 @@ Two settings, each an ``os.pathsep``-separated list of folders (``:`` on Linux):
 * ``OPENAI_BATCH_OUTPUT_ROOTS`` — where outputs may be written (checked by the caller with
   :func:`output_roots` + :func:`check_within`).
 
+An entry may also be a URL prefix (``s3://bucket/prefix``) for locations in object storage; the
+``:`` of ``scheme://`` does not split the list. A URL is inside a URL root when it starts with it at a
+``/`` boundary and has no ``..`` segment; a local path is only inside local roots and a URL only
+inside URL roots (``file://`` URLs count as local paths).
+
 Unset (or only empty entries) means no restriction. Paths are compared after ``resolve()``, which
 follows symlinks and ``..``, so a symlink inside a root that points outside counts as outside. Checking
 a path never reads the file: only ``resolve()`` touches the file system.
@@ -14,7 +19,9 @@ a path never reads the file: only ``resolve()`` touches the file system.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .errors import InputError
 
@@ -44,11 +51,45 @@ class Roots(list):
         self.setting = setting
 
 
-def parse_roots(text: str | None) -> list[Path]:
-    """Split an ``os.pathsep``-separated list; each entry ``expanduser().resolve()``d, empties dropped."""
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+://")
+
+
+def is_url(text: str | os.PathLike) -> bool:
+    """True for ``scheme://...`` (a one-letter scheme would be a Windows drive, so it needs two)."""
+    return bool(_URL.match(str(text)))
+
+
+def _local(text: str) -> bool:
+    return not is_url(text) or urlsplit(text).scheme.lower() in ("file", "local")
+
+
+def _norm_url(text: str) -> str:
+    """A URL root or location compared as text: scheme lower-cased, connection id and trailing / dropped."""
+    parts = urlsplit(text.strip())
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme.lower()}://{host}{parts.path}".rstrip("/")
+
+
+def _split(text: str) -> list[str]:
+    if os.pathsep == ":":  # keep the ":" of "s3://" inside its entry
+        return re.split(r":(?!//)", text)
+    return text.split(os.pathsep)
+
+
+def parse_roots(text: str | None) -> list[Path | str]:
+    """Split an ``os.pathsep``-separated list; local entries ``expanduser().resolve()``d, URL entries
+    normalised, empties dropped."""
     if not text:
         return []
-    return [Path(part.strip()).expanduser().resolve() for part in text.split(os.pathsep) if part.strip()]
+    roots: list[Path | str] = []
+    for part in _split(text):
+        part = part.strip()
+        if not part:
+            continue
+        roots.append(
+            _resolve(urlsplit(part).path if is_url(part) else part) if _local(part) else _norm_url(part)
+        )
+    return roots
 
 
 def allowed_roots(env_var: str = ALLOWED_ROOTS_ENV, extra: str | None = None) -> list[Path] | None:
@@ -67,18 +108,33 @@ def output_roots(extra: str | None = None) -> list[Path] | None:
 
 
 def _resolve(path: str | os.PathLike) -> Path:
+    if is_url(path):
+        path = urlsplit(str(path)).path
     return Path(path).expanduser().resolve()
+
+
+def _check_url(url: str, roots: list[Path | str], what: str, setting: str, shown: str) -> str:
+    target = _norm_url(url)
+    if ".." in urlsplit(target).path.split("/"):
+        raise PathNotAllowed(f"{what} {shown} has a '..' segment")
+    for root in roots:
+        if isinstance(root, str) and (target == root or target.startswith(root + "/")):
+            return url
+    listed = ", ".join(str(r) for r in roots) or "(none)"
+    raise PathNotAllowed(f"{what} {shown} is outside the allowed roots ({setting}: {listed})")
 
 
 def check_within(
     path: str | os.PathLike,
-    roots: list[Path] | None,
+    roots: list[Path | str] | None,
     what: str,
     *,
     setting: str | None = None,
     shown: str | None = None,
-) -> Path:
+) -> Path | str:
     """The resolved ``path`` if ``roots`` is None or it lies inside one of them (a root itself counts).
+
+    A remote URL (``s3://...``) is returned as given when it lies inside one of the URL roots.
 
     Otherwise raise :class:`PathNotAllowed`, e.g. ``input CSV /x/y.csv is outside the allowed roots
     (OPENAI_BATCH_ALLOWED_ROOTS: /a, /b)``. ``what`` says what the path is ("input CSV", "image",
@@ -87,6 +143,11 @@ def check_within(
     ``OPENAI_BATCH_ALLOWED_ROOTS``). An empty list allows nothing. No file content is read.
     """
     name = shown if shown is not None else str(path)
+    if not _local(str(path)):
+        if roots is None:
+            return str(path)
+        setting = setting or getattr(roots, "setting", None) or ALLOWED_ROOTS_ENV
+        return _check_url(str(path), roots, what, setting, name)
     try:
         resolved = _resolve(path)
     except (OSError, RuntimeError) as exc:  # e.g. a symlink loop
@@ -96,7 +157,7 @@ def check_within(
     if roots is None:
         return resolved
     for root in roots:
-        if resolved.is_relative_to(_resolve(root)):
+        if isinstance(root, Path) and resolved.is_relative_to(_resolve(root)):
             return resolved
     setting = setting or getattr(roots, "setting", None) or ALLOWED_ROOTS_ENV
     listed = ", ".join(str(r) for r in roots) or "(none)"
