@@ -21,6 +21,10 @@ price of live calls, and get the answers back as a CSV.
 `output_dir` empty means: Airflow Variable `openai_batch_output_dir`, else environment variable
 `OPENAI_BATCH_OUTPUT_DIR`, else `$AIRFLOW_HOME/openai_batch_results`.
 
+`input_csv`, `output_dir` and `work_dir` may be object-storage URLs (`s3://bucket/prefix`, `gs://...`,
+through Airflow's `ObjectStoragePath` and the installed providers; connection: `storage_conn_id`).
+Tasks then read and write only through the store, so mapped shards may run on different workers.
+
 The OpenAI connection is `openai_default` (or the `conn_id` param); its host may be any
 OpenAI-compatible base URL, e.g. the repo's local batch server.
 """
@@ -49,7 +53,8 @@ PARAMS = {
         type="string",
         minLength=1,
         title="Input CSV",
-        description="Path to the CSV of prompts. Relative image paths resolve against its folder.",
+        description="Path or URL (s3://bucket/x.csv, ...) of the CSV of prompts. Relative image paths "
+        "resolve against its folder (for a URL: against the image base folder, which stays local).",
         section=INPUT,
     ),
     "prompt_column": Param(
@@ -286,8 +291,27 @@ PARAMS = {
         None,
         type=_nullable("string"),
         title="Output folder",
-        description="Where results land. Empty: Variable openai_batch_output_dir, else env "
-        "OPENAI_BATCH_OUTPUT_DIR, else $AIRFLOW_HOME/openai_batch_results.",
+        description="Where results land: a local path or a URL such as s3://bucket/results. Empty: "
+        "Variable openai_batch_output_dir, else env OPENAI_BATCH_OUTPUT_DIR, else "
+        "$AIRFLOW_HOME/openai_batch_results.",
+        section=OUTPUT,
+    ),
+    "work_dir": Param(
+        None,
+        type=_nullable("string"),
+        title="Work folder",
+        description="Where the request shards and downloaded batch files go while the run lasts (a "
+        "folder per run below it). Empty: <output folder>/<csv name>/<run id>/work. A local path or a "
+        "URL such as s3://bucket/prefix; with several workers it must be storage they all reach.",
+        section=OUTPUT,
+    ),
+    "storage_conn_id": Param(
+        None,
+        type=_nullable("string"),
+        title="Storage connection",
+        description="Airflow connection for object-storage URLs in input_csv, output_dir and work_dir "
+        "(e.g. an aws connection for s3://). Empty: a connection named in the URL itself "
+        "(s3://conn_id@bucket/...), else the filesystem's default credentials.",
         section=OUTPUT,
     ),
     "keep_temp_files": Param(

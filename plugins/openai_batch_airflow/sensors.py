@@ -29,6 +29,7 @@ from typing import Any
 from airflow.sdk import BaseSensorOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from openai_batch_airflow import storage
 from openai_batch_airflow.triggers import (
     TERMINAL_STATUSES,
     OpenAIBatchTrigger,
@@ -269,30 +270,35 @@ class OpenAIBatchSensor(BaseSensorOperator):
         line = error.get("line")
         if not line or not state.get("shard_path"):
             return text
-        custom_id = _custom_id_at_line(state["shard_path"], int(line))
-        where = f"line {line} of {Path(state['shard_path']).name}"
+        custom_id = self._custom_id_at_line(state["shard_path"], int(line))
+        where = f"line {line} of {str(state['shard_path']).rsplit('/', 1)[-1]}"
         return f"{where} (custom_id {custom_id}): {text}" if custom_id else f"{where}: {text}"
 
     def _resubmit(self, context: Any, state: dict[str, Any], summary: dict[str, Any]) -> bool:
         """Submit the retryable failures of ``summary`` as a follow-up batch; False if there are none."""
+        if not summary.get("error_file_id") and summary["request_counts"]["failed"] == 0:
+            return False
+        with storage.scratch() as tmp:
+            return self._resubmit_via(context, state, summary, tmp)
+
+    def _resubmit_via(self, context: Any, state: dict[str, Any], summary: dict[str, Any], tmp: Path) -> bool:
         from batchpipe.resubmit import select_retryable, write_followup
         from openai_batch_airflow.submit import create_once, upload_once
         from openai_batch_airflow.tasks import download_batch_files
 
-        if not summary.get("error_file_id") and summary["request_counts"]["failed"] == 0:
-            return False
         client = self._client()
-        shard_path = Path(self.manifest["path"])
+        work = self._location(self.manifest["work_dir"])
         index = int(self.manifest.get("index", 0))
-        files = download_batch_files(client, summary, shard_path.parent / "results", index)
-        summary["files"] = files
-        retry = select_retryable(files)
+        files = download_batch_files(client, summary, work / "results", index, tmp)
+        summary["files"] = [stored for stored, _ in files]
+        retry = select_retryable([local for _, local in files])
         if not retry:
             return False
         nxt = state["round"] + 1
-        followup = write_followup(
-            state["shard_path"], retry, shard_path.parent / f"shard-{index:05d}.r{nxt}.jsonl"
-        )
+        fname = f"shard-{index:05d}.r{nxt}.jsonl"
+        source = storage.fetch(self._location(state["shard_path"]), tmp / "source")
+        followup = write_followup(source, retry, tmp / fname if storage.is_remote(work) else work / fname)
+        storage.publish(Path(followup["path"]), work / fname)
         self.log.warning(
             "batch %s: %d requests failed for a retryable reason; resubmitting them (round %d of %s)",
             summary["id"],
@@ -302,7 +308,7 @@ class OpenAIBatchSensor(BaseSensorOperator):
         )
         name = f"{context['dag'].dag_id}-{context['run_id']}-shard-{index:05d}-r{nxt}"
         uploaded = upload_once(client, followup["path"], name, self._intent(context, f"upload-r{nxt}"))
-        state.update(round=nxt, input_file_id=uploaded.id, shard_path=followup["path"])
+        state.update(round=nxt, input_file_id=uploaded.id, shard_path=storage.shown(work / fname))
         batch = create_once(
             client,
             self._intent(context, f"create-r{nxt}"),
@@ -314,6 +320,15 @@ class OpenAIBatchSensor(BaseSensorOperator):
         self.log.info("follow-up batch %s with %d requests", batch.id, followup["requests"])
         state["batch_id"] = batch.id
         return True
+
+    def _location(self, where: str) -> Any:
+        return storage.location(where, self.manifest.get("storage_conn_id"))
+
+    def _custom_id_at_line(self, where: str, line: int) -> str | None:
+        try:
+            return _custom_id_at_line(self._location(where), line)
+        except Exception:  # only decorates an error message
+            return None
 
     def _intent(self, context: Any, key: str):
         from openai_batch_airflow.tasks import intent
@@ -338,10 +353,10 @@ class OpenAIBatchSensor(BaseSensorOperator):
                 self.log.warning("could not cancel batch %s: %s", self._current, exc)
 
 
-def _custom_id_at_line(path: str, line: int) -> str | None:
+def _custom_id_at_line(path: Any, line: int) -> str | None:
     """The custom_id of the 1-based ``line`` of a request file (None if unreadable)."""
     try:
-        with open(path, "rb") as fh:
+        with path.open("rb") as fh:
             for number, raw in enumerate(fh, start=1):
                 if number == line:
                     return json.loads(raw).get("custom_id")

@@ -3,6 +3,10 @@
 Each function takes plain values (the run's params, ids, small manifests) and returns a small
 JSON-able manifest for XCom: paths, ids and counts, never file contents. The heavy lifting is
 in the Airflow-free library :mod:`batchpipe`.
+
+Files go through :mod:`openai_batch_airflow.storage`: ``output_dir``, ``work_dir`` and ``input_csv``
+may be local paths or object-storage URLs (``s3://...``), so no task relies on a file another task
+left on its worker's disk.
 """
 
 from __future__ import annotations
@@ -11,12 +15,13 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+from openai_batch_airflow import storage
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +77,28 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "run"
 
 
-def run_dir(params: dict[str, Any], run_id: str) -> Path:
-    """``<output_dir>/<input file stem>/<run id made filesystem-safe>``."""
-    base = params.get("output_dir") or default_output_dir()
-    return Path(base).expanduser().resolve() / Path(params["input_csv"]).stem / safe_name(run_id)
+def storage_conn_id(params: dict[str, Any]) -> str | None:
+    """Param ``storage_conn_id``: the connection for object-storage URLs (None: the URL's or the default)."""
+    return params.get("storage_conn_id") or None
+
+
+def _input_stem(params: dict[str, Any]) -> str:
+    name = str(params["input_csv"]).rstrip("/").rsplit("/", 1)[-1]
+    return safe_name(Path(name).stem)
+
+
+def run_dir(params: dict[str, Any], run_id: str) -> storage.Location:
+    """``<output_dir>/<input file stem>/<run id made filesystem-safe>`` (a Path, or a URL location)."""
+    base = storage.location(params.get("output_dir") or default_output_dir(), storage_conn_id(params))
+    return base / _input_stem(params) / safe_name(run_id)
+
+
+def work_location(params: dict[str, Any], run_id: str) -> storage.Location:
+    """Param ``work_dir`` + ``/<input file stem>/<run id>``; empty: ``<run folder>/work``."""
+    if params.get("work_dir"):
+        base = storage.location(params["work_dir"], storage_conn_id(params))
+        return base / _input_stem(params) / safe_name(run_id)
+    return run_dir(params, run_id) / "work"
 
 
 def read_roots() -> list[Path] | None:
@@ -87,8 +110,9 @@ def read_roots() -> list[Path] | None:
     return allowed_roots(extra=Variable.get(ALLOWED_ROOTS_VARIABLE, default=None))
 
 
-def checked_run_dir(params: dict[str, Any], run_id: str) -> Path:
-    """The run folder, refused (before anything is uploaded) when outside the allowed output roots."""
+def checked_run_dir(params: dict[str, Any], run_id: str) -> storage.Location:
+    """The run folder, refused (before anything is uploaded) when it or the work folder lies outside
+    the allowed output roots."""
     from airflow.sdk import Variable
 
     from batchpipe.paths import PathNotAllowed, check_within, output_roots
@@ -96,7 +120,9 @@ def checked_run_dir(params: dict[str, Any], run_id: str) -> Path:
     folder = run_dir(params, run_id)
     roots = output_roots(extra=Variable.get(OUTPUT_ROOTS_VARIABLE, default=None))
     try:
-        check_within(folder, roots, "output folder")
+        check_within(storage.shown(folder), roots, "output folder")
+        if params.get("work_dir"):
+            check_within(storage.shown(work_location(params, run_id)), roots, "work folder")
     except PathNotAllowed as exc:
         from airflow.sdk.exceptions import AirflowFailException
 
@@ -104,13 +130,55 @@ def checked_run_dir(params: dict[str, Any], run_id: str) -> Path:
     return folder
 
 
+@contextmanager
+def local_input_csv(params: dict[str, Any], into: Path):
+    """The input CSV as a local file and the allowed roots to check it (and its images) against.
+
+    A URL is checked against the allowed roots first, then fetched into ``into``; the roots then
+    also admit exactly that copy (so relative image paths still have to lie inside the roots).
+    """
+    from batchpipe.paths import PathNotAllowed, Roots, check_within
+
+    roots = read_roots()
+    where = params["input_csv"]
+    if not storage.is_remote(where):
+        yield str(where), roots
+        return
+    with fail_on_bad_input():
+        try:
+            check_within(where, roots, "input CSV")
+        except PathNotAllowed as exc:
+            from batchpipe.errors import InputError
+
+            raise InputError(str(exc)) from None
+        try:
+            local = storage.fetch(storage.location(where, storage_conn_id(params)), into)
+        except FileNotFoundError:
+            from batchpipe.errors import InputError
+
+            raise InputError(f"{where}: input CSV not found") from None
+    if roots is not None:
+        roots = Roots([*roots, local.resolve()], setting=roots.setting)
+    yield str(local), roots
+
+
 def validate(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     from batchpipe.build import validate_csv
 
     opts = build_options(params)
-    with fail_on_bad_input():
-        summary = validate_csv(params["input_csv"], opts, allowed_roots=read_roots())
-    checked_run_dir(params, run_id)
+    with storage.scratch() as tmp, local_input_csv(params, tmp) as (csv_path, roots), fail_on_bad_input():
+        summary = validate_csv(csv_path, opts, allowed_roots=roots)
+    summary["file"] = str(params["input_csv"])
+    folder = checked_run_dir(params, run_id)
+    for where in {storage.shown(folder): folder, storage.shown(work_location(params, run_id)): None}:
+        target = storage.location(where, storage_conn_id(params))
+        if storage.is_remote(target):  # wrong credentials or a missing bucket fail now, not after paying
+            try:
+                storage.check_writable(target)
+            except Exception as exc:
+                from airflow.sdk.exceptions import AirflowFailException
+
+                raise AirflowFailException(f"cannot write to {where}: {exc}") from exc
     log.info(
         "%s: %d rows selected of %d; %d valid, %d invalid",
         summary["file"],
@@ -132,27 +200,50 @@ def validate(params: dict[str, Any], run_id: str) -> dict[str, Any]:
 
 
 def build(params: dict[str, Any], run_id: str) -> list[dict[str, Any]]:
-    """Write the shard file(s); return one small manifest per shard (the list the run maps over)."""
+    """Write the shard file(s); return one small manifest per shard (the list the run maps over).
+
+    With a remote work folder the shards are built in a scratch folder and then stored there; the
+    manifests name their stored locations.
+    """
     from batchpipe.build import build_jsonl
 
-    work_dir = checked_run_dir(params, run_id) / "work"
+    folder = checked_run_dir(params, run_id)
+    work = work_location(params, run_id)
+    remote = storage.is_remote(work)
     opts = build_options(params)
-    with fail_on_bad_input():
-        manifest = build_jsonl(params["input_csv"], opts, work_dir, allowed_roots=read_roots())
-    log.info(
-        "built %d shard(s) with %d requests (%d invalid rows kept aside) in %s",
-        len(manifest["shards"]),
-        manifest["valid"],
-        manifest["invalid"],
-        work_dir,
-    )
-    estimate = estimate_cost(manifest["manifest"], params, work_dir.parent)
-    if params.get("estimate_only"):
-        log.info("estimate_only: nothing is uploaded; the estimate is in %s", work_dir.parent / "estimate.md")
-        if not params.get("keep_temp_files"):
-            shutil.rmtree(work_dir, ignore_errors=True)
-        return []
-    common = {"manifest": manifest["manifest"], "work_dir": manifest["work_dir"]}
+    with storage.scratch() as tmp, local_input_csv(params, tmp) as (csv_path, roots):
+        local_work = tmp / "work" if remote else work
+        with fail_on_bad_input():
+            manifest = build_jsonl(csv_path, opts, local_work, allowed_roots=roots)
+        log.info(
+            "built %d shard(s) with %d requests (%d invalid rows kept aside) in %s",
+            len(manifest["shards"]),
+            manifest["valid"],
+            manifest["invalid"],
+            storage.shown(work),
+        )
+        estimate = estimate_cost(manifest["manifest"], params, folder)
+        if params.get("estimate_only"):
+            log.info("estimate_only: nothing is uploaded; the estimate is in %s", folder / "estimate.md")
+            if not params.get("keep_temp_files"):
+                storage.remove_tree(work)
+            return []
+        if remote:  # shards, invalid rows and the build manifest (last: it marks a complete build)
+            names = [Path(s["path"]).name for s in manifest["shards"]] + [
+                "invalid.jsonl",
+                "build_manifest.json",
+            ]
+            for name in names:
+                if (local_work / name).exists():
+                    storage.publish(local_work / name, work / name)
+            for shard in manifest["shards"]:
+                shard["path"] = storage.shown(work / Path(shard["path"]).name)
+            log.info("stored %d file(s) in %s", len(names), storage.shown(work))
+    common = {
+        "manifest": storage.shown(work / "build_manifest.json"),
+        "work_dir": storage.shown(work),
+        "storage_conn_id": storage_conn_id(params),
+    }
     log.info("estimated prompt tokens: %s", estimate["prompt_tokens"])
     return [{**shard, **common} for shard in manifest["shards"]]
 
@@ -171,15 +262,22 @@ def prices(params: dict[str, Any]) -> dict[str, Any]:
         return load_prices(override or None)
 
 
-def estimate_cost(manifest_path: str, params: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """Estimate tokens and cost offline, write estimate.json/.md, log it, and stop the run before
-    anything is uploaded when the worst case exceeds ``max_cost_usd``."""
+def estimate_cost(manifest_path: str, params: dict[str, Any], folder: storage.Location) -> dict[str, Any]:
+    """Estimate tokens and cost offline (``manifest_path`` is local), write estimate.json/.md into the
+    run folder, log it, and stop the run before anything is uploaded when the worst case exceeds
+    ``max_cost_usd``."""
     from batchpipe.estimate import estimate_build, exceeds_budget, format_estimate, write_estimate
 
     estimate = estimate_build(
         manifest_path, prices=prices(params), expected_output_tokens=params.get("expected_output_tokens")
     )
-    write_estimate(estimate, folder)
+    if storage.is_remote(folder):
+        with storage.scratch() as tmp:
+            write_estimate(estimate, tmp)
+            for name in ("estimate.json", "estimate.md"):
+                storage.publish(tmp / name, folder / name)
+    else:
+        write_estimate(estimate, folder)
     log.info("cost estimate (written to %s):\n%s", folder / "estimate.md", format_estimate(estimate))
     over = exceeds_budget(estimate, params.get("max_cost_usd"))
     if over:
@@ -203,7 +301,9 @@ def upload(shard: dict[str, Any], conn_id: str, context: Any) -> dict[str, Any]:
     name = (
         f"{safe_name(context['dag'].dag_id)}-{safe_name(context['run_id'])}-shard-{int(shard['index']):05d}"
     )
-    uploaded = upload_once(_client(conn_id), shard["path"], name, intent(context, "upload"))
+    with storage.scratch() as tmp:
+        local = storage.fetch(storage.location(shard["path"], shard.get("storage_conn_id")), tmp)
+        uploaded = upload_once(_client(conn_id), local, name, intent(context, "upload"))
     log.info(
         "shard %s: uploaded %s (%d bytes) as %s", shard["index"], shard["path"], shard["bytes"], uploaded.id
     )
@@ -257,7 +357,9 @@ def create(shard: dict[str, Any], params: dict[str, Any], context: Any) -> dict[
     if limit and not (recorded.saved and recorded.saved.get("batch_id")):
         from batchpipe.tokens import shard_prompt_tokens
 
-        estimate = shard_prompt_tokens(shard["path"], params["endpoint"], params["model"])
+        with storage.scratch() as tmp:
+            local = storage.fetch(storage.location(shard["path"], shard.get("storage_conn_id")), tmp)
+            estimate = shard_prompt_tokens(local, params["endpoint"], params["model"])
         metadata["est_prompt_tokens"] = str(estimate)
         queued = enqueued_tokens(client, params["model"])
         if queued and queued + estimate > limit:
@@ -285,47 +387,69 @@ def create(shard: dict[str, Any], params: dict[str, Any], context: Any) -> dict[
     return {**shard, "batch_id": batch.id}
 
 
-def download_batch_files(client: Any, summary: dict[str, Any], folder: Path, index: int) -> list[str]:
+def download_batch_files(
+    client: Any, summary: dict[str, Any], folder: storage.Location, index: int, scratch: Path
+) -> list[tuple[str, Path]]:
     """Stream a finished batch's output and error files to ``folder`` (skipping what is already
-    there) and check they hold a line for every request; return their paths, output first."""
+    there) and check they hold a line for every request.
+
+    Returns ``(stored location, local file)`` pairs, output first. A remote ``folder`` is filled
+    through ``scratch`` (where the local copies stay for the caller); a local one is used in place.
+    """
     from batchpipe.resubmit import DownloadMismatch, check_download, count_result_lines
 
-    folder.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
+    remote = storage.is_remote(folder)
+    local_folder = scratch / "results" if remote else folder
+    local_folder.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, tuple[storage.Location, Path]] = {}
     for kind in ("output", "error"):
         file_id = summary.get(f"{kind}_file_id")
         if not file_id:
             continue
-        target = folder / f"shard-{index:05d}.r{summary.get('round', 0)}.{kind}.jsonl"
-        if not target.exists():
-            part = target.with_name(target.name + ".part")
+        name = f"shard-{index:05d}.r{summary.get('round', 0)}.{kind}.jsonl"
+        target, local = folder / name, local_folder / name
+        if remote and target.exists():
+            storage.fetch(target, local_folder)
+        if not local.exists():
+            part = local.with_name(name + ".part")
             # streamed to disk, never held in memory; 5xx and resets are retried by the client
             with client.with_options(max_retries=5).files.with_streaming_response.content(file_id) as resp:
                 resp.stream_to_file(part)
-            os.replace(part, target)
-            log.info("batch %s: downloaded %s file %s to %s", summary["id"], kind, file_id, target)
-        paths[kind] = target
+            os.replace(part, local)
+            log.info("batch %s: downloaded %s file %s", summary["id"], kind, file_id)
+        paths[kind] = (target, local)
     try:
         check_download(
             summary["request_counts"],
-            count_result_lines(paths.get("output")),
-            count_result_lines(paths.get("error")),
+            count_result_lines(paths["output"][1] if "output" in paths else None),
+            count_result_lines(paths["error"][1] if "error" in paths else None),
             summary["status"],
         )
     except DownloadMismatch:
-        for path in paths.values():  # let the task's retry download them again
-            path.unlink(missing_ok=True)
+        for target, local in paths.values():  # let the task's retry download them again
+            local.unlink(missing_ok=True)
+            if remote and target.exists():
+                target.unlink()
         raise
-    return [str(p) for p in paths.values()]
+    for target, local in paths.values():
+        if remote:
+            storage.publish(local, target)
+        log.info("batch %s: %s stored", summary["id"], storage.shown(target))
+    return [(storage.shown(target), local) for target, local in paths.values()]
 
 
 def download(waited: dict[str, Any], conn_id: str) -> dict[str, Any]:
     """Download the result files of every batch of the shard (first submission and follow-ups)."""
     client = _client(conn_id)
     index = int(waited["index"])
-    folder = Path(waited["path"]).parent / "results"
+    folder = storage.location(waited["work_dir"], waited.get("storage_conn_id")) / "results"
     batches = waited.get("batches") or [waited["batch"]]
-    files = [f for summary in batches for f in download_batch_files(client, summary, folder, index)]
+    with storage.scratch() as tmp:
+        files = [
+            stored
+            for summary in batches
+            for stored, _ in download_batch_files(client, summary, folder, index, tmp)
+        ]
     return {
         "index": index,
         "batch_ids": [b["id"] for b in batches],
@@ -351,39 +475,87 @@ def merge(
         raise AirflowSkipException("estimate_only: nothing was sent, so there is nothing to merge")
     downloads = sorted(downloads or [], key=lambda d: int(d["index"]))
     folder = checked_run_dir(params, run_id)
-    work_dir = folder / "work"
-    out_csv = folder / "results.csv"
-    report = merge_results(
-        work_dir / "build_manifest.json",
-        [path for d in downloads for path in d["result_files"]],  # by shard, then round: latest wins
-        out_csv,
-        batch_ids=[batch_id for d in downloads for batch_id in d["batch_ids"]],
-        allowed_roots=read_roots(),
-    )
-    log.info(
-        "results: %s rows, %s answered, %s failed, %s invalid -> %s",
-        report["rows"],
-        report["answered"],
-        report["failed"],
-        report["invalid"],
-        out_csv,
-    )
-    batches = [b for d in downloads for b in d.get("batches") or []]
-    write_reports(folder, out_csv, report, batches, params)
+    work = work_location(params, run_id)
+    remote_out = storage.is_remote(folder)
+    with storage.scratch() as tmp, local_input_csv(params, tmp / "input") as (csv_path, roots):
+        manifest = _local_build_manifest(
+            work, tmp, csv_path if storage.is_remote(params["input_csv"]) else None
+        )
+        results = []
+        for d in downloads:  # by shard, then round: later files win
+            for i, stored in enumerate(d["result_files"]):
+                where = storage.location(stored, storage_conn_id(params))
+                name = f"{int(d['index']):05d}-{i}-{where.name}"
+                results.append(
+                    storage.fetch(where, tmp / "results", name) if storage.is_remote(where) else where
+                )
+        local_folder = tmp / "out" if remote_out else folder
+        out_csv = local_folder / "results.csv"
+        with fail_on_bad_input():
+            report = merge_results(
+                manifest,
+                results,
+                out_csv,
+                batch_ids=[batch_id for d in downloads for batch_id in d["batch_ids"]],
+                allowed_roots=roots,
+            )
+        log.info(
+            "results: %s rows, %s answered, %s failed, %s invalid -> %s",
+            report["rows"],
+            report["answered"],
+            report["failed"],
+            report["invalid"],
+            storage.shown(folder / "results.csv"),
+        )
+        batches = [b for d in downloads for b in d.get("batches") or []]
+        if remote_out and (folder / "estimate.json").exists():
+            storage.fetch(folder / "estimate.json", local_folder)
+        write_reports(local_folder, out_csv, report, batches, params)
+        if remote_out:  # results.csv last: its arrival means the run's output is complete
+            for name in ("report.json", "report.html", "results.csv"):
+                storage.publish(local_folder / name, folder / name)
     if not params.get("keep_temp_files"):
-        shutil.rmtree(work_dir, ignore_errors=True)
-        log.info("removed temporary files in %s (keep_temp_files is off)", work_dir)
+        storage.remove_tree(work)
+        log.info("removed temporary files in %s (keep_temp_files is off)", storage.shown(work))
+    results_csv = storage.shown(folder / "results.csv")
     if context is not None:  # tell downstream DAGs (scheduled on the Asset) what landed
         from openai_batch_airflow.assets import RESULTS_ASSET
 
         context["outlet_events"][RESULTS_ASSET].extra = {
-            "results_csv": str(out_csv),
-            "report_json": str(folder / "report.json"),
+            "results_csv": results_csv,
+            "report_json": storage.shown(folder / "report.json"),
             "input_csv": str(params["input_csv"]),
             "run_id": run_id,
             **{k: report[k] for k in ("rows", "answered", "failed", "invalid")},
         }
-    return str(out_csv)
+    return results_csv
+
+
+def _local_build_manifest(work: storage.Location, tmp: Path, csv_path: str | None) -> Path:
+    """The build manifest as a local file (``invalid.jsonl`` beside it) for the merge.
+
+    Used in place when the work folder is local and the CSV was read in place; otherwise copied into
+    ``tmp`` with its ``csv`` entry pointing at the local copy ``csv_path`` of a remote input CSV.
+    """
+    from batchpipe.errors import InputError
+    from batchpipe.merge import INVALID_NAME, MANIFEST_NAME
+
+    source = work / MANIFEST_NAME
+    if not storage.is_remote(work) and csv_path is None:
+        return source
+    text = storage.read_text(source)
+    if text is None:
+        raise InputError(f"{storage.shown(source)}: build manifest not found (run the build step first)")
+    manifest = json.loads(text)
+    if csv_path is not None:
+        manifest["csv"] = csv_path
+    local = tmp / "work"
+    local.mkdir(parents=True, exist_ok=True)
+    (local / MANIFEST_NAME).write_text(json.dumps(manifest), encoding="utf-8")
+    invalid = work / INVALID_NAME
+    if invalid.exists():
+        storage.publish(storage.fetch(invalid, tmp / "invalid"), local / INVALID_NAME)
+    return local / MANIFEST_NAME
 
 
 def write_reports(

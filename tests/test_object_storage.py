@@ -1,0 +1,258 @@
+"""Object storage: ``input_csv``, ``work_dir`` and ``output_dir`` as ``s3://`` URLs through Airflow's
+``ObjectStoragePath``, against a local S3-compatible server (moto, started here on 127.0.0.1), with the
+real ``openai`` client against the local batch server. What lands in S3 is read back with boto3."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+
+import pytest
+
+from conftest import REPO, local_openai, local_s3
+
+SAMPLE = REPO / "data" / "sample"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory, airflow_db):
+    import boto3
+
+    with local_s3(tmp_path_factory.mktemp("s3")) as (endpoint, bucket):
+        client = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
+        client.bucket = bucket
+        yield client
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, airflow_db):
+    config = {"validating_seconds": 0.2, "in_progress_seconds": 0.4, "finalizing_seconds": 0.2}
+    with local_openai(tmp_path_factory.mktemp("server"), "sk-s3-tests", config) as srv:
+        yield srv
+
+
+@pytest.fixture
+def srv(server):
+    server.reset()
+    server.set_config({"validating_seconds": 0.2, "in_progress_seconds": 0.4, "finalizing_seconds": 0.2})
+    return server
+
+
+@pytest.fixture
+def scratch(tmp_path, monkeypatch):
+    """Where tasks keep their scratch copies; every test checks nothing is left behind."""
+    folder = tmp_path / "scratch"
+    monkeypatch.setenv("OPENAI_BATCH_SCRATCH_DIR", str(folder))
+    yield folder
+    assert folder.is_dir() and list(folder.iterdir()) == []
+
+
+def keys(s3, prefix: str) -> list[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket, Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def get(s3, key: str) -> bytes:
+    return s3.get_object(Bucket=s3.bucket, Key=key)["Body"].read()
+
+
+def csv_rows(data: bytes) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(data.decode("utf-8"), newline="")))
+
+
+def run(dag, conf: dict):
+    dr = dag.test(run_conf=conf)
+    return dr, {(ti.task_id, ti.map_index): ti for ti in dr.get_task_instances()}
+
+
+def put_text_csv(s3, key: str, n: int) -> list[list[str]]:
+    rows = [[f"q{i:03d}", f"question number {i}", f"{i:03d}", "" if i % 3 else "x"] for i in range(n)]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["id", "prompt", "zip", "note"])
+    writer.writerows(rows)
+    s3.put_object(Bucket=s3.bucket, Key=key, Body=buf.getvalue().encode())
+    return rows
+
+
+# -- the storage helpers ----------------------------------------------------------------------------
+
+
+def test_storage_helpers_round_trip_through_s3(s3, tmp_path):
+    from openai_batch_airflow import storage
+
+    base = storage.location(f"s3://{s3.bucket}/helpers", "s3_test")
+    assert storage.is_remote(base) and str(base) == f"s3://s3_test@{s3.bucket}/helpers"
+    assert not storage.is_remote("/tmp/x") and not storage.is_remote(f"file://{tmp_path}")
+    assert storage.location(f"file://{tmp_path}/a") == tmp_path / "a"
+
+    local = tmp_path / "a.jsonl"
+    local.write_bytes(b'{"x": 1}\n' * 1000)
+    storage.publish(local, base / "sub" / "a.jsonl")
+    assert get(s3, "helpers/sub/a.jsonl") == local.read_bytes()
+    # the URL with the connection inside it names the same object
+    again = storage.location(f"s3://s3_test@{s3.bucket}/helpers/sub/a.jsonl")
+    copy = storage.fetch(again, tmp_path / "copy")
+    assert copy.read_bytes() == local.read_bytes() and copy.parent == tmp_path / "copy"
+    assert storage.read_text(base / "missing.json") is None
+    storage.check_writable(base)
+    assert keys(s3, "helpers/") == ["helpers/sub/a.jsonl"]  # the write check leaves nothing
+    storage.remove_tree(base)
+    assert keys(s3, "helpers/") == []
+    storage.remove_tree(base)  # already gone: fine
+
+
+# -- whole runs -------------------------------------------------------------------------------------
+
+
+def test_s3_input_work_and_output_every_row_back_once(dag, srv, s3, scratch, tmp_path):
+    rows = put_text_csv(s3, "inbox/many.csv", 23)
+    before = {b.id for b in srv.client().batches.list(limit=100).data}
+    dr, tis = run(
+        dag,
+        {
+            "input_csv": f"s3://{s3.bucket}/inbox/many.csv",
+            "output_dir": f"s3://{s3.bucket}/results",
+            "work_dir": f"s3://{s3.bucket}/work",
+            "storage_conn_id": "s3_test",
+            "id_column": "id",
+            "max_requests_per_batch": 6,
+            "check_interval": 1,
+        },
+    )
+    assert dr.state == "success", {k: ti.state for k, ti in tis.items()}
+    assert sorted(i for (task, i) in tis if task == "wait_for_batch") == [0, 1, 2, 3]
+    new = [b for b in srv.client().batches.list(limit=100).data if b.id not in before]
+    assert sorted(b.request_counts.total for b in new) == [5, 6, 6, 6]
+
+    landed = keys(s3, "results/")
+    (csv_key,) = [k for k in landed if k.endswith("/results.csv")]
+    folder = csv_key.rsplit("/", 1)[0]
+    assert folder.startswith("results/many/")
+    assert landed == [f"{folder}/{n}" for n in ("estimate.json", "estimate.md", "report.html", "report.json",
+                                                "results.csv")]  # fmt: skip
+    out = csv_rows(get(s3, csv_key))
+    assert [[r["id"], r["prompt"], r["zip"], r["note"]] for r in out] == rows  # 007 stays 007, "" stays ""
+    assert all(r["response"] == f"ECHO: {r['prompt']}" and r["error"] == "" for r in out)
+    report = json.loads(get(s3, f"{folder}/report.json"))
+    assert report["answered"] == 23 and sorted(report["batch_ids"]) == sorted(b.id for b in new)
+    assert keys(s3, "work/") == []  # keep_temp_files off: the run's work folder is gone
+    # the XCom manifests name S3 locations, never local files
+    merged = tis[("merge", -1)].xcom_pull(task_ids="merge")
+    assert merged == f"s3://s3_test@{s3.bucket}/{csv_key}"
+    shards = tis[("build_jsonl", -1)].xcom_pull(task_ids="build_jsonl")
+    assert all(s["path"].startswith(f"s3://s3_test@{s3.bucket}/work/many/") for s in shards)
+    assert not (tmp_path / "out").exists()
+
+
+def test_s3_keep_temp_files_leaves_shards_and_downloads_in_the_work_folder(dag, srv, s3, scratch):
+    put_text_csv(s3, "keep/k.csv", 5)
+    dr, tis = run(
+        dag,
+        {
+            "input_csv": f"s3://s3_test@{s3.bucket}/keep/k.csv",  # the connection inside the URL
+            "output_dir": f"s3://s3_test@{s3.bucket}/keep-out",
+            "max_requests_per_batch": 3,
+            "check_interval": 1,
+            "keep_temp_files": True,
+        },
+    )
+    assert dr.state == "success"
+    work = [k.rsplit("/", 1)[1] for k in keys(s3, "keep-out/") if "/work/" in k]
+    assert sorted(work) == [
+        "build_manifest.json",
+        "invalid.jsonl",
+        "shard-00000.jsonl",
+        "shard-00000.r0.output.jsonl",
+        "shard-00001.jsonl",
+        "shard-00001.r0.output.jsonl",
+    ]
+
+
+def test_s3_local_images_and_resubmission_after_expiry(dag, srv, s3, scratch, tmp_path):
+    """A remote CSV whose image paths resolve in a local image folder; the first batch expires half
+    done and the rest goes out again from the shard stored in S3."""
+    shutil.copytree(SAMPLE, tmp_path / "in")
+    s3.put_object(Bucket=s3.bucket, Key="img/questions.csv", Body=(SAMPLE / "questions.csv").read_bytes())
+    srv.set_config({"expire_fraction": 0.5, "expire_batches": 1})
+    dr, tis = run(
+        dag,
+        {
+            "input_csv": f"s3://{s3.bucket}/img/questions.csv",
+            "image_column": "image",
+            "image_base_dir": str(tmp_path / "in"),
+            "output_dir": f"s3://{s3.bucket}/img-out",
+            "storage_conn_id": "s3_test",
+            "check_interval": 1,
+        },
+    )
+    assert dr.state == "success", {k: ti.state for k, ti in tis.items()}
+    made = list(reversed(srv.client().batches.list(limit=100).data))
+    assert [b.status for b in made] == ["expired", "completed"]
+    (csv_key,) = [k for k in keys(s3, "img-out/") if k.endswith("results.csv")]
+    out = csv_rows(get(s3, csv_key))
+    with open(SAMPLE / "questions.csv", newline="", encoding="utf-8") as fh:
+        assert [r["id"] for r in out] == [r["id"] for r in csv.DictReader(fh)]
+    report = json.loads(get(s3, csv_key.replace("results.csv", "report.json")))
+    assert report["answered"] == 27 and report["failed"] == 1 and report["invalid"] == 2
+    assert sorted(report["batch_ids"]) == sorted(b.id for b in made)
+    circle = next(r for r in out if r["image"] == "images/red_circle.png")
+    assert circle["response"].startswith("ECHO:") and circle["error"] == ""
+
+
+# -- failures before any money is spent -------------------------------------------------------------
+
+
+def test_missing_bucket_fails_validate_before_any_upload(dag, srv, s3, scratch, tmp_path):
+    src = tmp_path / "in.csv"
+    src.write_text("prompt\nhello\n")
+    dr, tis = run(
+        dag,
+        {
+            "input_csv": str(src),
+            "output_dir": "s3://no-such-bucket/results",
+            "storage_conn_id": "s3_test",
+        },
+    )
+    assert dr.state == "failed"
+    assert tis[("validate_csv", -1)].state == "failed" and tis[("validate_csv", -1)].try_number == 1
+    assert srv.client().files.list().data == []
+
+
+def test_missing_input_object_names_the_url(dag, srv, s3, scratch, capfd):
+    dr, tis = run(
+        dag,
+        {
+            "input_csv": f"s3://{s3.bucket}/nowhere/x.csv",
+            "output_dir": f"s3://{s3.bucket}/x-out",
+            "storage_conn_id": "s3_test",
+        },
+    )
+    assert dr.state == "failed" and tis[("validate_csv", -1)].try_number == 1
+    assert f"s3://{s3.bucket}/nowhere/x.csv: input CSV not found" in "".join(capfd.readouterr())
+
+
+def test_output_url_outside_the_output_roots_fails_before_upload(dag, srv, s3, scratch, monkeypatch, capfd):
+    put_text_csv(s3, "roots/r.csv", 2)
+    monkeypatch.setenv("OPENAI_BATCH_OUTPUT_ROOTS", f"s3://{s3.bucket}/allowed")
+    monkeypatch.setenv("OPENAI_BATCH_ALLOWED_ROOTS", f"s3://{s3.bucket}/roots")
+    dr, tis = run(
+        dag,
+        {
+            "input_csv": f"s3://{s3.bucket}/roots/r.csv",
+            "output_dir": f"s3://{s3.bucket}/elsewhere",
+            "storage_conn_id": "s3_test",
+        },
+    )
+    assert dr.state == "failed" and tis[("validate_csv", -1)].state == "failed"
+    logged = "".join(capfd.readouterr())
+    assert f"is outside the allowed roots (OPENAI_BATCH_OUTPUT_ROOTS: s3://{s3.bucket}/allowed)" in logged
+    assert keys(s3, "elsewhere/") == [] and srv.client().files.list().data == []
