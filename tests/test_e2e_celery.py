@@ -8,13 +8,18 @@ is its own Celery node (``w1@host``, ``w2@host``) with its own log, and every ta
 Celery task id (``task_instance.external_executor_id``) must appear as received in exactly one of
 the two workers' logs, with each worker having received at least one.
 
+A second run keeps its work folder and results in S3 (a local moto server): the shard tasks on the
+two workers then share nothing but the object store.
+
 Skipped only when PostgreSQL or Redis do not answer on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import os
 import re
 import secrets
 import shutil
@@ -24,7 +29,7 @@ import time
 import pytest
 
 from airflow_stack import AirflowStack
-from conftest import REPO
+from conftest import REPO, local_s3
 from local_batch_server.testing import running_server
 
 pytestmark = pytest.mark.slow
@@ -99,7 +104,13 @@ def broker(services):
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, database, broker):
+def s3(tmp_path_factory, services):
+    with local_s3(tmp_path_factory.mktemp("s3"), conn_id="s3_e2e") as (endpoint, bucket):
+        yield endpoint, bucket, os.environ["AIRFLOW_CONN_S3_E2E"]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, database, broker, s3):
     tmp = tmp_path_factory.mktemp("celery")
     shutil.copytree(REPO / "data" / "sample", tmp / "in")
     pg = f"postgresql+psycopg2://{PG_USER}@{PG_HOST}:{PG_PORT}/{database}"
@@ -110,6 +121,7 @@ def stack(tmp_path_factory, database, broker):
             sql_alchemy_conn=pg,
             extra_env={
                 "AIRFLOW_CONN_OPENAI_DEFAULT": json.dumps(conn),
+                "AIRFLOW_CONN_S3_E2E": s3[2],
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
                 "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
                 "AIRFLOW__CELERY__BROKER_URL": broker,
@@ -119,6 +131,7 @@ def stack(tmp_path_factory, database, broker):
             },
         )
         stack.tmp = tmp
+        stack.s3 = s3
         with stack:  # stops every process it started, also on failure
             stack.migrate()
             stack.start("api-server", "scheduler", "dag-processor", "triggerer")
@@ -171,7 +184,10 @@ def test_five_shards_on_two_celery_workers_give_a_complete_result(stack):
         rows = list(csv.DictReader(fh))
     assert len(rows) == 30 and sum(1 for r in rows if r["response"]) == 27
     assert stack.xcom(DAG_ID, run_id, "merge") == str(results)
+    _assert_both_workers_ran_tasks(stack, run_id)
 
+
+def _assert_both_workers_ran_tasks(stack: AirflowStack, run_id: str) -> None:
     # Which worker ran what: each task instance's Celery task id, as received in a worker's log.
     celery_ids = {
         (task_id, map_index): ext
@@ -192,3 +208,39 @@ def test_five_shards_on_two_celery_workers_give_a_complete_result(stack):
     per_worker = {name: sorted(k for k, w in ran_on.items() if w == name) for name in WORKERS}
     print("task instances per worker:", per_worker)
     assert all(per_worker.values()), per_worker  # both workers ran tasks of this run
+
+
+def test_work_and_results_in_s3_with_shards_on_both_workers(stack):
+    import boto3
+
+    endpoint, bucket, _ = stack.s3
+    tmp = stack.tmp
+    conf = {
+        "input_csv": str(tmp / "in" / "questions.csv"),  # a folder every worker mounts, as in compose
+        "image_column": "image",
+        "work_dir": f"s3://{bucket}/work",
+        "output_dir": f"s3://{bucket}/results",
+        "storage_conn_id": "s3_e2e",
+        "check_interval": 1,
+        "max_requests_per_batch": 6,
+        "keep_temp_files": True,
+    }
+    run_id = stack.trigger(DAG_ID, conf, run_id="celery_e2e_s3")
+    state = stack.wait_run(DAG_ID, run_id, timeout=150)
+    logs = "".join(f"\n--- {n} ---\n{stack.log_tail(n)}" for n in (*WORKERS, "scheduler"))
+    assert state == "success", (stack.task_states(DAG_ID, run_id), logs)
+
+    s3 = boto3.client(
+        "s3", endpoint_url=endpoint, aws_access_key_id="t", aws_secret_access_key="t", region_name="us-east-1"
+    )
+    key = f"results/questions/{run_id}/results.csv"
+    rows = list(csv.DictReader(io.StringIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode())))
+    assert len(rows) == 30 and sum(1 for r in rows if r["response"]) == 27
+    assert stack.xcom(DAG_ID, run_id, "merge") == f"s3://s3_e2e@{bucket}/{key}"
+    listed = s3.list_objects_v2(Bucket=bucket, Prefix=f"work/questions/{run_id}/")
+    names = sorted(o["Key"].rsplit("/", 1)[1] for o in listed.get("Contents", []))
+    assert [n for n in names if n.endswith(".r0.output.jsonl")] == [
+        f"shard-{i:05d}.r0.output.jsonl" for i in range(5)
+    ]
+    assert not (tmp / "out" / "questions" / run_id).exists()
+    _assert_both_workers_ran_tasks(stack, run_id)
