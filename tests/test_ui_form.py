@@ -193,7 +193,8 @@ def test_trigger_form_renders_params_and_runs_the_pipeline(env, page):
         input_csv = check_row(
             dialog,
             "Input CSV",
-            "Path to the CSV of prompts. Relative image paths resolve against its folder.",
+            "Path or URL (s3://bucket/x.csv, ...) of the CSV of prompts. Relative image paths resolve "
+            "against its folder (for a URL: against the image base folder, which stays local).",
             "textbox",
         )
         expect(field(dialog, "Input CSV").locator("label")).to_contain_text("*")  # required marker
@@ -267,10 +268,19 @@ def test_trigger_form_renders_params_and_runs_the_pipeline(env, page):
         check_row(
             dialog,
             "Output folder",
-            "Where results land. Empty: Variable openai_batch_output_dir, else env "
-            "OPENAI_BATCH_OUTPUT_DIR, else $AIRFLOW_HOME/openai_batch_results.",
+            "Where results land: a local path or a URL such as s3://bucket/results. Empty: "
+            "Variable openai_batch_output_dir, else env OPENAI_BATCH_OUTPUT_DIR, else "
+            "$AIRFLOW_HOME/openai_batch_results.",
             "textbox",
         ).fill(str(out_dir))
+        check_row(
+            dialog,
+            "Storage connection",
+            "Airflow connection for object-storage URLs in input_csv, output_dir and work_dir "
+            "(e.g. an aws connection for s3://). Empty: a connection named in the URL itself "
+            "(s3://conn_id@bucket/...), else the filesystem's default credentials.",
+            "textbox",
+        )
         open_section(dialog, "Advanced Options")
         dialog.get_by_label("Run ID").fill(RUN_ID)
         expect(dialog.get_by_text("Configuration JSON")).to_be_visible()
