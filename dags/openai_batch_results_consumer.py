@@ -4,6 +4,8 @@
 An example of a DAG **scheduled on the results Asset**: it runs after every successful
 `openai_batch_pipeline` (or inbox) run, with the paths and counts of what landed in the asset
 event's `extra`. Replace `summarise` with what your team does next (load into a warehouse, ...).
+`results_csv` is a local path or, when the run's `output_dir` is in object storage, a URL such as
+`s3://conn@bucket/.../results.csv`: `airflow.sdk.ObjectStoragePath(results_csv).open()` reads both.
 """
 
 from __future__ import annotations

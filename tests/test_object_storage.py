@@ -256,3 +256,23 @@ def test_output_url_outside_the_output_roots_fails_before_upload(dag, srv, s3, s
     logged = "".join(capfd.readouterr())
     assert f"is outside the allowed roots (OPENAI_BATCH_OUTPUT_ROOTS: s3://{s3.bucket}/allowed)" in logged
     assert keys(s3, "elsewhere/") == [] and srv.client().files.list().data == []
+
+
+def test_s3_estimate_only_lands_the_estimate_and_sends_nothing(dag, srv, s3, scratch):
+    put_text_csv(s3, "est/e.csv", 4)
+    dr, tis = run(
+        dag,
+        {
+            "input_csv": f"s3://{s3.bucket}/est/e.csv",
+            "output_dir": f"s3://{s3.bucket}/est-out",
+            "storage_conn_id": "s3_test",
+            "estimate_only": True,
+        },
+    )
+    assert dr.state == "success"
+    assert tis[("merge", -1)].state == "skipped"
+    landed = [k.rsplit("/", 1)[1] for k in keys(s3, "est-out/")]
+    assert landed == ["estimate.json", "estimate.md"]  # no work folder left behind
+    (key,) = [k for k in keys(s3, "est-out/") if k.endswith("estimate.json")]
+    assert json.loads(get(s3, key))["requests"] == 4
+    assert srv.client().files.list().data == [] and srv.client().batches.list().data == []

@@ -170,15 +170,14 @@ def validate(params: dict[str, Any], run_id: str) -> dict[str, Any]:
         summary = validate_csv(csv_path, opts, allowed_roots=roots)
     summary["file"] = str(params["input_csv"])
     folder = checked_run_dir(params, run_id)
-    for where in {storage.shown(folder): folder, storage.shown(work_location(params, run_id)): None}:
-        target = storage.location(where, storage_conn_id(params))
+    for target in (folder, work_location(params, run_id)):
         if storage.is_remote(target):  # wrong credentials or a missing bucket fail now, not after paying
             try:
                 storage.check_writable(target)
             except Exception as exc:
                 from airflow.sdk.exceptions import AirflowFailException
 
-                raise AirflowFailException(f"cannot write to {where}: {exc}") from exc
+                raise AirflowFailException(f"cannot write to {storage.shown(target)}: {exc}") from exc
     log.info(
         "%s: %d rows selected of %d; %d valid, %d invalid",
         summary["file"],
