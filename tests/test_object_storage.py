@@ -144,6 +144,10 @@ def test_s3_input_work_and_output_every_row_back_once(dag, srv, s3, scratch, tmp
     assert all(r["response"] == f"ECHO: {r['prompt']}" and r["error"] == "" for r in out)
     report = json.loads(get(s3, f"{folder}/report.json"))
     assert report["answered"] == 23 and sorted(report["batch_ids"]) == sorted(b.id for b in new)
+    url = f"s3://s3_test@{s3.bucket}/{folder}"
+    assert (report["results_csv"], report["report"]) == (f"{url}/results.csv", f"{url}/report.json")
+    html = get(s3, f"{folder}/report.html").decode()
+    assert f"results: {url}/results.csv" in html and "openai-batch-" not in html  # no scratch paths
     assert keys(s3, "work/") == []  # keep_temp_files off: the run's work folder is gone
     # the XCom manifests name S3 locations, never local files
     merged = tis[("merge", -1)].xcom_pull(task_ids="merge")

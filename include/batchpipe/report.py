@@ -473,6 +473,7 @@ def write_report_html(
     *,
     model: str | None = None,
     prices: dict[str, Any] | None = None,
+    shown: str | None = None,
 ) -> Path:
     """Write a self-contained HTML report of a run and return its path.
 
@@ -482,7 +483,8 @@ def write_report_html(
     cost with. ``batches``: batch summaries (``id``, ``status``, ``round``, ``request_counts``, ``*_at``
     Unix timestamps) for the time-per-status table and the timeline. The actual cost is computed from the
     usage columns at Batch prices of ``model`` (default: the estimate's) from ``prices`` (default:
-    ``load_prices()``).
+    ``load_prices()``). ``shown``: how the results file is named on the page (default ``results_csv``;
+    e.g. its URL when it is stored in object storage).
     """
     report = _load_json(report_json) if report_json is not None else None
     estimate = _load_json(estimate)
@@ -511,7 +513,7 @@ def write_report_html(
         f"<title>Batch run report: {_e(Path(results_csv).name)}</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>Batch run report</h1>",
-        f'<p class="note">results: {_e(results_csv)}'
+        f'<p class="note">results: {_e(shown or results_csv)}'
         + (f" · model {_e(model)}" if model else "")
         + (f" · batches: {_e(', '.join(report['batch_ids']))}" if (report or {}).get("batch_ids") else "")
         + "</p>",

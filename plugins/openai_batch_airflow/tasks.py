@@ -477,9 +477,10 @@ def merge(
     work = work_location(params, run_id)
     remote_out = storage.is_remote(folder)
     with storage.scratch() as tmp, local_input_csv(params, tmp / "input") as (csv_path, roots):
-        manifest = _local_build_manifest(
-            work, tmp, csv_path if storage.is_remote(params["input_csv"]) else None
-        )
+        with fail_on_bad_input():
+            manifest = _local_build_manifest(
+                work, tmp, csv_path if storage.is_remote(params["input_csv"]) else None
+            )
         results = []
         for d in downloads:  # by shard, then round: later files win
             for i, stored in enumerate(d["result_files"]):
@@ -509,7 +510,7 @@ def merge(
         batches = [b for d in downloads for b in d.get("batches") or []]
         if remote_out and (folder / "estimate.json").exists():
             storage.fetch(folder / "estimate.json", local_folder)
-        write_reports(local_folder, out_csv, report, batches, params)
+        write_reports(local_folder, out_csv, report, batches, params, shown=storage.shown(folder))
         if remote_out:  # results.csv last: its arrival means the run's output is complete
             for name in ("report.json", "report.html", "results.csv"):
                 storage.publish(local_folder / name, folder / name)
@@ -558,9 +559,18 @@ def _local_build_manifest(work: storage.Location, tmp: Path, csv_path: str | Non
 
 
 def write_reports(
-    folder: Path, out_csv: Path, report: dict[str, Any], batches: list[dict[str, Any]], params: dict[str, Any]
+    folder: Path,
+    out_csv: Path,
+    report: dict[str, Any],
+    batches: list[dict[str, Any]],
+    params: dict[str, Any],
+    shown: str | None = None,
 ) -> None:
-    """Add the estimate, the actual cost and the batches to report.json; write report.html beside it."""
+    """Add the estimate, the actual cost and the batches to report.json; write report.html beside it.
+
+    ``folder`` is local; ``shown`` is where the files are stored (a URL for object storage), named in
+    report.json and on the page instead of the local copies.
+    """
     from batchpipe.estimate import price_for, token_cost
     from batchpipe.report import write_report_html
 
@@ -584,7 +594,10 @@ def write_reports(
         k: (estimate or {}).get(k) for k in ("prompt_tokens", "image_tokens", "output_tokens_max")
     }
     full["batches"] = batches
+    if shown:
+        full["results_csv"], full["report"] = f"{shown}/results.csv", f"{shown}/report.json"
     report_path.write_text(json.dumps(full, indent=2))
     html = write_report_html(out_csv, full, folder / "report.html", estimate=estimate, batches=batches,
-                             model=params["model"], prices=table)  # fmt: skip
-    log.info("report: %s (actual Batch cost %s USD, estimated %s)", html, actual, expected)
+                             model=params["model"], prices=table, shown=full["results_csv"])  # fmt: skip
+    where = f"{shown}/report.html" if shown else html
+    log.info("report: %s (actual Batch cost %s USD, estimated %s)", where, actual, expected)
