@@ -67,3 +67,93 @@ def test_relative_to_csv_dir_urls_and_empty(tmp_path):
     assert image_url_for_cell("http://example.com/x", None) == "http://example.com/x"
     assert image_url_for_cell("", tmp_path) is None
     assert image_url_for_cell("   ", tmp_path) is None
+
+
+# --- images in object storage (an fsspec filesystem: here fsspec's in-memory one) -------------------
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A fresh in-memory fsspec filesystem holding s3://bkt/img/{a.png,b.gif} and s3://bkt/secret.png,
+    and the url_fs callable the library takes (URL -> (filesystem, path))."""
+    from urllib.parse import urlsplit
+
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    fs = MemoryFileSystem()
+    fs.store.clear()
+    fs.pseudo_dirs.clear()
+    fs.pseudo_dirs.append("")
+    files = {}
+    for name, fmt in (("img/a.png", "PNG"), ("img/b.gif", "GIF"), ("secret.png", "PNG")):
+        local = make_image(tmp_path / name.replace("/", "_"), fmt)
+        files[name] = local.read_bytes()
+        fs.pipe(f"/bkt/{name}", files[name])
+    fs.pipe("/bkt/img/not-an-image.png", b"hello")
+    calls = []
+
+    def url_fs(url):
+        calls.append(url)
+        parts = urlsplit(url)
+        return fs, f"/{parts.netloc}{parts.path}"
+
+    url_fs.files, url_fs.calls = files, calls
+    return url_fs
+
+
+def test_store_url_cell_is_read_through_url_fs(store):
+    url = image_url_for_cell("s3://bkt/img/a.png", None, url_fs=store)
+    assert url == "data:image/png;base64," + base64.b64encode(store.files["img/a.png"]).decode()
+    # relative cells under a URL base folder, ".." normalised
+    url = image_url_for_cell("sub/../b.gif", "s3://bkt/img", url_fs=store)
+    assert base64.b64decode(url.split(",", 1)[1]) == store.files["img/b.gif"]
+    assert store.calls == ["s3://bkt/img/a.png", "s3://bkt/img/b.gif"]
+    check_image_cell("a.png", "s3://bkt/img", url_fs=store)  # cheap check passes too
+
+
+def test_store_images_fail_their_row_with_the_cell_named(store):
+    with pytest.raises(RowError, match=r"^image file not found: missing\.png$"):
+        image_url_for_cell("missing.png", "s3://bkt/img", url_fs=store)
+    with pytest.raises(RowError, match=r"unsupported image type .*: not-an-image\.png$"):
+        check_image_cell("not-an-image.png", "s3://bkt/img", url_fs=store)
+    with pytest.raises(RowError, match=r"image too big: a\.png is"):
+        image_url_for_cell("a.png", "s3://bkt/img", max_image_mb=0.00001, url_fs=store)
+    with pytest.raises(RowError, match=r"image path is not a file: s3://bkt/img"):
+        check_image_cell("s3://bkt/img", None, url_fs=store)
+    # without a reader for object storage the row is invalid, not the run
+    with pytest.raises(RowError, match=r"s3:// URLs are read only through object storage"):
+        image_url_for_cell("s3://bkt/img/a.png", None)
+
+
+def test_store_images_outside_the_url_roots_are_refused_before_any_read(store):
+    from batchpipe.paths import Roots, parse_roots
+
+    roots = Roots(parse_roots("s3://bkt/img"))
+    assert image_url_for_cell("a.png", "s3://bkt/img", roots=roots, url_fs=store)
+    with pytest.raises(RowError, match=r"image \.\./secret\.png is outside the allowed roots"):
+        image_url_for_cell("../secret.png", "s3://bkt/img", roots=roots, url_fs=store)
+    with pytest.raises(RowError, match="outside the allowed roots"):
+        check_image_cell("s3://bkt/secret.png", None, roots=roots, url_fs=store)
+    assert store.calls == ["s3://bkt/img/a.png"]  # refused cells were never opened
+
+
+def test_build_with_an_image_base_url(store, tmp_path):
+    import json
+
+    from batchpipe import BuildOptions, build_jsonl, validate_csv
+
+    src = tmp_path / "in.csv"
+    src.write_text("prompt,image\nfirst,a.png\nsecond,\nthird,missing.png\nfourth,s3://bkt/img/b.gif\n")
+    opts = BuildOptions(image_column="image", image_base_dir="s3://bkt/img/")
+    summary = validate_csv(src, opts, allowed_roots=None, url_fs=store)
+    assert (summary["valid"], summary["invalid"]) == (3, 1)
+    assert summary["first_invalid"][0]["error"] == "image file not found: missing.png"
+    built = build_jsonl(src, opts, tmp_path / "work", allowed_roots=None, url_fs=store)
+    lines = [json.loads(x) for x in (tmp_path / "work" / "shard-00000.jsonl").read_text().splitlines()]
+    contents = [line["body"]["messages"][-1]["content"] for line in lines]
+    images = [p["image_url"]["url"] for c in contents if isinstance(c, list) for p in c if "image_url" in p]
+    assert built["valid"] == 3 and len(lines) == 3
+    assert [base64.b64decode(u.split(",", 1)[1]) for u in images] == [
+        store.files["img/a.png"],
+        store.files["img/b.gif"],
+    ]

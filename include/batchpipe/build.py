@@ -10,6 +10,9 @@ Public API (called by the Airflow DAG):
 Both take ``allowed_roots=`` (keyword only): a list of folders the CSV and image files must resolve
 into, None for no restriction, or by default ``OPENAI_BATCH_ALLOWED_ROOTS`` read at call time (see
 ``paths``). A CSV outside is a fatal ``InputError``; an image outside makes only its row invalid.
+
+Both also take ``url_fs=``: how to read images in object storage (``s3://...`` cells, or relative
+cells when ``image_base_dir`` is such a URL); see :mod:`batchpipe.images`. None: such rows are invalid.
 """
 
 from __future__ import annotations
@@ -27,7 +30,15 @@ from typing import Any
 
 from . import csvio, paths
 from .errors import InputError, RowError
-from .images import check_image_cell, encoded_size_hint, image_url_for_cell
+from .images import (
+    UrlFs,
+    check_image_cell,
+    encoded_size_hint,
+    image_url_for_cell,
+    is_store_url,
+    is_url,
+    resolve_path,
+)
 from .options import BuildOptions
 
 OUTPUT_COLUMNS = ("response", "error", "prompt_tokens", "completion_tokens", "total_tokens")
@@ -170,8 +181,9 @@ class _Plan:
     opts: BuildOptions
     header: list[str]
     template: PromptTemplate | None
-    base_dir: Path
+    base_dir: Path | str
     roots: list[Path] | None = None
+    url_fs: UrlFs | None = None
 
     def custom_id(self, index: int, row: dict[str, str]) -> str:
         if self.opts.id_column:
@@ -206,15 +218,19 @@ class _Plan:
             return None
         try:
             if encode:
-                return image_url_for_cell(row[col], self.base_dir, self.opts.max_image_mb, self.roots)
-            check_image_cell(row[col], self.base_dir, self.opts.max_image_mb, self.roots)
+                return image_url_for_cell(
+                    row[col], self.base_dir, self.opts.max_image_mb, self.roots, self.url_fs
+                )
+            check_image_cell(row[col], self.base_dir, self.opts.max_image_mb, self.roots, self.url_fs)
             return None
         except RowError as exc:
             exc.column = col
             raise
 
 
-def _prepare(csv_path: str | os.PathLike, opts: BuildOptions, allowed_roots: Any) -> _Plan:
+def _prepare(
+    csv_path: str | os.PathLike, opts: BuildOptions, allowed_roots: Any, url_fs: UrlFs | None = None
+) -> _Plan:
     if not isinstance(opts, BuildOptions):
         opts = BuildOptions.from_dict(opts)
     opts.validate()
@@ -246,8 +262,11 @@ def _prepare(csv_path: str | os.PathLike, opts: BuildOptions, allowed_roots: Any
             f"{path}: the input already has column(s) {', '.join(repr(c) for c in clashes)}, which the "
             f"merged results add (output columns: {', '.join(OUTPUT_COLUMNS)}); rename them first"
         )
-    base_dir = Path(opts.image_base_dir or Path(path).parent).expanduser().resolve()
-    return _Plan(path, opts, header, template, base_dir, roots)
+    if is_store_url(opts.image_base_dir):
+        base_dir: Path | str = opts.image_base_dir.rstrip("/")
+    else:
+        base_dir = Path(opts.image_base_dir or Path(path).parent).expanduser().resolve()
+    return _Plan(path, opts, header, template, base_dir, roots, url_fs)
 
 
 class _IdTracker:
@@ -282,6 +301,7 @@ def validate_csv(
     opts: BuildOptions,
     *,
     allowed_roots: list[Path] | None = paths.FROM_ENV,
+    url_fs: UrlFs | None = None,
 ) -> dict[str, Any]:
     """Check the CSV and options without writing anything.
 
@@ -291,7 +311,7 @@ def validate_csv(
     "rows_in_file", "rows_selected", "valid", "invalid", "first_invalid": [{"row", "column", "error"},
     ... up to 10]}``.
     """
-    plan = _prepare(csv_path, opts, allowed_roots)
+    plan = _prepare(csv_path, opts, allowed_roots, url_fs)
     o = plan.opts
     ids = _IdTracker(plan)
     rows_in_file = selected = valid = invalid = 0
@@ -440,18 +460,29 @@ def _encode_ordered(
     Yields ``(index, custom_id, prompt, error, image_url)`` in input order. Rows that already have an
     ``error`` are not encoded; an encoding ``RowError`` (with the image column set) becomes the row's
     error. At most ``max_bytes_in_flight`` bytes of (estimated) encoded image data are pending, plus
-    one image, so memory stays bounded whatever the input size.
+    one image, so memory stays bounded whatever the input size. An image in object storage is not
+    stat'ed first (that would cost a request): it counts as the largest allowed image, and the bound
+    grows to one such image per worker so that the pool still reads in parallel.
     """
     workers = workers or IMAGE_WORKERS
     if max_bytes_in_flight is None:
         max_bytes_in_flight = IMAGE_BYTES_IN_FLIGHT
     o = plan.opts
     col = o.image_column
-    base_dir, max_mb, roots = plan.base_dir, o.max_image_mb, plan.roots
+    base_dir, max_mb, roots, url_fs = plan.base_dir, o.max_image_mb, plan.roots, plan.url_fs
+    largest = 4 * ((int((max_mb or 20) * 1024 * 1024) + 2) // 3) + 32  # a data URL of the largest image
+    if url_fs is not None:
+        max_bytes_in_flight = max(max_bytes_in_flight, workers * largest)
+
+    def hint(cell: str) -> int:
+        v = cell.strip()
+        if v and not is_url(v) and not isinstance(resolve_path(v, base_dir), Path):
+            return largest  # in object storage
+        return encoded_size_hint(cell, base_dir)
 
     def encode(cell: str) -> str | None:
         try:
-            return image_url_for_cell(cell, base_dir, max_mb, roots)
+            return image_url_for_cell(cell, base_dir, max_mb, roots, url_fs)
         except RowError as exc:
             exc.column = col
             raise
@@ -476,7 +507,7 @@ def _encode_ordered(
         for index, cid, prompt, err, cell in items:
             fut, size = None, 0
             if err is None:
-                size = encoded_size_hint(cell, base_dir)
+                size = hint(cell)
                 while pending and (in_flight + size > max_bytes_in_flight or len(pending) >= 4096):
                     yield pop()
                 fut = pool.submit(encode, cell)
@@ -512,6 +543,7 @@ def build_jsonl(
     work_dir: str | os.PathLike,
     *,
     allowed_roots: list[Path] | None = paths.FROM_ENV,
+    url_fs: UrlFs | None = None,
 ) -> dict[str, Any]:
     """Write the request shards, ``invalid.jsonl`` and ``build_manifest.json`` into ``work_dir``.
 
@@ -521,7 +553,7 @@ def build_jsonl(
     "first_invalid", "shards": [{"index", "path", "requests", "bytes", "first_row", "last_row"}]}``.
     ``shards`` is ``[]`` when no row is valid.
     """
-    plan = _prepare(csv_path, opts, allowed_roots)
+    plan = _prepare(csv_path, opts, allowed_roots, url_fs)
     o = plan.opts
     wd = Path(work_dir).resolve()
     wd.mkdir(parents=True, exist_ok=True)

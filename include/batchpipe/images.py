@@ -6,6 +6,11 @@
   (PNG, JPEG, GIF, WebP); anything else is rejected.
 * With ``roots`` (see ``paths.allowed_roots``), a path that resolves (following symlinks and ``..``)
   outside every root makes the row invalid before the file is stat'ed or opened.
+* Object storage: a cell that is a URL such as ``s3://bucket/a.png``, or a relative path when the
+  base folder is such a URL, is read through ``url_fs`` — a callable the caller supplies that maps the
+  URL to ``(filesystem, path)`` with an fsspec-style filesystem (``info``, ``open``); Airflow's
+  ``ObjectStoragePath`` gives one. ``..`` is normalised away before the roots (URL prefixes) are
+  checked. Without ``url_fs`` such a cell makes its row invalid.
 
 Problems raise ``RowError`` (the row is invalid, the run goes on).
 """
@@ -14,11 +19,19 @@ from __future__ import annotations
 
 import base64
 import os
+import posixpath
 import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+from . import paths
 from .errors import RowError
 from .paths import PathNotAllowed, check_within
+
+#: Maps an object-storage URL to ``(fsspec-style filesystem, path inside it)``.
+UrlFs = Callable[[str], tuple[Any, str]]
 
 _MAGIC_LEN = 12
 
@@ -41,14 +54,35 @@ def is_url(value: str) -> bool:
     return v.startswith(("http://", "https://", "data:image/"))
 
 
-def resolve_path(value: str, base_dir: str | os.PathLike | None) -> Path:
+def is_store_url(value: str | os.PathLike | None) -> bool:
+    """True for an object-storage URL (``s3://``, ``gs://``...); http(s), data: and file:// are not."""
+    if value is None or not paths.is_url(value):
+        return False
+    return urlsplit(str(value)).scheme.lower() not in ("http", "https", "file", "local")
+
+
+def _join_url(base: str, relative: str) -> str:
+    parts = urlsplit(base)
+    joined = posixpath.normpath(posixpath.join(parts.path or "/", relative))
+    return urlunsplit(parts._replace(path=joined))
+
+
+def resolve_path(value: str, base_dir: str | os.PathLike | None) -> Path | str:
+    """The file an image cell names: a local Path, or a URL string (a store URL cell, or a relative
+    cell under a store URL base, ``..`` normalised)."""
+    if is_store_url(value):
+        return _join_url(value, ".")
+    if paths.is_url(value):  # file://
+        value = urlsplit(value).path
     p = Path(value).expanduser()
-    if not p.is_absolute() and base_dir is not None:
-        p = Path(base_dir) / p
-    return p
+    if p.is_absolute() or base_dir is None:
+        return p
+    if is_store_url(base_dir):
+        return _join_url(str(base_dir), value)
+    return Path(base_dir) / p
 
 
-def _path_for_cell(value: str, base_dir: str | os.PathLike | None, roots: list[Path] | None) -> Path:
+def _path_for_cell(value: str, base_dir: str | os.PathLike | None, roots: list[Path] | None) -> Path | str:
     """The file an image cell names; with ``roots``, its resolved path, or RowError when outside them."""
     p = resolve_path(value, base_dir)
     if roots is None:
@@ -59,6 +93,64 @@ def _path_for_cell(value: str, base_dir: str | os.PathLike | None, roots: list[P
         raise RowError(str(exc)) from None
 
 
+class _LocalImage:
+    def __init__(self, path: Path, name: str):
+        self.path, self.name = path, name
+
+    def size(self) -> int:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            raise RowError(f"image file not found: {self.name}") from None
+        except OSError as exc:
+            raise RowError(f"cannot read image {self.name}: {exc.strerror or exc}") from None
+        if not stat.S_ISREG(st.st_mode):
+            raise RowError(f"image path is not a file: {self.name}")
+        return st.st_size
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            with open(self.path, "rb") as fh:
+                return fh.read(n)
+        except OSError as exc:
+            raise RowError(f"cannot read image {self.name}: {exc.strerror or exc}") from None
+
+
+class _StoredImage:
+    """An image in object storage, through an fsspec-style filesystem."""
+
+    def __init__(self, fs: Any, path: str, name: str):
+        self.fs, self.path, self.name = fs, path, name
+
+    def size(self) -> int:
+        try:
+            info = self.fs.info(self.path)
+        except FileNotFoundError:
+            raise RowError(f"image file not found: {self.name}") from None
+        except Exception as exc:  # credentials, network...: this row cannot be built
+            raise RowError(f"cannot read image {self.name}: {exc}") from None
+        if info.get("type") != "file":
+            raise RowError(f"image path is not a file: {self.name}")
+        return int(info["size"])
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            with self.fs.open(self.path, "rb") as fh:
+                return fh.read(n)
+        except Exception as exc:
+            raise RowError(f"cannot read image {self.name}: {exc}") from None
+
+
+def _source(location: Path | str, name: str, url_fs: UrlFs | None) -> _LocalImage | _StoredImage:
+    if isinstance(location, Path):
+        return _LocalImage(location, name)
+    if url_fs is None:
+        scheme = urlsplit(location).scheme
+        raise RowError(f"image {name}: {scheme}:// URLs are read only through object storage (from Airflow)")
+    fs, path = url_fs(location)
+    return _StoredImage(fs, path, name)
+
+
 def check_image(
     path: str | os.PathLike, max_image_mb: float | None = None, shown: str | None = None
 ) -> tuple[str, int]:
@@ -67,32 +159,16 @@ def check_image(
     ``shown`` is how the file is named in messages (default: the path).
     """
     p = Path(path)
-    name = shown or str(p)
-    nbytes = _checked_size(p, name, max_image_mb)
-    try:
-        with open(p, "rb") as fh:
-            head = fh.read(_MAGIC_LEN)
-    except OSError as exc:
-        raise RowError(f"cannot read image {name}: {exc.strerror or exc}") from None
-    mime = sniff_mime(head)
+    return _check(_LocalImage(p, shown or str(p)), max_image_mb)
+
+
+def _check(src: _LocalImage | _StoredImage, max_image_mb: float | None) -> tuple[str, int]:
+    nbytes = src.size()
+    _check_size(src.name, nbytes, max_image_mb)
+    mime = sniff_mime(src.read(_MAGIC_LEN))
     if mime is None:
-        raise RowError(f"unsupported image type (not PNG, JPEG, GIF or WebP): {name}")
+        raise RowError(f"unsupported image type (not PNG, JPEG, GIF or WebP): {src.name}")
     return mime, nbytes
-
-
-def _checked_size(p: Path, name: str, max_image_mb: float | None) -> int:
-    """The size of image file ``p`` (shown as ``name``), after the checks both readers share:
-    it exists, is a regular file, is not empty and not over ``max_image_mb``. Raises RowError."""
-    try:
-        st = p.stat()
-    except FileNotFoundError:
-        raise RowError(f"image file not found: {name}") from None
-    except OSError as exc:
-        raise RowError(f"cannot read image {name}: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise RowError(f"image path is not a file: {name}")
-    _check_size(name, st.st_size, max_image_mb)
-    return st.st_size
 
 
 def _check_size(p: str, nbytes: int, max_image_mb: float | None) -> None:
@@ -113,17 +189,16 @@ def encode_image(
     Thread-safe (no shared state): the build encodes images from a thread pool.
     """
     p = Path(path)
-    name = shown or str(p)
-    _checked_size(p, name, max_image_mb)  # before reading: never load an oversized file
-    try:
-        with open(p, "rb") as fh:
-            data = fh.read()
-    except OSError as exc:
-        raise RowError(f"cannot read image {name}: {exc.strerror or exc}") from None
-    _check_size(name, len(data), max_image_mb)
+    return _encode(_LocalImage(p, shown or str(p)), max_image_mb)
+
+
+def _encode(src: _LocalImage | _StoredImage, max_image_mb: float | None) -> tuple[str, str, int]:
+    _check_size(src.name, src.size(), max_image_mb)  # before reading: never load an oversized file
+    data = src.read()
+    _check_size(src.name, len(data), max_image_mb)
     mime = sniff_mime(data[:_MAGIC_LEN])
     if mime is None:
-        raise RowError(f"unsupported image type (not PNG, JPEG, GIF or WebP): {name}")
+        raise RowError(f"unsupported image type (not PNG, JPEG, GIF or WebP): {src.name}")
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", mime, len(data)
 
 
@@ -133,8 +208,11 @@ def encoded_size_hint(value: str, base_dir: str | os.PathLike | None) -> int:
     v = value.strip()
     if not v or is_url(v):
         return 0
+    target = resolve_path(v, base_dir)
+    if not isinstance(target, Path):
+        return 0  # in object storage: a stat would cost a request (the caller bounds these itself)
     try:
-        n = os.stat(resolve_path(v, base_dir)).st_size
+        n = os.stat(target).st_size
     except (OSError, ValueError):
         return 0
     return 4 * ((n + 2) // 3) + 32
@@ -145,17 +223,19 @@ def image_url_for_cell(
     base_dir: str | os.PathLike | None,
     max_image_mb: float | None = None,
     roots: list[Path] | None = None,
+    url_fs: UrlFs | None = None,
 ) -> str | None:
     """The URL to send for an image cell, or None when the cell is empty (text-only request).
 
-    ``roots``: allowed roots for file paths (None = no restriction); URLs are never restricted.
+    ``roots``: allowed roots for file paths and store URLs (None = no restriction); http(s) and data:
+    URLs are never restricted. ``url_fs``: reads store URLs (see the module docstring).
     """
     v = value.strip()
     if not v:
         return None
     if is_url(v):
         return v
-    return encode_image(_path_for_cell(v, base_dir, roots), max_image_mb, v)[0]
+    return _encode(_source(_path_for_cell(v, base_dir, roots), v, url_fs), max_image_mb)[0]
 
 
 def check_image_cell(
@@ -163,9 +243,10 @@ def check_image_cell(
     base_dir: str | os.PathLike | None,
     max_image_mb: float | None = None,
     roots: list[Path] | None = None,
+    url_fs: UrlFs | None = None,
 ) -> None:
     """Cheap validation of an image cell (stat + magic bytes, no base64). Raises RowError."""
     v = value.strip()
     if not v or is_url(v):
         return
-    check_image(_path_for_cell(v, base_dir, roots), max_image_mb, v)
+    _check(_source(_path_for_cell(v, base_dir, roots), v, url_fs), max_image_mb)
