@@ -54,7 +54,7 @@ PARAMS = {
         minLength=1,
         title="Input CSV",
         description="Path or URL (s3://bucket/x.csv, ...) of the CSV of prompts. Relative image paths "
-        "resolve against its folder (for a URL: against the image base folder, which stays local).",
+        "resolve against its folder.",
         section=INPUT,
     ),
     "prompt_column": Param(
@@ -86,7 +86,8 @@ PARAMS = {
         None,
         type=["null", "string"],
         title="Image folder",
-        description="Optional. Folder that relative image paths resolve against (default: the CSV's folder).",
+        description="Optional. Folder that relative image paths resolve against (default: the CSV's "
+        "folder); a local path or a URL such as s3://bucket/images.",
         section=INPUT,
     ),
     "id_column": Param(

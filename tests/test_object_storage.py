@@ -181,18 +181,33 @@ def test_s3_keep_temp_files_leaves_shards_and_downloads_in_the_work_folder(dag, 
     ]
 
 
-def test_s3_local_images_and_resubmission_after_expiry(dag, srv, s3, scratch, tmp_path):
-    """A remote CSV whose image paths resolve in a local image folder; the first batch expires half
-    done and the rest goes out again from the shard stored in S3."""
-    shutil.copytree(SAMPLE, tmp_path / "in")
-    s3.put_object(Bucket=s3.bucket, Key="img/questions.csv", Body=(SAMPLE / "questions.csv").read_bytes())
+def put_sample(s3, prefix: str) -> None:
+    """The sample CSV and its images folder under ``prefix`` in the bucket."""
+    for path in SAMPLE.rglob("*"):
+        if path.is_file():
+            s3.put_object(
+                Bucket=s3.bucket, Key=f"{prefix}/{path.relative_to(SAMPLE)}", Body=path.read_bytes()
+            )
+
+
+def sample_results(s3, prefix: str) -> tuple[list[dict[str, str]], dict]:
+    (csv_key,) = [k for k in keys(s3, prefix) if k.endswith("results.csv")]
+    out = csv_rows(get(s3, csv_key))
+    with open(SAMPLE / "questions.csv", newline="", encoding="utf-8") as fh:
+        assert [r["id"] for r in out] == [r["id"] for r in csv.DictReader(fh)]  # every row once, in order
+    return out, json.loads(get(s3, csv_key.replace("results.csv", "report.json")))
+
+
+def test_s3_images_beside_the_csv_and_resubmission_after_expiry(dag, srv, s3, scratch):
+    """CSV and images in S3 (relative image paths resolve in the CSV's S3 folder); the first batch
+    expires half done and the rest goes out again from the shard stored in S3."""
+    put_sample(s3, "img")
     srv.set_config({"expire_fraction": 0.5, "expire_batches": 1})
     dr, tis = run(
         dag,
         {
             "input_csv": f"s3://{s3.bucket}/img/questions.csv",
             "image_column": "image",
-            "image_base_dir": str(tmp_path / "in"),
             "output_dir": f"s3://{s3.bucket}/img-out",
             "storage_conn_id": "s3_test",
             "check_interval": 1,
@@ -201,13 +216,32 @@ def test_s3_local_images_and_resubmission_after_expiry(dag, srv, s3, scratch, tm
     assert dr.state == "success", {k: ti.state for k, ti in tis.items()}
     made = list(reversed(srv.client().batches.list(limit=100).data))
     assert [b.status for b in made] == ["expired", "completed"]
-    (csv_key,) = [k for k in keys(s3, "img-out/") if k.endswith("results.csv")]
-    out = csv_rows(get(s3, csv_key))
-    with open(SAMPLE / "questions.csv", newline="", encoding="utf-8") as fh:
-        assert [r["id"] for r in out] == [r["id"] for r in csv.DictReader(fh)]
-    report = json.loads(get(s3, csv_key.replace("results.csv", "report.json")))
+    out, report = sample_results(s3, "img-out/")
     assert report["answered"] == 27 and report["failed"] == 1 and report["invalid"] == 2
     assert sorted(report["batch_ids"]) == sorted(b.id for b in made)
+    circle = next(r for r in out if r["image"] == "images/red_circle.png")
+    assert circle["response"].startswith("ECHO:") and circle["error"] == ""
+    # the sample's missing image is reported with the cell as written
+    assert any(r["error"].startswith("not sent: image file not found: images/") for r in out)
+
+
+def test_s3_csv_with_a_local_image_folder(dag, srv, s3, scratch, tmp_path):
+    shutil.copytree(SAMPLE, tmp_path / "in")
+    s3.put_object(Bucket=s3.bucket, Key="loc/questions.csv", Body=(SAMPLE / "questions.csv").read_bytes())
+    dr, tis = run(
+        dag,
+        {
+            "input_csv": f"s3://{s3.bucket}/loc/questions.csv",
+            "image_column": "image",
+            "image_base_dir": str(tmp_path / "in"),
+            "output_dir": f"s3://{s3.bucket}/loc-out",
+            "storage_conn_id": "s3_test",
+            "check_interval": 1,
+        },
+    )
+    assert dr.state == "success", {k: ti.state for k, ti in tis.items()}
+    out, report = sample_results(s3, "loc-out/")
+    assert report["answered"] == 27 and report["invalid"] == 2
     circle = next(r for r in out if r["image"] == "images/red_circle.png")
     assert circle["response"].startswith("ECHO:") and circle["error"] == ""
 

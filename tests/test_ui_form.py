@@ -194,7 +194,7 @@ def test_trigger_form_renders_params_and_runs_the_pipeline(env, page):
             dialog,
             "Input CSV",
             "Path or URL (s3://bucket/x.csv, ...) of the CSV of prompts. Relative image paths resolve "
-            "against its folder (for a URL: against the image base folder, which stays local).",
+            "against its folder.",
             "textbox",
         )
         expect(field(dialog, "Input CSV").locator("label")).to_contain_text("*")  # required marker

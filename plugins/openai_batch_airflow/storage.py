@@ -111,8 +111,15 @@ def publish(local: Path, dst: Location) -> None:
     dst.fs.put(str(local), dst.path)
 
 
-def exists(where: Location) -> bool:
-    return where.exists()
+def url_reader(conn_id: str | None):
+    """The ``url_fs`` callable :mod:`batchpipe` takes to read images in object storage:
+    URL -> (the Airflow-authenticated fsspec filesystem, path inside it)."""
+
+    def url_fs(url: str) -> tuple[Any, str]:
+        where = location(url, conn_id)
+        return where.fs, where.path
+
+    return url_fs
 
 
 def remove_tree(where: Location) -> None:

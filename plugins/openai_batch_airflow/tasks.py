@@ -40,8 +40,12 @@ def _client(conn_id: str):
 
 
 def build_options(params: dict[str, Any]):
+    """The library's build options from the params. A CSV in object storage with no image folder
+    given: relative image paths resolve against the CSV's own folder in the store."""
     from batchpipe.options import BuildOptions
 
+    if storage.is_remote(params["input_csv"]) and not params.get("image_base_dir"):
+        params = {**params, "image_base_dir": str(params["input_csv"]).rsplit("/", 1)[0]}
     with fail_on_bad_input():
         opts = BuildOptions.from_dict(params)  # the build options among the params
         opts.validate()
@@ -167,7 +171,9 @@ def validate(params: dict[str, Any], run_id: str) -> dict[str, Any]:
 
     opts = build_options(params)
     with storage.scratch() as tmp, local_input_csv(params, tmp) as (csv_path, roots), fail_on_bad_input():
-        summary = validate_csv(csv_path, opts, allowed_roots=roots)
+        summary = validate_csv(
+            csv_path, opts, allowed_roots=roots, url_fs=storage.url_reader(storage_conn_id(params))
+        )
     summary["file"] = str(params["input_csv"])
     folder = checked_run_dir(params, run_id)
     for target in (folder, work_location(params, run_id)):
@@ -213,7 +219,13 @@ def build(params: dict[str, Any], run_id: str) -> list[dict[str, Any]]:
     with storage.scratch() as tmp, local_input_csv(params, tmp) as (csv_path, roots):
         local_work = tmp / "work" if remote else work
         with fail_on_bad_input():
-            manifest = build_jsonl(csv_path, opts, local_work, allowed_roots=roots)
+            manifest = build_jsonl(
+                csv_path,
+                opts,
+                local_work,
+                allowed_roots=roots,
+                url_fs=storage.url_reader(storage_conn_id(params)),
+            )
         log.info(
             "built %d shard(s) with %d requests (%d invalid rows kept aside) in %s",
             len(manifest["shards"]),
