@@ -4,6 +4,9 @@ Runs ``openai_batch_pipeline`` with ``dag.test()`` against the local batch serve
 (default 1,000,000 rows, so 20 mapped shards of 50,000), then prints the wall time, the number of
 mapped shard tasks, the largest XCom value in bytes (XCom carries manifests, never contents),
 the rows in results.csv and this process's peak RSS. Not part of the test suite.
+
+``--s3``: the CSV, the work folder and the results in S3 instead (a local moto server on 127.0.0.1),
+to measure what object storage adds.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--work-dir", default=str(ROOT / "var" / "bench"))
+    ap.add_argument("--s3", action="store_true", help="input, work folder and results in S3 (local moto)")
     args = ap.parse_args()
 
     from bench import make_text_csv
@@ -46,11 +50,29 @@ def main() -> int:
     )
     subprocess.run([sys.executable, "-m", "airflow", "db", "migrate"], check=True, capture_output=True)
 
-    from local_batch_server.testing import running_server
+    from contextlib import ExitStack
 
-    with running_server(
-        work / "dag-server", config={"in_progress_seconds": 2, "validating_seconds": 0.5}
-    ) as srv:
+    from local_batch_server.testing import running_server
+    from s3_local import local_s3
+
+    with ExitStack() as stack:
+        srv = stack.enter_context(
+            running_server(work / "dag-server", config={"in_progress_seconds": 2, "validating_seconds": 0.5})
+        )
+        conf = {"input_csv": str(csv_path), "output_dir": str(work / "dag-out")}
+        if args.s3:
+            import boto3
+
+            endpoint, bucket = stack.enter_context(local_s3(work))
+            s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="t",
+                              aws_secret_access_key="t", region_name="us-east-1")  # fmt: skip
+            s3.upload_file(str(csv_path), bucket, csv_path.name)
+            conf = {
+                "input_csv": f"s3://{bucket}/{csv_path.name}",
+                "output_dir": f"s3://{bucket}/dag-out",
+                "work_dir": f"s3://{bucket}/dag-work",
+                "storage_conn_id": "s3_test",
+            }
         os.environ["AIRFLOW_CONN_OPENAI_DEFAULT"] = json.dumps(
             {"conn_type": "openai", "host": srv.base_url, "password": "bench"}
         )
@@ -59,12 +81,10 @@ def main() -> int:
         from sqlalchemy import text
 
         dag = DagBag(dag_folder=str(ROOT / "dags")).dags["openai_batch_pipeline"]
-        out = work / "dag-out"
         started = time.monotonic()
         dr = dag.test(
             run_conf={
-                "input_csv": str(csv_path),
-                "output_dir": str(out),
+                **conf,
                 "model": "gpt-4o-mini",
                 "check_interval": 2,
                 "max_requests_per_batch": 50_000,
@@ -74,7 +94,17 @@ def main() -> int:
         shards = sum(1 for ti in dr.get_task_instances() if ti.task_id == "wait_for_batch")
         with create_session() as session:
             largest = session.execute(text("SELECT max(length(value)) FROM xcom")).scalar()
-    results = next(out.glob("*/*/results.csv"))
+        if args.s3:
+            (key,) = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="dag-out/")["Contents"]
+                      if o["Key"].endswith("/results.csv")]  # fmt: skip
+            results = work / "dag-out-s3" / "results.csv"
+            results.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, key, str(results))
+            s3.download_file(
+                bucket, key.replace("results.csv", "report.json"), str(results.parent / "report.json")
+            )
+        else:
+            results = next((work / "dag-out").glob("*/*/results.csv"))
     with open(results, "rb") as fh:
         rows = sum(1 for _ in fh) - 1  # embedded newlines make this an upper bound; see report.json
     report = json.loads((results.parent / "report.json").read_text())

@@ -29,8 +29,9 @@ import time
 import pytest
 
 from airflow_stack import AirflowStack
-from conftest import REPO, local_s3
+from conftest import REPO
 from local_batch_server.testing import running_server
+from s3_local import local_s3
 
 pytestmark = pytest.mark.slow
 DAG_ID = "openai_batch_pipeline"

@@ -11,7 +11,8 @@ import shutil
 
 import pytest
 
-from conftest import REPO, local_openai, local_s3
+from conftest import REPO, local_openai
+from s3_local import local_s3
 
 SAMPLE = REPO / "data" / "sample"
 
