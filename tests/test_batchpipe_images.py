@@ -157,3 +157,24 @@ def test_build_with_an_image_base_url(store, tmp_path):
         store.files["img/a.png"],
         store.files["img/b.gif"],
     ]
+
+
+def test_a_transient_store_error_fails_the_build_not_the_row(store, tmp_path):
+    """Throttling or a reset must not turn rows into 'not sent' for good: it propagates (the task's
+    retry builds the row); only a missing, directory or forbidden object invalidates the row."""
+
+    class Throttled:
+        def info(self, path):
+            raise TimeoutError("SlowDown: please reduce your request rate")
+
+    with pytest.raises(TimeoutError):
+        image_url_for_cell("a.png", "s3://bkt/img", url_fs=lambda url: (Throttled(), url))
+
+    class Forbidden:
+        def info(self, path):
+            raise PermissionError("Access Denied")
+
+    with pytest.raises(RowError, match=r"cannot read image a\.png: Access Denied"):
+        check_image_cell("a.png", "s3://bkt/img", url_fs=lambda url: (Forbidden(), url))
+    with pytest.raises(RowError, match=r"must not contain '\?' or '#'"):
+        image_url_for_cell("s3://bkt/img/a.png#x", None, url_fs=store)

@@ -409,3 +409,21 @@ def test_local_roots_refuse_urls_and_url_roots_refuse_local_paths(tmp_path):
 
 def test_no_roots_allows_any_url():
     assert paths.check_within("s3://bucket/anything", None, "output folder") == "s3://bucket/anything"
+
+
+@pytest.mark.parametrize(
+    "url, problem",
+    [
+        ("s3://bucket/results#/../../other/x", r"must not contain '\?' or '#'"),
+        ("s3://bucket/results?/../../private", r"must not contain '\?' or '#'"),
+        ("s3://AKIAX:s3cr3t@bucket/results/x", "must not carry credentials"),
+    ],
+)
+def test_urls_with_query_fragment_or_password_are_refused_whatever_the_roots(url, problem):
+    roots = paths.Roots(paths.parse_roots("s3://bucket/results"), setting=paths.OUTPUT_ROOTS_ENV)
+    for allowed in (roots, None):
+        with pytest.raises(paths.PathNotAllowed, match=problem) as caught:
+            paths.check_within(url, allowed, "output folder")
+        assert "s3cr3t" not in str(caught.value)
+    assert paths.redact_url("s3://AKIAX:s3cr3t@bucket/x") == "s3://***@bucket/x"
+    assert paths.redact_url("s3://my_conn@bucket/x") == "s3://my_conn@bucket/x"  # a connection id stays

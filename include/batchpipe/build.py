@@ -471,13 +471,13 @@ def _encode_ordered(
     col = o.image_column
     base_dir, max_mb, roots, url_fs = plan.base_dir, o.max_image_mb, plan.roots, plan.url_fs
     largest = 4 * ((int((max_mb or 20) * 1024 * 1024) + 2) // 3) + 32  # a data URL of the largest image
-    if url_fs is not None:
-        max_bytes_in_flight = max(max_bytes_in_flight, workers * largest)
 
     def hint(cell: str) -> int:
+        nonlocal max_bytes_in_flight
         v = cell.strip()
-        if v and not is_url(v) and not isinstance(resolve_path(v, base_dir), Path):
-            return largest  # in object storage
+        if v and not is_url(v) and not isinstance(resolve_path(v, base_dir), Path):  # in object storage
+            max_bytes_in_flight = max(max_bytes_in_flight, workers * largest)
+            return largest
         return encoded_size_hint(cell, base_dir)
 
     def encode(cell: str) -> str | None:

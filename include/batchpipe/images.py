@@ -123,11 +123,13 @@ class _StoredImage:
         self.fs, self.path, self.name = fs, path, name
 
     def size(self) -> int:
+        # Only what retrying cannot fix makes the row invalid; throttling, resets or expired credentials
+        # propagate, so the task fails and its retry builds the row.
         try:
             info = self.fs.info(self.path)
         except FileNotFoundError:
             raise RowError(f"image file not found: {self.name}") from None
-        except Exception as exc:  # credentials, network...: this row cannot be built
+        except (IsADirectoryError, PermissionError) as exc:
             raise RowError(f"cannot read image {self.name}: {exc}") from None
         if info.get("type") != "file":
             raise RowError(f"image path is not a file: {self.name}")
@@ -137,13 +139,17 @@ class _StoredImage:
         try:
             with self.fs.open(self.path, "rb") as fh:
                 return fh.read(n)
-        except Exception as exc:
+        except FileNotFoundError:
+            raise RowError(f"image file not found: {self.name}") from None
+        except (IsADirectoryError, PermissionError) as exc:
             raise RowError(f"cannot read image {self.name}: {exc}") from None
 
 
 def _source(location: Path | str, name: str, url_fs: UrlFs | None) -> _LocalImage | _StoredImage:
     if isinstance(location, Path):
         return _LocalImage(location, name)
+    if problem := paths.url_problem(location):
+        raise RowError(f"image {paths.redact_url(name)} {problem}")
     if url_fs is None:
         scheme = urlsplit(location).scheme
         raise RowError(f"image {name}: {scheme}:// URLs are read only through object storage (from Airflow)")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from .errors import InputError
 
@@ -113,6 +113,26 @@ def _resolve(path: str | os.PathLike) -> Path:
     return Path(path).expanduser().resolve()
 
 
+def redact_url(url: str) -> str:
+    """``url`` with a password in it replaced by ``***`` (a bare connection id stays)."""
+    parts = urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        return urlunsplit(parts._replace(netloc=f"***@{host}"))
+    return url
+
+
+def url_problem(url: str) -> str | None:
+    """Why a storage URL is refused whatever the roots, or None: a ``?`` or ``#`` (the key that is
+    opened would differ from the one checked) or a password in it (secrets belong in a connection)."""
+    parts = urlsplit(url)
+    if "?" in url or "#" in url:
+        return "must not contain '?' or '#'"
+    if ":" in parts.netloc.rpartition("@")[0]:
+        return "must not carry credentials (put them in an Airflow connection)"
+    return None
+
+
 def _check_url(url: str, roots: list[Path | str], what: str, setting: str, shown: str) -> str:
     target = _norm_url(url)
     if ".." in urlsplit(target).path.split("/"):
@@ -144,6 +164,8 @@ def check_within(
     """
     name = shown if shown is not None else str(path)
     if not _local(str(path)):
+        if problem := url_problem(str(path)):
+            raise PathNotAllowed(f"{what} {redact_url(name)} {problem}")
         if roots is None:
             return str(path)
         setting = setting or getattr(roots, "setting", None) or ALLOWED_ROOTS_ENV
