@@ -172,13 +172,14 @@ def test_s3_keep_temp_files_leaves_shards_and_downloads_in_the_work_folder(dag, 
     )
     assert dr.state == "success"
     work = [k.rsplit("/", 1)[1] for k in keys(s3, "keep-out/") if "/work/" in k]
+    batch_of = {int(b.metadata["shard"]): b.id for b in srv.client().batches.list().data}
     assert sorted(work) == [
         "build_manifest.json",
         "invalid.jsonl",
         "shard-00000.jsonl",
-        "shard-00000.r0.output.jsonl",
+        f"shard-00000.r0.{batch_of[0]}.output.jsonl",
         "shard-00001.jsonl",
-        "shard-00001.r0.output.jsonl",
+        f"shard-00001.r0.{batch_of[1]}.output.jsonl",
     ]
 
 
@@ -315,3 +316,33 @@ def test_s3_estimate_only_lands_the_estimate_and_sends_nothing(dag, srv, s3, scr
     (key,) = [k for k in keys(s3, "est-out/") if k.endswith("estimate.json")]
     assert json.loads(get(s3, key))["requests"] == 4
     assert srv.client().files.list().data == [] and srv.client().batches.list().data == []
+
+
+def test_location_rules(s3, tmp_path):
+    from openai_batch_airflow import storage
+    from openai_batch_airflow.tasks import _input_stem
+
+    # an explicit connection replaces one named in the URL
+    assert storage.location(f"s3://other@{s3.bucket}/x", "s3_test").conn_id == "s3_test"
+    assert storage.location(f"s3://s3_test@{s3.bucket}/x").conn_id == "s3_test"
+    for bad in (f"s3://{s3.bucket}/x#y", f"s3://key:secret@{s3.bucket}/x"):
+        with pytest.raises(ValueError) as caught:
+            storage.location(bad, "s3_test")
+        assert "secret" not in str(caught.value)
+    # local run folders keep the input's own name; URLs are made filesystem-safe
+    assert _input_stem({"input_csv": "/data/my prompts.csv"}) == "my prompts"
+    assert _input_stem({"input_csv": "s3://b/in/my prompts.csv"}) == "my_prompts"
+
+
+def test_file_url_input_and_a_password_in_the_output_url(dag, srv, s3, scratch, tmp_path, capfd):
+    src = tmp_path / "in.csv"
+    src.write_text("prompt,n\nhello,007\n")
+    dr, _ = run(dag, {"input_csv": f"file://{src}", "output_dir": str(tmp_path / "out"), "check_interval": 1})
+    assert dr.state == "success"
+    (results,) = (tmp_path / "out" / "in").glob("*/results.csv")
+    assert [(r["n"], r["response"]) for r in csv_rows(results.read_bytes())] == [("007", "ECHO: hello")]
+
+    dr, tis = run(dag, {"input_csv": str(src), "output_dir": f"s3://AKIAX:s3cr3t@{s3.bucket}/out"})
+    assert dr.state == "failed" and tis[("validate_csv", -1)].try_number == 1
+    logged = "".join(capfd.readouterr())
+    assert "must not carry credentials" in logged and "s3cr3t" not in logged

@@ -287,7 +287,7 @@ class OpenAIBatchSensor(BaseSensorOperator):
         from openai_batch_airflow.tasks import download_batch_files
 
         client = self._client()
-        work = self._location(self.manifest["work_dir"])
+        work = self._location(self.manifest.get("work_dir") or str(self.manifest["path"]).rsplit("/", 1)[0])
         index = int(self.manifest.get("index", 0))
         files = download_batch_files(client, summary, work / "results", index, tmp)
         summary["files"] = [stored for stored, _ in files]

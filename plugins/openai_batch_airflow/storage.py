@@ -22,9 +22,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
-from batchpipe.paths import is_url
+from batchpipe.paths import is_url, redact_url, url_problem
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,8 @@ def local_path(where: str | os.PathLike) -> Path:
 def location(where: str | os.PathLike | Location, conn_id: str | None = None) -> Location:
     """``where`` as a :class:`~pathlib.Path` (local) or an ``ObjectStoragePath`` (remote).
 
-    ``conn_id`` (if given) overrides a connection named in the URL.
+    ``conn_id`` (if given) replaces a connection named in the URL. A URL with ``?``, ``#`` or a
+    password in it raises ValueError (see :func:`batchpipe.paths.url_problem`).
     """
     if not is_remote(where):
         return where if isinstance(where, Path) else local_path(where)
@@ -62,7 +63,13 @@ def location(where: str | os.PathLike | Location, conn_id: str | None = None) ->
 
     if isinstance(where, ObjectStoragePath) and not conn_id:
         return where
-    return ObjectStoragePath(str(where), conn_id=conn_id or None)
+    text = str(where)
+    if problem := url_problem(text):
+        raise ValueError(f"{redact_url(text)} {problem}")
+    if conn_id:  # ObjectStoragePath would let a connection named in the URL win
+        parts = urlsplit(text)
+        text = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+    return ObjectStoragePath(text, conn_id=conn_id or None)
 
 
 def shown(where: Location) -> str:
@@ -132,6 +139,8 @@ def remove_tree(where: Location) -> None:
             where.fs.rm(where.path, recursive=True)
     except FileNotFoundError:
         pass
+    except Exception as exc:  # like rmtree(ignore_errors=True): leftovers never fail a finished step
+        log.warning("could not remove %s: %s", where, exc)
 
 
 def read_text(where: Location) -> str | None:

@@ -87,8 +87,12 @@ def storage_conn_id(params: dict[str, Any]) -> str | None:
 
 
 def _input_stem(params: dict[str, Any]) -> str:
-    name = str(params["input_csv"]).rstrip("/").rsplit("/", 1)[-1]
-    return safe_name(Path(name).stem)
+    """The input file's name without extension: as is for a local path (as it always was), made
+    filesystem-safe for a URL."""
+    where = str(params["input_csv"])
+    if not storage.is_remote(where):
+        return Path(where).stem
+    return safe_name(Path(where.rstrip("/").rsplit("/", 1)[-1]).stem)
 
 
 def run_dir(params: dict[str, Any], run_id: str) -> storage.Location:
@@ -121,13 +125,13 @@ def checked_run_dir(params: dict[str, Any], run_id: str) -> storage.Location:
 
     from batchpipe.paths import PathNotAllowed, check_within, output_roots
 
-    folder = run_dir(params, run_id)
     roots = output_roots(extra=Variable.get(OUTPUT_ROOTS_VARIABLE, default=None))
     try:
+        folder = run_dir(params, run_id)
         check_within(storage.shown(folder), roots, "output folder")
         if params.get("work_dir"):
             check_within(storage.shown(work_location(params, run_id)), roots, "work folder")
-    except PathNotAllowed as exc:
+    except (PathNotAllowed, ValueError) as exc:
         from airflow.sdk.exceptions import AirflowFailException
 
         raise AirflowFailException(str(exc)) from exc
@@ -141,12 +145,12 @@ def local_input_csv(params: dict[str, Any], into: Path):
     A URL is checked against the allowed roots first, then fetched into ``into``; the roots then
     also admit exactly that copy (so relative image paths still have to lie inside the roots).
     """
-    from batchpipe.paths import PathNotAllowed, Roots, check_within
+    from batchpipe.paths import PathNotAllowed, Roots, check_within, is_url
 
     roots = read_roots()
     where = params["input_csv"]
     if not storage.is_remote(where):
-        yield str(where), roots
+        yield (str(storage.local_path(where)) if is_url(str(where)) else str(where)), roots
         return
     with fail_on_bad_input():
         try:
@@ -234,10 +238,10 @@ def build(params: dict[str, Any], run_id: str) -> list[dict[str, Any]]:
             storage.shown(work),
         )
         estimate = estimate_cost(manifest["manifest"], params, folder)
-        if params.get("estimate_only"):
+        estimate_only = params.get("estimate_only")
+        if estimate_only and not params.get("keep_temp_files"):
             log.info("estimate_only: nothing is uploaded; the estimate is in %s", folder / "estimate.md")
-            if not params.get("keep_temp_files"):
-                storage.remove_tree(work)
+            storage.remove_tree(work)
             return []
         if remote:  # shards, invalid rows and the build manifest (last: it marks a complete build)
             names = [Path(s["path"]).name for s in manifest["shards"]] + [
@@ -250,6 +254,9 @@ def build(params: dict[str, Any], run_id: str) -> list[dict[str, Any]]:
             for shard in manifest["shards"]:
                 shard["path"] = storage.shown(work / Path(shard["path"]).name)
             log.info("stored %d file(s) in %s", len(names), storage.shown(work))
+        if estimate_only:
+            log.info("estimate_only: nothing is uploaded; the estimate is in %s", folder / "estimate.md")
+            return []
     common = {
         "manifest": storage.shown(work / "build_manifest.json"),
         "work_dir": storage.shown(work),
@@ -417,7 +424,8 @@ def download_batch_files(
         file_id = summary.get(f"{kind}_file_id")
         if not file_id:
             continue
-        name = f"shard-{index:05d}.r{summary.get('round', 0)}.{kind}.jsonl"
+        # the batch id in the name: after a cleared run submits anew, an old download is never reused
+        name = f"shard-{index:05d}.r{summary.get('round', 0)}.{summary['id']}.{kind}.jsonl"
         target, local = folder / name, local_folder / name
         if remote and target.exists():
             storage.fetch(target, local_folder)
