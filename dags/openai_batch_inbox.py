@@ -13,7 +13,9 @@ Processes every new CSV dropped into an **inbox folder**, each exactly once:
 
 Every successful file updates the `openai_batch_results` Asset (downstream DAGs can be scheduled
 on it). Inbox folder: the `inbox` param, else Variable `openai_batch_inbox`, else
-`$OPENAI_BATCH_INBOX`. Schedule: `$OPENAI_BATCH_INBOX_SCHEDULE`: a cron expression (default
+`$OPENAI_BATCH_INBOX`; a local folder or a URL such as `s3://bucket/inbox` (connection: in the URL,
+`s3://conn@bucket/inbox`, or `storage_conn_id` in `defaults`; there a claim is an exclusive
+marker object instead of a rename). Schedule: `$OPENAI_BATCH_INBOX_SCHEDULE`: a cron expression (default
 `0 2 * * *`, nightly at 02:00) or an interval such as `15m`.
 """
 
@@ -48,7 +50,8 @@ def _schedule(value: str) -> str | timedelta:
             None,
             type=["null", "string"],
             title="Inbox folder",
-            description="Folder of new CSVs. Empty: Variable openai_batch_inbox, else $OPENAI_BATCH_INBOX.",
+            description="Folder of new CSVs: a local path or a URL such as s3://bucket/inbox. Empty: "
+            "Variable openai_batch_inbox, else $OPENAI_BATCH_INBOX.",
         ),
         "min_age_seconds": Param(
             60,

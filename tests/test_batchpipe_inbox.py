@@ -77,3 +77,55 @@ def test_bad_sidecar_and_missing_inbox(tmp_path):
         read_sidecar(bad)
     with pytest.raises(InputError, match="does not exist"):
         claim_new_files(tmp_path / "nope", "r")
+
+
+# --- an inbox in object storage (through fsspec; here its real local filesystem) -----------------
+
+
+def test_claim_new_objects_takes_each_ready_csv_once_and_settles_it(tmp_path):
+    from fsspec.implementations.local import LocalFileSystem
+
+    from batchpipe.inbox import CLAIMS, claim_new_objects, settle_objects
+
+    fs, inbox = LocalFileSystem(), str(tmp_path / "inbox")
+    fs.makedirs(inbox)
+    for name in ("a.csv", "b.csv", "held.csv", "young.csv"):
+        fs.pipe(f"{inbox}/{name}", b"prompt\nhi\n")
+    fs.pipe(f"{inbox}/a.json", b'{"model": "gpt-4o-mini"}')
+    fs.pipe(f"{inbox}/notes.txt", b"not a csv")
+    now = time.time()
+    for name in ("a.csv", "b.csv", "held.csv"):
+        os.utime(f"{inbox}/{name}", (now - 120, now - 120))
+    # another run is claiming held.csv right now: its marker exists
+    marker = (
+        f"{inbox}/processing/{CLAIMS}/held.csv.{str(fs.info(f'{inbox}/held.csv')['mtime']).replace('.', '')}"
+    )
+    fs.makedirs(f"{inbox}/processing/{CLAIMS}")
+    fs.pipe(marker, b"other")
+
+    claimed = claim_new_objects(fs, inbox, "run1", min_age_seconds=60, now=now)
+    assert claimed == [
+        {"name": "a.csv", "csv": "processing/run1/a.csv", "sidecar": "processing/run1/a.json"},
+        {"name": "b.csv", "csv": "processing/run1/b.csv", "sidecar": None},
+    ]
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(inbox, detail=False) if fs.isfile(p)) == [
+        "held.csv",
+        "notes.txt",
+        "young.csv",
+    ]
+    assert fs.ls(f"{inbox}/processing/{CLAIMS}", detail=False) == [marker]  # the winner removed its own
+    assert claim_new_objects(fs, inbox, "run2", min_age_seconds=60, now=now) == []  # nothing twice
+
+    assert settle_objects(fs, claimed[0], inbox, "run1", "done") == "done/run1/a.csv"
+    assert settle_objects(fs, claimed[1], inbox, "run1", "failed") == "failed/run1/b.csv"
+    assert fs.cat(f"{inbox}/done/run1/a.json") == b'{"model": "gpt-4o-mini"}'
+    assert fs.exists(f"{inbox}/failed/run1/b.csv") and not fs.exists(f"{inbox}/processing/run1/a.csv")
+
+
+def test_claim_new_objects_needs_the_inbox(tmp_path):
+    from fsspec.implementations.local import LocalFileSystem
+
+    from batchpipe.inbox import claim_new_objects
+
+    with pytest.raises(InputError, match="does not exist"):
+        claim_new_objects(LocalFileSystem(), str(tmp_path / "nowhere"), "run1")

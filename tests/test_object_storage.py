@@ -346,3 +346,51 @@ def test_file_url_input_and_a_password_in_the_output_url(dag, srv, s3, scratch, 
     assert dr.state == "failed" and tis[("validate_csv", -1)].try_number == 1
     logged = "".join(capfd.readouterr())
     assert "must not carry credentials" in logged and "s3cr3t" not in logged
+
+
+# -- the inbox in S3 --------------------------------------------------------------------------------
+
+
+def test_s3_inbox_claims_each_csv_once_and_its_run_reads_it_from_s3(dag, srv, s3, scratch):
+    """The inbox DAG's claim step on s3://: exclusive marker objects instead of a rename; the conf it
+    hands the pipeline names S3 locations, and that run lands its results in S3."""
+    from batchpipe.inbox import settle_objects
+    from openai_batch_airflow import inbox as ib
+    from openai_batch_airflow import storage
+
+    put_text_csv(s3, "inbox/alpha.csv", 3)
+    put_text_csv(s3, "inbox/beta.csv", 2)
+    s3.put_object(Bucket=s3.bucket, Key="inbox/beta.json", Body=b'{"id_column": "id"}')
+    params = {
+        "inbox": f"s3://{s3.bucket}/inbox",
+        "defaults": {"storage_conn_id": "s3_test", "output_dir": f"s3://{s3.bucket}/inbox-out",
+                     "check_interval": 1},
+        "min_age_seconds": 0,
+    }  # fmt: skip
+    work = ib.claim(params, "scheduled__2026-11-30T02:00:00+00:00", set(ib.PIPELINE_PARAMS))
+    assert [w["claimed"]["name"] for w in work] == ["alpha.csv", "beta.csv"]
+    claim = "scheduled__2026-11-30T02_00_00_00_00"
+    assert keys(s3, "inbox/") == [
+        f"inbox/processing/{claim}/alpha.csv",
+        f"inbox/processing/{claim}/beta.csv",
+        f"inbox/processing/{claim}/beta.json",
+    ]  # originals and claim markers gone
+    beta = work[1]["conf"]
+    assert beta["input_csv"] == f"s3://s3_test@{s3.bucket}/inbox/processing/{claim}/beta.csv"
+    assert beta["image_base_dir"] == f"s3://s3_test@{s3.bucket}/inbox" and beta["id_column"] == "id"
+    assert ib.claim(params, "scheduled__later", set(ib.PIPELINE_PARAMS)) == []  # nothing twice
+
+    dr, _ = run(dag, beta)
+    assert dr.state == "success"
+    (csv_key,) = [k for k in keys(s3, "inbox-out/") if k.endswith("results.csv")]
+    assert [r["id"] for r in csv_rows(get(s3, csv_key))] == ["q000", "q001"]
+
+    store = storage.location(params["inbox"], "s3_test")
+    rel = ib._relative(store, work[1]["claimed"])  # what the settle task does with a claimed item
+    assert rel == {
+        "name": "beta.csv",
+        "csv": f"processing/{claim}/beta.csv",
+        "sidecar": f"processing/{claim}/beta.json",
+    }
+    assert settle_objects(store.fs, rel, store.path, claim, "done") == f"done/{claim}/beta.csv"
+    assert f"inbox/done/{claim}/beta.json" in keys(s3, "inbox/")

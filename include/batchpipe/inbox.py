@@ -12,13 +12,22 @@ two overlapping runs exactly one gets each file (the other's rename finds nothin
 Files younger than ``min_age_seconds`` are left for the next run (they may still be being written).
 A sidecar ``<name>.json`` next to ``<name>.csv`` holds settings for that file, with the same keys as
 the pipeline's params; it travels with its CSV.
+
+An inbox in object storage (:func:`claim_new_objects`, :func:`settle_objects`, on an fsspec-style
+filesystem) has no rename. There a claim is the exclusive creation of a marker
+``processing/.claims/<name>.<etag>`` (``open(..., "xb")``: a conditional write on S3), which exactly
+one run wins; the winner copies the CSV (and sidecar) to ``processing/<claim>/``, deletes the
+originals and then its marker. A run that dies between the copy and the delete leaves the marker, so
+the file stays put until the marker is removed by hand: never processed twice.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +77,17 @@ def read_sidecar(path: str | os.PathLike | None, allowed: set[str] | None = None
     if not path:
         return {}
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InputError(f"{path}: not a readable JSON object ({exc})") from None
+    return parse_sidecar(text, str(path), allowed)
+
+
+def parse_sidecar(text: str, path: str, allowed: set[str] | None = None) -> dict[str, Any]:
+    """:func:`read_sidecar` for a sidecar's text (``path`` names it in messages)."""
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
         raise InputError(f"{path}: not a readable JSON object ({exc})") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: must hold a JSON object of settings")
@@ -93,3 +111,77 @@ def settle(claimed: dict[str, Any], inbox: str | os.PathLike, claim: str, state:
     if processing.exists() and not any(processing.iterdir()):
         processing.rmdir()
     return str(dest)
+
+
+# --------------------------------------------------------------------------- object storage
+
+CLAIMS = ".claims"
+
+
+def _mtime(entry: dict[str, Any]) -> float | None:
+    for key in ("LastModified", "mtime", "last_modified", "updated", "created"):
+        value = entry.get(key)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
+
+
+def claim_new_objects(
+    fs: Any, inbox: str, claim: str, min_age_seconds: float = 0, now: float | None = None
+) -> list[dict[str, Any]]:
+    """:func:`claim_new_files` for an inbox in object storage: ``fs`` an fsspec-style filesystem,
+    ``inbox`` a path in it. Returns ``{"name", "csv", "sidecar"}`` with paths relative to ``inbox``."""
+    inbox = inbox.rstrip("/")
+    now = time.time() if now is None else now
+    try:
+        entries = fs.ls(inbox, detail=True)
+    except FileNotFoundError:
+        raise InputError(f"inbox folder {inbox} does not exist") from None
+    claimed = []
+    fs.makedirs(f"{inbox}/processing/{CLAIMS}", exist_ok=True)  # folders: nothing to make on S3
+    for entry in sorted(entries, key=lambda e: e["name"]):
+        path = entry["name"].rstrip("/")
+        name = path.rsplit("/", 1)[-1]
+        if entry.get("type") != "file" or not name.endswith(".csv"):
+            continue
+        mtime = _mtime(entry)
+        if mtime is not None and now - mtime < min_age_seconds:
+            continue
+        version = re.sub(r"[^A-Za-z0-9]", "", str(entry.get("ETag") or entry.get("etag") or mtime or ""))
+        marker = f"{inbox}/processing/{CLAIMS}/{name}.{version[:64]}"
+        try:
+            with fs.open(marker, "xb") as fh:
+                fh.write(claim.encode())
+        except FileExistsError:
+            continue  # another run holds it
+        dest = f"processing/{claim}/{name}"
+        fs.makedirs(f"{inbox}/processing/{claim}", exist_ok=True)
+        try:
+            fs.copy(path, f"{inbox}/{dest}")
+        except FileNotFoundError:
+            fs.rm(marker)
+            continue  # another run took it first
+        sidecar, sidecar_dest = path[: -len(".csv")] + ".json", None
+        if fs.exists(sidecar):
+            sidecar_dest = dest[: -len(".csv")] + ".json"
+            fs.copy(sidecar, f"{inbox}/{sidecar_dest}")
+            fs.rm(sidecar)
+        fs.rm(path)
+        fs.rm(marker)
+        claimed.append({"name": name, "csv": dest, "sidecar": sidecar_dest})
+    return claimed
+
+
+def settle_objects(fs: Any, claimed: dict[str, Any], inbox: str, claim: str, state: str) -> str:
+    """:func:`settle` for an inbox in object storage; returns the CSV's new path relative to ``inbox``."""
+    if state not in ("done", "failed"):
+        raise ValueError(f"state must be done or failed, not {state!r}")
+    inbox = inbox.rstrip("/")
+    dest = f"{state}/{claim}/{claimed['name']}"
+    fs.makedirs(f"{inbox}/{state}/{claim}", exist_ok=True)
+    fs.mv(f"{inbox}/{claimed['csv']}", f"{inbox}/{dest}")
+    if claimed.get("sidecar"):
+        fs.mv(f"{inbox}/{claimed['sidecar']}", f"{inbox}/{dest[: -len('.csv')]}.json")
+    return dest
