@@ -358,11 +358,11 @@ def test_s3_inbox_claims_each_csv_once_and_its_run_reads_it_from_s3(dag, srv, s3
     from openai_batch_airflow import inbox as ib
     from openai_batch_airflow import storage
 
-    put_text_csv(s3, "inbox/alpha.csv", 3)
-    put_text_csv(s3, "inbox/beta.csv", 2)
-    s3.put_object(Bucket=s3.bucket, Key="inbox/beta.json", Body=b'{"id_column": "id"}')
+    put_text_csv(s3, "drop/alpha.csv", 3)
+    put_text_csv(s3, "drop/beta.csv", 2)
+    s3.put_object(Bucket=s3.bucket, Key="drop/beta.json", Body=b'{"id_column": "id"}')
     params = {
-        "inbox": f"s3://{s3.bucket}/inbox",
+        "inbox": f"s3://{s3.bucket}/drop",
         "defaults": {"storage_conn_id": "s3_test", "output_dir": f"s3://{s3.bucket}/inbox-out",
                      "check_interval": 1},
         "min_age_seconds": 0,
@@ -370,14 +370,14 @@ def test_s3_inbox_claims_each_csv_once_and_its_run_reads_it_from_s3(dag, srv, s3
     work = ib.claim(params, "scheduled__2026-11-30T02:00:00+00:00", set(ib.PIPELINE_PARAMS))
     assert [w["claimed"]["name"] for w in work] == ["alpha.csv", "beta.csv"]
     claim = "scheduled__2026-11-30T02_00_00_00_00"
-    assert keys(s3, "inbox/") == [
-        f"inbox/processing/{claim}/alpha.csv",
-        f"inbox/processing/{claim}/beta.csv",
-        f"inbox/processing/{claim}/beta.json",
+    assert keys(s3, "drop/") == [
+        f"drop/processing/{claim}/alpha.csv",
+        f"drop/processing/{claim}/beta.csv",
+        f"drop/processing/{claim}/beta.json",
     ]  # originals and claim markers gone
     beta = work[1]["conf"]
-    assert beta["input_csv"] == f"s3://s3_test@{s3.bucket}/inbox/processing/{claim}/beta.csv"
-    assert beta["image_base_dir"] == f"s3://s3_test@{s3.bucket}/inbox" and beta["id_column"] == "id"
+    assert beta["input_csv"] == f"s3://s3_test@{s3.bucket}/drop/processing/{claim}/beta.csv"
+    assert beta["image_base_dir"] == f"s3://s3_test@{s3.bucket}/drop" and beta["id_column"] == "id"
     assert ib.claim(params, "scheduled__later", set(ib.PIPELINE_PARAMS)) == []  # nothing twice
 
     dr, _ = run(dag, beta)
@@ -393,4 +393,4 @@ def test_s3_inbox_claims_each_csv_once_and_its_run_reads_it_from_s3(dag, srv, s3
         "sidecar": f"processing/{claim}/beta.json",
     }
     assert settle_objects(store.fs, rel, store.path, claim, "done") == f"done/{claim}/beta.csv"
-    assert f"inbox/done/{claim}/beta.json" in keys(s3, "inbox/")
+    assert f"drop/done/{claim}/beta.json" in keys(s3, "drop/")
