@@ -33,11 +33,10 @@ from .errors import InputError, RowError
 from .images import (
     UrlFs,
     check_image_cell,
+    data_url_size,
     encoded_size_hint,
     image_url_for_cell,
     is_store_url,
-    is_url,
-    resolve_path,
 )
 from .options import BuildOptions
 
@@ -470,15 +469,15 @@ def _encode_ordered(
     o = plan.opts
     col = o.image_column
     base_dir, max_mb, roots, url_fs = plan.base_dir, o.max_image_mb, plan.roots, plan.url_fs
-    largest = 4 * ((int((max_mb or 20) * 1024 * 1024) + 2) // 3) + 32  # a data URL of the largest image
+    largest = data_url_size(int((max_mb or 20) * 1024 * 1024))
 
     def hint(cell: str) -> int:
         nonlocal max_bytes_in_flight
-        v = cell.strip()
-        if v and not is_url(v) and not isinstance(resolve_path(v, base_dir), Path):  # in object storage
+        size = encoded_size_hint(cell, base_dir)
+        if size is None:  # in object storage
             max_bytes_in_flight = max(max_bytes_in_flight, workers * largest)
             return largest
-        return encoded_size_hint(cell, base_dir)
+        return size
 
     def encode(cell: str) -> str | None:
         try:

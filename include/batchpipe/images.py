@@ -208,20 +208,26 @@ def _encode(src: _LocalImage | _StoredImage, max_image_mb: float | None) -> tupl
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}", mime, len(data)
 
 
-def encoded_size_hint(value: str, base_dir: str | os.PathLike | None) -> int:
+def data_url_size(nbytes: int) -> int:
+    """Bytes of the ``data:`` URL of an ``nbytes`` image (base64 plus the ``data:<mime>;base64,`` prefix)."""
+    return 4 * ((nbytes + 2) // 3) + 32
+
+
+def encoded_size_hint(value: str, base_dir: str | os.PathLike | None) -> int | None:
     """Roughly how many bytes the data URL of an image cell will take (0 for URLs, empty or missing
-    files). Cheap (one stat); used to bound the encoded data in flight. Never raises."""
+    files; None for an image in object storage, where a stat would cost a request). Cheap (one
+    stat); used to bound the encoded data in flight. Never raises."""
     v = value.strip()
     if not v or is_url(v):
         return 0
     target = resolve_path(v, base_dir)
     if not isinstance(target, Path):
-        return 0  # in object storage: a stat would cost a request (the caller bounds these itself)
+        return None
     try:
         n = os.stat(target).st_size
     except (OSError, ValueError):
         return 0
-    return 4 * ((n + 2) // 3) + 32
+    return data_url_size(n)
 
 
 def image_url_for_cell(
