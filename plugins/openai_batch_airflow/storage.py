@@ -102,6 +102,13 @@ def fetch(src: Location, into: Path, name: str | None = None) -> Path:
     return dst
 
 
+@contextmanager
+def local_copy(where: str, conn_id: str | None = None) -> Iterator[Path]:
+    """``where`` as a local file for the duration: in place when local, else a scratch copy."""
+    with scratch() as tmp:
+        yield fetch(location(where, conn_id), tmp)
+
+
 def publish(local: Path, dst: Location) -> None:
     """Store the local file ``local`` at ``dst`` (nothing to do when ``dst`` is that same local file).
 

@@ -145,6 +145,7 @@ def local_input_csv(params: dict[str, Any], into: Path):
     A URL is checked against the allowed roots first, then fetched into ``into``; the roots then
     also admit exactly that copy (so relative image paths still have to lie inside the roots).
     """
+    from batchpipe.errors import InputError
     from batchpipe.paths import PathNotAllowed, Roots, check_within, is_url
 
     roots = read_roots()
@@ -156,14 +157,10 @@ def local_input_csv(params: dict[str, Any], into: Path):
         try:
             check_within(where, roots, "input CSV")
         except PathNotAllowed as exc:
-            from batchpipe.errors import InputError
-
             raise InputError(str(exc)) from None
         try:
             local = storage.fetch(storage.location(where, storage_conn_id(params)), into)
         except FileNotFoundError:
-            from batchpipe.errors import InputError
-
             raise InputError(f"{where}: input CSV not found") from None
     if roots is not None:
         roots = Roots([*roots, local.resolve()], setting=roots.setting)
@@ -319,8 +316,7 @@ def upload(shard: dict[str, Any], conn_id: str, context: Any) -> dict[str, Any]:
     name = (
         f"{safe_name(context['dag'].dag_id)}-{safe_name(context['run_id'])}-shard-{int(shard['index']):05d}"
     )
-    with storage.scratch() as tmp:
-        local = storage.fetch(storage.location(shard["path"], shard.get("storage_conn_id")), tmp)
+    with storage.local_copy(shard["path"], shard.get("storage_conn_id")) as local:
         uploaded = upload_once(_client(conn_id), local, name, intent(context, "upload"))
     log.info(
         "shard %s: uploaded %s (%d bytes) as %s", shard["index"], shard["path"], shard["bytes"], uploaded.id
@@ -375,8 +371,7 @@ def create(shard: dict[str, Any], params: dict[str, Any], context: Any) -> dict[
     if limit and not (recorded.saved and recorded.saved.get("batch_id")):
         from batchpipe.tokens import shard_prompt_tokens
 
-        with storage.scratch() as tmp:
-            local = storage.fetch(storage.location(shard["path"], shard.get("storage_conn_id")), tmp)
+        with storage.local_copy(shard["path"], shard.get("storage_conn_id")) as local:
             estimate = shard_prompt_tokens(local, params["endpoint"], params["model"])
         metadata["est_prompt_tokens"] = str(estimate)
         queued = enqueued_tokens(client, params["model"])
@@ -573,8 +568,8 @@ def _local_build_manifest(work: storage.Location, tmp: Path, csv_path: str | Non
     local.mkdir(parents=True, exist_ok=True)
     (local / MANIFEST_NAME).write_text(json.dumps(manifest), encoding="utf-8")
     invalid = work / INVALID_NAME
-    if invalid.exists():
-        storage.publish(storage.fetch(invalid, tmp / "invalid"), local / INVALID_NAME)
+    if invalid.exists():  # a remote one is fetched straight to its place; a local one is copied there
+        storage.publish(storage.fetch(invalid, local), local / INVALID_NAME)
     return local / MANIFEST_NAME
 
 
