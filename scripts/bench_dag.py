@@ -53,6 +53,7 @@ def main() -> int:
     from contextlib import ExitStack
 
     from local_batch_server.testing import running_server
+    from s3_local import client as s3_client
     from s3_local import local_s3
 
     with ExitStack() as stack:
@@ -61,11 +62,8 @@ def main() -> int:
         )
         conf = {"input_csv": str(csv_path), "output_dir": str(work / "dag-out")}
         if args.s3:
-            import boto3
-
             endpoint, bucket = stack.enter_context(local_s3(work))
-            s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="t",
-                              aws_secret_access_key="t", region_name="us-east-1")  # fmt: skip
+            s3 = s3_client(endpoint)
             s3.upload_file(str(csv_path), bucket, csv_path.name)
             conf = {
                 "input_csv": f"s3://{bucket}/{csv_path.name}",

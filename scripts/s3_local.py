@@ -13,6 +13,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def client(endpoint: str):
+    """A boto3 S3 client for the local server at ``endpoint`` (to put and read objects directly)."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
+
+
 @contextmanager
 def local_s3(log_dir: Path, conn_id: str = "s3_test", bucket: str = "batch-data"):
     """An S3-compatible server (moto in server mode) on 127.0.0.1 with one bucket, and an Airflow
@@ -38,15 +51,7 @@ def local_s3(log_dir: Path, conn_id: str = "s3_test", bucket: str = "batch-data"
                     output = (log_dir / "moto.log").read_text()
                     raise RuntimeError(f"moto_server did not start: {output}") from None
                 time.sleep(0.2)
-        import boto3
-
-        boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-            region_name="us-east-1",
-        ).create_bucket(Bucket=bucket)
+        client(endpoint).create_bucket(Bucket=bucket)
         var = f"AIRFLOW_CONN_{conn_id.upper()}"
         os.environ[var] = json.dumps(
             {

@@ -70,6 +70,15 @@ def local_openai(tmp_dir: Path, password: str, config: dict | None = None):
 
 
 @pytest.fixture
+def srv(server):
+    """The module's ``server`` (the local batch server; each module starts its own), reset, with short
+    batch phases. A module may define its own ``srv`` instead."""
+    server.reset()
+    server.set_config({"validating_seconds": 0.2, "in_progress_seconds": 0.4, "finalizing_seconds": 0.2})
+    return server
+
+
+@pytest.fixture
 def dag():
     """A fresh ``openai_batch_pipeline`` per test: dag.test() leaves a run's conf in the DAG's params."""
     from airflow.dag_processing.dagbag import DagBag

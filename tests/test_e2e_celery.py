@@ -31,6 +31,7 @@ import pytest
 from airflow_stack import AirflowStack
 from conftest import REPO
 from local_batch_server.testing import running_server
+from s3_local import client as s3_client
 from s3_local import local_s3
 
 pytestmark = pytest.mark.slow
@@ -212,7 +213,6 @@ def _assert_both_workers_ran_tasks(stack: AirflowStack, run_id: str) -> None:
 
 
 def test_work_and_results_in_s3_with_shards_on_both_workers(stack):
-    import boto3
 
     endpoint, bucket, _ = stack.s3
     tmp = stack.tmp
@@ -231,9 +231,7 @@ def test_work_and_results_in_s3_with_shards_on_both_workers(stack):
     logs = "".join(f"\n--- {n} ---\n{stack.log_tail(n)}" for n in (*WORKERS, "scheduler"))
     assert state == "success", (stack.task_states(DAG_ID, run_id), logs)
 
-    s3 = boto3.client(
-        "s3", endpoint_url=endpoint, aws_access_key_id="t", aws_secret_access_key="t", region_name="us-east-1"
-    )
+    s3 = s3_client(endpoint)
     key = f"results/questions/{run_id}/results.csv"
     rows = list(csv.DictReader(io.StringIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode())))
     assert len(rows) == 30 and sum(1 for r in rows if r["response"]) == 27

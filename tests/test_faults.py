@@ -26,13 +26,6 @@ def server(tmp_path_factory, airflow_db):
 
 
 @pytest.fixture
-def srv(server):
-    server.reset()
-    server.set_config({"validating_seconds": 0.2, "in_progress_seconds": 0.4, "finalizing_seconds": 0.2})
-    return server
-
-
-@pytest.fixture
 def sample(tmp_path) -> Path:
     shutil.copytree(REPO / "data" / "sample", tmp_path / "in")
     return tmp_path / "in" / "questions.csv"

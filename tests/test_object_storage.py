@@ -12,6 +12,7 @@ import shutil
 import pytest
 
 from conftest import REPO, local_openai
+from s3_local import client as s3_client
 from s3_local import local_s3
 
 SAMPLE = REPO / "data" / "sample"
@@ -19,16 +20,8 @@ SAMPLE = REPO / "data" / "sample"
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory, airflow_db):
-    import boto3
-
     with local_s3(tmp_path_factory.mktemp("s3")) as (endpoint, bucket):
-        client = boto3.client(
-            "s3",
-            endpoint_url=endpoint,
-            aws_access_key_id="testing",
-            aws_secret_access_key="testing",
-            region_name="us-east-1",
-        )
+        client = s3_client(endpoint)
         client.bucket = bucket
         yield client
 
@@ -38,13 +31,6 @@ def server(tmp_path_factory, airflow_db):
     config = {"validating_seconds": 0.2, "in_progress_seconds": 0.4, "finalizing_seconds": 0.2}
     with local_openai(tmp_path_factory.mktemp("server"), "sk-s3-tests", config) as srv:
         yield srv
-
-
-@pytest.fixture
-def srv(server):
-    server.reset()
-    server.set_config({"validating_seconds": 0.2, "in_progress_seconds": 0.4, "finalizing_seconds": 0.2})
-    return server
 
 
 @pytest.fixture
