@@ -301,9 +301,9 @@ def test_6_inbox_scheduled_run_processes_two_csvs_once_and_the_next_finds_nothin
 
 
 def safe(run_id: str) -> str:
-    from openai_batch_airflow.tasks import safe_name
+    from openai_batch_airflow.tasks import run_folder_name
 
-    return safe_name(run_id)
+    return run_folder_name(run_id)
 
 
 def test_7_the_readme_trigger_command_runs_verbatim(env):

@@ -522,6 +522,20 @@ def _encode_ordered(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+#: Every file the pipeline writes into a work folder (shards, follow-up shards, downloaded result files,
+#: invalid rows, the build manifest, and their temporary names while being written).
+_WORK_FILE = re.compile(
+    r"\.?(shard-\d{5}[^/\\]*\.jsonl|invalid\.jsonl|build_manifest\.json)(\.(tmp|part)(-\d+)?)?"
+)
+
+
+def is_work_file(name: str) -> bool:
+    """Whether a file called ``name`` in a work folder (or its ``results/``) is one the pipeline wrote
+    there. Clean-up removes only these, so a work folder that is (or holds) the run folder never loses
+    ``results.csv``, ``report.*`` or ``estimate.*``."""
+    return bool(_WORK_FILE.fullmatch(name))
+
+
 def _clean_work_dir(work_dir: Path) -> None:
     """Remove outputs of an earlier build so stale shards are never picked up."""
     for p in list(work_dir.glob(SHARD_GLOB)) + list(work_dir.glob(SHARD_GLOB + ".tmp")):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -77,8 +76,10 @@ def default_output_dir() -> str:
 
 
 def safe_name(text: str) -> str:
-    """A run id such as ``manual__2026-11-30T05:00:00+00:00`` made safe as a folder name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "run"
+    """``text`` made safe as a name (not unique: see :func:`batchpipe.naming.unique_name`)."""
+    from batchpipe.naming import safe_name as safe
+
+    return safe(text)
 
 
 def storage_conn_id(params: dict[str, Any]) -> str | None:
@@ -87,25 +88,36 @@ def storage_conn_id(params: dict[str, Any]) -> str | None:
 
 
 def _input_stem(params: dict[str, Any]) -> str:
-    """The input file's name without extension: as is for a local path (as it always was), made
-    filesystem-safe for a URL."""
+    """The input file's name without extension: as is for a local path (as it always was) unless it
+    would leave the output folder (``...csv`` has the stem ``..``); else :func:`unique_name` of it."""
+    from batchpipe.naming import unique_name
+
     where = str(params["input_csv"])
     if not storage.is_remote(where):
-        return Path(where).stem
-    return safe_name(Path(where.rstrip("/").rsplit("/", 1)[-1]).stem)
+        stem = Path(where).stem
+        return stem if stem.strip(".") and "/" not in stem else unique_name(stem)
+    return unique_name(Path(where.rstrip("/").rsplit("/", 1)[-1]).stem)
+
+
+def run_folder_name(run_id: str) -> str:
+    """The run's folder name: the run id when it is filesystem-safe, else its safe form plus a short hash
+    of the run id, so ``batch:1``, ``batch+1`` and ``batch_1`` never share (and overwrite) one folder."""
+    from batchpipe.naming import unique_name
+
+    return unique_name(run_id)
 
 
 def run_dir(params: dict[str, Any], run_id: str) -> storage.Location:
-    """``<output_dir>/<input file stem>/<run id made filesystem-safe>`` (a Path, or a URL location)."""
+    """``<output_dir>/<input file stem>/<run folder name>`` (a Path, or a URL location)."""
     base = storage.location(params.get("output_dir") or default_output_dir(), storage_conn_id(params))
-    return base / _input_stem(params) / safe_name(run_id)
+    return base / _input_stem(params) / run_folder_name(run_id)
 
 
 def work_location(params: dict[str, Any], run_id: str) -> storage.Location:
-    """Param ``work_dir`` + ``/<input file stem>/<run id>``; empty: ``<run folder>/work``."""
+    """Param ``work_dir`` + ``/<input file stem>/<run folder name>``; empty: ``<run folder>/work``."""
     if params.get("work_dir"):
         base = storage.location(params["work_dir"], storage_conn_id(params))
-        return base / _input_stem(params) / safe_name(run_id)
+        return base / _input_stem(params) / run_folder_name(run_id)
     return run_dir(params, run_id) / "work"
 
 
@@ -238,7 +250,7 @@ def build(params: dict[str, Any], run_id: str) -> list[dict[str, Any]]:
         estimate_only = params.get("estimate_only")
         if estimate_only and not params.get("keep_temp_files"):
             log.info("estimate_only: nothing is uploaded; the estimate is in %s", folder / "estimate.md")
-            storage.remove_tree(work)
+            remove_work_files(work)
             return []
         if remote:  # shards, invalid rows and the build manifest (last: it marks a complete build)
             names = [Path(s["path"]).name for s in manifest["shards"]] + [
@@ -530,8 +542,8 @@ def merge(
             for name in ("report.json", "report.html", "results.csv"):
                 storage.publish(local_folder / name, folder / name)
     if not params.get("keep_temp_files"):
-        storage.remove_tree(work)
-        log.info("removed temporary files in %s (keep_temp_files is off)", storage.shown(work))
+        removed = remove_work_files(work)
+        log.info("removed %d temporary file(s) in %s (keep_temp_files is off)", removed, storage.shown(work))
     results_csv = storage.shown(folder / "results.csv")
     if context is not None:  # tell downstream DAGs (scheduled on the Asset) what landed
         from openai_batch_airflow.assets import RESULTS_ASSET
@@ -544,6 +556,38 @@ def merge(
             **{k: report[k] for k in ("rows", "answered", "failed", "invalid")},
         }
     return results_csv
+
+
+def remove_work_files(work: storage.Location) -> int:
+    """Delete the files the run wrote into its work folder and its ``results/`` (shards, follow-ups,
+    downloads, the build manifest: :func:`batchpipe.build.is_work_file`), then those folders when empty.
+
+    Nothing else is touched, so a ``work_dir`` equal to ``output_dir``, or one that holds the run folder
+    or lies inside it, never loses ``results.csv``, ``report.*`` or ``estimate.*``. Returns how many files
+    were removed; a file that cannot be removed is logged, never fails a landed run.
+    """
+    from batchpipe.build import is_work_file
+
+    removed = 0
+    for folder in (work / "results", work):
+        try:
+            entries = [e for e in folder.iterdir() if is_work_file(e.name) and e.is_file()]
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            try:
+                entry.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("could not remove %s: %s", storage.shown(entry), exc)
+        if not storage.is_remote(folder):  # object stores have no folders to remove
+            try:
+                folder.rmdir()
+            except OSError:
+                pass  # not empty: something else lives there
+    return removed
 
 
 def _local_build_manifest(work: storage.Location, tmp: Path, csv_path: str | None) -> Path:
