@@ -172,7 +172,8 @@ PARAMS = {
         type=_nullable("object"),
         title="Extra request fields",
         description='Optional JSON object merged into every request body, e.g. {"response_format": '
-        '{"type": "json_object"}}.',
+        '{"type": "json_object"}}. It may not set model, messages, input, instructions, n or stream '
+        "(the params own them).",
         section=MODEL,
     ),
     # -- batching -------------------------------------------------------------------------------

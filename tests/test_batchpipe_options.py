@@ -57,3 +57,12 @@ def test_validate_rejects(kwargs, match):
 def test_bad_extra_body_json():
     with pytest.raises(InputError, match="extra_body"):
         BuildOptions.from_dict({"extra_body": "{nope"})
+
+
+@pytest.mark.parametrize("key", ["model", "messages", "input", "instructions", "n", "stream"])
+def test_extra_body_may_not_replace_what_the_pipeline_owns(key):
+    # model: gpt-4o-mini priced and budgeted, gpt-4o sent; messages/input: every row the same prompt
+    o = BuildOptions(model="gpt-4o-mini", extra_body={key: "gpt-4o" if key == "model" else 2})
+    with pytest.raises(InputError, match=f"extra_body may not set '{key}'"):
+        o.validate()
+    BuildOptions(extra_body={"seed": 1, "response_format": {"type": "json_object"}}).validate()

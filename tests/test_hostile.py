@@ -103,3 +103,11 @@ def test_work_dir_equal_to_output_dir_keeps_the_results(dag, server, tmp_path, s
     rows = read_rows(folder / "results.csv")
     assert len(rows) == 30 and sum(1 for r in rows if r["response"]) == 27
     assert json.loads((folder / "report.json").read_text())["answered"] == 27
+
+
+def test_extra_body_cannot_send_another_model_than_the_one_priced(dag, server, tmp_path, sample):
+    server.reset()
+    conf = {"model": "gpt-4o-mini", "extra_body": {"model": "gpt-4o"}, "max_cost_usd": 1}
+    dr, states = run(dag, tmp_path, sample, **conf)
+    assert dr.state == "failed" and states[("validate_csv", -1)] == "failed", states
+    assert server.client().files.list().data == []  # nothing uploaded, nothing billed

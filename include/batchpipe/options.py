@@ -13,6 +13,17 @@ IMAGE_DETAILS = ("auto", "low", "high")
 MAX_REQUESTS_PER_FILE = 50_000
 MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI: at most 200 MB per batch input file
 
+#: Request-body fields the pipeline sets itself: ``extra_body`` may not replace them (the estimate, the
+#: budget check and the report price ``model``; the prompt is each row's own), with the param to use.
+OWNED_BODY_FIELDS = {
+    "model": "the model param (the estimate, max_cost_usd and the report price it)",
+    "messages": "the prompt_column / prompt_template and system_prompt params",
+    "input": "the prompt_column / prompt_template params",
+    "instructions": "the system_prompt param",
+    "n": "one answer per row (n > 1 bills several answers the estimate does not count)",
+    "stream": "nothing: batch requests cannot stream",
+}
+
 _INT_FIELDS = ("start_row", "end_row", "max_requests_per_batch", "max_batch_bytes", "max_tokens")
 _FLOAT_FIELDS = ("temperature", "max_image_mb")
 _OPTIONAL_STR_FIELDS = ("prompt_template", "system_prompt", "image_column", "id_column", "image_base_dir")
@@ -126,6 +137,10 @@ class BuildOptions:
             raise bad("temperature", "must be a number in 0..2 or None")
         if self.extra_body is not None and not isinstance(self.extra_body, dict):
             raise bad("extra_body", "must be a JSON object (dict) or None")
+        for key in OWNED_BODY_FIELDS:
+            if self.extra_body and key in self.extra_body:
+                use = OWNED_BODY_FIELDS[key]
+                raise InputError(f"option extra_body may not set {key!r}: the pipeline sets it; use {use}")
         return self
 
 
