@@ -3,13 +3,18 @@
 
 Processes every new CSV dropped into an **inbox folder**, each exactly once:
 
-1. `claim`: each ready `*.csv` (older than `min_age_seconds`) is moved atomically to
-   `processing/<run>/` with its optional sidecar `<name>.json` (settings for that file, same keys
-   as `openai_batch_pipeline`'s params, over the `defaults` param). Two overlapping runs never
-   take the same file. An empty inbox is a quick success.
-2. `process`: one `openai_batch_pipeline` run per file (triggered, waited for without holding a
-   worker).
-3. `settle`: each file moves to `done/<run>/` or `failed/<run>/`; the run fails if any file did.
+1. `claim`: each ready `*.csv` (older than `min_age_seconds` and unchanged in size and time across
+   two looks `stable_seconds` apart) is moved atomically to `processing/<run>/` with its optional
+   sidecar `<name>.json` (settings for that file, same keys as `openai_batch_pipeline`'s params,
+   over the `defaults` param). Two overlapping runs never take the same file. A bad sidecar fails
+   only its own file, and a sidecar without its CSV is moved aside once older than
+   `min_age_seconds`: both go to `failed/<run>/` beside a `<name>.error.txt`. A plain file named
+   `processing`, `done` or `failed` in the inbox fails the run before anything is claimed. An empty
+   inbox is a quick success.
+2. `process`: one `openai_batch_pipeline` run per file (`inbox__<run>__<name>_<hash of the name>`;
+   triggered, waited for without holding a worker).
+3. `settle`: each file moves to `done/<run>/` if its own run succeeded, else to `failed/<run>/`
+   with the reason; the run fails (and notifies) if any file failed.
 
 Every successful file updates the `openai_batch_results` Asset (downstream DAGs can be scheduled
 on it). Inbox folder: the `inbox` param, else Variable `openai_batch_inbox`, else
@@ -58,7 +63,16 @@ def _schedule(value: str) -> str | timedelta:
             type="integer",
             minimum=0,
             title="Minimum file age (s)",
-            description="Files modified more recently are left for the next run (may still be copying).",
+            description="Files modified more recently are left for the next run (may still be copying); "
+            "a sidecar JSON without its CSV is moved to failed/ once this old.",
+        ),
+        "stable_seconds": Param(
+            5,
+            type="number",
+            minimum=0,
+            title="Stability check (s)",
+            description="The inbox is listed twice this far apart; a file whose size or modification time "
+            "(ETag in object storage) changed in between is still being written and waits for the next run.",
         ),
         "defaults": Param(
             {},
@@ -81,8 +95,7 @@ def openai_batch_inbox():
 
     @task
     def claim() -> list[dict]:
-        ctx = get_current_context()
-        return ib.claim(dict(ctx["params"]), ctx["run_id"], set(ib.PIPELINE_PARAMS))
+        return ib.claim_task(get_current_context())
 
     claimed = claim()
     process = TriggerDagRunOperator.partial(
@@ -97,11 +110,10 @@ def openai_batch_inbox():
     ).expand_kwargs(claimed.map(lambda w: {"trigger_run_id": w["trigger_run_id"], "conf": w["conf"]}))
 
     @task(trigger_rule="all_done", on_success_callback=RunNotifier("success"))
-    def settle(work: list[dict]) -> dict:
-        ctx = get_current_context()
-        return ib.settle(work, dict(ctx["params"]), ctx["run_id"], ctx)
+    def settle() -> dict:
+        return ib.settle_task(get_current_context())
 
-    process >> settle(claimed)
+    process >> settle()
 
 
 openai_batch_inbox()

@@ -339,24 +339,40 @@ def test_file_url_input_and_a_password_in_the_output_url(dag, srv, s3, scratch, 
 
 def test_s3_inbox_claims_each_csv_once_and_its_run_reads_it_from_s3(dag, srv, s3, scratch):
     """The inbox DAG's claim step on s3://: exclusive marker objects instead of a rename; the conf it
-    hands the pipeline names S3 locations, and that run lands its results in S3."""
+    hands the pipeline names S3 locations, and that run lands its results in S3. A bad sidecar fails
+    only its own file (issue 11 item 3), a sidecar without its CSV is moved aside (item 16)."""
     from batchpipe.inbox import settle_objects
     from openai_batch_airflow import inbox as ib
     from openai_batch_airflow import storage
 
     put_text_csv(s3, "drop/alpha.csv", 3)
     put_text_csv(s3, "drop/beta.csv", 2)
+    put_text_csv(s3, "drop/bad.csv", 2)
     s3.put_object(Bucket=s3.bucket, Key="drop/beta.json", Body=b'{"id_column": "id"}')
+    s3.put_object(Bucket=s3.bucket, Key="drop/bad.json", Body=b'{"modle": "x"}')
+    s3.put_object(Bucket=s3.bucket, Key="drop/late.json", Body=b'{"model": "x"}')  # its CSV: long gone
     params = {
         "inbox": f"s3://{s3.bucket}/drop",
         "defaults": {"storage_conn_id": "s3_test", "output_dir": f"s3://{s3.bucket}/inbox-out",
                      "check_interval": 1},
         "min_age_seconds": 0,
+        "stable_seconds": 0.2,
     }  # fmt: skip
-    work = ib.claim(params, "scheduled__2026-11-30T02:00:00+00:00", set(ib.PIPELINE_PARAMS))
+    claimed = ib.claim(params, "scheduled__2026-11-30T02:00:00+00:00", set(ib.PIPELINE_PARAMS))
+    work = claimed["work"]
     assert [w["claimed"]["name"] for w in work] == ["alpha.csv", "beta.csv"]
     claim = "scheduled__2026-11-30T02_00_00_00_00"
+    assert [(f["name"], f["where"]) for f in claimed["failed"]] == [
+        ("bad.csv", f"s3://s3_test@{s3.bucket}/drop/failed/{claim}/bad.csv"),
+        ("late.json", f"s3://s3_test@{s3.bucket}/drop/failed/{claim}/late.json"),
+    ]
+    assert "unknown settings modle" in claimed["failed"][0]["error"]
     assert keys(s3, "drop/") == [
+        f"drop/failed/{claim}/bad.csv",
+        f"drop/failed/{claim}/bad.csv.error.txt",
+        f"drop/failed/{claim}/bad.json",
+        f"drop/failed/{claim}/late.json",
+        f"drop/failed/{claim}/late.json.error.txt",
         f"drop/processing/{claim}/alpha.csv",
         f"drop/processing/{claim}/beta.csv",
         f"drop/processing/{claim}/beta.json",
@@ -364,7 +380,7 @@ def test_s3_inbox_claims_each_csv_once_and_its_run_reads_it_from_s3(dag, srv, s3
     beta = work[1]["conf"]
     assert beta["input_csv"] == f"s3://s3_test@{s3.bucket}/drop/processing/{claim}/beta.csv"
     assert beta["image_base_dir"] == f"s3://s3_test@{s3.bucket}/drop" and beta["id_column"] == "id"
-    assert ib.claim(params, "scheduled__later", set(ib.PIPELINE_PARAMS)) == []  # nothing twice
+    assert ib.claim(params, "scheduled__later", set(ib.PIPELINE_PARAMS))["work"] == []  # nothing twice
 
     dr, _ = run(dag, beta)
     assert dr.state == "success"
@@ -377,6 +393,45 @@ def test_s3_inbox_claims_each_csv_once_and_its_run_reads_it_from_s3(dag, srv, s3
         "name": "beta.csv",
         "csv": f"processing/{claim}/beta.csv",
         "sidecar": f"processing/{claim}/beta.json",
+        "error": None,
     }
     assert settle_objects(store.fs, rel, store.path, claim, "done") == f"done/{claim}/beta.csv"
     assert f"drop/done/{claim}/beta.json" in keys(s3, "drop/")
+
+
+def test_s3_inbox_leaves_an_object_being_replaced_and_refuses_a_done_object(s3):
+    """Issue 11 items 18 and 17 on S3: an object rewritten between the two looks (its ETag changes)
+    waits for the next run; an object named ``done`` fails the claim before anything moves."""
+    import threading
+
+    from openai_batch_airflow import inbox as ib
+
+    params = {"inbox": f"s3://{s3.bucket}/busy", "defaults": {"storage_conn_id": "s3_test"},
+              "min_age_seconds": 0, "stable_seconds": 0.5}  # fmt: skip
+    put_text_csv(s3, "busy/steady.csv", 2)
+    stop = threading.Event()
+
+    def rewrite():
+        n = 1
+        while not stop.is_set():
+            put_text_csv(s3, "busy/growing.csv", n)
+            n += 1
+            stop.wait(0.05)
+
+    thread = threading.Thread(target=rewrite)
+    thread.start()
+    try:
+        claimed = ib.claim(params, "manual__busy", set(ib.PIPELINE_PARAMS))
+    finally:
+        stop.set()
+        thread.join()
+    assert [w["claimed"]["name"] for w in claimed["work"]] == ["steady.csv"]
+    assert "busy/growing.csv" in keys(s3, "busy/")
+    (later,) = ib.claim(params, "manual__later", set(ib.PIPELINE_PARAMS))["work"]
+    assert later["claimed"]["name"] == "growing.csv"
+
+    put_text_csv(s3, "busy/new.csv", 2)
+    s3.put_object(Bucket=s3.bucket, Key="busy/done", Body=b"oops")
+    with pytest.raises(Exception, match="busy/done: a file named 'done' is in the way"):
+        ib.claim(params, "manual__refused", set(ib.PIPELINE_PARAMS))
+    assert "busy/new.csv" in keys(s3, "busy/")

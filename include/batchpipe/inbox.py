@@ -5,13 +5,26 @@ Layout under the inbox folder::
     inbox/questions.csv          new files (and optional sidecars questions.json)
     inbox/processing/<claim>/    claimed by one run: moved here atomically
     inbox/done/<claim>/          processed
-    inbox/failed/<claim>/        the pipeline run for it failed
+    inbox/failed/<claim>/        not processed: the pipeline run failed, the sidecar was bad, or a
+                                 sidecar had no CSV; ``<name>.error.txt`` beside it says why
 
 A claim is ``os.rename`` of the CSV into ``processing/<claim>/``: atomic on one file system, so of
 two overlapping runs exactly one gets each file (the other's rename finds nothing and moves on).
-Files younger than ``min_age_seconds`` are left for the next run (they may still be being written).
+
+A file is claimed only when it looks finished: older than ``min_age_seconds`` and unchanged (size and
+modification time; in object storage size and ETag) across two looks at the folder
+``stable_seconds`` apart. A file still being written is left for the next run.
+
 A sidecar ``<name>.json`` next to ``<name>.csv`` holds settings for that file, with the same keys as
-the pipeline's params; it travels with its CSV.
+the pipeline's params. It travels only with its CSV, and only when both were in the same look. A
+sidecar that does not parse, or names an unknown setting, fails its own file: the CSV and sidecar
+go to ``failed/<claim>/`` with a reason file, and the other files are claimed as usual. A sidecar
+found with no CSV of its name (e.g. written after its CSV was claimed) is an orphan: logged while
+younger than ``min_age_seconds`` (its CSV may be on its way), then moved to ``failed/<claim>/``
+with a reason file, so it can never be applied to an unrelated later file of the same name.
+
+A plain file named ``processing``, ``done`` or ``failed`` in the inbox is refused (an
+:class:`InputError` naming it, before anything is claimed): those names are the inbox's own folders.
 
 An inbox in object storage (:func:`claim_new_objects`, :func:`settle_objects`, on an fsspec-style
 filesystem) has no rename. There a claim is the exclusive creation of a marker
@@ -23,53 +36,203 @@ the file stays put until the marker is removed by hand: never processed twice.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 import time
 from datetime import datetime
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError
 
+log = logging.getLogger(__name__)
+
 STATES = ("processing", "done", "failed")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-def claim_new_files(inbox: str | os.PathLike, claim: str, min_age_seconds: float = 0) -> list[dict[str, Any]]:
+# --------------------------------------------------------------------------- names
+
+
+def _safe(text: str) -> str:
+    return _UNSAFE.sub("_", text).strip("._")
+
+
+def claim_name(run_id: str, try_number: int = 1) -> str:
+    """The folder name of one claim: the inbox run's id made safe (``run`` when nothing is left), plus
+    ``_try<n>`` from the second try on, so a cleared or retried run never shares a claim folder (nor
+    pipeline run ids) with its earlier try."""
+    name = _safe(run_id) or "run"
+    return name if try_number <= 1 else f"{name}_try{try_number}"
+
+
+def run_name(claim: str, file_name: str) -> str:
+    """The pipeline run id of inbox file ``file_name`` claimed by ``claim``:
+    ``inbox__<claim>__<readable stem>_<8 hex of sha256(file_name)>``. Unique per file name (``2026 Q1.csv``
+    and ``2026_Q1.csv`` differ), made of Airflow's allowed run id characters, at most 250 long."""
+    stem = file_name[: -len(".csv")] if file_name.endswith(".csv") else file_name
+    digest = hashlib.sha256(file_name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    readable = _safe(stem)[:80] or "file"
+    return f"inbox__{claim[:140]}__{readable}_{digest}"
+
+
+def error_file(path: str) -> str:
+    """Where the reason a file failed is written: ``<path>.error.txt``."""
+    return f"{path}.error.txt"
+
+
+# --------------------------------------------------------------------------- one look at the folder
+
+
+def _signatures(entries: dict[str, tuple]) -> dict[str, tuple]:
+    return {name: sig for name, sig in entries.items() if name.endswith((".csv", ".json"))}
+
+
+def _ready(
+    first: dict[str, tuple],
+    second: dict[str, tuple],
+    mtimes: dict[str, float | None],
+    min_age: float,
+    now: float,
+) -> tuple[list[tuple[str, str | None]], list[str]]:
+    """From two looks at the inbox (name -> signature), the CSVs to claim with their sidecar (or None),
+    and the orphan sidecars to move aside. A name counts only when its signature is the same in both."""
+    csvs, orphans = [], []
+    for name in sorted(second):
+        stable = first.get(name) == second[name]
+        mtime = mtimes.get(name)
+        old = mtime is None or now - mtime >= min_age
+        if name.endswith(".csv"):
+            sidecar = name[: -len(".csv")] + ".json"
+            if sidecar in second and first.get(sidecar) != second[sidecar]:
+                log.info("%s: its sidecar is still changing; left for the next run", name)
+            elif not stable:
+                log.info(
+                    "%s: still changing (size or time differs between two looks); left for the next run", name
+                )
+            elif old:
+                csvs.append((name, sidecar if sidecar in second else None))
+        elif name[: -len(".json")] + ".csv" not in second and name[: -len(".json")] + ".csv" not in first:
+            if stable and old:
+                orphans.append(name)
+            else:
+                log.warning("%s: a sidecar without its CSV (left for now; moved to failed/ once %ss old)",
+                            name, min_age)  # fmt: skip
+    return csvs, orphans
+
+
+def _orphan_reason(path: Any) -> str:
+    csv = str(path)[: -len(".json")] + ".csv"
+    return (
+        f"{path}: a sidecar without its CSV {csv.rsplit('/', 1)[-1]} (written after its CSV was claimed, or "
+        "the CSV never came); moved aside so that it is never applied to a later file"
+    )
+
+
+def _check_layout(inbox: Path) -> None:
+    for state in STATES:
+        path = inbox / state
+        if (path.exists() or path.is_symlink()) and not path.is_dir():
+            raise InputError(
+                f"{path}: a file named {state!r} is in the way of the inbox's own {state}/ folder; "
+                "rename or remove it (nothing was claimed or moved)"
+            )
+
+
+def _local_look(inbox: Path) -> tuple[dict[str, tuple], dict[str, float]]:
+    sigs, mtimes = {}, {}
+    with os.scandir(inbox) as it:
+        for entry in it:
+            try:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            sigs[entry.name] = (st.st_size, st.st_mtime_ns)
+            mtimes[entry.name] = st.st_mtime
+    return _signatures(sigs), mtimes
+
+
+def _two_looks(look, stable_seconds: float):
+    first, _ = look()
+    if stable_seconds > 0 and first:
+        time.sleep(stable_seconds)
+    second, mtimes = look()
+    return first, second, mtimes
+
+
+# --------------------------------------------------------------------------- local folder
+
+
+def claim_new_files(
+    inbox: str | os.PathLike,
+    claim: str,
+    min_age_seconds: float = 0,
+    stable_seconds: float = 0,
+    allowed: set[str] | None = None,
+    now: float | None = None,
+) -> list[dict[str, Any]]:
     """Move every ready ``*.csv`` of ``inbox`` (with its sidecar) to ``processing/<claim>/``.
 
-    Returns one ``{"name", "csv", "sidecar"}`` per file this call claimed, in name order.
+    Returns one ``{"name", "csv", "sidecar", "settings", "error"}`` per file this call claimed or
+    failed, in name order. ``error`` is None for a claimed file (``settings``: its sidecar's, checked
+    against ``allowed``); else the reason, with ``csv``/``sidecar`` already in ``failed/<claim>/``
+    (an orphan sidecar: ``csv`` None).
     """
     inbox = Path(inbox)
     if not inbox.is_dir():
         raise InputError(f"inbox folder {inbox} does not exist")
+    _check_layout(inbox)
+    first, second, mtimes = _two_looks(lambda: _local_look(inbox), stable_seconds)
+    csvs, orphans = _ready(first, second, mtimes, min_age_seconds, time.time() if now is None else now)
     target = inbox / "processing" / claim
-    now = time.time()
-    claimed = []
-    for csv_path in sorted(inbox.glob("*.csv")):
-        try:
-            if now - csv_path.stat().st_mtime < min_age_seconds:
-                continue
-        except FileNotFoundError:
-            continue  # another run took it meanwhile
+    results = []
+    for name, sidecar in csvs:
         target.mkdir(parents=True, exist_ok=True)
-        dest = target / csv_path.name
+        dest = target / name
         try:
-            os.rename(csv_path, dest)
+            os.rename(inbox / name, dest)
         except FileNotFoundError:
             continue  # another run took it first
-        sidecar = csv_path.with_suffix(".json")
-        sidecar_dest = None
+        item = {"name": name, "csv": str(dest), "sidecar": None, "settings": {}, "error": None}
+        if sidecar:
+            item["sidecar"] = str(target / sidecar)
+            try:
+                os.rename(inbox / sidecar, item["sidecar"])
+            except FileNotFoundError:
+                item["sidecar"] = None
+                item["error"] = f"{inbox / sidecar}: the sidecar vanished while its CSV was claimed"
+        if item["error"] is None:
+            try:
+                item["settings"] = read_sidecar(item["sidecar"], allowed)
+            except InputError as exc:
+                item["error"] = str(exc)
+        if item["error"]:
+            item["csv"] = settle(item, inbox, claim, "failed", item["error"])
+            item["sidecar"] = item["sidecar"] and str(Path(item["csv"]).with_suffix(".json"))
+            log.error("%s: not processed: %s", name, item["error"])
+        results.append(item)
+    for name in orphans:
+        reason = _orphan_reason(inbox / name)
+        failed = inbox / "failed" / claim
+        failed.mkdir(parents=True, exist_ok=True)
         try:
-            os.rename(sidecar, dest.with_suffix(".json"))
-            sidecar_dest = str(dest.with_suffix(".json"))
+            os.rename(inbox / name, failed / name)
         except FileNotFoundError:
-            pass
-        claimed.append({"name": csv_path.name, "csv": str(dest), "sidecar": sidecar_dest})
+            continue
+        (failed / error_file(name)).write_text(reason + "\n", encoding="utf-8")
+        log.error("%s", reason)
+        results.append(
+            {"name": name, "csv": None, "sidecar": str(failed / name), "settings": {}, "error": reason}
+        )
     if target.exists() and not any(target.iterdir()):
         target.rmdir()
-    return claimed
+    return sorted(results, key=lambda r: r["name"])
 
 
 def read_sidecar(path: str | os.PathLike | None, allowed: set[str] | None = None) -> dict[str, Any]:
@@ -78,7 +241,7 @@ def read_sidecar(path: str | os.PathLike | None, allowed: set[str] | None = None
         return {}
     try:
         text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise InputError(f"{path}: not a readable JSON object ({exc})") from None
     return parse_sidecar(text, str(path), allowed)
 
@@ -92,14 +255,21 @@ def parse_sidecar(text: str, path: str, allowed: set[str] | None = None) -> dict
     if not isinstance(data, dict):
         raise InputError(f"{path}: must hold a JSON object of settings")
     if allowed is not None and (unknown := sorted(set(data) - allowed)):
-        raise InputError(f"{path}: unknown settings {', '.join(unknown)}")
+        hints = [f"{k!r}: did you mean {m[0]!r}?" for k in unknown if (m := get_close_matches(k, allowed, 1))]
+        raise InputError(
+            f"{path}: unknown settings {', '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else "")
+        )
     return data
 
 
-def settle(claimed: dict[str, Any], inbox: str | os.PathLike, claim: str, state: str) -> str:
-    """Move a claimed CSV (and sidecar) from ``processing/<claim>/`` to ``done/`` or ``failed/``."""
+def settle(
+    claimed: dict[str, Any], inbox: str | os.PathLike, claim: str, state: str, reason: str | None = None
+) -> str:
+    """Move a claimed CSV (and sidecar) from ``processing/<claim>/`` to ``done/`` or ``failed/``; a
+    ``reason`` (why it failed) is written beside it as ``<name>.error.txt``. Returns the CSV's new path."""
     if state not in ("done", "failed"):
         raise ValueError(f"state must be done or failed, not {state!r}")
+    _check_layout(Path(inbox))
     dest_dir = Path(inbox) / state / claim
     dest_dir.mkdir(parents=True, exist_ok=True)
     src = Path(claimed["csv"])
@@ -107,6 +277,8 @@ def settle(claimed: dict[str, Any], inbox: str | os.PathLike, claim: str, state:
     os.replace(src, dest)
     if claimed.get("sidecar"):
         os.replace(claimed["sidecar"], dest.with_suffix(".json"))
+    if reason:
+        Path(error_file(str(dest))).write_text(reason + "\n", encoding="utf-8")
     processing = src.parent
     if processing.exists() and not any(processing.iterdir()):
         processing.rmdir()
@@ -128,29 +300,51 @@ def _mtime(entry: dict[str, Any]) -> float | None:
     return None
 
 
-def claim_new_objects(
-    fs: Any, inbox: str, claim: str, min_age_seconds: float = 0, now: float | None = None
-) -> list[dict[str, Any]]:
-    """:func:`claim_new_files` for an inbox in object storage: ``fs`` an fsspec-style filesystem,
-    ``inbox`` a path in it. Returns ``{"name", "csv", "sidecar"}`` with paths relative to ``inbox``."""
-    inbox = inbox.rstrip("/")
-    now = time.time() if now is None else now
+def _version(entry: dict[str, Any]) -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", str(entry.get("ETag") or entry.get("etag") or _mtime(entry) or ""))
+
+
+def _object_look(fs: Any, inbox: str) -> tuple[dict[str, tuple], dict[str, float | None]]:
+    fs.invalidate_cache(inbox)  # a second look must not be served from the listing cache
     try:
         entries = fs.ls(inbox, detail=True)
     except FileNotFoundError:
         raise InputError(f"inbox folder {inbox} does not exist") from None
-    claimed = []
-    fs.makedirs(f"{inbox}/processing/{CLAIMS}", exist_ok=True)  # folders: nothing to make on S3
-    for entry in sorted(entries, key=lambda e: e["name"]):
-        path = entry["name"].rstrip("/")
-        name = path.rsplit("/", 1)[-1]
-        if entry.get("type") != "file" or not name.endswith(".csv"):
+    sigs, mtimes = {}, {}
+    for entry in entries:
+        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        if entry.get("type") != "file":
             continue
-        mtime = _mtime(entry)
-        if mtime is not None and now - mtime < min_age_seconds:
-            continue
-        version = re.sub(r"[^A-Za-z0-9]", "", str(entry.get("ETag") or entry.get("etag") or mtime or ""))
-        marker = f"{inbox}/processing/{CLAIMS}/{name}.{version[:64]}"
+        if name in STATES:
+            raise InputError(
+                f"{inbox}/{name}: a file named {name!r} is in the way of the inbox's own {name}/ folder; "
+                "rename or remove it (nothing was claimed or moved)"
+            )
+        sigs[name] = (entry.get("size"), _version(entry), _mtime(entry))
+        mtimes[name] = _mtime(entry)
+    return _signatures(sigs), mtimes
+
+
+def claim_new_objects(
+    fs: Any,
+    inbox: str,
+    claim: str,
+    min_age_seconds: float = 0,
+    now: float | None = None,
+    stable_seconds: float = 0,
+    allowed: set[str] | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`claim_new_files` for an inbox in object storage: ``fs`` an fsspec-style filesystem,
+    ``inbox`` a path in it. Returns ``{"name", "csv", "sidecar", "settings", "error"}`` with paths
+    relative to ``inbox``."""
+    inbox = inbox.rstrip("/")
+    first, second, mtimes = _two_looks(lambda: _object_look(fs, inbox), stable_seconds)
+    csvs, orphans = _ready(first, second, mtimes, min_age_seconds, time.time() if now is None else now)
+    results = []
+    if csvs:
+        fs.makedirs(f"{inbox}/processing/{CLAIMS}", exist_ok=True)  # folders: nothing to make on S3
+    for name, sidecar in csvs:
+        marker = f"{inbox}/processing/{CLAIMS}/{name}.{second[name][1][:64]}"
         try:
             with fs.open(marker, "xb") as fh:
                 fh.write(claim.encode())
@@ -159,22 +353,51 @@ def claim_new_objects(
         dest = f"processing/{claim}/{name}"
         fs.makedirs(f"{inbox}/processing/{claim}", exist_ok=True)
         try:
-            fs.copy(path, f"{inbox}/{dest}")
+            fs.copy(f"{inbox}/{name}", f"{inbox}/{dest}")
         except FileNotFoundError:
             fs.rm(marker)
             continue  # another run took it first
-        sidecar, sidecar_dest = path[: -len(".csv")] + ".json", None
-        if fs.exists(sidecar):
-            sidecar_dest = dest[: -len(".csv")] + ".json"
-            fs.copy(sidecar, f"{inbox}/{sidecar_dest}")
-            fs.rm(sidecar)
-        fs.rm(path)
+        item = {"name": name, "csv": dest, "sidecar": None, "settings": {}, "error": None}
+        if sidecar:
+            item["sidecar"] = f"processing/{claim}/{sidecar}"
+            try:
+                fs.copy(f"{inbox}/{sidecar}", f"{inbox}/{item['sidecar']}")
+                fs.rm(f"{inbox}/{sidecar}")
+                text = fs.cat(f"{inbox}/{item['sidecar']}").decode("utf-8")
+            except FileNotFoundError:
+                item["sidecar"] = None
+                item["error"] = f"{inbox}/{sidecar}: the sidecar vanished while its CSV was claimed"
+            except UnicodeDecodeError as exc:
+                item["error"] = f"{inbox}/{sidecar}: not a readable JSON object ({exc})"
+            else:
+                try:
+                    item["settings"] = parse_sidecar(text, f"{inbox}/{sidecar}", allowed)
+                except InputError as exc:
+                    item["error"] = str(exc)
+        fs.rm(f"{inbox}/{name}")
         fs.rm(marker)
-        claimed.append({"name": name, "csv": dest, "sidecar": sidecar_dest})
-    return claimed
+        if item["error"]:
+            item["csv"] = settle_objects(fs, item, inbox, claim, "failed", item["error"])
+            item["sidecar"] = item["sidecar"] and item["csv"][: -len(".csv")] + ".json"
+            log.error("%s: not processed: %s", name, item["error"])
+        results.append(item)
+    for name in orphans:
+        reason = _orphan_reason(f"{inbox}/{name}")
+        dest = f"failed/{claim}/{name}"
+        fs.makedirs(f"{inbox}/failed/{claim}", exist_ok=True)
+        try:
+            fs.mv(f"{inbox}/{name}", f"{inbox}/{dest}")
+        except FileNotFoundError:
+            continue
+        fs.pipe(f"{inbox}/{error_file(dest)}", (reason + "\n").encode())
+        log.error("%s", reason)
+        results.append({"name": name, "csv": None, "sidecar": dest, "settings": {}, "error": reason})
+    return sorted(results, key=lambda r: r["name"])
 
 
-def settle_objects(fs: Any, claimed: dict[str, Any], inbox: str, claim: str, state: str) -> str:
+def settle_objects(
+    fs: Any, claimed: dict[str, Any], inbox: str, claim: str, state: str, reason: str | None = None
+) -> str:
     """:func:`settle` for an inbox in object storage; returns the CSV's new path relative to ``inbox``."""
     if state not in ("done", "failed"):
         raise ValueError(f"state must be done or failed, not {state!r}")
@@ -184,4 +407,6 @@ def settle_objects(fs: Any, claimed: dict[str, Any], inbox: str, claim: str, sta
     fs.mv(f"{inbox}/{claimed['csv']}", f"{inbox}/{dest}")
     if claimed.get("sidecar"):
         fs.mv(f"{inbox}/{claimed['sidecar']}", f"{inbox}/{dest[: -len('.csv')]}.json")
+    if reason:
+        fs.pipe(f"{inbox}/{error_file(dest)}", (reason + "\n").encode())
     return dest

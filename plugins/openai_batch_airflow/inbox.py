@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -47,74 +48,136 @@ def _store(params: dict[str, Any], folder: str):
     return storage.location(folder, (params.get("defaults") or {}).get("storage_conn_id"))
 
 
-def claim(params: dict[str, Any], run_id: str, pipeline_params: set[str]) -> list[dict[str, Any]]:
-    """Claim every ready CSV; return one ``{"trigger_run_id", "conf"}`` per file (for the mapped
-    trigger), the file's own settings coming from its sidecar over the inbox defaults."""
-    from batchpipe.inbox import claim_new_files, claim_new_objects, parse_sidecar, read_sidecar
-    from openai_batch_airflow.tasks import fail_on_bad_input, safe_name
+def claim(
+    params: dict[str, Any], run_id: str, pipeline_params: set[str], try_number: int = 1
+) -> dict[str, Any]:
+    """Claim every ready CSV. Returns ``{"claim", "work", "failed"}``: ``claim`` the claim's folder
+    name; ``work`` one ``{"trigger_run_id", "conf", "claimed"}`` per file to process (for the mapped
+    trigger; the file's own settings come from its sidecar over the inbox defaults); ``failed`` one
+    ``{"name", "where", "error"}`` per file failed at claim (bad sidecar, sidecar without its CSV),
+    already in ``failed/<claim>/`` beside a reason file."""
+    from batchpipe.inbox import claim_name, claim_new_files, claim_new_objects, run_name
+    from openai_batch_airflow.tasks import fail_on_bad_input
 
     folder = inbox_folder(params)
     store = _store(params, folder)
-    claim_id = safe_name(run_id)
-    min_age = float(params.get("min_age_seconds") or 0)
-    sidecars: dict[str, str] = {}  # sidecar texts of an inbox in object storage, by CSV name
+    claim_id = claim_name(run_id, try_number)
+    look = {
+        "min_age_seconds": float(params.get("min_age_seconds") or 0),
+        "stable_seconds": float(params.get("stable_seconds") or 0),
+        "allowed": set(pipeline_params) - {"input_csv"},
+    }
     with fail_on_bad_input():
         if store is None:
-            claimed = claim_new_files(folder, claim_id, min_age)
+            claimed = claim_new_files(folder, claim_id, **look)
         else:
-            claimed = claim_new_objects(store.fs, store.path, claim_id, min_age)
+            claimed = claim_new_objects(store.fs, store.path, claim_id, **look)
             for item in claimed:  # locations as URLs (the pipeline reads them from the store)
-                if item["sidecar"]:
-                    sidecars[item["name"]] = (store / item["sidecar"]).read_text(encoding="utf-8")
-                    item["sidecar"] = str(store / item["sidecar"])
-                item["csv"] = str(store / item["csv"])
-    if not claimed:
-        log.info("inbox %s: nothing new", folder)
-        return []
-    work = []
+                for key in ("csv", "sidecar"):
+                    item[key] = item[key] and str(store / item[key])
+    result: dict[str, Any] = {"claim": claim_id, "work": [], "failed": []}
     for item in claimed:
-        with fail_on_bad_input():
-            allowed = pipeline_params - {"input_csv"}
-            if item["name"] in sidecars:
-                settings = parse_sidecar(sidecars[item["name"]], item["sidecar"], allowed=allowed)
-            else:
-                settings = read_sidecar(item["sidecar"], allowed=allowed)
+        if item["error"]:
+            result["failed"].append({"name": item["name"], "where": item["csv"] or item["sidecar"],
+                                     "error": item["error"]})  # fmt: skip
+            continue
         conf = {
             **(params.get("defaults") or {}),
-            **settings,
+            **item.pop("settings"),
             "input_csv": item["csv"],
             # images referenced relative to the CSV stay where they were dropped
             "image_base_dir": str(store) if store is not None else str(os.path.abspath(folder)),
         }
-        run = f"inbox__{claim_id}__{safe_name(os.path.splitext(item['name'])[0])}"
+        run = run_name(claim_id, item["name"])
         log.info("claimed %s -> run %s", item["name"], run)
-        work.append({"trigger_run_id": run, "conf": conf, "claimed": item})
-    return work
+        result["work"].append({"trigger_run_id": run, "conf": conf, "claimed": item})
+    if not claimed:
+        log.info("inbox %s: nothing new", folder)
+    return result
 
 
-def settle(work: list[dict[str, Any]] | None, params: dict[str, Any], run_id: str, context: Any) -> dict:
-    """Move each claimed file to done/ or failed/ by the state of its pipeline run."""
+def claim_task(context: Any) -> list[dict[str, Any]]:
+    """The ``claim`` task: :func:`claim`, returning the work list (the mapped ``process`` expands over
+    it) and pushing the claim's name and its failed files as XComs ``claim`` and ``failed``."""
+    ti = context["ti"]
+    result = claim(dict(context["params"]), context["run_id"], set(PIPELINE_PARAMS), ti.try_number)
+    ti.xcom_push(key="claim", value=result["claim"])
+    ti.xcom_push(key="failed", value=result["failed"])
+    return result["work"]
+
+
+def settle_task(context: Any) -> dict:
+    """The ``settle`` task: :func:`settle` of what ``claim`` pushed (nothing when claim failed)."""
+    ti = context["ti"]
+    claim_id = ti.xcom_pull(task_ids="claim", key="claim")
+    claimed = claim_id and {
+        "claim": claim_id,
+        "work": ti.xcom_pull(task_ids="claim") or [],
+        "failed": ti.xcom_pull(task_ids="claim", key="failed") or [],
+    }
+    return settle(claimed, dict(context["params"]), run_states(context))
+
+
+#: ``states(index, run_id)``: the state of the ``process`` task of map index ``index`` and the state
+#: of pipeline run ``run_id`` (None: no such task instance / run).
+States = Callable[[int, str], "tuple[str | None, str | None]"]
+
+
+def run_states(context: Any) -> States:
+    """:data:`States` from Airflow, for the settle task running in ``context``."""
+    ti = context["ti"]
+    tasks = ti.get_task_states(dag_id=ti.dag_id, task_ids=["process"], run_ids=[ti.run_id]).get(ti.run_id, {})
+
+    def states(index: int, run_id: str) -> tuple[str | None, str | None]:
+        try:
+            run = ti.get_dagrun_state(PIPELINE_DAG_ID, run_id)
+        except Exception as exc:  # no such run: the API answers with an error
+            log.warning("pipeline run %s: no state (%s)", run_id, exc)
+            run = None
+        return _state(tasks.get(f"process_{index}")), _state(run)
+
+    return states
+
+
+def _state(value: Any) -> str | None:
+    return None if value is None else str(getattr(value, "value", value)).lower()
+
+
+def settle(claimed: dict[str, Any] | None, params: dict[str, Any], states: States) -> dict:
+    """Move each claimed file to done/ or failed/: done only when both its ``process`` task (which
+    triggered and waited for its own run) and its pipeline run succeeded. Fails (listing the files) when
+    any file failed, here or at claim."""
+    from airflow.sdk.exceptions import AirflowFailException
+
     from batchpipe.inbox import settle as move
     from batchpipe.inbox import settle_objects
-    from openai_batch_airflow.tasks import safe_name
 
+    if not claimed:
+        raise AirflowFailException("the claim did not finish (see its log): nothing to settle")
     folder = inbox_folder(params)
     store = _store(params, folder)
-    outcome: dict[str, list[str]] = {"done": [], "failed": []}
-    for item in work or []:
-        state = context["ti"].get_dagrun_state(PIPELINE_DAG_ID, item["trigger_run_id"])
-        where = "done" if str(state).lower().endswith("success") else "failed"
+    claim_id = claimed["claim"]
+    outcome: dict[str, list[str]] = {"done": [], "failed": [w["where"] for w in claimed["failed"]]}
+    reasons = [f"{w['name']}: {w['error']}" for w in claimed["failed"]]
+    for index, item in enumerate(claimed["work"]):
+        run = item["trigger_run_id"]
+        task, state = states(index, run)
+        reason = None
+        if (task, state) != ("success", "success"):
+            reason = f"pipeline run {run}: the process task ended {task}, the run {state or 'does not exist'}"
+        where = "failed" if reason else "done"
         if store is None:
-            dest = move(item["claimed"], folder, safe_name(run_id), where)
+            dest = move(item["claimed"], folder, claim_id, where, reason)
         else:
-            dest = str(store / settle_objects(store.fs, _relative(store, item["claimed"]), store.path,
-                                              safe_name(run_id), where))  # fmt: skip
-        log.info("%s: run %s ended %s -> %s", item["claimed"]["name"], item["trigger_run_id"], state, dest)
+            rel = _relative(store, item["claimed"])
+            dest = str(store / settle_objects(store.fs, rel, store.path, claim_id, where, reason))
+        log.info("%s: run %s -> %s", item["claimed"]["name"], run, dest)
         outcome[where].append(dest)
-    if outcome["failed"]:
-        from airflow.sdk.exceptions import AirflowFailException
-
-        raise AirflowFailException(f"{len(outcome['failed'])} file(s) failed: {outcome['failed']}")
+        if reason:
+            reasons.append(f"{item['claimed']['name']}: {reason}")
+    if reasons:
+        total = len(claimed["work"]) + len(claimed["failed"])
+        raise AirflowFailException(f"{len(reasons)} of {total} file(s) failed: " + "; ".join(reasons))
     return outcome
 
 
