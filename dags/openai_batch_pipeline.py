@@ -323,6 +323,15 @@ PARAMS = {
         description="Keep the JSONL request files and downloaded batch files after a successful merge.",
         section=OUTPUT,
     ),
+    "csv_formula_escape": Param(
+        True,
+        type="boolean",
+        title="Escape formulas in answers",
+        description="Put a ' before a response or error cell that starts with = + - @ tab or CR, so that "
+        "Excel and other spreadsheets do not run it as a formula (OWASP CSV injection). Input columns are "
+        "never changed. Turn off when a program, not a person, reads results.csv.",
+        section=OUTPUT,
+    ),
 }
 
 

@@ -186,3 +186,14 @@ def test_sample_data_shape():
 def test_module_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "-m", "batchpipe.cli", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "validate" in r.stdout
+
+
+def test_merge_refuses_a_csv_whose_rows_changed_since_the_build(tmp_path, capsys):
+    src = tmp_path / "in.csv"
+    src.write_text("prompt\nfirst\nsecnd\n", encoding="utf-8")
+    assert main(["build", str(src), "--out-dir", str(tmp_path / "b")]) == 0
+    src.write_text("prompt\nsecnd\nfirst\n", encoding="utf-8")  # swapped: same size, same rows
+    capsys.readouterr()
+    assert main(["merge", "--build-dir", str(tmp_path / "b"), "--out", str(tmp_path / "r.csv")]) == 2
+    assert "selected rows changed since the build" in capsys.readouterr().err
+    assert not (tmp_path / "r.csv").exists()

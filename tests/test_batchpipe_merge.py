@@ -119,16 +119,17 @@ def test_merge_order_completeness_and_report(built):
     )
     assert got[7]["error"] == "no result returned for this request" and got[7]["response"] == ""
     assert got[9]["error"] == "HTTP 400 invalid_request: bad"
-    assert got[11]["error"] == "batch_expired: late" and got[11]["response"] == ""
+    # row 11 was answered; the batch_expired line after it is a duplicate and never replaces the answer
+    assert got[11]["error"] == "" and got[11]["response"] == "answer to row-11"
+    assert report["duplicate_results"] == 1 and report["duplicate_ids"] == ["row-11"]
     assert report["rows"] == 12 and report["invalid"] == 1
-    assert report["answered"] == 8 and report["failed"] == 3
+    assert report["answered"] == 9 and report["failed"] == 2
     assert report["errors_by_code"] == {
-        "batch_expired": 1,
         "invalid_input": 1,
         "invalid_request": 1,
         "no_result": 1,
     }
-    assert report["tokens"] == {"prompt": 80, "completion": 16, "total": 96}
+    assert report["tokens"] == {"prompt": 90, "completion": 18, "total": 108}
     assert report["batch_ids"] == ["batch_1"]
     assert report["results_csv"] == str((tmp / "res" / "results.csv").resolve())
     assert json.loads((tmp / "res" / "report.json").read_text()) == report
@@ -192,3 +193,91 @@ def test_csv_changed_since_build(built):
     with pytest.raises(InputError, match="changed since the build"):
         merge_results(b["manifest"], [], tmp / "results.csv")
     assert not (tmp / "results.csv").exists()
+
+
+# -- hostile results and inputs (issue 11) -----------------------------------------------------------
+def error_line(cid, status=400):
+    body = {"error": {"message": "bad", "code": "invalid_request"}}
+    return {"custom_id": cid, "response": {"status_code": status, "body": body}, "error": None}
+
+
+def test_an_error_after_an_answer_never_replaces_it_and_duplicates_are_counted(built):
+    rows, b, tmp = built
+    answers = fake_results(b)
+    again = [dict(x) for x in answers if x["custom_id"] == "row-2"]  # the same answer twice in one file
+    out = write_jsonl(tmp / "out.jsonl", answers + again)
+    err = write_jsonl(tmp / "err.jsonl", [error_line("row-1"), error_line("row-4", 500)])
+    report = merge_results(b["manifest"], [out, err], tmp / "results.csv")
+    got = read_csv(tmp / "results.csv")
+    assert [r["response"] for r in got[:5]] == [f"answer to row-{i}" if i != 3 else "" for i in range(5)]
+    assert got[1]["error"] == "" and got[4]["error"] == ""
+    assert report["answered"] == 11 and report["failed"] == 0
+    assert report["duplicate_results"] == 3 and report["duplicate_ids"] == ["row-1", "row-2", "row-4"]
+    # an error followed by an answer in a later file (a resubmission) is the normal case, not a duplicate
+    first = write_jsonl(tmp / "r0.jsonl", [error_line("row-0", 500)])
+    report = merge_results(b["manifest"], [first, write_jsonl(tmp / "r1.jsonl", answers)], tmp / "r.csv")
+    assert report["answered"] == 11 and report["duplicate_results"] == 0
+
+
+def test_rows_swapped_since_the_build_fail_the_merge(built):
+    rows, b, tmp = built
+    # swap two data rows of the same length: same size, same row count, same header
+    src = (tmp / "in.csv").read_bytes()
+    a, c = b"1,001,q1,\r\n", b"7,007,q7,\r\n"
+    assert a in src and c in src
+    swapped = src.replace(a, b"\0").replace(c, a).replace(b"\0", c)
+    assert len(swapped) == len(src) and swapped != src
+    (tmp / "in.csv").write_bytes(swapped)
+    res = write_jsonl(tmp / "out.jsonl", fake_results(b))
+    with pytest.raises(InputError, match="selected rows changed since the build"):
+        merge_results(b["manifest"], [res], tmp / "results.csv")
+    assert not (tmp / "results.csv").exists()
+    (tmp / "in.csv").write_bytes(src)  # restored: merges
+    assert merge_results(b["manifest"], [res], tmp / "results.csv")["answered"] == 11
+
+
+def test_a_truncated_or_non_json_line_is_named_with_its_row(built):
+    rows, b, tmp = built
+    answers = [json.dumps(x) for x in fake_results(b) if x["custom_id"] not in ("row-5", "row-6")]
+    cut = json.dumps(next(x for x in fake_results(b) if x["custom_id"] == "row-5"))[:60]
+    path = tmp / "out.jsonl"
+    path.write_text("\n".join(answers + ["<html>502 Bad Gateway</html>", cut]), encoding="utf-8")
+    report = merge_results(b["manifest"], [path], tmp / "results.csv")
+    got = read_csv(tmp / "results.csv")
+    assert got[5]["error"].startswith("result line unreadable (truncated or not JSON): out.jsonl line 11")
+    assert got[6]["error"].startswith("no result returned for this request (2 result line(s) could not")
+    assert report["malformed_lines"] == 2 and report["failed"] == 2
+    assert report["broken_lines"] == [
+        {"file": "out.jsonl", "line": 10, "custom_id": None},
+        {"file": "out.jsonl", "line": 11, "custom_id": "row-5"},
+    ]
+    assert report["errors_by_code"]["broken_result_line"] == 1
+
+
+def test_answers_that_look_like_formulas_are_escaped_and_inputs_are_not(tmp_path):
+    rows = [{"prompt": p, "note": "=1+1"} for p in ("a", "b", "c", "d", "e", "f", "g")]
+    p = write_csv(tmp_path / "in.csv", rows)
+    b = build_jsonl(p, BuildOptions(), tmp_path / "build")
+    answers = ['=HYPERLINK("http://evil","x")', "+1", "-2", "@SUM(A1)", "\tx", "\rx", "plain = fine"]
+    lines = fake_results(b, answer=lambda cid, body: answers[int(cid[4:])], fail={"row-6"})
+    lines[-1]["response"]["body"]["error"]["message"] = "x"
+    res = write_jsonl(tmp_path / "o.jsonl", lines)
+    report = merge_results(b["manifest"], [res], tmp_path / "r.csv")
+    got = read_csv(tmp_path / "r.csv")
+    assert [r["response"] for r in got[:6]] == ["'" + a for a in answers[:6]]
+    assert all(r["note"] == "=1+1" for r in got)  # input columns byte for byte
+    assert len(got) == 7 and got[6]["error"] == "HTTP 400 invalid_request: x"  # "\r" split no row
+    assert report["formula_cells_escaped"] == 6 and report["csv_formula_escape"] is True
+    report = merge_results(b["manifest"], [res], tmp_path / "raw.csv", formula_escape=False)
+    assert [r["response"] for r in read_csv(tmp_path / "raw.csv")[:6]] == answers[:6]
+    assert report["formula_cells_escaped"] == 0
+
+
+def test_a_lone_carriage_return_in_an_answer_or_a_cell_stays_on_its_row(tmp_path):
+    rows = [{"prompt": "a", "note": "left\rright"}, {"prompt": "b", "note": "n"}]
+    p = write_csv(tmp_path / "in.csv", rows)
+    b = build_jsonl(p, BuildOptions(), tmp_path / "build")
+    res = write_jsonl(tmp_path / "o.jsonl", fake_results(b, answer=lambda cid, body: f"x\r{cid}"))
+    merge_results(b["manifest"], [res], tmp_path / "r.csv")
+    got = read_csv(tmp_path / "r.csv")
+    assert [(r["note"], r["response"]) for r in got] == [("left\rright", "x\rrow-0"), ("n", "x\rrow-1")]

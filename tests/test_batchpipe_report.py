@@ -293,3 +293,20 @@ def test_cli_analyze(run, tmp_path, capsys):
     assert main(["analyze", str(run["out"]), "--html", str(tmp_path / "x.html")]) == 2
     assert "exactly one results .csv" in capsys.readouterr().err
     assert main(["analyze", str(tmp_path / "missing.csv")]) == 2
+
+
+def test_report_html_names_duplicate_unknown_and_unreadable_result_lines(run):
+    tmp = run["tmp"]
+    extra = write_jsonl(tmp / "extra.jsonl", [fail_line("row-0"), ok_line("nobody", "x", 1, 1)])
+    with open(extra, "a", encoding="utf-8") as fh:
+        fh.write('{"custom_id": "row-8", "response": {"status_co\n')
+    report = merge_results(run["build"]["manifest"], [run["out"], run["err"], extra], tmp / "r" / "results.csv")
+    report["problems"] = ["batch b1: the follow-up batch was refused: <quota>"]
+    page = write_report_html(tmp / "r" / "results.csv", report, tmp / "r" / "report.html").read_text()
+    table = re.search(r'<table class="problems">.*?</table>', page, re.S).group(0)
+    assert "duplicate result lines</td><td>1</td><td>ids: row-0" in table
+    assert "result lines for ids not in this run</td><td>1<" in table
+    assert "unreadable result lines</td><td>1</td><td>extra.jsonl line 3 (row-8)" in table
+    assert "&lt;quota&gt;" in table  # escaped
+    clean = write_report_html(run["csv"], run["report"], tmp / "clean.html").read_text()
+    assert 'class="problems"' not in clean

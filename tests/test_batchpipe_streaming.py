@@ -230,10 +230,13 @@ def test_merge_order_and_completeness_over_many_chunks(tmp_path, monkeypatch, id
         if i % 97 == 0:
             assert r["error"] == "not sent: empty prompt (column 'prompt')"
             assert r["response"] == ""
+    answered_early = {json.loads(x)["custom_id"] for x in open(files[0], encoding="utf-8")}
     for c in cids:
         r = by_cid[c]
         if c in missing:
             assert r["error"] == merge_mod.NO_RESULT
+        elif c in failed and c in answered_early:  # an error never replaces an answer
+            assert r["response"] == "stale" and r["error"] == ""
         elif c in failed:
             assert r["response"] == "" and r["error"].startswith("HTTP 400 bad_thing")
         else:
@@ -242,15 +245,19 @@ def test_merge_order_and_completeness_over_many_chunks(tmp_path, monkeypatch, id
     invalid = (n + 96) // 97
     assert rep["rows"] == n
     assert rep["invalid"] == invalid
-    assert rep["answered"] == len(cids) - len(missing) - len(failed)
-    assert rep["failed"] == len(missing) + len(failed)
+    failed_late = failed - answered_early
+    assert failed_late != failed  # the case of an error after an answer is in the test
+    assert rep["answered"] == len(cids) - len(missing) - len(failed_late)
+    assert rep["failed"] == len(missing) + len(failed_late)
     assert rep["errors_by_code"] == {
-        "bad_thing": len(failed),
+        "bad_thing": len(failed_late),
         "invalid_input": invalid,
         "no_result": len(missing),
     }
     assert rep["unmatched_results"] == 5
-    assert rep["tokens"]["total"] == 7 * (len(cids) - len(missing) - len(failed))
+    assert rep["tokens"]["total"] == 7 * (len(cids) - len(missing) - len(failed_late))
+    # every early answer was followed by another line for its id: each counts once as a duplicate
+    assert rep["duplicate_results"] == len(answered_early)
 
 
 def test_merge_fast_result_parsing_equals_iter_outcomes(tmp_path):
@@ -296,7 +303,8 @@ def test_merge_fast_result_parsing_equals_iter_outcomes(tmp_path):
             fh.write(json.dumps(o) + "\n")
         fh.write("\n{not json\n")
     for endpoint in ("/v1/chat/completions", "/v1/responses"):
-        fast = list(merge_mod._iter_records([path], endpoint))
+        broken = merge_mod._Broken()
+        fast = list(merge_mod._iter_records([path], endpoint, broken))
         ref = [
             (
                 o.custom_id,
@@ -304,8 +312,9 @@ def test_merge_fast_result_parsing_equals_iter_outcomes(tmp_path):
             )
             for o in iter_outcomes([path], endpoint)
         ]
-        assert [f[0] for f in fast] == [r[0] for r in ref]
-        assert [f[1] for f in fast if f[0] is not None] == [r[1] for r in ref if r[0] is not None]
+        assert [f[0] for f in fast] == [r[0] for r in ref if r[0] is not None]
+        assert [f[1][:-1] for f in fast] == [r[1] for r in ref if r[0] is not None]  # [-1]: file index
+        assert broken.count == sum(1 for r in ref if r[0] is None)  # [1, 2] and {not json: counted
 
 
 # --------------------------------------------------------------------------- unicode round trip

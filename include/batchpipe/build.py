@@ -17,6 +17,7 @@ cells when ``image_base_dir`` is such a URL); see :mod:`batchpipe.images`. None:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -54,6 +55,26 @@ IMAGE_BYTES_IN_FLIGHT = 64 * 1024 * 1024  # bound on encoded image data read ahe
 def dumps_line(obj: Any) -> str:
     """Compact JSON for one JSONL line; non-ASCII text is kept as is (not \\u-escaped)."""
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+class RowDigest:
+    """A SHA-256 over the selected rows' cells, taken while they stream by (:meth:`rows`).
+
+    The build records it and the merge checks it: answers are joined by row position (or id), so a CSV
+    whose rows were swapped, edited or replaced since the build (same size, same row count) must fail the
+    merge instead of putting answers on the wrong rows."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.sha256()
+
+    def rows(self, stream: Iterator[tuple[int, Any, list[str]]]) -> Iterator[tuple[int, Any, list[str]]]:
+        update = self._h.update
+        for item in stream:
+            update("\x1f".join(item[2]).encode("utf-8", "surrogatepass") + b"\x1e")
+            yield item
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
 
 
 # --------------------------------------------------------------------------- prompt templates
@@ -591,7 +612,8 @@ def build_jsonl(
     image_i = header.index(o.image_column) if o.image_column else -1
     max_bytes = o.max_batch_bytes
     template = _line_template(o)
-    stream = csvio._iter_lists(path, o.start_row, o.end_row)
+    digest = RowDigest()
+    stream = digest.rows(csvio._iter_lists(path, o.start_row, o.end_row))
     images = None
 
     def fail(inv, index: int, custom_id: str, exc: RowError) -> None:
@@ -695,6 +717,7 @@ def build_jsonl(
         "csv_bytes": os.path.getsize(plan.path),
         "columns": plan.header,
         "options": o.to_dict(),
+        "rows_sha256": digest.hexdigest(),
         "rows": rows,
         "valid": valid,
         "invalid": invalid,

@@ -101,7 +101,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
 def _cmd_merge(args: argparse.Namespace) -> int:
     from .merge import merge_results
 
-    report = merge_results(args.build_dir, args.results, args.out, batch_ids=args.batch_id)
+    report = merge_results(
+        args.build_dir, args.results, args.out, batch_ids=args.batch_id, formula_escape=args.formula_escape
+    )
     print(json.dumps(report, ensure_ascii=False, indent=2))
     return 0
 
@@ -205,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", nargs="*", metavar="RESULT.jsonl", help="output and error files")
     p.add_argument("--out", required=True, help="results CSV to write (report.json goes beside it)")
     p.add_argument("--batch-id", action="append", help="batch id to record in the report (repeatable)")
+    p.add_argument(
+        "--no-formula-escape",
+        dest="formula_escape",
+        action="store_false",
+        help="write answers starting with = + - @ tab CR as they are (default: a leading ' so that "
+        "spreadsheets do not run them as formulas)",
+    )
     p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("estimate", help="build into a temporary folder and estimate tokens and cost")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import sqlite3
 import tempfile
 from collections import Counter
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import csvio, paths
-from .build import INVALID_NAME, MANIFEST_NAME, OUTPUT_COLUMNS
+from .build import INVALID_NAME, MANIFEST_NAME, OUTPUT_COLUMNS, RowDigest
 from .errors import InputError
 from .options import BuildOptions
 from .results import parse_result_line
@@ -27,6 +28,31 @@ REPORT_NAME = "report.json"
 CHUNK_ROWS = 5000  # CSV rows looked up and written per step
 INSERT_BATCH = 20_000  # result records per executemany
 OUTCOME_FIELDS = "response, error, code, p, c, t"
+MAX_NAMED = 20  # ids / lines named in the report
+
+#: OWASP: a cell starting with one of these is a formula to Excel / LibreOffice / Sheets.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+BROKEN_LINE = "broken_result_line"
+_CUSTOM_ID_IN_TEXT = re.compile(r'"custom_id"\s*:\s*"((?:[^"\\]|\\.){1,512})"')
+
+
+def escape_formula(text: str) -> str:
+    """``text`` with a ``'`` in front when it starts like a spreadsheet formula (OWASP CSV injection)."""
+    return "'" + text if text.startswith(FORMULA_START) else text
+
+
+def _upsert(table: str, key: str) -> str:
+    """Insert a result record. For a key seen before, the later line wins (a resubmission's outcome comes
+    in a later file) except that an error never replaces an answer. ``d`` counts the key's duplicates:
+    lines after an answer, or repeating the key within one file (``f`` is the file's index)."""
+    keep = f"{table}.error IS NULL AND excluded.error IS NOT NULL"
+    cols = ("response", "error", "code", "p", "c", "t", "f")
+    sets = ", ".join(f"{c} = CASE WHEN {keep} THEN {table}.{c} ELSE excluded.{c} END" for c in cols)
+    dup = f"{table}.error IS NULL OR {table}.f = excluded.f"
+    return (
+        f"INSERT INTO {table} VALUES (?,?,?,?,?,?,?,?,0) ON CONFLICT({key}) DO UPDATE SET {sets}, "
+        f"d = {table}.d + (CASE WHEN {dup} THEN 1 ELSE 0 END)"
+    )
 
 
 def load_manifest(manifest_path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
@@ -53,13 +79,28 @@ def merge_results(
     batch_ids: list[str] | None = None,
     *,
     allowed_roots: list[Path] | None = paths.FROM_ENV,
+    formula_escape: bool = True,
 ) -> dict[str, Any]:
     """Write ``out_csv`` (input columns + response, error, prompt/completion/total_tokens) and
     ``report.json`` beside it. Returns the report: ``{"rows", "answered", "failed", "invalid",
     "errors_by_code", "tokens": {"prompt", "completion", "total"}, "batch_ids", "results_csv", "report",
-    "unmatched_results", "malformed_lines"}``.
+    "unmatched_results", "malformed_lines", "broken_lines", "duplicate_results", "duplicate_ids",
+    "csv_formula_escape", "formula_cells_escaped"}``.
 
-    Later result files win over earlier ones for the same custom_id (resubmissions come later).
+    Several lines for one custom_id: the later line wins (resubmissions come in later files), except that
+    an error never replaces an answer (HTTP 200). A line for an id that already had an answer, or that
+    repeats an id within one file, counts in ``duplicate_results`` (ids named in ``duplicate_ids``).
+    A line that is not JSON, or has no custom_id, counts in ``malformed_lines`` and is named in
+    ``broken_lines`` (file, line, and the custom_id when it can still be read from the text: that row
+    then gets a ``broken_result_line`` error rather than "no result").
+
+    The selected rows must be those the build read: their digest (``rows_sha256`` in the manifest) is
+    checked while they are merged, and a CSV whose rows changed since the build fails with InputError
+    (nothing is written), never merged by position into other rows.
+
+    ``formula_escape``: a ``response`` or ``error`` cell starting with ``=``, ``+``, ``-``, ``@``, tab or
+    CR gets a leading ``'`` (OWASP's advice against CSV injection); the input's own columns are never
+    changed.
 
     ``allowed_roots``: folders the input CSV named in the manifest must resolve into (None: anywhere;
     default: ``OPENAI_BATCH_ALLOWED_ROOTS``, read now); outside → InputError before it is read.
@@ -101,22 +142,20 @@ def merge_results(
         # Outcomes whose custom_id is the default ``row-N`` of row N (no id column) are keyed by N, so
         # each chunk of the CSV is one range scan; any other custom_id goes to the text-keyed table.
         db.execute(
-            "CREATE TABLE by_row (row INTEGER PRIMARY KEY, response TEXT, error TEXT, code TEXT, p, c, t)"
+            "CREATE TABLE by_row (row INTEGER PRIMARY KEY, response TEXT, error TEXT, code TEXT, p, c, t,"
+            " f INTEGER, d INTEGER)"
         )
         db.execute(
             "CREATE TABLE outcome (custom_id TEXT PRIMARY KEY, response TEXT, error TEXT, code TEXT,"
-            " p INTEGER, c INTEGER, t INTEGER)"
+            " p INTEGER, c INTEGER, t INTEGER, f INTEGER, d INTEGER)"
         )
         db.execute("CREATE TABLE invalid (row INTEGER PRIMARY KEY, error TEXT)")
-        malformed_lines = 0
+        broken = _Broken()
         by_row: list[tuple] = []
         by_id: list[tuple] = []
-        insert_row = "INSERT OR REPLACE INTO by_row VALUES (?,?,?,?,?,?,?)"
-        insert_id = "INSERT OR REPLACE INTO outcome VALUES (?,?,?,?,?,?,?)"
-        for cid, rec in _iter_records(result_paths, opts.endpoint):
-            if cid is None:
-                malformed_lines += 1
-                continue
+        insert_row = _upsert("by_row", "row")
+        insert_id = _upsert("outcome", "custom_id")
+        for cid, rec in _iter_records(result_paths, opts.endpoint, broken):
             n = _row_number(cid) if id_column is None else None
             if n is None:
                 by_id.append((cid, *rec))
@@ -147,14 +186,22 @@ def merge_results(
         tokens = {"prompt": 0, "completion": 0, "total": 0}
         matched = 0
         id_i = header.index(id_column) if id_column else -1
+        no_result = NO_RESULT
+        if broken.count:
+            no_result += (
+                f" ({broken.count} result line(s) could not be read: this row's answer may be among them)"
+            )
+        escaped = 0
 
         with open(tmp_csv, "w", encoding="utf-8", newline="") as fh:
-            w = csv.writer(fh, quoting=csv.QUOTE_MINIMAL, lineterminator="\n")
+            # CRLF (RFC 4180): the writer then quotes a cell holding a lone CR, which with "\n" it writes
+            # bare, and every reader splits the row there (an answer or input cell with "\r" in it)
+            w = csv.writer(fh, quoting=csv.QUOTE_MINIMAL, lineterminator="\r\n")
             w.writerow(header + list(OUTPUT_COLUMNS))
             chunk: list[tuple[int, list[str]]] = []
 
             def flush() -> None:
-                nonlocal matched
+                nonlocal matched, escaped
                 if not chunk:
                     return
                 lo, hi = chunk[0][0], chunk[-1][0]
@@ -186,7 +233,7 @@ def merge_results(
                     rec = found.get(key)
                     if rec is None:
                         n_missing += 1
-                        append(row + ["", NO_RESULT, "", "", ""])
+                        append(row + ["", no_result, "", "", ""])
                         continue
                     response, error, code, p, c, t = rec
                     sum_p += p or 0
@@ -194,10 +241,16 @@ def merge_results(
                     sum_t += t or 0
                     if error is None:
                         n_answered += 1
+                        if formula_escape and response and response.startswith(FORMULA_START):
+                            response = "'" + response
+                            escaped += 1
                         append(row + [response or "", "", _fmt(p), _fmt(c), _fmt(t)])
                     else:
                         n_failed += 1
                         codes[code or "error"] += 1
+                        if formula_escape and error.startswith(FORMULA_START):
+                            error = "'" + error
+                            escaped += 1
                         append(row + ["", error, _fmt(p), _fmt(c), _fmt(t)])
                 w.writerows(out_rows)
                 counts["rows"] += len(chunk)
@@ -214,7 +267,8 @@ def merge_results(
                 tokens["total"] += sum_t
                 chunk.clear()
 
-            for index, _, row in csvio._iter_lists(csv_path, opts.start_row, opts.end_row):
+            digest = RowDigest()
+            for index, _, row in digest.rows(csvio._iter_lists(csv_path, opts.start_row, opts.end_row)):
                 chunk.append((index, row))
                 if len(chunk) >= CHUNK_ROWS:
                     flush()
@@ -224,9 +278,22 @@ def merge_results(
                 f"{csv_path}: has {counts['rows']} rows in range now, {manifest['rows']} at build time; "
                 "the file changed since the build"
             )
+        if manifest.get("rows_sha256") not in (None, digest.hexdigest()):
+            raise InputError(
+                f"{csv_path}: the selected rows changed since the build (same size and row count, other "
+                "content: rows edited, swapped or replaced); answers are joined to rows by position or id, "
+                "so nothing was merged. Restore the file the build read, or run the pipeline again"
+            )
         total_outcomes = sum(
             db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in ("by_row", "outcome")
         )
+        duplicates = sum(
+            db.execute(f"SELECT COALESCE(SUM(d), 0) FROM {table}").fetchone()[0]
+            for table in ("by_row", "outcome")
+        )
+        named = f"WHERE d > 0 ORDER BY 1 LIMIT {MAX_NAMED}"
+        duplicate_ids = [f"row-{n}" for (n,) in db.execute(f"SELECT row FROM by_row {named}")]
+        duplicate_ids += [cid for (cid,) in db.execute(f"SELECT custom_id FROM outcome {named}")]
         os.replace(tmp_csv, out)
     finally:
         db.close()
@@ -244,7 +311,12 @@ def merge_results(
         "results_csv": str(out.resolve()),
         "report": str((out.parent / REPORT_NAME).resolve()),
         "unmatched_results": total_outcomes - matched,
-        "malformed_lines": malformed_lines,
+        "malformed_lines": broken.count,
+        "broken_lines": broken.examples,
+        "duplicate_results": duplicates,
+        "duplicate_ids": duplicate_ids[:MAX_NAMED],
+        "csv_formula_escape": formula_escape,
+        "formula_cells_escaped": escaped,
     }
     report_path = out.parent / REPORT_NAME
     tmp_report = report_path.with_name(f".{REPORT_NAME}.tmp")
@@ -267,23 +339,58 @@ def _row_number(custom_id: str) -> int | None:
     return None
 
 
-def _iter_records(paths: list, endpoint: str) -> Iterator[tuple[str | None, tuple]]:
-    """``(custom_id, (response, error, code, p, c, t))`` per result line, in file order.
+class _Broken:
+    """Result lines that could not be read: how many, and the first few (file, line, custom_id)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.examples: list[dict[str, Any]] = []
+
+    def add(self, path: Any, line: int, custom_id: str | None) -> str:
+        self.count += 1
+        name = Path(path).name
+        if len(self.examples) < MAX_NAMED:
+            self.examples.append({"file": name, "line": line, "custom_id": custom_id})
+        return (
+            f"result line unreadable (truncated or not JSON): {name} line {line}; the answer may have been "
+            "lost in the download"
+        )
+
+
+def _custom_id_in_text(raw: str) -> str | None:
+    """The custom_id still legible in a line that is not JSON (e.g. cut off mid-way), else None."""
+    m = _CUSTOM_ID_IN_TEXT.search(raw)
+    if m is None:
+        return None
+    try:
+        cid = json.loads(f'"{m[1]}"')
+    except json.JSONDecodeError:
+        return None
+    return cid if isinstance(cid, str) and cid.strip() else None
+
+
+def _iter_records(paths: list, endpoint: str, broken: _Broken) -> Iterator[tuple[str, tuple]]:
+    """``(custom_id, (response, error, code, p, c, t, file index))`` per result line, in file order.
 
     Same values as :func:`results.iter_outcomes`; the common case (a 200 chat completion with text
-    content) is decoded inline, everything else goes through :func:`results.parse_result_line`.
+    content) is decoded inline, everything else goes through :func:`results.parse_result_line`. A line
+    that is not JSON, or has no custom_id, is added to ``broken``; when its custom_id can still be read
+    from the text, that id gets a ``broken_result_line`` error record.
     """
     loads = json.loads
     chat = endpoint not in ("/v1/responses", "/v1/embeddings")
-    for path in paths:
-        with open(path, encoding="utf-8") as fh:
-            for raw in fh:
+    for f, path in enumerate(paths):
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for lineno, raw in enumerate(fh, 1):
                 if not raw.strip():
                     continue
                 try:
                     obj = loads(raw)
                 except json.JSONDecodeError:
-                    yield None, ()
+                    cid = _custom_id_in_text(raw)
+                    error = broken.add(path, lineno, cid)
+                    if cid is not None:
+                        yield cid, (None, error, BROKEN_LINE, None, None, None, f)
                     continue
                 # Fast path, same result as parse_result_line: HTTP 200 chat completion with text.
                 if chat and type(obj) is dict:
@@ -310,16 +417,18 @@ def _iter_records(paths: list, endpoint: str) -> Iterator[tuple[str | None, tupl
                                         p if type(p) is int else None,
                                         c if type(c) is int else None,
                                         t if type(t) is int else None,
+                                        f,
                                     ),
                                 )
                             else:
-                                yield cid, (content, None, None, None, None, None)
+                                yield cid, (content, None, None, None, None, None, f)
                             continue
                 o = parse_result_line(obj, endpoint)
-                yield (
-                    o.custom_id,
-                    (o.response, o.error, o.error_code, o.prompt_tokens, o.completion_tokens, o.total_tokens),
-                )
+                if o.custom_id is None:
+                    broken.add(path, lineno, None)
+                    continue
+                tokens = (o.prompt_tokens, o.completion_tokens, o.total_tokens)
+                yield o.custom_id, (o.response, o.error, o.error_code, *tokens, f)
 
 
 def _not_sent(record: dict) -> str:

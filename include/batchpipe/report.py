@@ -464,6 +464,29 @@ def _load_json(v: Any) -> Any:
     return json.loads(Path(v).read_text(encoding="utf-8"))
 
 
+def _problems_html(report: dict[str, Any]) -> list[str]:
+    """The "Problems" section: what the service returned that does not add up (duplicate, unknown or
+    unreadable result lines) and what the run could not finish (``problems``); nothing when all is well."""
+    rows = []
+    dup = report.get("duplicate_results") or 0
+    if dup:
+        named = ", ".join(report.get("duplicate_ids") or [])
+        rows.append(["duplicate result lines", f"{dup:,}", _e(f"ids: {named}" if named else "")])
+    if report.get("unmatched_results"):
+        rows.append(["result lines for ids not in this run", f"{report['unmatched_results']:,}", ""])
+    if report.get("malformed_lines"):
+        where = "; ".join(
+            f"{b['file']} line {b['line']}" + (f" ({b['custom_id']})" if b.get("custom_id") else "")
+            for b in report.get("broken_lines") or []
+        )
+        rows.append(["unreadable result lines", f"{report['malformed_lines']:,}", _e(where)])
+    for problem in report.get("problems") or []:
+        rows.append(["run problem", "", _e(problem)])
+    if not rows:
+        return []
+    return ["<h3>Problems</h3>", _table(["what", "lines", "details"], rows, "problems")]
+
+
 def write_report_html(
     results_csv: str | os.PathLike,
     report_json: str | os.PathLike | dict | None,
@@ -528,6 +551,8 @@ def write_report_html(
         p.append("<h3>Errors by code</h3>")
         rows = [[_e(c), f"{n:,}"] for c, n in sorted(codes.items(), key=lambda x: -x[1])]
         p.append(_table(["code", "rows"], rows, "codes"))
+
+    p.extend(_problems_html(report or {}))
 
     p.append("<h2>Tokens and cost</h2>")
     est_cost = ((estimate or {}).get("cost") or {}).get("batch") or {}

@@ -525,7 +525,9 @@ def merge(
                 out_csv,
                 batch_ids=[batch_id for d in downloads for batch_id in d["batch_ids"]],
                 allowed_roots=roots,
+                formula_escape=params.get("csv_formula_escape", True) is not False,
             )
+        log_result_problems(report)
         log.info(
             "results: %s rows, %s answered, %s failed, %s invalid -> %s",
             report["rows"],
@@ -588,6 +590,24 @@ def remove_work_files(work: storage.Location) -> int:
             except OSError:
                 pass  # not empty: something else lives there
     return removed
+
+
+def log_result_problems(report: dict[str, Any]) -> None:
+    """Warn in the merge log about result lines that do not add up (they are in report.json/.html too)."""
+    if report.get("duplicate_results"):
+        log.warning(
+            "%d duplicate result line(s) (an answer is never replaced by a later error); ids: %s",
+            report["duplicate_results"],
+            ", ".join(report.get("duplicate_ids") or []),
+        )
+    if report.get("unmatched_results"):
+        log.warning("%d result line(s) for custom_ids not in this run ignored", report["unmatched_results"])
+    if report.get("malformed_lines"):
+        log.warning(
+            "%d result line(s) could not be read (truncated or not JSON): %s",
+            report["malformed_lines"],
+            "; ".join(f"{b['file']} line {b['line']}" for b in report.get("broken_lines") or []),
+        )
 
 
 def _local_build_manifest(work: storage.Location, tmp: Path, csv_path: str | None) -> Path:
