@@ -238,13 +238,21 @@ def test_5_a_dag_scheduled_on_the_results_asset_runs_after_each_success(env):
 
 
 def test_6_inbox_scheduled_run_processes_two_csvs_once_and_the_next_finds_nothing(env):
+    """Two good files are processed once; a third with a bad sidecar fails alone (issue 11 item 3):
+    it is not triggered, lands in failed/ with its reason, and the inbox run ends failed."""
+    from batchpipe.inbox import claim_name, run_name
+
     tmp, server, stack = env
     ensure_triggerer(stack)
     server.set_config({"in_progress_seconds": 0.2})
     inbox, out = tmp / "inbox", tmp / "inbox-out"
     shutil.copytree(tmp / "in" / "images", inbox / "images")
     settings = {"image_column": "image", "check_interval": 1, "output_dir": str(out)}
-    for name, extra in (("alpha", {}), ("beta", {"end_row": 5, "model": "gpt-4o-mini"})):
+    for name, extra in (
+        ("alpha", {}),
+        ("beta", {"end_row": 5, "model": "gpt-4o-mini"}),
+        ("gamma", {"modle": "x"}),
+    ):
         shutil.copy(tmp / "in" / "questions.csv", inbox / f"{name}.csv")
         (inbox / f"{name}.json").write_text(json.dumps({**settings, **extra}))
         old = time.time() - 3600  # older than min_age_seconds: fully written
@@ -265,13 +273,17 @@ def test_6_inbox_scheduled_run_processes_two_csvs_once_and_the_next_finds_nothin
     try:
         wait_for(lambda: len(list((inbox / "done").glob("*/*.csv"))) == 2, 300, "both files done", stack)
         (claim,) = {p.parent.name for p in (inbox / "done").glob("*/*.csv")}  # one run took both
-        (first,) = [r for r in inbox_runs() if safe(r[0]) == claim]
+        (first,) = [r for r in inbox_runs() if claim_name(r[0]) == claim]
         assert first[1] == "scheduled"
-        assert stack.wait_run("openai_batch_inbox", first[0]) == "success"
+        assert stack.wait_run("openai_batch_inbox", first[0]) == "failed"  # gamma's bad sidecar
         assert sorted(pipeline_runs()) == [
-            (f"inbox__{claim}__alpha", "success"),
-            (f"inbox__{claim}__beta", "success"),
+            (run_name(claim, "alpha.csv"), "success"),
+            (run_name(claim, "beta.csv"), "success"),
         ]
+        assert sorted(p.name for p in (inbox / "failed" / claim).iterdir()) == [
+            "gamma.csv", "gamma.csv.error.txt", "gamma.json"
+        ]  # fmt: skip
+        assert "unknown settings modle" in (inbox / "failed" / claim / "gamma.csv.error.txt").read_text()
         assert sorted(p.name for p in (inbox / "done" / claim).iterdir()) == [
             "alpha.csv", "alpha.json", "beta.csv", "beta.json"
         ]  # fmt: skip
@@ -294,9 +306,7 @@ def test_6_inbox_scheduled_run_processes_two_csvs_once_and_the_next_finds_nothin
             rows[stem] = list(csv.DictReader(fh))
     assert len(rows["alpha"]) == 30 and sum(1 for r in rows["alpha"] if r["response"]) == 27  # images found
     assert len(rows["beta"]) == 5  # its sidecar's end_row
-    beta = [
-        b for b in server.client().batches.list(limit=100).data if b.metadata["run_id"].endswith("__beta")
-    ]
+    beta = [b for b in server.client().batches.list(limit=100).data if "__beta_" in b.metadata["run_id"]]
     assert [b.metadata["model"] for b in beta] == ["gpt-4o-mini"]
 
 
