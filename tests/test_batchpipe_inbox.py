@@ -346,3 +346,15 @@ def test_overlapping_claims_with_sidecars_never_lose_a_sidecar_silently(tmp_path
     assert sorted(c["name"] for c in items) == [f"f{i:03d}.csv" for i in range(100)]  # each exactly once
     for c in items:  # with its own settings, or failed with a reason: never processed with none
         assert c["error"] or c["settings"] == {"end_row": int(c["name"][1:4])}
+
+
+def test_folders_and_links_named_like_csvs_are_left_alone(tmp_path):
+    """A folder ``x.csv`` was claimed (moved into processing/) and a link ``secret.csv`` pointing
+    outside the inbox was followed: only regular files are claimed."""
+    (tmp_path / "x.csv").mkdir()
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.csv"
+    outside.write_text("prompt\nsecret\n")
+    (tmp_path / "secret.csv").symlink_to(outside)
+    drop(tmp_path, "real.csv")
+    assert [c["name"] for c in claim_new_files(tmp_path, "c1")] == ["real.csv"]
+    assert (tmp_path / "x.csv").is_dir() and (tmp_path / "secret.csv").is_symlink()

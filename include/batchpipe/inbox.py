@@ -149,6 +149,8 @@ def _local_look(inbox: Path) -> tuple[dict[str, tuple], dict[str, float]]:
         for entry in it:
             try:
                 if not entry.is_file(follow_symlinks=False):
+                    if entry.name.endswith((".csv", ".json")) and entry.name not in STATES:
+                        log.warning("%s: not a regular file (a folder or a link); left alone", entry.path)
                     continue
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
