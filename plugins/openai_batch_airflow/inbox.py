@@ -23,7 +23,7 @@ PIPELINE_PARAMS = frozenset(
     "id_column model endpoint max_tokens temperature extra_body start_row end_row completion_window "
     "check_interval max_requests_per_batch max_batch_bytes max_image_mb keep_temp_files max_resubmits "
     "token_limit_wait max_enqueued_tokens cancel_on_kill estimate_only max_cost_usd "
-    "expected_output_tokens prices image_base_dir conn_id work_dir storage_conn_id".split()
+    "expected_output_tokens prices image_base_dir conn_id work_dir storage_conn_id csv_formula_escape".split()
 )
 
 
