@@ -409,8 +409,12 @@ def test_http_faults(srv, client):
     assert httpx.get(srv.base_url + "/files").status_code == 200
 
 
-def test_api_key(srv):
-    srv.set_config({"api_key": "sekrit"})
+def test_api_key(tmp_path):
+    with running_server(tmp_path, config={**FAST, "api_key": "sekrit"}, admin_token=ADMIN_TOKEN) as srv:
+        check_api_key(srv)
+
+
+def check_api_key(srv):
     assert srv.get_config()["api_key"] == "***"
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=srv.base_url, api_key="wrong", max_retries=0).batches.list()
@@ -481,9 +485,14 @@ def upstream():
     thread.join(timeout=5)
 
 
-def test_upstream_forwarding(srv, client, upstream):
+def test_upstream_forwarding(tmp_path, upstream):
     base, seen = upstream
-    srv.set_config({"upstream_base_url": base, "upstream_api_key": "up-key"})
+    config = {**FAST, "upstream_base_url": base, "upstream_api_key": "up-key"}
+    with running_server(tmp_path, config=config) as srv:
+        check_upstream_forwarding(srv.client(max_retries=0), seen)
+
+
+def check_upstream_forwarding(client, seen):
     batch = run_batch(
         client, [chat_line("ok", "hi", model="local-llm"), chat_line("bad", "boom", model="local-llm")]
     )
@@ -521,3 +530,232 @@ def test_misc_http(srv, client):
     assert srv.set_config({"shuffle_seed": 99})["shuffle_seed"] == 99
     srv.reset()
     assert srv.get_config()["shuffle_seed"] == 1234 and client.batches.list().data == []
+
+
+# ---- /_admin authentication and start-up-only settings (issue 11, item 12) -------------------------
+ADMIN_TOKEN = "adm-5f0c2e9a41b7d3c8e6f1a2b4"
+CLIENT_KEY = "sk-client-key-for-v1-only"
+UP_KEY = "sk-upstream-key-never-leaves"
+
+
+class Listener:
+    """A tiny HTTP listener on 127.0.0.1 (thread) that records every request and answers like a chat
+    completions endpoint: the "upstream", or the attacker's catcher."""
+
+    def __init__(self):
+        import http.server
+
+        self.requests: list[dict] = []
+        seen = self.requests
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                seen.append({"path": self.path, "headers": dict(self.headers), "body": body.decode()})
+                data = json.dumps({"object": "chat.completion", "model": "m", "choices": []}).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def listeners():
+    made = []
+
+    def make():
+        made.append(Listener())
+        return made[-1]
+
+    yield make
+    for listener in made:
+        listener.close()
+
+
+def admin(srv, method, path, token=None, **kwargs):
+    headers = kwargs.pop("headers", {})
+    if isinstance(token, bytes):  # raw header bytes: httpx refuses to encode a non-ASCII str
+        headers["Authorization"] = b"Bearer " + token
+    elif token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    return httpx.request(method, f"{srv.root_url}/_admin/{path}", headers=headers, timeout=10, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{"api_key": CLIENT_KEY}, {"upstream_base_url": "http://127.0.0.1:9/v1", "upstream_api_key": UP_KEY}],
+    ids=["api_key", "upstream"],
+)
+def test_admin_is_refused_without_an_admin_token_when_a_key_or_upstream_is_set(tmp_path, config):
+    with running_server(tmp_path, config={**FAST, **config}) as srv:
+        keyed = openai.OpenAI(base_url=srv.base_url, api_key=CLIENT_KEY, max_retries=0)
+        file_id = upload(keyed, [chat_line("a", "b")])
+        for token in (None, CLIENT_KEY, UP_KEY, ADMIN_TOKEN):
+            assert admin(srv, "GET", "config", token).status_code == 403
+            refused = admin(srv, "PUT", "config", token, json={"api_key": None, "upstream_base_url": None})
+            assert refused.status_code == 403
+            assert "admin token" in refused.json()["error"]["message"]
+            assert admin(srv, "POST", "reset", token).status_code == 403
+        assert file_id in [f.id for f in keyed.files.list()]  # reset did not run
+        if "api_key" in config:  # {"api_key": null} did not turn auth off
+            with pytest.raises(openai.AuthenticationError):
+                openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0).files.list()
+
+
+def test_admin_needs_the_right_admin_token(tmp_path):
+    with running_server(tmp_path, config={**FAST, "api_key": CLIENT_KEY}, admin_token=ADMIN_TOKEN) as srv:
+        keyed = openai.OpenAI(base_url=srv.base_url, api_key=CLIENT_KEY, max_retries=0)
+        file_id = upload(keyed, [chat_line("a", "b")])
+        wrong = [
+            None,
+            "wrong",
+            ADMIN_TOKEN[:-1],
+            ADMIN_TOKEN + "x",
+            CLIENT_KEY,
+            " " + ADMIN_TOKEN,
+            "é".encode() * 8,
+        ]
+        for token in wrong:
+            for method, path, body in (("GET", "config", None), ("PUT", "config", {"shuffle_seed": 1})):
+                resp = admin(srv, method, path, token, json=body)
+                assert resp.status_code == 401, (token, method)
+                assert ADMIN_TOKEN not in resp.text and resp.headers["www-authenticate"] == "Bearer"
+            assert admin(srv, "POST", "reset", token).status_code == 401
+        for headers in (
+            {"Authorization": f"Basic {ADMIN_TOKEN}"},
+            {"Authorization": ADMIN_TOKEN},
+            {"Authorization": "Bearer"},
+            {"X-Admin-Token": ADMIN_TOKEN},
+        ):
+            assert admin(srv, "GET", "config", headers=headers).status_code == 401, headers
+        assert admin(srv, "GET", "config", params={"token": ADMIN_TOKEN}).status_code == 401
+        assert file_id in [f.id for f in keyed.files.list()]  # no refused reset ran
+        assert srv.get_config()["shuffle_seed"] == 1234  # no refused PUT changed anything
+
+        good = admin(srv, "GET", "config", ADMIN_TOKEN)
+        assert good.status_code == 200 and good.json()["api_key"] == "***"
+        assert (
+            admin(srv, "GET", "config", headers={"Authorization": f"bearer {ADMIN_TOKEN}"}).status_code == 200
+        )
+        assert srv.set_config({"shuffle_seed": 7})["shuffle_seed"] == 7
+        srv.reset()
+        assert keyed.files.list().data == [] and srv.get_config()["shuffle_seed"] == 1234
+        # the admin token opens /_admin only, not /v1
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.base_url, api_key=ADMIN_TOKEN, max_retries=0).files.list()
+        assert ADMIN_TOKEN not in srv.log()
+
+
+def test_upstream_and_keys_cannot_be_changed_at_run_time_even_with_the_admin_token(tmp_path, listeners):
+    upstream, catcher = listeners(), listeners()
+    config = {**FAST, "api_key": CLIENT_KEY, "upstream_base_url": upstream.url, "upstream_api_key": UP_KEY}
+    with running_server(tmp_path, config=config, admin_token=ADMIN_TOKEN) as srv:
+        before = srv.get_config()
+        attacks = [
+            ({"upstream_base_url": catcher.url}, False),
+            ({"upstream_base_url": catcher.url, "shuffle_seed": 5}, False),
+            ({"shuffle_seed": 5, "upstream_base_url": None}, False),
+            ({"upstream_api_key": "sk-attacker"}, False),
+            ({"upstream_api_key": None}, False),
+            ({"api_key": None}, False),
+            ({"api_key": "attacker-key"}, False),
+            ({"admin_token": "attacker-admin-token-0123456789"}, False),
+            ({"allow_upstream_change": True, "upstream_base_url": catcher.url}, False),
+            ({"upstream_base_url": catcher.url}, True),
+            ({**FAST}, True),  # replace=true would drop api_key and the upstream
+            ({}, True),
+        ]
+        for body, replace in attacks:
+            params = {"replace": "true"} if replace else None
+            resp = admin(srv, "PUT", "config", ADMIN_TOKEN, json=body, params=params)
+            assert resp.status_code == 403, (body, replace, resp.text)
+            assert "start" in resp.json()["error"]["message"], resp.text
+            assert srv.get_config() == before, (body, replace)  # nothing changed, not even shuffle_seed
+
+        # the masks round-trip: "***" keeps a secret, a GET body can be PUT back, even with replace=true
+        assert (
+            srv.set_config({"api_key": "***", "upstream_api_key": "***", "shuffle_seed": 7})["shuffle_seed"]
+            == 7
+        )
+        assert srv.set_config({**before, "shuffle_seed": 8}, replace=True)["shuffle_seed"] == 8
+
+        keyed = openai.OpenAI(base_url=srv.base_url, api_key=CLIENT_KEY, max_retries=0)
+        batch = run_batch(keyed, [chat_line("ok", "the prompt text")])
+        assert batch.status == "completed"
+        assert catcher.requests == []  # neither the upstream key nor a prompt reached the catcher
+        assert [r["headers"]["Authorization"] for r in upstream.requests] == [f"Bearer {UP_KEY}"]
+        assert "the prompt text" in upstream.requests[0]["body"]
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.base_url, api_key="attacker-key", max_retries=0).files.list()
+
+
+def test_an_open_server_cannot_be_pointed_at_an_upstream_or_keyed_at_run_time(srv, client, listeners):
+    catcher = listeners()
+    for body in ({"upstream_base_url": catcher.url}, {"upstream_api_key": "k"}, {"api_key": "k"}):
+        resp = admin(srv, "PUT", "config", json=body)
+        assert resp.status_code == 403 and "allow_upstream_change" in resp.json()["error"]["message"]
+    assert run_batch(client, [chat_line("a", "secret prompt")]).status == "completed"
+    assert catcher.requests == []
+
+
+def test_allow_upstream_change_lets_the_admin_move_the_upstream(tmp_path, listeners):
+    first, second = listeners(), listeners()
+    config = {**FAST, "upstream_base_url": first.url, "upstream_api_key": UP_KEY}
+    with running_server(tmp_path, config=config, admin_token=ADMIN_TOKEN, allow_upstream_change=True) as srv:
+        assert admin(srv, "PUT", "config", json={"upstream_base_url": second.url}).status_code == 401
+        srv.set_config({"upstream_base_url": second.url, "upstream_api_key": "sk-second"})
+        assert run_batch(srv.client(max_retries=0), [chat_line("a", "b")]).status == "completed"
+        assert first.requests == []
+        assert [r["headers"]["Authorization"] for r in second.requests] == ["Bearer sk-second"]
+        for body in ({"admin_token": "another-admin-token-0123456789"}, {"allow_upstream_change": False}):
+            assert admin(srv, "PUT", "config", ADMIN_TOKEN, json=body).status_code == 403
+
+
+def test_admin_token_from_flag_env_or_config_file_and_bad_ones_refused(tmp_path):
+    import subprocess
+    import sys
+
+    from local_batch_server.__main__ import load_settings, parse_args
+    from local_batch_server.config import ADMIN_TOKEN_ENV
+
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"api_key": CLIENT_KEY, "admin_token": "from-the-config-file-0123"}))
+    _, policy = load_settings(parse_args(["--config", str(cfg)]), {})
+    assert policy.admin_token == "from-the-config-file-0123" and not policy.allow_upstream_change
+    _, policy = load_settings(
+        parse_args(["--config", str(cfg)]), {ADMIN_TOKEN_ENV: "from-the-environment-0123"}
+    )
+    assert policy.admin_token == "from-the-environment-0123"
+    args = parse_args(["--config", str(cfg), "--admin-token", ADMIN_TOKEN, "--allow-upstream-change"])
+    _, policy = load_settings(args, {ADMIN_TOKEN_ENV: "from-the-environment-0123"})
+    assert policy.admin_token == ADMIN_TOKEN and policy.allow_upstream_change
+    _, policy = load_settings(parse_args([]), {ADMIN_TOKEN_ENV: ""})  # empty variable = unset
+    assert policy.admin_token is None
+
+    def start(*argv):
+        cmd = [sys.executable, "-m", "local_batch_server", "--port", str(free_port())]
+        cmd += ["--data-dir", str(tmp_path), *argv]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+    for bad in ("short", "has a space in it 0123456789", ""):
+        done = start("--admin-token", bad)
+        assert done.returncode == 2 and "admin token" in done.stderr, done.stderr
+        assert done.stderr.count("\n") <= 2  # a message, not a traceback
+    done = start("--allow-upstream-change")
+    assert done.returncode == 2 and "admin token" in done.stderr, done.stderr
+    helped = start("--help")
+    for word in ("--admin-token", ADMIN_TOKEN_ENV, "--allow-upstream-change", "/_admin"):
+        assert word in helped.stdout, word

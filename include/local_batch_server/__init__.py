@@ -7,14 +7,17 @@ against ``http://127.0.0.1:PORT/v1`` unchanged.
 * Endpoints: ``POST/GET /v1/files``, ``GET/DELETE /v1/files/{id}``, ``GET /v1/files/{id}/content``,
   ``POST/GET /v1/batches``, ``GET /v1/batches/{id}``, ``POST /v1/batches/{id}/cancel``; admin:
   ``GET/PUT /_admin/config``, ``POST /_admin/reset``.
+* Auth: ``api_key`` guards ``/v1``; ``/_admin`` is open only on a server with no ``api_key`` and no
+  upstream, else it needs the admin token (``--admin-token``), and the upstream and keys stay as
+  started unless ``--allow-upstream-change``: :class:`local_batch_server.config.AdminPolicy`.
 * Answers are deterministic; their exact formats are documented in :mod:`local_batch_server.answers`.
 * Failure injection, timings and limits: :class:`local_batch_server.config.ServerConfig`.
 * Batch life cycle and files: :mod:`local_batch_server.app`.
 """
 
-from .config import FailValidation, HttpFault, ServerConfig
+from .config import AdminPolicy, FailValidation, HttpFault, ServerConfig
 
-__all__ = ["FailValidation", "HttpFault", "ServerConfig", "create_app"]
+__all__ = ["AdminPolicy", "FailValidation", "HttpFault", "ServerConfig", "create_app"]
 
 
 def create_app(*args, **kwargs):

@@ -9,12 +9,17 @@ progressively over ``in_progress_seconds``) -> ``finalizing`` (``finalizing_seco
 ``expire_fraction`` -> ``expired`` after that fraction; cancel -> ``cancelling``
 (``cancelling_seconds``) -> ``cancelled``. Unrun requests of expired / cancelled batches go to the error
 file (``batch_expired`` / ``batch_cancelled``) and count as ``failed`` in ``request_counts``.
+
+Auth: ``/v1/*`` needs ``Authorization: Bearer <api_key>`` when ``api_key`` is set; ``/_admin/*`` is
+guarded by the start-up :class:`~local_batch_server.config.AdminPolicy` (admin token, locked upstream
+and keys). Both secrets are compared in constant time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
 import math
@@ -28,14 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import answers
-from .config import ServerConfig
+from .config import START_ONLY_FIELDS, AdminPolicy, ServerConfig
 
 log = logging.getLogger("local_batch_server")
 
@@ -57,12 +62,20 @@ CANCELLED_ERROR = {
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers
 
 
 def error_type(status: int) -> str:
@@ -76,6 +89,12 @@ def error_type(status: int) -> str:
 def error_response(status: int, message: str, param=None, code=None, headers=None) -> JSONResponse:
     body = {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def bearer_matches(authorization: str | None, secret: str) -> bool:
+    """``authorization`` is ``Bearer <secret>`` (scheme case-insensitive), compared in constant time."""
+    scheme, _, given = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), secret.encode())
 
 
 def new_id(prefix: str) -> str:
@@ -506,15 +525,19 @@ def shuffled(items: list, seed: int) -> list:
 
 
 # ---- app -----------------------------------------------------------------------------------------
-def create_app(data_dir: str | Path, config: ServerConfig | None = None) -> FastAPI:
+def create_app(
+    data_dir: str | Path, config: ServerConfig | None = None, policy: AdminPolicy | None = None
+) -> FastAPI:
+    """The app. ``policy`` (start-up only) guards ``/_admin``; default: no admin token, upstream locked."""
     store = Store(Path(data_dir), config or ServerConfig())
+    policy = policy or AdminPolicy()
     runner = Runner(store)
     app = FastAPI(title="local OpenAI-compatible batch server")
     app.state.store = store
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        return error_response(exc.status, exc.message, exc.param, exc.code)
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -537,7 +560,7 @@ def create_app(data_dir: str | Path, config: ServerConfig | None = None) -> Fast
         if not path.startswith("/_admin"):
             cfg = store.config
             if cfg.api_key and path.startswith("/v1"):
-                if request.headers.get("authorization") != f"Bearer {cfg.api_key}":
+                if not bearer_matches(request.headers.get("authorization"), cfg.api_key):
                     return error_response(401, "Incorrect API key provided.", None, "invalid_api_key")
             for fault in list(cfg.http_faults):
                 if fault.method not in ("*", request.method.upper()) or not re.search(fault.path, path):
@@ -561,11 +584,33 @@ def create_app(data_dir: str | Path, config: ServerConfig | None = None) -> Fast
         return lost if lost is not None else response
 
     # ---- admin ---------------------------------------------------------------------------------
-    @app.get("/_admin/config")
+    async def admin_guard(request: Request) -> None:
+        """Every ``/_admin`` route: open only on a server with no admin token and no key or upstream."""
+        if not policy.admin_required(store.startup_config, store.config):
+            return
+        if policy.admin_token is None:
+            raise ApiError(
+                403,
+                "The /_admin endpoints are disabled: this server has an api_key or an upstream and no "
+                "admin token. Start it with --admin-token (or LOCAL_BATCH_SERVER_ADMIN_TOKEN, or "
+                "admin_token in the config file) to use them.",
+                code="admin_disabled",
+            )
+        if not bearer_matches(request.headers.get("authorization"), policy.admin_token):
+            raise ApiError(
+                401,
+                "Missing or incorrect admin token: send 'Authorization: Bearer <admin token>'.",
+                code="invalid_admin_token",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    admin = APIRouter(prefix="/_admin", dependencies=[Depends(admin_guard)])
+
+    @admin.get("/config")
     async def get_config():
         return store.config.public_dict()
 
-    @app.put("/_admin/config")
+    @admin.put("/config")
     async def put_config(request: Request, replace: bool = False):
         try:
             changes = await request.json()
@@ -573,18 +618,37 @@ def create_app(data_dir: str | Path, config: ServerConfig | None = None) -> Fast
             raise ApiError(400, "Body must be JSON.") from exc
         if not isinstance(changes, dict):
             raise ApiError(400, "Body must be a JSON object.")
+        start_only = sorted(set(changes) & set(START_ONLY_FIELDS))
+        if start_only:
+            raise ApiError(
+                403,
+                f"{', '.join(start_only)} can only be set when the server starts; nothing was changed.",
+                code="locked_setting",
+            )
         try:
-            store.config = store.config.merged(changes, replace=replace)
+            new = store.config.merged(changes, replace=replace)
         except ValidationError as exc:
             raise ApiError(400, f"Invalid config: {exc.errors()[0].get('msg')}") from exc
+        refused = policy.refused_changes(store.config, new)
+        if refused:
+            raise ApiError(
+                403,
+                f"{', '.join(refused)} can only be set when the server starts (or at run time on a server "
+                "started with --allow-upstream-change / allow_upstream_change); nothing was changed. "
+                'Send "***" for a secret, or leave the key out without ?replace=true, to keep it.',
+                code="locked_setting",
+            )
+        store.config = new
         return store.config.public_dict()
 
-    @app.post("/_admin/reset")
+    @admin.post("/reset")
     async def reset(keep_config: bool = False):
         await store.reset()
         if not keep_config:
             store.config = store.startup_config.model_copy(deep=True)
         return {"ok": True}
+
+    app.include_router(admin)
 
     # ---- files ---------------------------------------------------------------------------------
     @app.post("/v1/files")

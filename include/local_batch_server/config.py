@@ -7,16 +7,26 @@ taking their defaults).
 
 Secrets (``api_key``, ``upstream_api_key``) are never logged and are shown as ``"***"`` by
 ``GET /_admin/config``; sending ``"***"`` back in a PUT keeps the current value.
+
+Who may use ``/_admin`` is decided at start by :class:`AdminPolicy` (``admin_token``,
+``allow_upstream_change``), which is not part of :class:`ServerConfig` and cannot be changed at run
+time. The :data:`LOCKED_FIELDS` (where traffic goes and the keys) keep their start-up values unless
+the server was started with ``allow_upstream_change``: a PUT that would change one (``?replace=true``
+included) is refused with 403 and changes nothing.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SECRET_MASK = "***"
 SECRET_FIELDS = ("api_key", "upstream_api_key")
+LOCKED_FIELDS = ("api_key", "upstream_base_url", "upstream_api_key")
+"""Settings that redirect traffic or hold secrets: fixed at start unless ``allow_upstream_change``."""
+ADMIN_TOKEN_MIN_LENGTH = 16
+ADMIN_TOKEN_ENV = "LOCAL_BATCH_SERVER_ADMIN_TOKEN"
 
 DEFAULT_TOKEN_LIMIT_MESSAGE = (
     "Enqueued token limit reached for {model} in organization org-local. "
@@ -120,3 +130,49 @@ class ServerConfig(BaseModel):
         base = {} if replace else self.model_dump(mode="python")
         base.update(changes)
         return ServerConfig.model_validate(base)
+
+
+class AdminPolicy(BaseModel):
+    """Start-up-only settings guarding ``/_admin`` (from ``--admin-token`` / the
+    ``LOCAL_BATCH_SERVER_ADMIN_TOKEN`` variable / the config file; never changeable at run time).
+
+    * ``admin_token``: when set, every ``/_admin/*`` call needs ``Authorization: Bearer <admin_token>``
+      (else 401). When not set, ``/_admin`` stays open only while the server has none of the
+      :data:`LOCKED_FIELDS` (the plain offline test server); with any of them it is refused (403).
+      The admin token is not an API key: it does not open ``/v1``, and ``api_key`` does not open ``/_admin``.
+    * ``allow_upstream_change``: lets ``PUT /_admin/config`` change the :data:`LOCKED_FIELDS`;
+      it requires an ``admin_token``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    admin_token: str | None = None
+    allow_upstream_change: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> AdminPolicy:
+        token = self.admin_token
+        if token is not None:
+            if len(token) < ADMIN_TOKEN_MIN_LENGTH:
+                raise ValueError(f"the admin token must have at least {ADMIN_TOKEN_MIN_LENGTH} characters")
+            if not all("!" <= ch <= "~" for ch in token):
+                raise ValueError("the admin token must be printable ASCII without spaces")
+        if self.allow_upstream_change and token is None:
+            raise ValueError("allow_upstream_change needs an admin token (--admin-token)")
+        return self
+
+    def admin_required(self, *configs: ServerConfig) -> bool:
+        """Whether ``/_admin`` is guarded: a token is set, or one of ``configs`` has a locked field set."""
+        return self.admin_token is not None or any(
+            getattr(cfg, name) for cfg in configs for name in LOCKED_FIELDS
+        )
+
+    def refused_changes(self, old: ServerConfig, new: ServerConfig) -> list[str]:
+        """The locked fields that ``new`` would change and this policy does not allow to change."""
+        if self.allow_upstream_change:
+            return []
+        return [name for name in LOCKED_FIELDS if getattr(old, name) != getattr(new, name)]
+
+
+START_ONLY_FIELDS = tuple(AdminPolicy.model_fields)
+"""The :class:`AdminPolicy` keys: accepted in the ``--config`` file, refused by ``PUT /_admin/config``."""

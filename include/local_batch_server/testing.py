@@ -3,6 +3,9 @@
 with running_server(tmp_path, config={"in_progress_seconds": 0.1}) as srv:
     client = openai.OpenAI(base_url=srv.base_url, api_key="x")
     srv.set_config({"expire_fraction": 0.5})
+
+``admin_token=...`` starts it with that admin token (given through the environment, not the command
+line) and makes :class:`RunningServer` send it on every ``/_admin`` call.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from typing import Any
 
 import httpx
 
+from .config import ADMIN_TOKEN_ENV
+
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -28,15 +33,25 @@ def free_port() -> int:
 
 
 class RunningServer:
-    def __init__(self, process: subprocess.Popen, port: int, data_dir: Path, log_path: Path):
+    def __init__(
+        self,
+        process: subprocess.Popen,
+        port: int,
+        data_dir: Path,
+        log_path: Path,
+        admin_token: str | None = None,
+    ):
         self.process = process
         self.port = port
         self.data_dir = data_dir
         self.log_path = log_path
+        self.admin_token = admin_token
         self.root_url = f"http://127.0.0.1:{port}"
         self.base_url = f"{self.root_url}/v1"
 
     def _admin(self, method: str, path: str, **kwargs: Any) -> Any:
+        if self.admin_token:
+            kwargs["headers"] = {"Authorization": f"Bearer {self.admin_token}"}
         resp = httpx.request(method, f"{self.root_url}/_admin/{path}", timeout=10, **kwargs)
         resp.raise_for_status()
         return resp.json()
@@ -68,9 +83,14 @@ def running_server(
     config: dict[str, Any] | None = None,
     port: int | None = None,
     startup_timeout: float = 30.0,
+    admin_token: str | None = None,
+    allow_upstream_change: bool = False,
 ) -> Iterator[RunningServer]:
     """Start ``python -m local_batch_server`` on 127.0.0.1 (free port by default), wait until it
-    answers, yield a :class:`RunningServer`, stop it on exit. Its output goes to ``<data_dir>/server.log``."""
+    answers, yield a :class:`RunningServer`, stop it on exit. Its output goes to
+    ``<data_dir>/server-<port>.log``. ``admin_token`` / ``allow_upstream_change``: see
+    :class:`local_batch_server.config.AdminPolicy`; an admin token in the caller's environment is not
+    passed on."""
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -80,18 +100,25 @@ def running_server(
         config_path = data_dir / f"server-config-{port}.json"
         config_path.write_text(json.dumps(config), encoding="utf-8")
         cmd += ["--config", str(config_path)]
+    if allow_upstream_change:
+        cmd.append("--allow-upstream-change")
+    env = {k: v for k, v in os.environ.items() if k != ADMIN_TOKEN_ENV}
+    if admin_token is not None:
+        env[ADMIN_TOKEN_ENV] = admin_token
     log_path = data_dir / f"server-{port}.log"
     log_file = log_path.open("ab")
-    process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    server = RunningServer(process, port, data_dir, log_path)
+    process = subprocess.Popen(
+        cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+    )
+    server = RunningServer(process, port, data_dir, log_path, admin_token)
     try:
         deadline = time.monotonic() + startup_timeout
         while True:
             if process.poll() is not None:
                 raise RuntimeError(f"local batch server exited with {process.returncode}:\n{server.log()}")
-            try:
-                if httpx.get(f"{server.root_url}/_admin/config", timeout=1).status_code == 200:
-                    break
+            try:  # any answer will do: /_admin may be refused (401/403) to a caller without the token
+                httpx.get(f"{server.root_url}/_admin/config", timeout=1)
+                break
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
