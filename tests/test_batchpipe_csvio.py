@@ -96,3 +96,120 @@ def test_long_field(tmp_path):
     big = "x" * 300_000
     p = write_csv(tmp_path / "big.csv", [{"prompt": big}])
     assert next(iter_rows(p))[1]["prompt"] == big
+
+
+# ------------------------------------------------------------------ never echo what is not a CSV
+
+
+CANARY = "sk-canary-5a1f0c3e9d"
+
+
+@pytest.mark.parametrize("target", ["/proc/self/environ", "/proc/self/cmdline", "/dev/zero", "/dev/null"])
+def test_pseudo_files_are_refused_without_echoing_content(monkeypatch, target):
+    """/proc files stat as regular files: refused by where they live, before a byte is read."""
+    from batchpipe import BuildOptions, validate_csv
+
+    monkeypatch.setenv("LEAK_CANARY", CANARY)
+    monkeypatch.delenv("OPENAI_BATCH_ALLOWED_ROOTS", raising=False)
+    for call in (lambda: read_header(target), lambda: list(iter_rows(target)),
+                 lambda: count_rows(target), lambda: validate_csv(target, BuildOptions())):  # fmt: skip
+        error = _guarded(call).get("error")  # /dev/zero has no end of line: reading it would never end
+        assert isinstance(error, InputError) and "not a regular file" in str(error), error
+        assert CANARY not in str(error) and "LEAK_CANARY" not in str(error)
+
+
+def test_symlink_to_proc_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("LEAK_CANARY", CANARY)
+    link = tmp_path / "innocent.csv"
+    link.symlink_to("/proc/self/environ")
+    with pytest.raises(InputError, match=r"innocent\.csv.*not a regular file") as caught:
+        read_header(link)
+    assert CANARY not in str(caught.value)
+
+
+def _guarded(call, seconds=5):
+    """Run ``call`` in a thread; fail (instead of hanging the suite) if it blocks."""
+    import threading
+
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            box["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), "blocked on the FIFO"
+    return box
+
+
+def test_fifo_is_refused_without_blocking(tmp_path):
+    import os
+
+    from batchpipe import BuildOptions, validate_csv
+
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    try:
+        for call in (lambda: read_header(fifo), lambda: list(iter_rows(fifo)),
+                     lambda: validate_csv(fifo, BuildOptions())):  # fmt: skip
+            box = _guarded(call)
+            assert isinstance(box.get("error"), InputError), box
+            assert "pipe.csv" in str(box["error"]) and "not a regular file" in str(box["error"])
+    finally:  # unblock a reader stuck in open() (if any), so its thread can end
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # ENXIO: nobody has it open, as it should be
+            pass
+
+
+def test_directory_and_socket_are_refused(tmp_path):
+    import socket
+
+    with pytest.raises(InputError, match=r"is a directory"):
+        read_header(tmp_path)
+    sock_path = tmp_path / "s.csv"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(sock_path))
+        with pytest.raises(InputError, match=r"s\.csv.*not a regular file"):
+            read_header(sock_path)
+
+
+def test_huge_header_message_is_bounded(tmp_path):
+    """A 10,000-column header of long names: the 'not found' message quotes a few names, shortened."""
+    from batchpipe import BuildOptions, validate_csv
+
+    names = [f"{CANARY}-column-{i:05d}-" + "x" * 200 for i in range(10_000)]
+    p = tmp_path / "wide.csv"
+    p.write_text(",".join(names) + "\n" + ",".join("v" for _ in names) + "\n", encoding="utf-8")
+    for opts in (BuildOptions(), BuildOptions(prompt_template="{nope}"), BuildOptions(id_column="nope")):
+        with pytest.raises(InputError, match=r"wide\.csv: .*not.* \(columns: .* and 99\d\d more\)") as caught:
+            validate_csv(p, opts, allowed_roots=None)
+        assert len(str(caught.value)) < 1000, len(str(caught.value))
+    for fake in ("a" * 5000, "line\none"):
+        msg = str(pytest.raises(InputError, validate_csv, p, BuildOptions(prompt_column=fake)).value)
+        assert len(msg) < 1000 and "\n" not in msg
+
+
+def test_duplicate_header_name_is_shortened(tmp_path):
+    long = CANARY + "y" * 5000
+    p = tmp_path / "dup.csv"
+    p.write_text(f"{long},{long}\n1,2\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"dup\.csv: duplicate column name") as caught:
+        read_header(p)
+    assert len(str(caught.value)) < 300
+
+
+def test_column_list_helper():
+    from batchpipe.csvio import column_list
+
+    assert column_list(["id", "prompt"]) == "id, prompt"
+    assert column_list([]) == "(none)"
+    many = column_list([f"c{i}" for i in range(25)])
+    assert many == "c0, c1, c2, c3, c4, c5, c6, c7, c8, c9 and 15 more"
+    long = column_list(["z" * 100])
+    assert len(long) <= 40 and long.endswith("z") and "…" in long
+    assert column_list(["a\nb"]) == "a\\nb"  # control characters cannot forge a log line

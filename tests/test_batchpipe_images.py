@@ -178,3 +178,40 @@ def test_a_transient_store_error_fails_the_build_not_the_row(store, tmp_path):
         check_image_cell("a.png", "s3://bkt/img", url_fs=lambda url: (Forbidden(), url))
     with pytest.raises(RowError, match=r"must not contain '\?' or '#'"):
         image_url_for_cell("s3://bkt/img/a.png#x", None, url_fs=store)
+
+
+# ------------------------------------------------------------------ what an image error may quote
+
+
+@pytest.mark.parametrize("cell", ["/proc/self/environ", "/dev/zero", "/sys/kernel/notes"])
+def test_pseudo_files_are_not_images(monkeypatch, cell):
+    """/proc files stat as regular files (size 0) and /dev/zero never ends: refused by where they live."""
+    monkeypatch.setenv("LEAK_CANARY", "sk-canary-31b0")
+    for call in (check_image_cell, image_url_for_cell):
+        with pytest.raises(RowError, match=r"not a regular file") as caught:
+            call(cell, None)
+        assert "sk-canary-31b0" not in str(caught.value)
+
+
+def test_fifo_is_not_an_image(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.png")
+    for call in (check_image_cell, image_url_for_cell):
+        with pytest.raises(RowError, match=r"pipe\.png.*not a regular file"):
+            call("pipe.png", tmp_path)
+
+
+def test_an_image_error_quotes_a_long_cell_shortened(tmp_path):
+    cell = "sk-canary-31b0 " + "word " * 20_000 + "end.png"
+    for call in (check_image_cell, image_url_for_cell):
+        with pytest.raises(RowError, match=r"image .*sk-canary") as caught:
+            call(cell, tmp_path)
+        assert len(str(caught.value)) < 1000 and "end.png" in str(caught.value)
+
+
+def test_a_signed_store_url_is_refused_without_its_signature():
+    cell = "s3://bucket/a.png?X-Amz-Credential=AKIAQ&X-Amz-Signature=SigZZZ"
+    with pytest.raises(RowError, match=r"must not contain") as caught:
+        check_image_cell(cell, None, url_fs=lambda url: (None, url))
+    assert "SigZZZ" not in str(caught.value) and "AKIAQ" not in str(caught.value)

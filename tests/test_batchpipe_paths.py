@@ -417,6 +417,7 @@ def test_no_roots_allows_any_url():
         ("s3://bucket/results#/../../other/x", r"must not contain '\?' or '#'"),
         ("s3://bucket/results?/../../private", r"must not contain '\?' or '#'"),
         ("s3://AKIAX:s3cr3t@bucket/results/x", "must not carry credentials"),
+        ("s3://AKIAX:s3/cr3t@bucket/results/x", "must not carry credentials"),
     ],
 )
 def test_urls_with_query_fragment_or_password_are_refused_whatever_the_roots(url, problem):
@@ -427,3 +428,88 @@ def test_urls_with_query_fragment_or_password_are_refused_whatever_the_roots(url
         assert "s3cr3t" not in str(caught.value)
     assert paths.redact_url("s3://AKIAX:s3cr3t@bucket/x") == "s3://***@bucket/x"
     assert paths.redact_url("s3://my_conn@bucket/x") == "s3://my_conn@bucket/x"  # a connection id stays
+
+
+# ------------------------------------------------------------------ one redaction for everything shown
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("s3://AKIAXXX:SecretYYY@bucket/x.csv", "s3://***@bucket/x.csv"),
+        ("s3://my_conn@bucket/x.csv", "s3://my_conn@bucket/x.csv"),  # a connection id is no secret
+        ("s3://AKIAXXX:wJalr/K7MD+ENG/SecretYYY@bucket/x.csv", "s3://***@bucket/x.csv"),  # "/" in a secret
+        ("s3://AKIAXXX:Secret@YYY@bucket/x.csv", "s3://***@bucket/x.csv"),
+        ("s3://bucket/2024-01-01T10:00/user@example.com.csv", "s3://bucket/2024-01-01T10:00/user@example.com.csv"),
+        ("https://ghp_tokenZZZ@github.com/o/r", "https://***@github.com/o/r"),  # on the web a user is
+        ("https://b.s3.amazonaws.com/k.png?X-Amz-Credential=AKIAQ&X-Amz-Signature=SigZZZ",
+         "https://b.s3.amazonaws.com/k.png?X-Amz-Credential=***&X-Amz-Signature=***"),
+        ("https://h/x?token=TokZZZ#access_token=TokZZZ", "https://h/x?token=***#***"),
+        ("https://h/x?flag", "https://h/x?flag=***"),
+        ("/data/in.csv", "/data/in.csv"),
+        ("relative/in.csv", "relative/in.csv"),
+        ("file:///data/in.csv", "file:///data/in.csv"),
+        ("http://[::1/broken:SecretZZZ", "http://***"),
+    ],
+)  # fmt: skip
+def test_redact_url(url, shown):
+    assert paths.redact_url(url) == shown
+    assert paths.redact_url(Path(url) if "://" not in url else url) == shown
+    for secret in ("SecretYYY", "tokenZZZ", "SigZZZ", "TokZZZ", "SecretZZZ", "AKIAQ"):
+        assert secret not in paths.redact_url(url)
+
+
+def test_redact_text_and_url_origin():
+    text = (
+        "POST https://hooks.example.com/services/T0/B0/XXSECRET?token=TokZZZ failed; "
+        "input 's3://AKIAX:SecretYYY@bucket/in.csv' and /data/plain.csv"
+    )
+    redacted = paths.redact_text(text)
+    assert "TokZZZ" not in redacted and "SecretYYY" not in redacted
+    assert "https://hooks.example.com/services/T0/B0/XXSECRET?token=***" in redacted
+    assert "'s3://***@bucket/in.csv'" in redacted and "/data/plain.csv" in redacted
+    origin = paths.redact_text(text, origin_only=True)
+    assert "XXSECRET" not in origin and "https://hooks.example.com failed" in origin
+    assert paths.url_origin("https://u:p@Hooks.Example.com:8443/a/b?c=d") == "https://hooks.example.com:8443"
+    assert paths.url_origin("http://[::1]:9/x") == "http://[::1]:9"
+
+
+def test_clip_and_quote_path():
+    assert paths.clip("short") == "short"
+    clipped = paths.clip("a" * 50 + "z" * 1000, 100)
+    assert len(clipped) == 100 and clipped.startswith("a" * 50) and clipped.endswith("z") and "…" in clipped
+    assert paths.clip("one\ntwo\x1b[31m") == "one\\ntwo\\x1b[31m"
+    shown = paths.quote_path("s3://AKIAX:SecretYYY@bucket/" + "k" * 5000 + "/x.csv")
+    assert "SecretYYY" not in shown and len(shown) <= 300 and shown.endswith("/x.csv")
+
+
+def test_check_within_never_echoes_a_secret_or_megabytes(tmp_path):
+    roots = paths.Roots([tmp_path / "root"])
+    with pytest.raises(PathNotAllowed) as caught:
+        check_within("/elsewhere/" + "p" * 100_000 + ".png", roots, "image")
+    assert len(str(caught.value)) < 1000
+    with pytest.raises(PathNotAllowed) as caught:
+        check_within("s3://bucket/x.csv", paths.Roots(["s3://other"]), "input CSV",
+                     shown="s3://bucket/x.csv?X-Amz-Signature=SigZZZ")  # fmt: skip
+    assert "SigZZZ" not in str(caught.value)
+
+
+@pytest.mark.parametrize("target", ["/proc/self/environ", "/sys/kernel/notes", "/dev/null"])
+def test_input_csv_in_a_pseudo_file_system_is_refused_whatever_the_roots(monkeypatch, target):
+    monkeypatch.setenv("LEAK_CANARY", "sk-canary-77e1")
+    for roots in (None, paths.Roots([Path("/")])):
+        with pytest.raises(InputError, match=r"is not a regular file .*under /(proc|sys|dev)") as caught:
+            paths.check_input_csv(target, roots)
+        assert "sk-canary-77e1" not in str(caught.value)
+    with pytest.raises(InputError, match=r"not a regular file"):
+        validate_csv(target, BuildOptions(), allowed_roots=None)
+
+
+def test_input_csv_fifo_and_directory_are_refused_by_stat(tmp_path):
+    fifo = tmp_path / "in.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(InputError, match=r"in\.csv: is not a regular file \(a FIFO; refused\)"):
+        paths.check_input_csv(fifo, None)
+    with pytest.raises(InputError, match=r"is a directory"):
+        paths.check_input_csv(tmp_path, None)
+    assert paths.check_input_csv(tmp_path / "missing.csv", None) == tmp_path / "missing.csv"  # open says so

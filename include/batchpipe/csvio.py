@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import os
+import stat
 from collections.abc import Iterator
 
 from . import paths
@@ -24,22 +25,52 @@ csv.field_size_limit(2**31 - 1)
 ENCODING = "utf-8-sig"
 
 
+#: How many column names, and how many characters of each, a message quotes.
+MAX_QUOTED_COLUMNS = 10
+MAX_QUOTED_NAME = 40
+
+
+def column_list(names: list[str]) -> str:
+    """Column names as a message quotes them: at most :data:`MAX_QUOTED_COLUMNS`, each shortened to
+    :data:`MAX_QUOTED_NAME` characters, then ``and N more``. The header of a file that is not a CSV can
+    be any text (a secret, megabytes): a message never echoes it whole."""
+    if not names:
+        return "(none)"
+    shown = ", ".join(paths.clip(name, MAX_QUOTED_NAME) for name in names[:MAX_QUOTED_COLUMNS])
+    more = len(names) - MAX_QUOTED_COLUMNS
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def quote_value(value: str) -> str:
+    """A cell value or column name quoted in a message: shortened, control characters escaped."""
+    return paths.clip(repr(value), MAX_QUOTED_NAME + 2)
+
+
 def _open(path: str | os.PathLike):
+    """Open a CSV for reading: never a pseudo file, directory, FIFO, device or socket (checked with
+    ``stat()`` before and ``fstat()`` after a non-blocking open, so a FIFO swapped in cannot block)."""
+    name = paths.quote_path(path)
+    if problem := paths.file_problem(path):
+        raise InputError(f"{name}: {problem}")
     try:
-        return open(path, encoding=ENCODING, newline="")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
+        raise InputError(f"{name}: file not found") from None
     except IsADirectoryError:
-        raise InputError(f"{path}: is a directory, not a CSV file") from None
+        raise InputError(f"{name}: is a directory, not a CSV file") from None
     except OSError as exc:
-        raise InputError(f"{path}: cannot open ({exc.strerror or exc})") from None
+        raise InputError(f"{name}: cannot open ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InputError(f"{name}: is not a regular file (refused)")
+    return open(fd, encoding=ENCODING, newline="")
 
 
 class _Reader:
     """csv.reader wrapper turning parser problems into InputError with the file and line."""
 
     def __init__(self, path: str | os.PathLike, fh):
-        self.path = path
+        self.path = paths.quote_path(path)
         self.reader = csv.reader(fh, strict=True)
         self.header: list[str] = []
 
@@ -65,7 +96,7 @@ class _Reader:
         seen: set[str] = set()
         for name in row:
             if name in seen:
-                raise InputError(f"{self.path}: duplicate column name {name!r} in the header")
+                raise InputError(f"{self.path}: duplicate column name {quote_value(name)} in the header")
             seen.add(name)
         self.header = row
         return row
@@ -147,5 +178,6 @@ def count_rows(path: str | os.PathLike) -> int:
 def no_rows_error(path, start_row: int, end_row: int | None, rows_in_file: int) -> InputError:
     end = "end" if end_row is None else str(end_row)
     return InputError(
-        f"{path}: no data rows in range [{start_row}, {end}) — the file has {rows_in_file} data row(s)"
+        f"{paths.quote_path(path)}: no data rows in range [{start_row}, {end}) — the file has "
+        f"{rows_in_file} data row(s)"
     )

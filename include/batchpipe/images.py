@@ -12,7 +12,9 @@
   ``ObjectStoragePath`` gives one. ``..`` is normalised away before the roots (URL prefixes) are
   checked. Without ``url_fs`` such a cell makes its row invalid.
 
-Problems raise ``RowError`` (the row is invalid, the run goes on).
+Problems raise ``RowError`` (the row is invalid, the run goes on). A message names the cell redacted and
+shortened (:func:`batchpipe.paths.quote_path`); files under ``/proc``, ``/sys`` or ``/dev``, FIFOs, devices
+and sockets are refused before they are opened (:func:`batchpipe.paths.file_problem`).
 """
 
 from __future__ import annotations
@@ -98,6 +100,8 @@ class _LocalImage:
         self.path, self.name = path, name
 
     def size(self) -> int:
+        if problem := paths.file_problem(self.path):  # /proc, /dev, a FIFO...: never opened
+            raise RowError(f"image {self.name} {problem}")
         try:
             st = self.path.stat()
         except FileNotFoundError:
@@ -149,7 +153,7 @@ def _source(location: Path | str, name: str, url_fs: UrlFs | None) -> _LocalImag
     if isinstance(location, Path):
         return _LocalImage(location, name)
     if problem := paths.url_problem(location):
-        raise RowError(f"image {paths.redact_url(name)} {problem}")
+        raise RowError(f"image {name} {problem}")
     if url_fs is None:
         scheme = urlsplit(location).scheme
         raise RowError(f"image {name}: {scheme}:// URLs are read only through object storage (from Airflow)")
@@ -162,10 +166,10 @@ def check_image(
 ) -> tuple[str, int]:
     """Check an image file without reading it all: returns ``(mime, nbytes)`` or raises RowError.
 
-    ``shown`` is how the file is named in messages (default: the path).
+    ``shown`` is how the file is named in messages (default: the path; redacted and shortened).
     """
     p = Path(path)
-    return _check(_LocalImage(p, shown or str(p)), max_image_mb)
+    return _check(_LocalImage(p, paths.quote_path(shown or p)), max_image_mb)
 
 
 def _check(src: _LocalImage | _StoredImage, max_image_mb: float | None) -> tuple[str, int]:
@@ -195,7 +199,7 @@ def encode_image(
     Thread-safe (no shared state): the build encodes images from a thread pool.
     """
     p = Path(path)
-    return _encode(_LocalImage(p, shown or str(p)), max_image_mb)
+    return _encode(_LocalImage(p, paths.quote_path(shown or p)), max_image_mb)
 
 
 def _encode(src: _LocalImage | _StoredImage, max_image_mb: float | None) -> tuple[str, str, int]:
@@ -247,7 +251,7 @@ def image_url_for_cell(
         return None
     if is_url(v):
         return v
-    return _encode(_source(_path_for_cell(v, base_dir, roots), v, url_fs), max_image_mb)[0]
+    return _encode(_source(_path_for_cell(v, base_dir, roots), paths.quote_path(v), url_fs), max_image_mb)[0]
 
 
 def check_image_cell(
@@ -261,4 +265,4 @@ def check_image_cell(
     v = value.strip()
     if not v or is_url(v):
         return
-    _check(_source(_path_for_cell(v, base_dir, roots), v, url_fs), max_image_mb)
+    _check(_source(_path_for_cell(v, base_dir, roots), paths.quote_path(v), url_fs), max_image_mb)

@@ -13,13 +13,19 @@ inside URL roots (``file://`` URLs count as local paths).
 
 Unset (or only empty entries) means no restriction. Paths are compared after ``resolve()``, which
 follows symlinks and ``..``, so a symlink inside a root that points outside counts as outside. Checking
-a path never reads the file: only ``resolve()`` touches the file system.
+a path never reads the file: only ``resolve()`` and ``stat()`` touch the file system.
+
+Showing input in messages: every path or URL that reaches a log, a notification, XCom, an Asset event
+or a report goes through :func:`redact_url` (:func:`quote_path` also shortens it; :func:`redact_text` does
+it for every URL inside a free text); any other text taken from an input file or cell is shortened with
+:func:`clip`.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -113,22 +119,107 @@ def _resolve(path: str | os.PathLike) -> Path:
     return Path(path).expanduser().resolve()
 
 
-def redact_url(url: str) -> str:
-    """``url`` with a password in it replaced by ``***`` (a bare connection id stays)."""
-    parts = urlsplit(url)
-    userinfo, at, host = parts.netloc.rpartition("@")
-    if at and ":" in userinfo:
-        return urlunsplit(parts._replace(netloc=f"***@{host}"))
-    return url
+_WEB_SCHEMES = ("http", "https", "ws", "wss", "ftp")
+_URL_IN_TEXT = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]+://[^\s'\"<>`]+")
+
+
+def _split_userinfo(after: str) -> tuple[str | None, str]:
+    """``(user info, the rest)`` of the part of a URL after ``scheme://`` (``(None, after)`` without one).
+
+    A password may hold a ``/`` (AWS secret keys do): ``s3://KEY:a/b@bucket/x`` is split by ``urlsplit``
+    as host ``KEY``, port ``a``. So when the host part has a port that is not a number, the user info
+    runs to the last ``@`` before any ``?`` or ``#``."""
+    head = re.split(r"[/?#]", after, maxsplit=1)[0]
+    if "@" in head:
+        at = head.rindex("@")
+        return head[:at], after[at + 1 :]
+    if ":" in head and not head.rpartition(":")[2].isdigit():
+        upto = re.split(r"[?#]", after, maxsplit=1)[0]
+        if "@" in upto:
+            at = upto.rindex("@")
+            return upto[:at], after[at + 1 :]
+    return None, after
+
+
+def redact_url(url: str | os.PathLike) -> str:
+    """``url`` as it may be shown in a log, a notification, XCom, an Asset event or a report.
+
+    * a password in it → ``s3://***@bucket/x`` (a bare storage connection id stays: ``s3://my_conn@b/x``);
+      for web URLs (http, https, ...) any user part is masked, as a bare token there is a secret;
+    * every query value and a fragment are masked (``?X-Amz-Signature=***&token=***``, ``#***``): a
+      signed or token URL carries its secret there;
+    * plain paths (and ``file://`` URLs without these) are returned unchanged.
+
+    A URL too malformed to split shows only its scheme.
+    """
+    text = str(url)
+    if not is_url(text):
+        return text
+    scheme, _, after = text.partition("://")
+    userinfo, rest = _split_userinfo(after)
+    if userinfo is not None and (":" in userinfo or scheme.lower() in _WEB_SCHEMES):
+        after = "***@" + rest
+    try:
+        parts = urlsplit(f"{scheme}://{after}")
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError:
+        return scheme + "://***"
+    if parts.query:
+        masked = [f"{pair.partition('=')[0]}=***" if pair else "" for pair in parts.query.split("&")]
+        parts = parts._replace(query="&".join(masked))
+    if parts.fragment:
+        parts = parts._replace(fragment="***")
+    return urlunsplit(parts)
+
+
+def url_origin(url: str) -> str:
+    """Only ``scheme://host[:port]`` of ``url`` (no user, path or query): how a webhook, whose path is
+    its secret, is named in logs."""
+    try:
+        parts = urlsplit(str(url))
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "(malformed URL)"
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}{port}" if parts.scheme else "(not a URL)"
+
+
+def redact_text(text: object, *, origin_only: bool = False) -> str:
+    """``str(text)`` with every URL-looking part in it passed through :func:`redact_url` (or reduced to
+    :func:`url_origin` when ``origin_only``): for notification texts and exception messages."""
+    swap = url_origin if origin_only else redact_url
+    return _URL_IN_TEXT.sub(lambda m: swap(m.group(0)), str(text))
+
+
+def clip(text: object, width: int = 200) -> str:
+    """``text`` shortened to at most ``width`` characters (head and tail kept around ``…``), with control
+    characters escaped: how a value taken from an input file or cell is quoted in a message."""
+    text = str(text)
+    if not text.isprintable():
+        text = repr(text)[1:-1]
+    if len(text) <= width:
+        return text
+    if width < 30:
+        return text[: width - 1] + "…"
+    tail = width // 4
+    return text[: width - tail - 1] + "…" + text[-tail:]
+
+
+def quote_path(path: str | os.PathLike, width: int = 300) -> str:
+    """A path or URL from the input (a CSV location, an image cell) as a message quotes it: redacted, then
+    clipped."""
+    return clip(redact_url(path), width)
 
 
 def url_problem(url: str) -> str | None:
     """Why a storage URL is refused whatever the roots, or None: a ``?`` or ``#`` (the key that is
     opened would differ from the one checked) or a password in it (secrets belong in a connection)."""
-    parts = urlsplit(url)
     if "?" in url or "#" in url:
         return "must not contain '?' or '#'"
-    if ":" in parts.netloc.rpartition("@")[0]:
+    userinfo, _ = _split_userinfo(url.partition("://")[2])
+    if userinfo is not None and ":" in userinfo:
         return "must not carry credentials (put them in an Airflow connection)"
     return None
 
@@ -158,14 +249,15 @@ def check_within(
 
     Otherwise raise :class:`PathNotAllowed`, e.g. ``input CSV /x/y.csv is outside the allowed roots
     (OPENAI_BATCH_ALLOWED_ROOTS: /a, /b)``. ``what`` says what the path is ("input CSV", "image",
-    "output folder"); ``shown`` is how the path is named in the message (default: ``path`` as given);
+    "output folder"); ``shown`` is how the path is named in the message (default: ``path`` as given;
+    either way redacted and shortened by :func:`quote_path`);
     ``setting`` is the setting named in the message (default: the one ``roots`` came from, else
     ``OPENAI_BATCH_ALLOWED_ROOTS``). An empty list allows nothing. No file content is read.
     """
-    name = shown if shown is not None else str(path)
+    name = quote_path(shown if shown is not None else path)
     if not _local(str(path)):
         if problem := url_problem(str(path)):
-            raise PathNotAllowed(f"{what} {redact_url(name)} {problem}")
+            raise PathNotAllowed(f"{what} {name} {problem}")
         if roots is None:
             return str(path)
         setting = setting or getattr(roots, "setting", None) or ALLOWED_ROOTS_ENV
@@ -183,7 +275,7 @@ def check_within(
             return resolved
     setting = setting or getattr(roots, "setting", None) or ALLOWED_ROOTS_ENV
     listed = ", ".join(str(r) for r in roots) or "(none)"
-    via = f" (resolves to {resolved})" if str(resolved) != name else ""
+    via = f" (resolves to {quote_path(resolved)})" if quote_path(resolved) != name else ""
     raise PathNotAllowed(f"{what} {name}{via} is outside the allowed roots ({setting}: {listed})")
 
 
@@ -192,9 +284,45 @@ def roots_or_env(roots: list[Path] | None | _FromEnv) -> list[Path] | None:
     return allowed_roots() if roots is FROM_ENV else roots
 
 
-def check_input_csv(csv_path: str | os.PathLike, roots: list[Path] | None) -> Path:
-    """:func:`check_within` for an input CSV, raising the fatal :class:`InputError` instead."""
+#: Pseudo file systems: their files stat as regular files but hold process memory, environment
+#: (``/proc/self/environ``: the API key) or devices. Never read as input, whatever the roots say.
+PSEUDO_ROOTS = ("/proc", "/sys", "/dev")
+
+_KINDS = [
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+]
+
+
+def file_problem(path: str | os.PathLike) -> str | None:
+    """Why a local input file must not be opened, or None (also None when it does not exist: opening it
+    says so). Refused: anything under ``/proc``, ``/sys`` or ``/dev`` (after following symlinks), a
+    directory, a FIFO (opening one would block), a device or a socket. Only ``stat()`` is used."""
+    real = os.path.realpath(os.path.expanduser(os.fspath(path)))
+    for root in PSEUDO_ROOTS:
+        if real == root or real.startswith(root + "/"):
+            return f"is not a regular file (it lies under {root}; refused)"
     try:
-        return check_within(csv_path, roots, "input CSV")
+        st = os.stat(real)
+    except OSError:
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        return "is a directory, not a CSV file"
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _KINDS if test(st.st_mode)), "not a plain file")
+        return f"is not a regular file ({kind}; refused)"
+    return None
+
+
+def check_input_csv(csv_path: str | os.PathLike, roots: list[Path] | None) -> Path:
+    """:func:`check_within` for an input CSV, raising the fatal :class:`InputError` instead; a local file
+    must also pass :func:`file_problem` (checked with ``stat()``, nothing is opened)."""
+    try:
+        checked = check_within(csv_path, roots, "input CSV")
     except PathNotAllowed as exc:
         raise InputError(str(exc)) from None
+    if isinstance(checked, Path) and (problem := file_problem(checked)):
+        raise InputError(f"{quote_path(csv_path)}: {problem}")
+    return checked
