@@ -7,6 +7,10 @@ The DAG attaches it as ``on_failure_callback`` of every task (after its retries 
 ``OPENAI_BATCH_NOTIFY_WEBHOOK`` or Airflow Variable ``openai_batch_notify_webhook``), POSTs it as
 JSON (Slack-compatible ``text`` plus the fields). It never raises: a failed notification must not
 fail a run. Any other Airflow notifier (Slack, SMTP, ...) can be used instead, see the README.
+
+Nothing secret leaves through it: every URL in the text, ``input_csv`` and ``reason`` goes through
+:func:`batchpipe.paths.redact_url` (a password or query value becomes ``***``), and the webhook's own URL
+(for Slack-style hooks the path is the secret) is logged as ``scheme://host:port`` only.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import os
 from typing import Any
 
 from airflow.sdk import BaseNotifier
+
+from batchpipe.paths import quote_path, redact_text, url_origin
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +61,13 @@ class RunNotifier(BaseNotifier):
         )
         if self.event == "success" and ti is not None:
             reason = f"results at {ti.xcom_pull(task_ids=ti.task_id)}"
+        reason = redact_text(reason) if reason else None
+        input_csv = quote_path(conf["input_csv"]) if conf.get("input_csv") else None
         text = f"{dag_id} run {run_id}: {self.event}" + (f" ({reason})" if reason else "")
-        if conf.get("input_csv"):
-            text += f" — input {conf['input_csv']}"
-        return {"text": text, "dag_id": dag_id, "run_id": run_id, "event": self.event,
-                "input_csv": conf.get("input_csv"), "reason": reason}  # fmt: skip
+        if input_csv:
+            text += f" — input {input_csv}"
+        return {"text": redact_text(text), "dag_id": dag_id, "run_id": run_id, "event": self.event,
+                "input_csv": input_csv, "reason": reason}  # fmt: skip
 
     def notify(self, context: Any) -> None:
         message = self.message(context)
@@ -67,9 +75,14 @@ class RunNotifier(BaseNotifier):
         url = webhook_url()
         if not url:
             return
+        where = url_origin(url)
         try:
             import httpx
 
-            httpx.post(url, json=message, timeout=10).raise_for_status()
-        except Exception as exc:
-            log.warning("notification to the webhook failed: %s", exc)
+            status = httpx.post(url, json=message, timeout=10).status_code
+        except Exception as exc:  # the text of some errors holds the URL: only its origin is kept
+            detail = redact_text(str(exc).replace(url, where), origin_only=True)
+            log.warning("notification to the webhook at %s failed: %s: %s", where, type(exc).__name__, detail)
+            return
+        if not 200 <= status < 300:  # not raise_for_status(): its message holds the whole URL
+            log.warning("notification to the webhook at %s failed: HTTP %d", where, status)

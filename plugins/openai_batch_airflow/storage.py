@@ -72,9 +72,10 @@ def location(where: str | os.PathLike | Location, conn_id: str | None = None) ->
     return ObjectStoragePath(text, conn_id=conn_id or None)
 
 
-def shown(where: Location) -> str:
-    """How a location is named in logs, XCom and reports (URLs keep their connection id, never a secret)."""
-    return str(where)
+def shown(where: Location | str) -> str:
+    """How a location is named in logs, XCom, Asset events and reports: through
+    :func:`batchpipe.paths.redact_url` (a connection id stays; a password or query value is ``***``)."""
+    return redact_url(str(where))
 
 
 @contextmanager
