@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from batchpipe.paths import is_url, redact_url, url_problem
+from batchpipe.paths import is_url, redact_text, redact_url, url_problem
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ def remove_tree(where: Location) -> None:
     except FileNotFoundError:
         pass
     except Exception as exc:  # like rmtree(ignore_errors=True): leftovers never fail a finished step
-        log.warning("could not remove %s: %s", where, exc)
+        log.warning("could not remove %s: %s", shown(where), redact_text(exc))
 
 
 def read_text(where: Location) -> str | None:
