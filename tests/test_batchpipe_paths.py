@@ -513,3 +513,24 @@ def test_input_csv_fifo_and_directory_are_refused_by_stat(tmp_path):
     with pytest.raises(InputError, match=r"is a directory"):
         paths.check_input_csv(tmp_path, None)
     assert paths.check_input_csv(tmp_path / "missing.csv", None) == tmp_path / "missing.csv"  # open says so
+
+
+def test_proc_mounted_elsewhere_is_refused(tmp_path, monkeypatch):
+    """/proc bind-mounted under another name (as /host/proc in some deployments): refused by its device."""
+    import subprocess
+
+    monkeypatch.setenv("LEAK_CANARY", "sk-canary-77e1")
+    mnt = tmp_path / "hostproc"
+    mnt.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "--bind", "/proc", str(mnt)], capture_output=True).returncode
+    ):
+        pytest.skip("needs permission to bind-mount /proc")
+    try:
+        target = mnt / "self" / "environ"
+        with pytest.raises(InputError, match=r"on the file system of /proc") as caught:
+            validate_csv(target, BuildOptions(), allowed_roots=None)
+        assert "sk-canary-77e1" not in str(caught.value)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)

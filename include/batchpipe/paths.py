@@ -23,6 +23,7 @@ it for every URL inside a free text); any other text taken from an input file or
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import stat
@@ -296,10 +297,23 @@ _KINDS = [
 ]
 
 
+@functools.cache
+def _pseudo_devices() -> frozenset[int]:
+    """The devices of /proc, /sys and /dev, unless one is no mount of its own (then it is the root's)."""
+    devices = set()
+    for root in PSEUDO_ROOTS:
+        try:
+            devices.add(os.stat(root).st_dev)
+        except OSError:
+            pass
+    return frozenset(devices - {os.stat("/").st_dev})
+
+
 def file_problem(path: str | os.PathLike) -> str | None:
     """Why a local input file must not be opened, or None (also None when it does not exist: opening it
-    says so). Refused: anything under ``/proc``, ``/sys`` or ``/dev`` (after following symlinks), a
-    directory, a FIFO (opening one would block), a device or a socket. Only ``stat()`` is used."""
+    says so). Refused: anything under ``/proc``, ``/sys`` or ``/dev`` (after following symlinks) or on
+    one of their file systems mounted elsewhere, a directory, a FIFO (opening one would block), a device
+    or a socket. Only ``stat()`` is used."""
     real = os.path.realpath(os.path.expanduser(os.fspath(path)))
     for root in PSEUDO_ROOTS:
         if real == root or real.startswith(root + "/"):
@@ -308,6 +322,8 @@ def file_problem(path: str | os.PathLike) -> str | None:
         st = os.stat(real)
     except OSError:
         return None
+    if st.st_dev in _pseudo_devices():  # the same file system mounted elsewhere (e.g. /host/proc)
+        return "is not a regular file (it lies on the file system of /proc, /sys or /dev; refused)"
     if stat.S_ISDIR(st.st_mode):
         return "is a directory, not a CSV file"
     if not stat.S_ISREG(st.st_mode):
