@@ -7,13 +7,16 @@ dropped. Rows are read one at a time with the ``csv`` module, so memory does not
 Row indexes are 0-based data-row indexes (the header is not a row). Completely blank lines are skipped
 (as pandas does), so they are not rows either. A row with fewer fields than the header is padded with
 ``""``; a row with more fields is a fatal ``InputError`` naming the line.
+
+Only regular files are read: a path under ``/proc``, ``/sys`` or ``/dev``, a directory, FIFO, device or
+socket is a fatal ``InputError`` before it is opened (``/proc/self/environ`` holds the API key). Messages
+quote at most a few header names, shortened (:func:`column_list`, :func:`quote_value`).
 """
 
 from __future__ import annotations
 
 import csv
 import os
-import stat
 from collections.abc import Iterator
 
 from . import paths
@@ -60,9 +63,9 @@ def _open(path: str | os.PathLike):
         raise InputError(f"{name}: is a directory, not a CSV file") from None
     except OSError as exc:
         raise InputError(f"{name}: cannot open ({exc.strerror or exc})") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    if problem := paths.stat_problem(os.fstat(fd)):  # swapped for something else since the check
         os.close(fd)
-        raise InputError(f"{name}: is not a regular file (refused)")
+        raise InputError(f"{name}: {problem}")
     return open(fd, encoding=ENCODING, newline="")
 
 

@@ -322,6 +322,11 @@ def file_problem(path: str | os.PathLike) -> str | None:
         st = os.stat(real)
     except OSError:
         return None
+    return stat_problem(st)
+
+
+def stat_problem(st: os.stat_result) -> str | None:
+    """:func:`file_problem` for what ``stat()``/``fstat()`` said (an open file is checked again this way)."""
     if st.st_dev in _pseudo_devices():  # the same file system mounted elsewhere (e.g. /host/proc)
         return "is not a regular file (it lies on the file system of /proc, /sys or /dev; refused)"
     if stat.S_ISDIR(st.st_mode):
