@@ -215,3 +215,33 @@ def test_a_signed_store_url_is_refused_without_its_signature():
     with pytest.raises(RowError, match=r"must not contain") as caught:
         check_image_cell(cell, None, url_fs=lambda url: (None, url))
     assert "SigZZZ" not in str(caught.value) and "AKIAQ" not in str(caught.value)
+
+
+def test_a_fifo_swapped_in_after_the_check_does_not_block_the_read(tmp_path):
+    """size() saw a file; by read() the path is a FIFO with no writer: refused at once, not blocked."""
+    import os
+    import threading
+
+    from batchpipe.images import _LocalImage
+
+    fifo = tmp_path / "swapped.png"
+    os.mkfifo(fifo)
+    box: dict = {}
+
+    def read():
+        try:
+            box["value"] = _LocalImage(fifo, "swapped.png").read()
+        except RowError as exc:
+            box["error"] = exc
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(5)
+    try:
+        assert not t.is_alive(), "blocked on the FIFO"
+        assert "not a regular file (a FIFO" in str(box.get("error")), box
+    finally:  # unblock a reader stuck in open() (old behaviour), so its thread can end
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass

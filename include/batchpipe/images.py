@@ -113,11 +113,17 @@ class _LocalImage:
         return st.st_size
 
     def read(self, n: int = -1) -> bytes:
-        try:
-            with open(self.path, "rb") as fh:
-                return fh.read(n)
+        try:  # non-blocking open + fstat: a FIFO swapped in since size() cannot block the worker
+            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except OSError as exc:
             raise RowError(f"cannot read image {self.name}: {exc.strerror or exc}") from None
+        with open(fd, "rb") as fh:
+            if problem := paths.stat_problem(os.fstat(fd)):
+                raise RowError(f"image {self.name} {problem}")
+            try:
+                return fh.read(n)
+            except OSError as exc:
+                raise RowError(f"cannot read image {self.name}: {exc.strerror or exc}") from None
 
 
 class _StoredImage:
