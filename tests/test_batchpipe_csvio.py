@@ -213,3 +213,18 @@ def test_column_list_helper():
     long = column_list(["z" * 100])
     assert len(long) <= 40 and long.endswith("z") and "…" in long
     assert column_list(["a\nb"]) == "a\\nb"  # control characters cannot forge a log line
+
+
+def test_duplicate_id_and_placeholder_messages_are_shortened(tmp_path):
+    from batchpipe import BuildOptions, validate_csv
+
+    long_id = CANARY + "i" * 100_000
+    p = tmp_path / "ids.csv"
+    p.write_text(f"id,prompt\n{long_id},a\n{long_id},b\n", encoding="utf-8")
+    pattern = r"ids\.csv: column 'id': duplicate id 'sk-canary.*' in rows 0 and 1"
+    with pytest.raises(InputError, match=pattern) as e:
+        validate_csv(p, BuildOptions(id_column="id"), allowed_roots=None)
+    assert len(str(e.value)) < 500
+    template = "{" + "t" * 100_000 + "}"
+    msg = str(pytest.raises(InputError, validate_csv, p, BuildOptions(prompt_template=template)).value)
+    assert "prompt_template placeholder {ttt" in msg and len(msg) < 500
