@@ -300,7 +300,8 @@ def test_report_html_names_duplicate_unknown_and_unreadable_result_lines(run):
     extra = write_jsonl(tmp / "extra.jsonl", [fail_line("row-0"), ok_line("nobody", "x", 1, 1)])
     with open(extra, "a", encoding="utf-8") as fh:
         fh.write('{"custom_id": "row-8", "response": {"status_co\n')
-    report = merge_results(run["build"]["manifest"], [run["out"], run["err"], extra], tmp / "r" / "results.csv")
+    files = [run["out"], run["err"], extra]
+    report = merge_results(run["build"]["manifest"], files, tmp / "r" / "results.csv")
     report["problems"] = ["batch b1: the follow-up batch was refused: <quota>"]
     page = write_report_html(tmp / "r" / "results.csv", report, tmp / "r" / "report.html").read_text()
     table = re.search(r'<table class="problems">.*?</table>', page, re.S).group(0)

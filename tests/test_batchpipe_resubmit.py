@@ -160,19 +160,22 @@ def test_write_followup_copies_lines_byte_for_byte(tmp_path):
     info = write_followup(shard, ["row-3", "row-0", "row-1"], out)
     expected = lines[0] + b"\n" + lines[1] + b"\n" + lines[3] + b"\n"
     assert out.read_bytes() == expected
-    assert info == {"path": str(out), "requests": 3, "bytes": len(expected)}
+    assert info == {"path": str(out), "requests": 3, "bytes": len(expected), "unknown": 0, "unknown_ids": ""}
     assert [p.name for p in out.parent.iterdir()] == ["shard-00000.jsonl"]  # no temp file left
 
 
-def test_write_followup_missing_ids(tmp_path):
+def test_write_followup_skips_and_counts_ids_the_shard_never_had(tmp_path):
+    # a service that lists a custom_id it was never sent must not stop the known ones going out again
     shard = tmp_path / "shard-00000.jsonl"
     shard.write_bytes(shard_bytes())
     out = tmp_path / "followup.jsonl"
-    with pytest.raises(ValueError) as exc:
-        write_followup(shard, {"row-1", "row-9", "zzz"}, out)
-    assert "'row-9'" in str(exc.value) and "'zzz'" in str(exc.value) and "row-1'" not in str(exc.value)
-    assert not out.exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["shard-00000.jsonl"]
+    info = write_followup(shard, {"row-1", "row-9", "zzz"}, out)
+    assert out.read_bytes() == shard_bytes().split(b"\n")[1] + b"\n"
+    assert info["requests"] == 1 and info["unknown"] == 2 and info["unknown_ids"] == "'row-9', 'zzz'"
+    # none known: nothing written, no temp file left
+    info = write_followup(shard, {"nobody"}, tmp_path / "none.jsonl")
+    assert info["requests"] == 0 and info["unknown"] == 1 and not (tmp_path / "none.jsonl").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["followup.jsonl", "shard-00000.jsonl"]
 
 
 def test_write_followup_no_ids(tmp_path):
@@ -258,3 +261,34 @@ def test_check_download_too_long():
 )
 def test_check_download_not_checked(counts, status):
     check_download(counts, 0, 0, status)
+
+
+def test_download_problem_names_unreadable_lines_and_count_mismatches(tmp_path):
+    from batchpipe.resubmit import download_problem
+
+    good = json.dumps(out_line("row-0", 200))
+    out = tmp_path / "o.jsonl"
+    err = tmp_path / "e.jsonl"
+    counts = {"total": 3, "completed": 2, "failed": 1}
+    out.write_text(f"{good}\n{json.dumps(out_line('row-1', 200))}\n", encoding="utf-8")
+    err.write_text(json.dumps(http_err("row-2", 400, "invalid_request")) + "\n", encoding="utf-8")
+    assert download_problem(counts, out, err, "completed") is None
+    # a cut-off last line: the count still matches, the line does not parse
+    out.write_text(f"{good}\n{good[:40]}\n", encoding="utf-8")
+    assert download_problem(counts, out, err, "completed").startswith(
+        "1 unreadable line(s) in the output file (cut off or not JSON); batch completed: downloaded results "
+        "are short: 2 output + 1 error lines name 2 requests"
+    )
+    # lines missing
+    out.write_text(f"{good}\n", encoding="utf-8")
+    assert "results are short: 1 output + 1 error lines name 2 requests, but request_counts.total is 3" in (
+        download_problem(counts, out, err, "completed")
+    )
+    # a duplicated line or an id never sent: not a broken download (the merge counts them)
+    dup = json.dumps(http_err("row-0", 400, "invalid_request"))
+    out.write_text(f"{good}\n{json.dumps(out_line('row-1', 200))}\n", encoding="utf-8")
+    err.write_text(f"{json.dumps(http_err('row-2', 400, 'x'))}\n{dup}\n", encoding="utf-8")
+    assert download_problem(counts, out, err, "completed") is None
+    # a JSON line without a custom_id is unreadable too
+    out.write_text(f"{good}\n[1, 2]\n", encoding="utf-8")
+    assert download_problem(counts, out, None, "completed").startswith("1 unreadable line(s) in the output")

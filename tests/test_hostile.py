@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -111,3 +113,90 @@ def test_extra_body_cannot_send_another_model_than_the_one_priced(dag, server, t
     dr, states = run(dag, tmp_path, sample, **conf)
     assert dr.state == "failed" and states[("validate_csv", -1)] == "failed", states
     assert server.client().files.list().data == []  # nothing uploaded, nothing billed
+
+
+# -- partial is better than nothing ---------------------------------------------------------------
+def when_first_batch_exists(srv, then: dict) -> threading.Thread:
+    """Set ``then`` as the server's config as soon as the run's first batch exists."""
+    client = srv.client()
+
+    def watch():
+        deadline = time.time() + 60
+        while time.time() < deadline and not client.batches.list(limit=1).data:
+            time.sleep(0.05)
+        srv.set_config(then)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_refused_follow_up_batch_lands_every_answer_and_fails_the_run(dag, srv, tmp_path, sample):
+    srv.set_config({"expire_fraction": 0.5, "expire_batches": 1})
+    refuse = {"http_faults": [{"method": "POST", "path": "^/v1/batches$", "status": 400, "times": None}]}
+    watcher = when_first_batch_exists(srv, refuse)
+    dr, states = run(dag, tmp_path, sample)
+    watcher.join(5)
+    assert dr.state == "failed" and states[("merge", -1)] == "failed", states
+    assert states[("download", 0)] == "success"
+    (made,) = srv.client().batches.list(limit=10).data  # the follow-up was never created
+    assert made.status == "expired"
+    (path,) = (tmp_path / "out" / "questions").glob("*/results.csv")
+    rows = read_rows(path)
+    assert len(rows) == 30  # every row, once
+    expired = [r for r in rows if r["error"].startswith("batch_expired")]
+    assert len(expired) == 14 and sum(1 for r in rows if r["response"]) == 13
+    report = json.loads((path.parent / "report.json").read_text())
+    assert report["answered"] == 13 and len(report["problems"]) == 1
+    assert "follow-up batch for 14 request(s)" in report["problems"][0] and "refused" in report["problems"][0]
+    assert "follow-up batch for 14 request(s)" in (path.parent / "report.html").read_text()
+    assert list((path.parent / "work").glob("shard-*.jsonl"))  # the run failed: its files stay for a look
+
+
+def landed(tmp_path) -> tuple[list[dict], dict, Path]:
+    (path,) = (tmp_path / "out" / "questions").glob("*/results.csv")
+    return read_rows(path), json.loads((path.parent / "report.json").read_text()), path.parent
+
+
+def test_a_400_after_a_200_for_the_same_request_never_replaces_the_answer(dag, srv, tmp_path, sample):
+    srv.set_config({"result_faults": {"error_after_answer": 3}})
+    dr, states = run(dag, tmp_path, sample)
+    assert dr.state == "success", states
+    rows, report, _ = landed(tmp_path)
+    assert len(rows) == 30 and report["answered"] == 27 and report["failed"] == 1
+    assert report["duplicate_results"] == 3 and len(report["duplicate_ids"]) == 3
+    assert all(r["error"] == "" for r in rows if r["response"])
+
+
+def test_an_unknown_custom_id_in_the_error_file_does_not_stop_the_resubmission(dag, srv, tmp_path, sample):
+    srv.set_config(
+        {"expire_fraction": 0.5, "expire_batches": 1, "result_faults": {"unknown_ids": 2, "batches": 1}}
+    )
+    dr, states = run(dag, tmp_path, sample)
+    assert dr.state == "success", states
+    assert len(srv.client().batches.list(limit=10).data) == 2  # the follow-up went out
+    rows, report, _ = landed(tmp_path)
+    assert len(rows) == 30 and report["answered"] == 27
+    assert report["unmatched_results"] == 2  # counted and reported, not fatal
+
+
+def test_a_broken_download_is_fetched_again(dag, srv, tmp_path, sample):
+    srv.set_config({"result_faults": {"truncate_last_line": True, "garbage_line": True, "downloads": 1}})
+    dr, states = run(dag, tmp_path, sample)
+    assert dr.state == "success", states
+    rows, report, _ = landed(tmp_path)
+    assert report["answered"] == 27 and report["malformed_lines"] == 0
+
+
+def test_a_download_that_stays_broken_lands_every_readable_answer_and_fails(dag, srv, tmp_path, sample):
+    srv.set_config({"result_faults": {"truncate_last_line": True, "drop_lines": 2}})
+    dr, states = run(dag, tmp_path, sample)
+    assert dr.state == "failed" and states[("merge", -1)] == "failed", states
+    rows, report, folder = landed(tmp_path)
+    assert len(rows) == 30 and report["answered"] == 24  # 27 answers, 3 lost in the "download"
+    cut = [r for r in rows if r["error"].startswith("result line unreadable (truncated or not JSON)")]
+    lost = [r for r in rows if r["error"].startswith("no result returned for this request (1 result line")]
+    assert len(cut) == 1 and len(lost) == 2
+    assert report["malformed_lines"] == 1 and report["broken_lines"][0]["custom_id"] is not None
+    assert len(report["problems"]) == 1 and "still broken after 3 downloads" in report["problems"][0]
+    assert "short" in report["problems"][0] and "unreadable" in report["problems"][0]

@@ -258,10 +258,10 @@ def _prepare(
     roots = paths.roots_or_env(allowed_roots)
     paths.check_input_csv(path, roots)  # before anything is read
     header = csvio.read_header(path)
-    cols = ", ".join(header)
+    cols = csvio.column_list(header)
 
     def missing(column: str) -> InputError:
-        return InputError(f"{path}: column {column!r} not found (columns: {cols})")
+        return InputError(f"{path}: column {csvio.quote_value(column)} not found (columns: {cols})")
 
     template = None
     if opts.prompt_template is not None:
@@ -269,7 +269,8 @@ def _prepare(
         for name in template.fields:
             if name not in header:
                 raise InputError(
-                    f"{path}: prompt_template placeholder {{{name}}} is not a column (columns: {cols})"
+                    f"{path}: prompt_template placeholder {{{paths.clip(name, 40)}}} is not a column "
+                    f"(columns: {cols})"
                 )
     elif opts.prompt_column not in header:
         raise missing(opts.prompt_column)
@@ -304,7 +305,8 @@ class _IdTracker:
         first = self.seen.setdefault(value, index)
         if first != index:
             raise InputError(
-                f"{self.plan.path}: column {col!r}: duplicate id {value!r} in rows {first} and {index} "
+                f"{self.plan.path}: column {col!r}: duplicate id {csvio.quote_value(value)} in rows {first} "
+                f"and {index} "
                 "(ids must be unique)"
             )
 
@@ -715,9 +717,9 @@ def build_jsonl(
         "version": MANIFEST_VERSION,
         "csv": csv_abs,
         "csv_bytes": os.path.getsize(plan.path),
+        "rows_sha256": digest.hexdigest(),
         "columns": plan.header,
         "options": o.to_dict(),
-        "rows_sha256": digest.hexdigest(),
         "rows": rows,
         "valid": valid,
         "invalid": invalid,

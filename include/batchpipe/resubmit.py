@@ -26,6 +26,8 @@ __all__ = [
     "DownloadMismatch",
     "check_download",
     "count_result_lines",
+    "download_problem",
+    "scan_result_file",
     "is_retryable",
     "select_retryable",
     "write_followup",
@@ -142,9 +144,10 @@ def write_followup(
     is written once (the API requires unique ids per file). The file is written to a temporary name in
     the same directory, flushed to disk and renamed, so ``out_path`` is either complete or absent.
 
-    Returns ``{"path": str, "requests": int, "bytes": int}``.
-    Raises ``ValueError`` when ``custom_ids`` is empty, or names the ids not found in the shard (then
-    nothing is written).
+    Returns ``{"path": str, "requests": int, "bytes": int, "unknown": int, "unknown_ids": str}``:
+    ids not found in the shard (a service that reports a custom_id it was never sent) are skipped and
+    counted, ``unknown_ids`` names the first of them. When no id is found, nothing is written
+    (``requests`` 0). Raises ``ValueError`` when ``custom_ids`` is empty.
     """
     wanted = set(custom_ids)
     if not wanted:
@@ -169,17 +172,21 @@ def write_followup(
                 written += len(raw)
             dst.flush()
             os.fsync(dst.fileno())
-        missing = wanted - found
-        if missing:
-            raise ValueError(
-                f"{shard_path}: {len(missing)} custom_id(s) to resubmit not found in the shard: "
-                f"{_name_ids(missing)}"
-            )
-        os.replace(tmp, out)
+        if found:
+            os.replace(tmp, out)
+        else:
+            tmp.unlink()
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return {"path": str(out), "requests": len(found), "bytes": written}
+    missing = wanted - found
+    return {
+        "path": str(out),
+        "requests": len(found),
+        "bytes": written,
+        "unknown": len(missing),
+        "unknown_ids": _name_ids(missing),
+    }
 
 
 def count_result_lines(path: str | os.PathLike | None) -> int:
@@ -192,6 +199,56 @@ def count_result_lines(path: str | os.PathLike | None) -> int:
             if raw.strip():
                 n += 1
     return n
+
+
+def scan_result_file(path: str | os.PathLike | None, ids: set[str] | None = None) -> tuple[int, int]:
+    """``(lines, unreadable)`` of a downloaded output/error file (streaming): non-blank lines, and those
+    that are not a JSON object with a string ``custom_id`` (cut off, an HTML error page, binary junk).
+    The custom_ids read are added to ``ids`` when given. ``None`` (no such file) → ``(0, 0)``."""
+    if path is None:
+        return 0, 0
+    lines = unreadable = 0
+    with open(path, "rb") as fh:
+        for raw in fh:
+            if not raw.strip():
+                continue
+            lines += 1
+            cid = _line_custom_id(raw)
+            if cid is None:
+                unreadable += 1
+            elif ids is not None:
+                ids.add(cid)
+    return lines, unreadable
+
+
+def download_problem(
+    counts: Mapping[str, Any] | None,
+    output: str | os.PathLike | None,
+    error: str | os.PathLike | None,
+    status: str,
+) -> str | None:
+    """What is wrong with a batch's downloaded output/error files, or None when they look whole.
+
+    Broken: a line that cannot be read (a line that does not parse means the download is broken), or, for
+    a batch in a final status, fewer distinct custom_ids than ``request_counts.total`` (answers missing).
+    More lines than requests (a duplicated line, an id that was never sent) is not a broken download:
+    the merge counts and reports those lines.
+    """
+    ids: set[str] = set()
+    out_lines, out_bad = scan_result_file(output, ids)
+    err_lines, err_bad = scan_result_file(error, ids)
+    problems = [
+        f"{bad} unreadable line(s) in the {kind} file (cut off or not JSON)"
+        for kind, bad in (("output", out_bad), ("error", err_bad))
+        if bad
+    ]
+    total = _count(counts, "total") if isinstance(counts, Mapping) else None
+    if status in FINAL_STATUSES and total and len(ids) < total:
+        problems.append(
+            f"batch {status}: downloaded results are short: {out_lines} output + {err_lines} error lines "
+            f"name {len(ids)} requests, but request_counts.total is {total}"
+        )
+    return "; ".join(problems) or None
 
 
 class DownloadMismatch(ValueError):

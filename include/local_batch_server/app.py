@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -144,6 +144,8 @@ class Store:
         self.files: dict[str, dict[str, Any]] = {}
         self.batches: dict[str, BatchState] = {}
         self.batch_order: list[str] = []
+        #: result files served broken (``result_faults``): file id -> [broken bytes, downloads left or None]
+        self.broken: dict[str, list] = {}
 
     # ---- files -------------------------------------------------------------------------------
     def file_path(self, file_id: str) -> Path:
@@ -189,6 +191,7 @@ class Store:
         self.batches.clear()
         self.batch_order.clear()
         self.files.clear()
+        self.broken.clear()
         shutil.rmtree(self.files_dir, ignore_errors=True)
         self.files_dir.mkdir(parents=True, exist_ok=True)
 
@@ -475,14 +478,23 @@ class Runner:
         )
         d["request_counts"]["completed"] = n_good
         d["request_counts"]["failed"] = n_bad
-        if good:
-            d["output_file_id"] = await self.store.add_file_async(
-                f"{d['id']}_output.jsonl", "batch_output", good
-            )
-        if bad:
-            d["error_file_id"] = await self.store.add_file_async(
-                f"{d['id']}_error.jsonl", "batch_output", bad
-            )
+        faults = self.cfg.result_faults
+        if faults is not None and faults.batches is not None:
+            if faults.batches <= 0:
+                faults = None
+            else:
+                faults.batches -= 1
+        broken = break_result_files(good, bad, faults) if faults is not None else None
+        for kind, content in (("output", good), ("error", bad)):
+            if content or (broken and broken[kind] != content):
+                file_id = await self.store.add_file_async(f"{d['id']}_{kind}.jsonl", "batch_output", content)
+                d[f"{kind}_file_id"] = file_id
+                if broken and broken[kind] != content:
+                    if faults.downloads is None:
+                        await asyncio.to_thread(self.store.file_path(file_id).write_bytes, broken[kind])
+                        self.store.files[file_id]["bytes"] = len(broken[kind])
+                    else:
+                        self.store.broken[file_id] = [broken[kind], faults.downloads]
         inp = sum(o.input_tokens for o in outcomes if o.ok)
         out = sum(o.output_tokens for o in outcomes if o.ok)
         d["usage"] = {
@@ -513,6 +525,31 @@ def build_result_files(
         )
 
     return dump(good), dump(bad), len(good), len(bad)
+
+
+def break_result_files(good: bytes, bad: bytes, faults: Any) -> dict[str, bytes]:
+    """The output and error files as ``faults`` (a :class:`ResultFaults`) breaks them."""
+    out = good.splitlines(keepends=True)
+    err = bad.splitlines(keepends=True)
+    answered = [json.loads(line) for line in out]
+    for line in answered[: faults.error_after_answer]:
+        body = {"error": {"message": "duplicate line after an answer", "type": "invalid_request_error",
+                          "param": None, "code": "invalid_request"}}  # fmt: skip
+        dup = {"id": new_id("batch_req_"), "custom_id": line["custom_id"], "error": None,
+               "response": {"status_code": 400, "request_id": new_id("req_"), "body": body}}  # fmt: skip
+        err.append((json.dumps(dup) + "\n").encode())
+    for n in range(faults.unknown_ids):
+        body = {"error": {"message": "server error", "type": "server_error", "param": None, "code": None}}
+        unknown = {"id": new_id("batch_req_"), "custom_id": f"never-sent-{n}", "error": None,
+                   "response": {"status_code": 500, "request_id": new_id("req_"), "body": body}}  # fmt: skip
+        err.append((json.dumps(unknown) + "\n").encode())
+    if faults.drop_lines:
+        out = out[faults.drop_lines :]
+    if faults.garbage_line:
+        out.append(b"<html><body><h1>502 Bad Gateway</h1></body></html>\n")
+    if faults.truncate_last_line and out:
+        out[-1] = out[-1][: len(out[-1]) // 2]
+    return {"output": b"".join(out), "error": b"".join(err)}
 
 
 def shuffled(items: list, seed: int) -> list:
@@ -699,6 +736,10 @@ def create_app(
     @app.get("/v1/files/{file_id}/content")
     async def file_content(file_id: str):
         meta = store.get_file(file_id)
+        broken = store.broken.get(file_id)
+        if broken is not None and broken[1] > 0:  # result_faults: served broken this many more times
+            broken[1] -= 1
+            return Response(broken[0], media_type="application/octet-stream")
         return FileResponse(
             store.file_path(file_id), media_type="application/octet-stream", filename=meta["filename"]
         )

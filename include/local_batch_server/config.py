@@ -73,6 +73,28 @@ class HttpFault(BaseModel):
     after: bool = False
 
 
+class ResultFaults(BaseModel):
+    """Result files that lie, while ``request_counts`` stay true: for the next ``batches`` batches that
+    finish (None = every batch), and on the first ``downloads`` downloads of each such file (None = every
+    download: the file itself is broken). Lines added go at the end of the file, after the shuffle.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    error_after_answer: int = Field(default=0, ge=0)
+    """The first N answered requests also get an HTTP 400 line in the error file (a 400 after a 200)."""
+    unknown_ids: int = Field(default=0, ge=0)
+    """N retryable error lines (HTTP 500) for custom_ids that were never sent."""
+    drop_lines: int = Field(default=0, ge=0)
+    """N answered lines left out of the output file."""
+    garbage_line: bool = False
+    """A line that is not JSON (an HTML error page) in the output file."""
+    truncate_last_line: bool = False
+    """The output file's last line cut off in the middle (no newline)."""
+    batches: int | None = None
+    downloads: int | None = None
+
+
 class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -85,6 +107,7 @@ class ServerConfig(BaseModel):
     """With ``expire_fraction``: only the next N batches expire (decremented as each starts); None = all."""
     """Batch ends ``expired`` after answering floor(fraction * total) requests (first in input order)."""
     http_faults: list[HttpFault] = Field(default_factory=list)
+    result_faults: ResultFaults | None = None
 
     # --- timings (seconds; read live, so lowering one releases a batch waiting in that phase) -----
     validating_seconds: float = Field(default=0.3, ge=0)

@@ -236,7 +236,15 @@ class OpenAIBatchSensor(BaseSensorOperator):
         if summary["status"] in RESUBMITTABLE_STATUSES and state["round"] < int(self.max_resubmits):
             if self._resubmit(context, state, summary):
                 return self._wait(context, state)
-        return {**self.manifest, "batch": summary, "batches": state["history"]}
+        return self._result(state, summary)
+
+    def _result(self, state: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **self.manifest,
+            "batch": summary,
+            "batches": state["history"],
+            "problems": state.get("problems") or [],
+        }
 
     def _on_failed(self, context: Any, state: dict[str, Any], summary: dict[str, Any]) -> Any:
         codes = {e.get("code") for e in summary.get("errors") or []}
@@ -261,6 +269,11 @@ class OpenAIBatchSensor(BaseSensorOperator):
                 kwargs={"state": state},
             )
         details = "; ".join(self._describe_error(e, state) for e in summary.get("errors") or [])
+        if state["round"] > 0:  # a follow-up: what earlier rounds answered is merged, the run then fails
+            earlier = state["history"][-2] if len(state["history"]) > 1 else summary
+            self._refused_followup(state, earlier, f"failed validation: {details or 'no details'}",
+                                   summary["request_counts"].get("total") or 0)  # fmt: skip
+            return self._result(state, summary)
         raise AirflowFailException(
             f"batch {summary['id']} failed validation: {details or 'no details given'}"
         )
@@ -289,8 +302,9 @@ class OpenAIBatchSensor(BaseSensorOperator):
         client = self._client()
         work = self._location(self.manifest.get("work_dir") or str(self.manifest["path"]).rsplit("/", 1)[0])
         index = int(self.manifest.get("index", 0))
-        files = download_batch_files(client, summary, work / "results", index, tmp)
+        files, problems = download_batch_files(client, summary, work / "results", index, tmp)
         summary["files"] = [stored for stored, _ in files]
+        state.setdefault("problems", []).extend(problems)
         retry = select_retryable([local for _, local in files])
         if not retry:
             return False
@@ -298,6 +312,15 @@ class OpenAIBatchSensor(BaseSensorOperator):
         fname = f"shard-{index:05d}.r{nxt}.jsonl"
         source = storage.fetch(self._location(state["shard_path"]), tmp / "source")
         followup = write_followup(source, retry, tmp / fname if storage.is_remote(work) else work / fname)
+        if followup["unknown"]:
+            self.log.warning(
+                "batch %s: the service listed %d custom_id(s) this shard never sent; ignored: %s",
+                summary["id"],
+                followup["unknown"],
+                followup["unknown_ids"],
+            )
+        if not followup["requests"]:
+            return False
         storage.publish(Path(followup["path"]), work / fname)
         self.log.warning(
             "batch %s: %d requests failed for a retryable reason; resubmitting them (round %d of %s)",
@@ -307,19 +330,35 @@ class OpenAIBatchSensor(BaseSensorOperator):
             self.max_resubmits,
         )
         name = f"{context['dag'].dag_id}-{context['run_id']}-shard-{index:05d}-r{nxt}"
-        uploaded = upload_once(client, followup["path"], name, self._intent(context, f"upload-r{nxt}"))
-        state.update(round=nxt, input_file_id=uploaded.id, shard_path=storage.shown(work / fname))
-        batch = create_once(
-            client,
-            self._intent(context, f"create-r{nxt}"),
-            metadata=self._metadata(context, state),
-            input_file_id=uploaded.id,
-            endpoint=summary["endpoint"],
-            completion_window="24h",
-        )
+        try:
+            uploaded = upload_once(client, followup["path"], name, self._intent(context, f"upload-r{nxt}"))
+            state.update(round=nxt, input_file_id=uploaded.id, shard_path=storage.shown(work / fname))
+            batch = create_once(
+                client,
+                self._intent(context, f"create-r{nxt}"),
+                metadata=self._metadata(context, state),
+                input_file_id=uploaded.id,
+                endpoint=summary["endpoint"],
+                completion_window="24h",
+            )
+        except Exception as exc:
+            if not _refused(exc):
+                raise  # transient: the task's retry resumes here
+            # the answers we have are kept and merged; the rows keep their last error; the run fails
+            state["round"] = nxt - 1
+            self._refused_followup(state, summary, f"{type(exc).__name__}: {exc}", len(retry))
+            return False
         self.log.info("follow-up batch %s with %d requests", batch.id, followup["requests"])
         state["batch_id"] = batch.id
         return True
+
+    def _refused_followup(self, state: dict[str, Any], summary: dict[str, Any], why: str, rows: int) -> None:
+        problem = (
+            f"shard {self.manifest.get('index', 0)}: the follow-up batch for {rows} request(s) of batch "
+            f"{summary['id']} was refused ({why}); those rows keep their last error"
+        )
+        self.log.error("%s", problem)
+        state.setdefault("problems", []).append(problem)
 
     def _location(self, where: str) -> Any:
         return storage.location(where, self.manifest.get("storage_conn_id"))
@@ -351,6 +390,14 @@ class OpenAIBatchSensor(BaseSensorOperator):
                 self.log.warning("task killed: cancelled batch %s", self._current)
             except Exception as exc:  # best effort: the task is going away
                 self.log.warning("could not cancel batch %s: %s", self._current, exc)
+
+
+def _refused(exc: BaseException) -> bool:
+    """An API error that trying again will not fix (400, 403, 404, 409, 422...): not 429, not 5xx, not a
+    connection problem."""
+    import openai
+
+    return isinstance(exc, openai.APIStatusError) and exc.status_code < 500 and exc.status_code != 429
 
 
 def _custom_id_at_line(path: Any, line: int) -> str | None:

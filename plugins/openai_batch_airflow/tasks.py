@@ -412,56 +412,77 @@ def create(shard: dict[str, Any], params: dict[str, Any], context: Any) -> dict[
     return {**shard, "batch_id": batch.id}
 
 
+#: Downloads of a batch's result files before a broken download is accepted as it is (and named).
+DOWNLOAD_ATTEMPTS = 3
+
+
 def download_batch_files(
     client: Any, summary: dict[str, Any], folder: storage.Location, index: int, scratch: Path
-) -> list[tuple[str, Path]]:
+) -> tuple[list[tuple[str, Path]], list[str]]:
     """Stream a finished batch's output and error files to ``folder`` (skipping what is already
-    there) and check they hold a line for every request.
+    there) and check they are whole: every line readable, a line for every request.
 
-    Returns ``(stored location, local file)`` pairs, output first. A remote ``folder`` is filled
+    A broken download (a cut-off or non-JSON line, fewer or more lines than ``request_counts``) is
+    fetched again, up to :data:`DOWNLOAD_ATTEMPTS` times; if it stays broken, what was downloaded is
+    kept (never throw away answers already paid for) and the problem is returned, so the merge lands
+    every readable answer, marks the rest precisely and fails the run visibly.
+
+    Returns ``([(stored location, local file)], problems)``, output first. A remote ``folder`` is filled
     through ``scratch`` (where the local copies stay for the caller); a local one is used in place.
     """
-    from batchpipe.resubmit import DownloadMismatch, check_download, count_result_lines
+    from batchpipe.resubmit import download_problem
 
     remote = storage.is_remote(folder)
     local_folder = scratch / "results" if remote else folder
     local_folder.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, tuple[storage.Location, Path]] = {}
-    for kind in ("output", "error"):
-        file_id = summary.get(f"{kind}_file_id")
-        if not file_id:
-            continue
-        # the batch id in the name: after a cleared run submits anew, an old download is never reused
-        name = f"shard-{index:05d}.r{summary.get('round', 0)}.{summary['id']}.{kind}.jsonl"
-        target, local = folder / name, local_folder / name
-        if remote and target.exists():
-            storage.fetch(target, local_folder)
-        if not local.exists():
-            part = local.with_name(name + ".part")
-            # streamed to disk, never held in memory; 5xx and resets are retried by the client
-            with client.with_options(max_retries=5).files.with_streaming_response.content(file_id) as resp:
-                resp.stream_to_file(part)
-            os.replace(part, local)
-            log.info("batch %s: downloaded %s file %s", summary["id"], kind, file_id)
-        paths[kind] = (target, local)
-    try:
-        check_download(
-            summary["request_counts"],
-            count_result_lines(paths["output"][1] if "output" in paths else None),
-            count_result_lines(paths["error"][1] if "error" in paths else None),
+    problem = None
+    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+        paths: dict[str, tuple[storage.Location, Path]] = {}
+        for kind in ("output", "error"):
+            file_id = summary.get(f"{kind}_file_id")
+            if not file_id:
+                continue
+            # the batch id in the name: after a cleared run submits anew, an old download is never reused
+            name = f"shard-{index:05d}.r{summary.get('round', 0)}.{summary['id']}.{kind}.jsonl"
+            target, local = folder / name, local_folder / name
+            if remote and not local.exists() and target.exists():
+                storage.fetch(target, local_folder)
+            if not local.exists():
+                part = local.with_name(name + ".part")
+                # streamed to disk, never held in memory; 5xx and resets are retried by the client
+                with client.with_options(max_retries=5).files.with_streaming_response.content(file_id) as r:
+                    r.stream_to_file(part)
+                os.replace(part, local)
+                log.info("batch %s: downloaded %s file %s", summary["id"], kind, file_id)
+            paths[kind] = (target, local)
+        problem = download_problem(
+            summary.get("request_counts"),
+            paths["output"][1] if "output" in paths else None,
+            paths["error"][1] if "error" in paths else None,
             summary["status"],
         )
-    except DownloadMismatch:
-        for target, local in paths.values():  # let the task's retry download them again
-            local.unlink(missing_ok=True)
-            if remote and target.exists():
-                target.unlink()
-        raise
+        if problem is None:
+            break
+        log.warning("batch %s: broken download (%d of %d): %s", summary["id"], attempt, DOWNLOAD_ATTEMPTS,
+                    problem)  # fmt: skip
+        if attempt < DOWNLOAD_ATTEMPTS:
+            for target, local in paths.values():  # fetched again from the service
+                local.unlink(missing_ok=True)
+                if remote and target.exists():
+                    target.unlink()
+            time.sleep(attempt)
     for target, local in paths.values():
         if remote:
             storage.publish(local, target)
         log.info("batch %s: %s stored", summary["id"], storage.shown(target))
-    return [(storage.shown(target), local) for target, local in paths.values()]
+    problems = []
+    if problem is not None:
+        problems.append(
+            f"batch {summary['id']} (shard {index}): result files still broken after {DOWNLOAD_ATTEMPTS} "
+            f"downloads: {problem}; every readable answer was kept"
+        )
+        log.error("%s", problems[-1])
+    return [(storage.shown(target), local) for target, local in paths.values()], problems
 
 
 def download(waited: dict[str, Any], conn_id: str) -> dict[str, Any]:
@@ -470,18 +491,20 @@ def download(waited: dict[str, Any], conn_id: str) -> dict[str, Any]:
     index = int(waited["index"])
     folder = storage.location(waited["work_dir"], waited.get("storage_conn_id")) / "results"
     batches = waited.get("batches") or [waited["batch"]]
+    files: list[str] = []
+    problems = list(waited.get("problems") or [])  # what the wait could not finish (a refused follow-up)
     with storage.scratch() as tmp:
-        files = [
-            stored
-            for summary in batches
-            for stored, _ in download_batch_files(client, summary, folder, index, tmp)
-        ]
+        for summary in batches:
+            stored, found = download_batch_files(client, summary, folder, index, tmp)
+            files += [where for where, _ in stored]
+            problems += [p for p in found if p not in problems]
     return {
         "index": index,
         "batch_ids": [b["id"] for b in batches],
         "status": waited["batch"]["status"],
         "request_counts": waited["batch"]["request_counts"],
         "result_files": files,
+        "problems": problems,
         "batches": [
             {k: v for k, v in b.items() if k not in ("errors", "metadata", "files")} for b in batches
         ],
@@ -537,16 +560,24 @@ def merge(
             storage.shown(folder / "results.csv"),
         )
         batches = [b for d in downloads for b in d.get("batches") or []]
+        report["problems"] = [p for d in downloads for p in d.get("problems") or []]
         if remote_out and (folder / "estimate.json").exists():
             storage.fetch(folder / "estimate.json", local_folder)
         write_reports(local_folder, out_csv, report, batches, params, shown=storage.shown(folder))
         if remote_out:  # results.csv last: its arrival means the run's output is complete
             for name in ("report.json", "report.html", "results.csv"):
                 storage.publish(local_folder / name, folder / name)
+    results_csv = storage.shown(folder / "results.csv")
+    if report.get("problems"):  # landed, and visible: the run fails; the work files stay for a look
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(
+            f"results landed at {results_csv}, but not every row could be answered: "
+            + " | ".join(report["problems"])
+        )
     if not params.get("keep_temp_files"):
         removed = remove_work_files(work)
         log.info("removed %d temporary file(s) in %s (keep_temp_files is off)", removed, storage.shown(work))
-    results_csv = storage.shown(folder / "results.csv")
     if context is not None:  # tell downstream DAGs (scheduled on the Asset) what landed
         from openai_batch_airflow.assets import RESULTS_ASSET
 
@@ -673,6 +704,7 @@ def write_reports(
         k: (estimate or {}).get(k) for k in ("prompt_tokens", "image_tokens", "output_tokens_max")
     }
     full["batches"] = batches
+    full["problems"] = report.get("problems") or []
     if shown:
         full["results_csv"], full["report"] = f"{shown}/results.csv", f"{shown}/report.json"
     report_path.write_text(json.dumps(full, indent=2))
