@@ -358,3 +358,14 @@ def test_folders_and_links_named_like_csvs_are_left_alone(tmp_path):
     drop(tmp_path, "real.csv")
     assert [c["name"] for c in claim_new_files(tmp_path, "c1")] == ["real.csv"]
     assert (tmp_path / "x.csv").is_dir() and (tmp_path / "secret.csv").is_symlink()
+
+
+def test_a_sidecar_full_of_unknown_keys_is_quoted_shortened():
+    from batchpipe.inbox import parse_sidecar
+
+    keys = {("k" * 500) + str(i): 1 for i in range(1000)} | {"modle": "x"}
+    with pytest.raises(InputError) as caught:
+        parse_sidecar(json.dumps(keys), "in/x.json", allowed={"model", "prompt_column"})
+    message = str(caught.value)
+    assert len(message) < 1000 and "and 991 more" in message
+    assert "'modle': did you mean 'model'?" in message

@@ -180,8 +180,14 @@ def test_an_unknown_custom_id_in_the_error_file_does_not_stop_the_resubmission(d
     assert report["unmatched_results"] == 2  # counted and reported, not fatal
 
 
-def test_a_broken_download_is_fetched_again(dag, srv, tmp_path, sample):
-    srv.set_config({"result_faults": {"truncate_last_line": True, "garbage_line": True, "downloads": 1}})
+@pytest.mark.parametrize(
+    "fault",
+    [{"truncate_last_line": True}, {"truncate_last_line": True, "garbage_line": True}],
+    ids=["cut-off last line", "cut-off and an HTML line"],
+)
+def test_a_broken_download_is_fetched_again(dag, srv, tmp_path, sample, fault):
+    # a cut-off last line keeps the line count: only reading every line shows the download is broken
+    srv.set_config({"result_faults": {**fault, "downloads": 1}})
     dr, states = run(dag, tmp_path, sample)
     assert dr.state == "success", states
     rows, report, _ = landed(tmp_path)

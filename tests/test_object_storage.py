@@ -315,9 +315,12 @@ def test_location_rules(s3, tmp_path):
         with pytest.raises(ValueError) as caught:
             storage.location(bad, "s3_test")
         assert "secret" not in str(caught.value)
-    # local run folders keep the input's own name; URLs are made filesystem-safe
+    # local run folders keep the input's own name; URLs are made filesystem-safe, and unique: a name that
+    # had to change gets a short hash of the original, so "my prompts" and "my_prompts" never meet
     assert _input_stem({"input_csv": "/data/my prompts.csv"}) == "my prompts"
-    assert _input_stem({"input_csv": "s3://b/in/my prompts.csv"}) == "my_prompts"
+    assert _input_stem({"input_csv": "s3://b/in/my_prompts.csv"}) == "my_prompts"
+    spaced = _input_stem({"input_csv": "s3://b/in/my prompts.csv"})
+    assert spaced.startswith("my_prompts-") and len(spaced) == len("my_prompts-") + 8
 
 
 def test_file_url_input_and_a_password_in_the_output_url(dag, srv, s3, scratch, tmp_path, capfd):

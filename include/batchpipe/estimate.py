@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .paths import clip
 from .tokens import (
     UnknownModel,
     iter_request_images,
@@ -53,7 +54,7 @@ def _parse_override(override: dict | str | os.PathLike) -> dict[str, Any]:
     if not text.lstrip().startswith("{"):
         p = Path(text)
         if not p.is_file():
-            raise InputError(f"prices override: {text!r} is neither a JSON object nor a file")
+            raise InputError(f"prices override: {clip(repr(text), 80)} is neither a JSON object nor a file")
         source = str(p)
         try:
             text = p.read_text(encoding="utf-8")

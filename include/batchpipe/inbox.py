@@ -44,9 +44,11 @@ import re
 import time
 from datetime import datetime
 from difflib import get_close_matches
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from .csvio import column_list
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -257,9 +259,11 @@ def parse_sidecar(text: str, path: str, allowed: set[str] | None = None) -> dict
     if not isinstance(data, dict):
         raise InputError(f"{path}: must hold a JSON object of settings")
     if allowed is not None and (unknown := sorted(set(data) - allowed)):
-        hints = [f"{k!r}: did you mean {m[0]!r}?" for k in unknown if (m := get_close_matches(k, allowed, 1))]
+        # a sidecar may be any JSON: its keys are quoted shortened, and only a few of them
+        close = ((k, get_close_matches(k, allowed, 1)) for k in unknown if len(k) <= 100)
+        hints = [f"{k!r}: did you mean {m[0]!r}?" for k, m in islice(((k, m) for k, m in close if m), 5)]
         raise InputError(
-            f"{path}: unknown settings {', '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else "")
+            f"{path}: unknown settings {column_list(unknown)}" + (f" ({'; '.join(hints)})" if hints else "")
         )
     return data
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .errors import InputError
+from .paths import clip
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/responses", "/v1/embeddings")
 IMAGE_DETAILS = ("auto", "low", "high")
@@ -89,7 +90,7 @@ class BuildOptions:
         """Raise InputError for a bad value. Returns self so calls can be chained."""
 
         def bad(name: str, why: str) -> InputError:
-            return InputError(f"option {name}={getattr(self, name)!r}: {why}")
+            return InputError(f"option {name}={clip(repr(getattr(self, name)), 80)}: {why}")
 
         if self.prompt_template is None:
             if not isinstance(self.prompt_column, str) or not self.prompt_column:
@@ -162,7 +163,7 @@ def _coerce_number(name: str, value: Any, kind: type) -> Any:
         try:
             return kind(text)
         except ValueError:
-            raise InputError(f"option {name}={value!r}: not a number") from None
+            raise InputError(f"option {name}={clip(repr(value), 80)}: not a number") from None
     if kind is int and isinstance(value, float) and value.is_integer():
         return int(value)
     return value

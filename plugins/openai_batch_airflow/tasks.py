@@ -140,9 +140,9 @@ def checked_run_dir(params: dict[str, Any], run_id: str) -> storage.Location:
     roots = output_roots(extra=Variable.get(OUTPUT_ROOTS_VARIABLE, default=None))
     try:
         folder = run_dir(params, run_id)
-        check_within(storage.shown(folder), roots, "output folder")
+        check_within(str(folder), roots, "output folder")
         if params.get("work_dir"):
-            check_within(storage.shown(work_location(params, run_id)), roots, "work folder")
+            check_within(str(work_location(params, run_id)), roots, "work folder")
     except (PathNotAllowed, ValueError) as exc:
         from airflow.sdk.exceptions import AirflowFailException
 
@@ -158,7 +158,7 @@ def local_input_csv(params: dict[str, Any], into: Path):
     also admit exactly that copy (so relative image paths still have to lie inside the roots).
     """
     from batchpipe.errors import InputError
-    from batchpipe.paths import PathNotAllowed, Roots, check_within, is_url
+    from batchpipe.paths import PathNotAllowed, Roots, check_within, is_url, quote_path
 
     roots = read_roots()
     where = params["input_csv"]
@@ -173,7 +173,7 @@ def local_input_csv(params: dict[str, Any], into: Path):
         try:
             local = storage.fetch(storage.location(where, storage_conn_id(params)), into)
         except FileNotFoundError:
-            raise InputError(f"{where}: input CSV not found") from None
+            raise InputError(f"{quote_path(where)}: input CSV not found") from None
     if roots is not None:
         roots = Roots([*roots, local.resolve()], setting=roots.setting)
     yield str(local), roots
@@ -187,7 +187,7 @@ def validate(params: dict[str, Any], run_id: str) -> dict[str, Any]:
         summary = validate_csv(
             csv_path, opts, allowed_roots=roots, url_fs=storage.url_reader(storage_conn_id(params))
         )
-    summary["file"] = str(params["input_csv"])
+    summary["file"] = storage.shown(params["input_csv"])
     folder = checked_run_dir(params, run_id)
     for target in (folder, work_location(params, run_id)):
         if storage.is_remote(target):  # wrong credentials or a missing bucket fail now, not after paying
@@ -584,7 +584,7 @@ def merge(
         context["outlet_events"][RESULTS_ASSET].extra = {
             "results_csv": results_csv,
             "report_json": storage.shown(folder / "report.json"),
-            "input_csv": str(params["input_csv"]),
+            "input_csv": storage.shown(params["input_csv"]),
             "run_id": run_id,
             **{k: report[k] for k in ("rows", "answered", "failed", "invalid")},
         }
