@@ -92,9 +92,23 @@ def test_storage_helpers_round_trip_through_s3(s3, tmp_path):
     assert storage.read_text(base / "missing.json") is None
     storage.check_writable(base)
     assert keys(s3, "helpers/") == ["helpers/sub/a.jsonl"]  # the write check leaves nothing
-    storage.remove_tree(base)
-    assert keys(s3, "helpers/") == []
-    storage.remove_tree(base)  # already gone: fine
+
+
+def test_work_clean_up_in_s3_removes_only_what_the_run_wrote(s3, tmp_path):
+    from openai_batch_airflow import storage
+    from openai_batch_airflow.tasks import remove_work_files
+
+    run = storage.location(f"s3://{s3.bucket}/cleanup/run", "s3_test")  # a work folder = the run folder
+    local = tmp_path / "x"
+    local.write_text("x")
+    mine = ["shard-00000.jsonl", "shard-00000.r1.jsonl", "build_manifest.json", "invalid.jsonl",
+            "results/shard-00000.r0.batch_1.output.jsonl"]  # fmt: skip
+    theirs = ["results.csv", "report.json", "report.html", "estimate.json", "estimate.md"]
+    for name in mine + theirs:
+        storage.publish(local, run / name)
+    assert remove_work_files(run) == len(mine)
+    assert keys(s3, "cleanup/") == sorted(f"cleanup/run/{n}" for n in theirs)
+    assert remove_work_files(storage.location(f"s3://{s3.bucket}/cleanup/none", "s3_test")) == 0
 
 
 # -- whole runs -------------------------------------------------------------------------------------

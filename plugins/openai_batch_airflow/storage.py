@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from batchpipe.paths import is_url, redact_text, redact_url, url_problem
+from batchpipe.paths import is_url, redact_url, url_problem
 
 log = logging.getLogger(__name__)
 
@@ -135,20 +135,6 @@ def url_reader(conn_id: str | None):
         return where.fs, where.path
 
     return url_fs
-
-
-def remove_tree(where: Location) -> None:
-    """Delete a folder and everything under it; missing is fine."""
-    if not is_remote(where):
-        shutil.rmtree(where, ignore_errors=True)
-        return
-    try:
-        if where.exists():
-            where.fs.rm(where.path, recursive=True)
-    except FileNotFoundError:
-        pass
-    except Exception as exc:  # like rmtree(ignore_errors=True): leftovers never fail a finished step
-        log.warning("could not remove %s: %s", shown(where), redact_text(exc))
 
 
 def read_text(where: Location) -> str | None:

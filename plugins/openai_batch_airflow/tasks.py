@@ -600,6 +600,7 @@ def remove_work_files(work: storage.Location) -> int:
     were removed; a file that cannot be removed is logged, never fails a landed run.
     """
     from batchpipe.build import is_work_file
+    from batchpipe.paths import redact_text
 
     removed = 0
     for folder in (work / "results", work):
@@ -614,7 +615,7 @@ def remove_work_files(work: storage.Location) -> int:
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                log.warning("could not remove %s: %s", storage.shown(entry), exc)
+                log.warning("could not remove %s: %s", storage.shown(entry), redact_text(exc))
         if not storage.is_remote(folder):  # object stores have no folders to remove
             try:
                 folder.rmdir()
