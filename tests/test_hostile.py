@@ -206,3 +206,20 @@ def test_a_download_that_stays_broken_lands_every_readable_answer_and_fails(dag,
     assert report["malformed_lines"] == 1 and report["broken_lines"][0]["custom_id"] is not None
     assert len(report["problems"]) == 1 and "still broken after 3 downloads" in report["problems"][0]
     assert "short" in report["problems"][0] and "unreadable" in report["problems"][0]
+
+
+def test_a_csv_of_thousands_of_wide_columns_keeps_the_xcom_small(dag, srv, tmp_path):
+    from airflow.utils.session import create_session
+    from sqlalchemy import text
+
+    src = tmp_path / "wide.csv"
+    header = ["prompt"] + [f"column_{i}_" + "x" * 200 for i in range(3000)]
+    src.write_text(",".join(header) + "\n" + ",".join(["hello"] + [""] * 3000) + "\n", encoding="utf-8")
+    dr, states = run(dag, tmp_path, src, image_column=None, estimate_only=True)
+    assert dr.state == "success", states
+    with create_session() as session:
+        sql = "SELECT value FROM xcom WHERE run_id = :r AND task_id = 'validate_csv' AND key = 'return_value'"
+        (value,) = session.execute(text(sql), {"r": dr.run_id}).one()
+    summary = json.loads(value) if isinstance(value, str) else value
+    assert summary["columns_total"] == 3001 and len(summary["columns"]) == 50
+    assert len(json.dumps(summary)) < 8000

@@ -179,8 +179,13 @@ def local_input_csv(params: dict[str, Any], into: Path):
     yield str(local), roots
 
 
+#: Column names the validate_csv XCom carries (``columns_total`` says how many there are).
+MAX_XCOM_COLUMNS = 50
+
+
 def validate(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     from batchpipe.build import validate_csv
+    from batchpipe.paths import clip
 
     opts = build_options(params)
     with storage.scratch() as tmp, local_input_csv(params, tmp) as (csv_path, roots), fail_on_bad_input():
@@ -188,6 +193,9 @@ def validate(params: dict[str, Any], run_id: str) -> dict[str, Any]:
             csv_path, opts, allowed_roots=roots, url_fs=storage.url_reader(storage_conn_id(params))
         )
     summary["file"] = storage.shown(params["input_csv"])
+    # XCom carries small manifests: a CSV of 10,000 columns would not be one
+    summary["columns_total"] = len(summary["columns"])
+    summary["columns"] = [clip(c, 80) for c in summary["columns"][:MAX_XCOM_COLUMNS]]
     folder = checked_run_dir(params, run_id)
     for target in (folder, work_location(params, run_id)):
         if storage.is_remote(target):  # wrong credentials or a missing bucket fail now, not after paying
