@@ -211,7 +211,7 @@ def test_column_list_helper():
     many = column_list([f"c{i}" for i in range(25)])
     assert many == "c0, c1, c2, c3, c4, c5, c6, c7, c8, c9 and 15 more"
     long = column_list(["z" * 100])
-    assert len(long) <= 40 and long.endswith("z") and "…" in long
+    assert long == "z" * 39 + "…"  # the head only: the tail of a key=value line is where a secret ends
     assert column_list(["a\nb"]) == "a\\nb"  # control characters cannot forge a log line
 
 
@@ -228,3 +228,16 @@ def test_duplicate_id_and_placeholder_messages_are_shortened(tmp_path):
     template = "{" + "t" * 100_000 + "}"
     msg = str(pytest.raises(InputError, validate_csv, p, BuildOptions(prompt_template=template)).value)
     assert "prompt_template placeholder {ttt" in msg and len(msg) < 500
+
+
+def test_an_env_or_json_file_read_as_a_csv_never_shows_its_values(tmp_path):
+    from batchpipe import BuildOptions, validate_csv
+
+    key = "sk-proj-AAAAAAAAAAAAAAAAAAAAAAAAAAAAZZZZZZZZZZ"
+    for text in (f"OPENAI_API_KEY={key}\nX=1\n", f'{{"conn_type": "openai", "password": "{key}"}}\n'):
+        src = tmp_path / "settings.csv"
+        src.write_text(text, encoding="utf-8")
+        with pytest.raises(InputError) as caught:
+            validate_csv(src, BuildOptions(), allowed_roots=None)
+        message = str(caught.value)
+        assert "not found" in message and "sk-proj" not in message and "ZZZZ" not in message, message

@@ -190,7 +190,9 @@ def test_run_names_are_unique_per_file_readable_and_valid_airflow_run_ids():
     from batchpipe.inbox import claim_name, run_name
 
     claim = claim_name("scheduled__2026-11-30T02:00:00+00:00")
-    assert claim == "scheduled__2026-11-30T02_00_00_00_00"
+    assert claim.startswith("scheduled__2026-11-30T02_00_00_00_00-") and len(claim) == 45
+    assert claim_name("manual__a:1") != claim_name("manual__a+1")  # their files' run ids differ too
+    assert len(claim_name("x:" * 125)) <= 130
     names = ["2026 Q1.csv", "2026_Q1.csv", "2026-Q1.csv", "données.csv", "日本.csv", "中国.csv", "….csv",
              ".csv", "x" * 251 + ".csv", "x" * 250 + "y.csv", "a.b.csv"]  # fmt: skip
     runs = [run_name(claim, n) for n in names]

@@ -245,7 +245,7 @@ def test_a_truncated_or_non_json_line_is_named_with_its_row(built):
     report = merge_results(b["manifest"], [path], tmp / "results.csv")
     got = read_csv(tmp / "results.csv")
     assert got[5]["error"].startswith("result line unreadable (truncated or not JSON): out.jsonl line 11")
-    assert got[6]["error"].startswith("no result returned for this request (2 result line(s) could not")
+    assert got[6]["error"].startswith("no result returned for this request (1 result line(s) could not")
     assert report["malformed_lines"] == 2 and report["failed"] == 2
     assert report["broken_lines"] == [
         {"file": "out.jsonl", "line": 10, "custom_id": None},
@@ -281,3 +281,43 @@ def test_a_lone_carriage_return_in_an_answer_or_a_cell_stays_on_its_row(tmp_path
     merge_results(b["manifest"], [res], tmp_path / "r.csv")
     got = read_csv(tmp_path / "r.csv")
     assert [(r["note"], r["response"]) for r in got] == [("left\rright", "x\rrow-0"), ("n", "x\rrow-1")]
+
+
+@pytest.mark.parametrize(
+    "before, after",
+    [
+        # a row separator moved between rows, a cell separator moved between cells: same size and count
+        ("prompt\nTranslate: cat\nTranslate: dog\x1eTranslate: bird\n",
+         "prompt\nTranslate: cat\x1eTranslate: dog\nTranslate: bird\n"),
+        ("k,prompt\nk1,hello\x1fworld\n", "k,prompt\nk1\x1fhello,world\n"),
+    ],
+)  # fmt: skip
+def test_the_row_digest_cannot_be_fooled_by_separator_characters_in_cells(tmp_path, before, after):
+    src = tmp_path / "in.csv"
+    src.write_text(before, encoding="utf-8")
+    b = build_jsonl(src, BuildOptions(), tmp_path / "build")
+    src.write_text(after, encoding="utf-8")
+    assert len(after) == len(before)
+    with pytest.raises(InputError, match="selected rows changed since the build"):
+        merge_results(b["manifest"], [], tmp_path / "results.csv")
+
+
+def test_a_lone_surrogate_is_kept_as_its_escape_and_invalid_utf8_is_a_broken_line(built):
+    rows, b, tmp = built
+    lines = [json.dumps(x) for x in fake_results(b) if x["custom_id"] not in ("row-1", "row-2", "row-4")]
+    bad = [x for x in fake_results(b) if x["custom_id"] in ("row-1", "row-2", "row-4")]
+    bad[0]["response"]["body"]["choices"][0]["message"]["content"] = "half \ud800 a pair"
+    lines.append(json.dumps(bad[0]))  # ensure_ascii: the escape \ud800 in the file
+    lines.append(json.dumps(bad[1], ensure_ascii=False).replace("answer", "caf\udcff"))
+    unknown = {**bad[2], "custom_id": "never-\udc80"}
+    path = tmp / "out.jsonl"
+    with open(path, "wb") as fh:
+        for line in lines:
+            fh.write(line.encode("utf-8", "surrogateescape") + b"\n")  # \udcff -> the raw byte 0xff
+        fh.write(json.dumps(unknown).encode() + b"\n")
+    report = merge_results(b["manifest"], [path], tmp / "results.csv")
+    got = read_csv(tmp / "results.csv")
+    assert got[1]["response"] == "half \\ud800 a pair" and got[1]["error"] == ""  # answered, text kept
+    assert got[2]["error"].startswith("result line unreadable")  # not "caf\ufffd" counted as an answer
+    assert "\ufffd" not in "".join(r["response"] for r in got)
+    assert report["malformed_lines"] == 1 and report["unmatched_results"] == 1

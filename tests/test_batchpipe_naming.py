@@ -31,3 +31,13 @@ def test_ids_that_differ_only_in_punctuation_get_different_folders(group):
 def test_the_readable_part_stays():
     assert unique_name("manual__2026-11-30T05:00:00+00:00").startswith("manual__2026-11-30T05_00_00_00_00-")
     assert len(unique_name("batch:1")) == len("batch_1") + 9
+
+
+def test_no_chosen_id_can_take_another_ids_folder_and_long_ids_fit():
+    hashed = unique_name("batch:1")
+    assert unique_name(hashed) != hashed  # an id that looks hashed is hashed again
+    long_ids = ["a:" * 125, "a+" * 125, "b" * 250, "b" * 249 + "c"]
+    names = [unique_name(t) for t in long_ids]
+    assert len(set(names)) == 4 and all(len(n) <= 200 for n in names)
+    assert unique_name("x" * 300, max_len=40) != unique_name("x" * 301, max_len=40)
+    assert len(unique_name("x" * 300, max_len=40)) == 40

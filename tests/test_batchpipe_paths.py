@@ -472,6 +472,11 @@ def test_redact_text_and_url_origin():
     assert "XXSECRET" not in origin and "https://hooks.example.com failed" in origin
     assert paths.url_origin("https://u:p@Hooks.Example.com:8443/a/b?c=d") == "https://hooks.example.com:8443"
     assert paths.url_origin("http://[::1]:9/x") == "http://[::1]:9"
+    # a password with a space, a tab or a quote in it ends the URL early: its tail never shows
+    for secret in ("Sec ret", "Sec\tret", "Sec'ret", 'Sec"ret'):
+        shown = paths.redact_text(f"input s3://AKIA:{secret}@bucket/x.csv failed")
+        assert "ret" not in shown and "Sec" not in shown and shown.endswith("@bucket/x.csv failed"), shown
+    assert paths.redact_text("s3://my_conn@bucket/x.csv") == "s3://my_conn@bucket/x.csv"  # a conn id stays
 
 
 def test_clip_and_quote_path():
@@ -534,3 +539,18 @@ def test_proc_mounted_elsewhere_is_refused(tmp_path, monkeypatch):
         assert "sk-canary-77e1" not in str(caught.value)
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def test_a_link_that_cannot_be_resolved_is_a_clear_input_error(tmp_path):
+    target = "/proc/1/root/etc/hostname"
+    try:
+        os.path.realpath(target)
+    except PermissionError:
+        pass
+    else:
+        pytest.skip("here /proc/1/root can be followed")
+    link = tmp_path / "in.csv"
+    link.symlink_to(target)
+    for roots in (None, [tmp_path]):
+        with pytest.raises(InputError, match="cannot be resolved"):
+            paths.check_input_csv(link, roots)

@@ -201,11 +201,26 @@ def test_a_download_that_stays_broken_lands_every_readable_answer_and_fails(dag,
     rows, report, folder = landed(tmp_path)
     assert len(rows) == 30 and report["answered"] == 24  # 27 answers, 3 lost in the "download"
     cut = [r for r in rows if r["error"].startswith("result line unreadable (truncated or not JSON)")]
-    lost = [r for r in rows if r["error"].startswith("no result returned for this request (1 result line")]
+    lost = [r for r in rows if r["error"] == "no result returned for this request"]
     assert len(cut) == 1 and len(lost) == 2
     assert report["malformed_lines"] == 1 and report["broken_lines"][0]["custom_id"] is not None
-    assert len(report["problems"]) == 1 and "still broken after 3 downloads" in report["problems"][0]
+    assert len(report["problems"]) == 2 and "still broken after 3 downloads" in report["problems"][0]
     assert "short" in report["problems"][0] and "unreadable" in report["problems"][0]
+    assert report["problems"][1].startswith("2 request(s) were sent but no result line came back")
+
+
+def test_a_line_for_an_unknown_id_cannot_hide_a_missing_answer(dag, srv, tmp_path, sample):
+    # one answer dropped, one line for an id never sent: as many ids as requests, yet a row is unanswered
+    srv.set_config({"result_faults": {"drop_lines": 1, "unknown_ids": 1}})
+    dr, states = run(dag, tmp_path, sample)
+    assert dr.state == "failed" and states[("merge", -1)] == "failed", states
+    rows, report, folder = landed(tmp_path)
+    assert len(rows) == 30 and report["answered"] == 26 and report["unmatched_results"] == 1
+    assert report["problems"] == [
+        "1 request(s) were sent but no result line came back for them (rows marked 'no result returned for "
+        "this request')"
+    ]
+    assert list((folder / "work" / "results").glob("*.jsonl"))  # the evidence is kept
 
 
 def test_a_csv_of_thousands_of_wide_columns_keeps_the_xcom_small(dag, srv, tmp_path):

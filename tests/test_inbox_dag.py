@@ -12,10 +12,11 @@ import time
 
 import pytest
 
+from batchpipe.inbox import claim_name
 from conftest import REPO
 
 RUN_ID = "scheduled__2026-11-30T02:00:00+00:00"
-CLAIM = "scheduled__2026-11-30T02_00_00_00_00"
+CLAIM = claim_name(RUN_ID)  # scheduled__2026-11-30T02_00_00_00_00-<8 hex>
 
 
 def drop(inbox, name, sidecar=None):

@@ -62,7 +62,13 @@ class RowDigest:
 
     The build records it and the merge checks it: answers are joined by row position (or id), so a CSV
     whose rows were swapped, edited or replaced since the build (same size, same row count) must fail the
-    merge instead of putting answers on the wrong rows."""
+    merge instead of putting answers on the wrong rows.
+
+    Each row goes in as its cells joined by US (``\\x1f``) and ended by RS (``\\x1e``); a row whose cells
+    themselves hold US, RS or GS (``\\x1d``) goes in as GS + its JSON (which escapes every control
+    character) instead. So the stream reads back one way only: moving a separator between cells or rows
+    changes the digest.
+    """
 
     def __init__(self) -> None:
         self._h = hashlib.sha256()
@@ -70,7 +76,11 @@ class RowDigest:
     def rows(self, stream: Iterator[tuple[int, Any, list[str]]]) -> Iterator[tuple[int, Any, list[str]]]:
         update = self._h.update
         for item in stream:
-            update("\x1f".join(item[2]).encode("utf-8", "surrogatepass") + b"\x1e")
+            cells = item[2]
+            text = "\x1f".join(cells)
+            if text.count("\x1f") != len(cells) - 1 or "\x1e" in text or "\x1d" in text:
+                text = "\x1d" + json.dumps(cells)
+            update(text.encode("utf-8", "surrogatepass") + b"\x1e")
             yield item
 
     def hexdigest(self) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from collections.abc import Iterator
 
 from . import paths
@@ -33,15 +34,27 @@ MAX_QUOTED_COLUMNS = 10
 MAX_QUOTED_NAME = 40
 
 
+#: What follows ``=`` or ``": "`` in a "column name" (a ``KEY=value`` line of an env file, a JSON config
+#: read as a CSV) is masked: there the first line is settings, not names, and may carry a secret.
+_SETTING_VALUE = re.compile(r"""(=|:\s*["'])\s*[^\s,;"']+""")
+
+
 def column_list(names: list[str]) -> str:
-    """Column names as a message quotes them: at most :data:`MAX_QUOTED_COLUMNS`, each shortened to
-    :data:`MAX_QUOTED_NAME` characters, then ``and N more``. The header of a file that is not a CSV can
-    be any text (a secret, megabytes): a message never echoes it whole."""
+    """Column names as a message quotes them: at most :data:`MAX_QUOTED_COLUMNS`, each cut to its first
+    :data:`MAX_QUOTED_NAME` characters (no tail), a value after ``=`` or ``": "`` masked, then ``and N
+    more``. The header of a file that is not a CSV can be any text (a secret, megabytes): a message
+    never echoes it whole."""
     if not names:
         return "(none)"
-    shown = ", ".join(paths.clip(name, MAX_QUOTED_NAME) for name in names[:MAX_QUOTED_COLUMNS])
+    shown = ", ".join(_quoted_name(name) for name in names[:MAX_QUOTED_COLUMNS])
     more = len(names) - MAX_QUOTED_COLUMNS
     return shown + (f" and {more} more" if more > 0 else "")
+
+
+def _quoted_name(name: str) -> str:
+    name = _SETTING_VALUE.sub(r"\1***", name)
+    name = paths.clip(name, 10**6)  # control characters escaped
+    return name if len(name) <= MAX_QUOTED_NAME else name[: MAX_QUOTED_NAME - 1] + "…"
 
 
 def quote_value(value: str) -> str:

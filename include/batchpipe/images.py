@@ -93,6 +93,8 @@ def _path_for_cell(value: str, base_dir: str | os.PathLike | None, roots: list[P
         return check_within(p, roots, "image", shown=value)
     except PathNotAllowed as exc:
         raise RowError(str(exc)) from None
+    except OSError as exc:  # resolving it was refused (a link through /proc/<pid>/root): only this row
+        raise RowError(f"image path cannot be resolved ({exc.strerror or type(exc).__name__})") from None
 
 
 class _LocalImage:

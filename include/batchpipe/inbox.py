@@ -50,6 +50,7 @@ from typing import Any
 
 from .csvio import column_list
 from .errors import InputError
+from .naming import unique_name
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +66,11 @@ def _safe(text: str) -> str:
 
 
 def claim_name(run_id: str, try_number: int = 1) -> str:
-    """The folder name of one claim: the inbox run's id made safe (``run`` when nothing is left), plus
-    ``_try<n>`` from the second try on, so a cleared or retried run never shares a claim folder (nor
-    pipeline run ids) with its earlier try."""
-    name = _safe(run_id) or "run"
+    """The folder name of one claim: the inbox run's id as :func:`batchpipe.naming.unique_name` makes it
+    (safe, at most 130 characters, a short hash added when it had to change), plus ``_try<n>`` from the
+    second try on, so a cleared or retried run never shares a claim folder (nor pipeline run ids) with
+    its earlier try."""
+    name = unique_name(run_id, max_len=130)  # manual__a:1 and manual__a+1 never share one
     return name if try_number <= 1 else f"{name}_try{try_number}"
 
 

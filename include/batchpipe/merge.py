@@ -48,7 +48,11 @@ def _upsert(table: str, key: str) -> str:
     keep = f"{table}.error IS NULL AND excluded.error IS NOT NULL"
     cols = ("response", "error", "code", "p", "c", "t", "f")
     sets = ", ".join(f"{c} = CASE WHEN {keep} THEN {table}.{c} ELSE excluded.{c} END" for c in cols)
-    dup = f"{table}.error IS NULL OR {table}.f = excluded.f"
+    # a broken line is counted as broken (malformed_lines), not as a duplicate
+    dup = (
+        f"({table}.error IS NULL OR {table}.f = excluded.f) AND excluded.code IS NOT '{BROKEN_LINE}' "
+        f"AND {table}.code IS NOT '{BROKEN_LINE}'"
+    )
     return (
         f"INSERT INTO {table} VALUES (?,?,?,?,?,?,?,?,0) ON CONFLICT({key}) DO UPDATE SET {sets}, "
         f"d = {table}.d + (CASE WHEN {dup} THEN 1 ELSE 0 END)"
@@ -85,7 +89,8 @@ def merge_results(
     ``report.json`` beside it. Returns the report: ``{"rows", "answered", "failed", "invalid",
     "errors_by_code", "tokens": {"prompt", "completion", "total"}, "batch_ids", "results_csv", "report",
     "unmatched_results", "malformed_lines", "broken_lines", "duplicate_results", "duplicate_ids",
-    "csv_formula_escape", "formula_cells_escaped"}``.
+    "csv_formula_escape", "formula_cells_escaped", "problems"}``. ``problems`` names what does not add
+    up for the rows themselves: requests sent without a result line.
 
     Several lines for one custom_id: the later line wins (resubmissions come in later files), except that
     an error never replaces an answer (HTTP 200). A line for an id that already had an answer, or that
@@ -187,9 +192,9 @@ def merge_results(
         matched = 0
         id_i = header.index(id_column) if id_column else -1
         no_result = NO_RESULT
-        if broken.count:
+        if broken.anonymous:
             no_result += (
-                f" ({broken.count} result line(s) could not be read: this row's answer may be among them)"
+                f" ({broken.anonymous} result line(s) could not be read: this row's answer may be among them)"
             )
         escaped = 0
 
@@ -317,7 +322,13 @@ def merge_results(
         "duplicate_ids": duplicate_ids[:MAX_NAMED],
         "csv_formula_escape": formula_escape,
         "formula_cells_escaped": escaped,
+        "problems": [],
     }
+    if codes.get("no_result"):  # sent, paid for perhaps, and no line came back: never a quiet success
+        report["problems"].append(
+            f"{codes['no_result']} request(s) were sent but no result line came back for them (rows marked "
+            f"'{NO_RESULT}')"
+        )
     report_path = out.parent / REPORT_NAME
     tmp_report = report_path.with_name(f".{REPORT_NAME}.tmp")
     tmp_report.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
@@ -344,10 +355,12 @@ class _Broken:
 
     def __init__(self) -> None:
         self.count = 0
+        self.anonymous = 0  # of which no custom_id could be read: any row without a result may be theirs
         self.examples: list[dict[str, Any]] = []
 
     def add(self, path: Any, line: int, custom_id: str | None) -> str:
         self.count += 1
+        self.anonymous += custom_id is None
         name = Path(path).name
         if len(self.examples) < MAX_NAMED:
             self.examples.append({"file": name, "line": line, "custom_id": custom_id})
@@ -355,6 +368,22 @@ class _Broken:
             f"result line unreadable (truncated or not JSON): {name} line {line}; the answer may have been "
             "lost in the download"
         )
+
+
+#: A JSON escape or (CESU-8) bytes of a UTF-16 surrogate: json.loads lets those through as lone surrogates
+#: when they are not paired, and a lone surrogate cannot be written as UTF-8.
+_LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}|\xed[\xa0-\xbf]")
+
+
+def _without_lone_surrogates(obj: Any) -> Any:
+    """``obj`` with every lone surrogate in its strings written as its ``\\udXXX`` escape (text kept)."""
+    if isinstance(obj, str):
+        return obj.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(obj, list):
+        return [_without_lone_surrogates(x) for x in obj]
+    if isinstance(obj, dict):
+        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in obj.items()}
+    return obj
 
 
 def _custom_id_in_text(raw: str) -> str | None:
@@ -380,18 +409,20 @@ def _iter_records(paths: list, endpoint: str, broken: _Broken) -> Iterator[tuple
     loads = json.loads
     chat = endpoint not in ("/v1/responses", "/v1/embeddings")
     for f, path in enumerate(paths):
-        with open(path, encoding="utf-8", errors="replace") as fh:
+        with open(path, "rb") as fh:
             for lineno, raw in enumerate(fh, 1):
                 if not raw.strip():
                     continue
                 try:
-                    obj = loads(raw)
-                except json.JSONDecodeError:
-                    cid = _custom_id_in_text(raw)
+                    obj = loads(raw)  # bytes: invalid UTF-8 raises, it is not replaced by U+FFFD
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    cid = _custom_id_in_text(raw.decode("utf-8", "replace"))
                     error = broken.add(path, lineno, cid)
                     if cid is not None:
                         yield cid, (None, error, BROKEN_LINE, None, None, None, f)
                     continue
+                if (b"\\u" in raw or b"\xed" in raw) and _LONE_SURROGATE.search(raw):
+                    obj = _without_lone_surrogates(obj)
                 # Fast path, same result as parse_result_line: HTTP 200 chat completion with text.
                 if chat and type(obj) is dict:
                     cid = obj.get("custom_id")

@@ -27,9 +27,17 @@ def short_hash(text: str, length: int = 8) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:length]
 
 
-def unique_name(text: str) -> str:
-    """A folder name for ``text``: ``text`` itself when it is already safe, else its :func:`safe_name`
-    plus ``-`` and a short hash of ``text``. Two different texts never give the same name (up to the
-    hash), and the result never is ``.``, ``..``, empty, or holds a path separator."""
+#: A name that already ends like a hashed one is hashed again, so no chosen text can take another's name.
+_HASHED = re.compile(r"-[0-9a-f]{8}$")
+
+
+def unique_name(text: str, max_len: int = 200) -> str:
+    """A folder name for ``text``: ``text`` itself when it is already safe, at most ``max_len`` long and does
+    not end like a hashed name (``-`` and 8 hex digits); else its :func:`safe_name`, cut to fit, plus ``-``
+    and a short hash of ``text``. Two different texts never give the same name (up to the hash); the
+    result is at most ``max_len`` characters (ASCII: bytes too, under the usual 255-byte file name limit)
+    and never ``.``, ``..``, empty, or holding a path separator."""
     safe = safe_name(text)
-    return safe if safe == text else f"{safe}-{short_hash(text)}"
+    if safe == text and len(text) <= max_len and not _HASHED.search(text):
+        return text
+    return f"{safe[: max_len - 9].rstrip('._') or 'run'}-{short_hash(text)}"

@@ -122,6 +122,9 @@ def _resolve(path: str | os.PathLike) -> Path:
 
 _WEB_SCHEMES = ("http", "https", "ws", "wss", "ftp")
 _URL_IN_TEXT = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]+://[^\s'\"<>`]+")
+#: ``scheme://`` then, on the same line and before any ``/``, a user part with a ``:``, a space or a quote
+#: in it and an ``@``: a password, perhaps with a space or a quote that ends the URL match above early.
+_USERINFO_IN_TEXT = re.compile(r"""\b([A-Za-z][A-Za-z0-9+.-]+://)[^/@\n]*[:\s'"][^/@\n]*@""")
 
 
 def _split_userinfo(after: str) -> tuple[str | None, str]:
@@ -191,7 +194,8 @@ def redact_text(text: object, *, origin_only: bool = False) -> str:
     """``str(text)`` with every URL-looking part in it passed through :func:`redact_url` (or reduced to
     :func:`url_origin` when ``origin_only``): for notification texts and exception messages."""
     swap = url_origin if origin_only else redact_url
-    return _URL_IN_TEXT.sub(lambda m: swap(m.group(0)), str(text))
+    text = _USERINFO_IN_TEXT.sub(lambda m: m.group(1) + "***@", str(text))
+    return _URL_IN_TEXT.sub(lambda m: swap(m.group(0)), text)
 
 
 def clip(text: object, width: int = 200) -> str:
@@ -314,7 +318,10 @@ def file_problem(path: str | os.PathLike) -> str | None:
     says so). Refused: anything under ``/proc``, ``/sys`` or ``/dev`` (after following symlinks) or on
     one of their file systems mounted elsewhere, a directory, a FIFO (opening one would block), a device
     or a socket. Only ``stat()`` is used."""
-    real = os.path.realpath(os.path.expanduser(os.fspath(path)))
+    try:
+        real = os.path.realpath(os.path.expanduser(os.fspath(path)))
+    except OSError as exc:  # e.g. a link through /proc/<pid>/root that may not be followed
+        return f"cannot be resolved ({exc.strerror or type(exc).__name__}; refused)"
     for root in PSEUDO_ROOTS:
         if real == root or real.startswith(root + "/"):
             return f"is not a regular file (it lies under {root}; refused)"
@@ -344,6 +351,9 @@ def check_input_csv(csv_path: str | os.PathLike, roots: list[Path] | None) -> Pa
         checked = check_within(csv_path, roots, "input CSV")
     except PathNotAllowed as exc:
         raise InputError(str(exc)) from None
+    except OSError as exc:  # resolving it was refused: nothing to open either
+        why = exc.strerror or type(exc).__name__
+        raise InputError(f"{quote_path(csv_path)}: cannot be resolved ({why}); refused") from None
     if isinstance(checked, Path) and (problem := file_problem(checked)):
         raise InputError(f"{quote_path(csv_path)}: {problem}")
     return checked

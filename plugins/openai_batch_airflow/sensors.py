@@ -392,12 +392,17 @@ class OpenAIBatchSensor(BaseSensorOperator):
                 self.log.warning("could not cancel batch %s: %s", self._current, exc)
 
 
+#: HTTP statuses that mean "no": trying again will not change the answer. Anything else (408, 409, 429,
+#: 5xx, a lost connection) may have gone through or may pass next time: the task's retry looks for what
+#: it recorded first (never a second batch), then tries again.
+REFUSED_STATUSES = frozenset({400, 401, 403, 404, 405, 413, 415, 422})
+
+
 def _refused(exc: BaseException) -> bool:
-    """An API error that trying again will not fix (400, 403, 404, 409, 422...): not 429, not 5xx, not a
-    connection problem."""
+    """An API error that trying again will not fix (:data:`REFUSED_STATUSES`)."""
     import openai
 
-    return isinstance(exc, openai.APIStatusError) and exc.status_code < 500 and exc.status_code != 429
+    return isinstance(exc, openai.APIStatusError) and exc.status_code in REFUSED_STATUSES
 
 
 def _custom_id_at_line(path: Any, line: int) -> str | None:

@@ -568,7 +568,7 @@ def merge(
             storage.shown(folder / "results.csv"),
         )
         batches = [b for d in downloads for b in d.get("batches") or []]
-        report["problems"] = [p for d in downloads for p in d.get("problems") or []]
+        report["problems"] = [p for d in downloads for p in d.get("problems") or []] + report["problems"]
         if remote_out and (folder / "estimate.json").exists():
             storage.fetch(folder / "estimate.json", local_folder)
         write_reports(local_folder, out_csv, report, batches, params, shown=storage.shown(folder))
