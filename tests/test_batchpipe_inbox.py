@@ -33,10 +33,20 @@ def test_claim_moves_files_with_their_sidecars_and_a_second_claim_finds_nothing(
     assert not (tmp_path / "processing" / "run2").exists()
 
 
-def test_young_files_wait_for_the_next_run(tmp_path):
+def test_young_files_wait_for_the_next_run(tmp_path, caplog):
     drop(tmp_path, "fresh.csv", age=0)
+    drop(tmp_path, "older.csv", age=30)
+    caplog.set_level("INFO", logger="batchpipe.inbox")
     assert claim_new_files(tmp_path, "r", min_age_seconds=60) == []
-    assert [c["name"] for c in claim_new_files(tmp_path, "r", min_age_seconds=0)] == ["fresh.csv"]
+    # not a silent "nothing new": how many wait, and from when each is ready (the older one first)
+    (said,) = [r.getMessage() for r in caplog.records if "wait for a later run" in r.getMessage()]
+    assert said.startswith("2 file(s) younger than min_age_seconds=60 wait for a later run")
+    ready = time.time() - 30 + 60
+    when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(ready))
+    assert f"older.csv ready from {when}" in said and said.index("older.csv") < said.index("fresh.csv")
+    os.utime(tmp_path / "older.csv", (time.time() - 3600, time.time() - 3600))
+    claimed = claim_new_files(tmp_path, "r", min_age_seconds=0)
+    assert [c["name"] for c in claimed] == ["fresh.csv", "older.csv"]
 
 
 def test_overlapping_claims_never_take_the_same_file(tmp_path):

@@ -42,7 +42,7 @@ import logging
 import os
 import re
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from difflib import get_close_matches
 from itertools import islice
 from pathlib import Path
@@ -106,6 +106,7 @@ def _ready(
     """From two looks at the inbox (name -> signature), the CSVs to claim with their sidecar (or None),
     and the orphan sidecars to move aside. A name counts only when its signature is the same in both."""
     csvs, orphans = [], []
+    waiting: list[tuple[str, float]] = []  # (name, when it is old enough)
     for name in sorted(second):
         stable = first.get(name) == second[name]
         mtime = mtimes.get(name)
@@ -120,13 +121,28 @@ def _ready(
                 )
             elif old:
                 csvs.append((name, sidecar if sidecar in second else None))
+            else:
+                waiting.append((name, mtime + min_age))
         elif name[: -len(".json")] + ".csv" not in second and name[: -len(".json")] + ".csv" not in first:
             if stable and old:
                 orphans.append(name)
             else:
                 log.warning("%s: a sidecar without its CSV (left for now; moved to failed/ once %ss old)",
                             name, min_age)  # fmt: skip
+    if waiting:
+        waiting.sort(key=lambda w: w[1])
+        log.info(
+            "%d file(s) younger than min_age_seconds=%g wait for a later run (may still be arriving): %s",
+            len(waiting),
+            min_age,
+            "; ".join(f"{name} ready from {_utc(ready)}" for name, ready in waiting[:10])
+            + (f"; and {len(waiting) - 10} more" if len(waiting) > 10 else ""),
+        )
     return csvs, orphans
+
+
+def _utc(when: float) -> str:
+    return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _orphan_reason(path: Any) -> str:

@@ -92,7 +92,7 @@ def claim(
         log.info("claimed %s -> run %s", item["name"], run)
         result["work"].append({"trigger_run_id": run, "conf": conf, "claimed": item})
     if not claimed:
-        log.info("inbox %s: nothing new", folder)
+        log.info("inbox %s: nothing claimed this time (files that wait, if any, are listed above)", folder)
     return result
 
 
