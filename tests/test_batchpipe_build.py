@@ -65,7 +65,9 @@ def test_template_unbalanced_brace(tmp_path):
 
 
 def test_no_rows_in_range(tmp_path, text_csv):
-    with pytest.raises(InputError, match=r"in\.csv: no data rows in range \[30, end\) .* 25 data row"):
+    with pytest.raises(
+        InputError, match=r"in\.csv: no data rows in range \[30, end\) \(0-based.* 25 data row"
+    ):
         validate_csv(text_csv, BuildOptions(start_row=30))
     with pytest.raises(InputError, match=r"25 data row"):
         build_jsonl(text_csv, BuildOptions(start_row=30), tmp_path / "w")
@@ -83,9 +85,10 @@ def test_start_not_before_end(text_csv):
 def test_duplicate_ids_name_both_rows(tmp_path):
     rows = [{"id": "x", "prompt": "a"}, {"id": "y", "prompt": "b"}, {"id": "x", "prompt": "c"}]
     p = write_csv(tmp_path / "in.csv", rows)
-    with pytest.raises(InputError, match=r"in\.csv: column 'id': duplicate id 'x' in rows 0 and 2"):
+    both = r"data row 0 \(0-based; line 2 of the file\) and data row 2 \(0-based; line 4 of the file\)"
+    with pytest.raises(InputError, match=r"in\.csv: column 'id': duplicate id 'x' in " + both):
         validate_csv(p, BuildOptions(id_column="id"))
-    with pytest.raises(InputError, match="rows 0 and 2"):
+    with pytest.raises(InputError, match=both):
         build_jsonl(p, BuildOptions(id_column="id"), tmp_path / "w")
     # outside the selected range, duplicates do not matter
     assert validate_csv(p, BuildOptions(id_column="id", end_row=2))["valid"] == 2
@@ -125,10 +128,10 @@ def test_row_level_invalids(tmp_path):
     assert s["rows_in_file"] == 7 and s["rows_selected"] == 7 and s["valid"] == 2 and s["invalid"] == 5
     assert s["columns"] == ["id", "prompt", "image"]
     by_row = {e["row"]: e for e in s["first_invalid"]}
-    assert by_row[1] == {"row": 1, "column": "prompt", "error": "empty prompt"}
+    assert by_row[1] == {"row": 1, "line": 3, "column": "prompt", "error": "empty prompt"}
     assert by_row[3]["column"] == "image" and "not found: missing.png" in by_row[3]["error"]
     assert "unsupported image type" in by_row[4]["error"]
-    assert by_row[6] == {"row": 6, "column": "id", "error": "empty id"}
+    assert by_row[6] == {"row": 6, "line": 8, "column": "id", "error": "empty id"}
     json.dumps(s)
 
     out = build_jsonl(p, opts, tmp_path / "w")
@@ -143,6 +146,28 @@ def test_row_level_invalids(tmp_path):
         (6, "row-6"),
     ]
     assert all(r["error"] for r in inv)
+
+
+MULTILINE = 'id,prompt,image\nm0,"a question\nover\nthree lines",\nm1,,\n\nm2,ok,\nm1,again,\n'
+
+
+@pytest.mark.parametrize("image", [False, True])
+def test_rows_are_named_by_index_and_physical_line(tmp_path, image):
+    """A quoted cell spanning lines and a blank line come first: the line is not row + 2."""
+    p = tmp_path / "ml.csv"
+    p.write_text(MULTILINE, encoding="utf-8")
+    opts = BuildOptions(id_column="id", end_row=3, image_column="image" if image else None)
+    s = validate_csv(p, opts, allowed_roots=None)
+    assert s["first_invalid"] == [{"row": 1, "line": 5, "column": "prompt", "error": "empty prompt"}]
+    out = build_jsonl(p, opts, tmp_path / "w", allowed_roots=None)
+    assert out["first_invalid"] == s["first_invalid"]
+    (inv,) = read_jsonl(tmp_path / "w" / "invalid.jsonl")
+    assert (inv["row"], inv["line"]) == (1, 5)
+    dup = r"duplicate id 'm1' in data row 1 \(0-based; line 5 of the file\) and data row 3 \(0-based; line 8 "
+    with pytest.raises(InputError, match=dup):
+        validate_csv(p, BuildOptions(id_column="id", image_column=opts.image_column), allowed_roots=None)
+    with pytest.raises(InputError, match=dup):
+        build_jsonl(p, BuildOptions(id_column="id", image_column=opts.image_column), tmp_path / "w2")
 
 
 def test_zero_valid_rows_gives_no_shards(tmp_path):

@@ -83,7 +83,11 @@ def test_main_round_trip(tmp_path, capsys):
         == 0
     )
     text = capsys.readouterr().out
-    assert "shard 0:" in text and "shard 1:" in text and "row 2 [prompt]: empty prompt" in text
+    assert (
+        "shard 0:" in text
+        and "shard 1:" in text
+        and "data row 2 (0-based; line 4 of the file) [prompt]: empty prompt" in text
+    )
     first = json.loads((build / "shard-00000.jsonl").read_text().splitlines()[0])
     assert first["body"]["seed"] == 3 and first["body"]["max_tokens"] == 20
 
@@ -197,3 +201,15 @@ def test_merge_refuses_a_csv_whose_rows_changed_since_the_build(tmp_path, capsys
     assert main(["merge", "--build-dir", str(tmp_path / "b"), "--out", str(tmp_path / "r.csv")]) == 2
     assert "selected rows changed since the build" in capsys.readouterr().err
     assert not (tmp_path / "r.csv").exists()
+
+
+def test_validate_names_rows_by_index_and_line(tmp_path, capsys):
+    """The eighth data row is row 7 (0-based); after a cell spanning three lines it is not on line 9."""
+    p = tmp_path / "in.csv"
+    rows = ['m0,"one\ntwo\nthree"'] + [f"r{i},q{i}" for i in range(1, 7)] + ["r7,"]
+    p.write_text("id,prompt\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    assert main(["validate", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "  data row 7 (0-based; line 11 of the file) [prompt]: empty prompt" in out, out
+    assert main(["build", str(p), "--out-dir", str(tmp_path / "b")]) == 0
+    assert "data row 7 (0-based; line 11 of the file) [prompt]" in capsys.readouterr().out

@@ -67,7 +67,9 @@ def test_missing_file(tmp_path):
 def test_too_many_fields_names_line(tmp_path):
     p = tmp_path / "bad.csv"
     p.write_text("a,b\n1,2\n3,4,5\n", encoding="utf-8")
-    with pytest.raises(InputError, match=r"bad\.csv: line 3: row 1 has 3 fields, the header has 2"):
+    with pytest.raises(
+        InputError, match=r"bad\.csv: data row 1 \(0-based; line 3 of the file\) has 3 fields"
+    ):
         list(iter_rows(p))
 
 
@@ -81,7 +83,9 @@ def test_unparsable_quotes(tmp_path):
 def test_not_utf8(tmp_path):
     p = tmp_path / "latin.csv"
     p.write_bytes("a,b\n1,caf\xe9\n".encode("latin-1"))
-    with pytest.raises(InputError, match=r"latin\.csv: not valid UTF-8"):
+    with pytest.raises(
+        InputError, match=r"latin\.csv: line 2: byte 0xE9 is not valid UTF-8 \(in data row 0 "
+    ):
         list(iter_rows(p))
 
 
@@ -221,7 +225,7 @@ def test_duplicate_id_and_placeholder_messages_are_shortened(tmp_path):
     long_id = CANARY + "i" * 100_000
     p = tmp_path / "ids.csv"
     p.write_text(f"id,prompt\n{long_id},a\n{long_id},b\n", encoding="utf-8")
-    pattern = r"ids\.csv: column 'id': duplicate id 'sk-canary.*' in rows 0 and 1"
+    pattern = r"ids\.csv: column 'id': duplicate id 'sk-canary.*' in data row 0 .* and data row 1 "
     with pytest.raises(InputError, match=pattern) as e:
         validate_csv(p, BuildOptions(id_column="id"), allowed_roots=None)
     assert len(str(e.value)) < 500
@@ -241,3 +245,94 @@ def test_an_env_or_json_file_read_as_a_csv_never_shows_its_values(tmp_path):
             validate_csv(src, BuildOptions(), allowed_roots=None)
         message = str(caught.value)
         assert "not found" in message and "sk-proj" not in message and "ZZZZ" not in message, message
+
+
+# ------------------------------------------------------------------ issue 12: right line numbers
+
+
+def test_row_label_says_both_once():
+    from batchpipe.csvio import row_label
+
+    assert row_label(7, 9) == "data row 7 (0-based; line 9 of the file)"
+    assert row_label(0, None) == "data row 0 (0-based)"
+
+
+def _latin1_file(path, bad_line_no, total_lines=2000):
+    """A CSV whose physical line ``bad_line_no`` holds a Latin-1 é; a quoted cell spanning three lines
+    comes first (so data row != line - 2), the rest is UTF-8, long enough for several read chunks."""
+    parts = [b"id,prompt\n", 'm,"first\nsecond\nthird — ü"\n'.encode()]  # lines 2-4: data row 0
+    for n in range(5, total_lines + 1):
+        parts.append(f"r{n},café au lait\n".encode("latin-1" if n == bad_line_no else "utf-8"))
+    path.write_bytes(b"".join(parts))
+    return path
+
+
+@pytest.mark.parametrize("bad_line", [5, 1347, 1501, 1999])
+def test_not_utf8_names_the_exact_line_byte_and_row(tmp_path, bad_line):
+    """The decoder reads ahead in chunks: the line the csv reader is on is not where the bad byte is."""
+    p = _latin1_file(tmp_path / "latin.csv", bad_line)
+    # data row 0 spans lines 2-4, so the row on physical line L (L >= 5) is L - 4
+    messages = [
+        str(pytest.raises(InputError, call).value)
+        for call in (lambda: list(iter_rows(p)), lambda: count_rows(p))
+    ]
+    try:
+        read_header(p)  # reads only the first chunk: a bad byte far down may not be seen, which is fine
+    except InputError as exc:
+        messages.append(str(exc))
+    for message in messages:
+        assert f"line {bad_line} " in message or f"line {bad_line}:" in message, message
+        assert "0xE9" in message and "UTF-8" in message, message
+        assert f"data row {bad_line - 4} (0-based; line {bad_line} of the file)" in message, message
+        assert "save the file as UTF-8" in message, message
+        assert "near line" not in message
+
+
+def test_not_utf8_inside_a_multiline_cell_and_in_the_header(tmp_path):
+    p = tmp_path / "ml.csv"
+    p.write_bytes(b'id,prompt\nok,fine\nm,"one\ntw\xf6\nthree"\n')
+    message = str(pytest.raises(InputError, lambda: list(iter_rows(p))).value)
+    assert "line 4" in message and "0xF6" in message, message
+    assert "data row 1 (0-based; line 3 of the file)" in message, message
+    h = tmp_path / "h.csv"
+    h.write_bytes(b"\xef\xbb\xbfid,pr\xe9mpt\r\nx,y\r\n")  # BOM, CRLF, bad byte in the header
+    message = str(pytest.raises(InputError, read_header, h).value)
+    assert "line 1" in message and "0xE9" in message and "header" in message, message
+
+
+def test_rows_know_their_physical_line(tmp_path):
+    from batchpipe.csvio import _iter_lists
+
+    p = tmp_path / "in.csv"
+    p.write_text('a,b\n1,"x\ny"\n\n2,z\r\n3,"p\r\nq\r\nr"\n4,w\n', encoding="utf-8", newline="")
+    got = [(index, line) for index, _, _, line in _iter_lists(p, with_lines=True)]
+    assert got == [(0, 2), (1, 5), (2, 6), (3, 9)]
+
+
+def test_too_many_fields_names_row_and_line_after_a_multiline_cell(tmp_path):
+    p = tmp_path / "bad.csv"
+    p.write_text('a,b\n1,"two\nlines"\n3,4,5\n', encoding="utf-8")
+    with pytest.raises(
+        InputError,
+        match=r"bad\.csv: data row 1 \(0-based; line 4 of the file\) has 3 fields, the header has 2",
+    ):
+        list(iter_rows(p))
+
+
+@pytest.mark.parametrize("cut", [-1, 0, 1])
+def test_not_utf8_across_a_read_chunk_and_at_the_end(tmp_path, cut):
+    """A broken sequence straddling the 1 MiB read chunk, CRLF line ends, and one cut off at the end."""
+    head = b"id,prompt\r\n"
+    line = b"r,0123456789\r\n"  # 14 bytes
+    n = (1 << 20) // len(line)
+    body = head + line * n
+    pad = (1 << 20) + cut - len(body) - 2
+    body += b"p," + b"x" * pad  # the lead byte lands on the chunk boundary (+cut)
+    p = tmp_path / "big.csv"
+    p.write_bytes(body + b"\xc3(\r\nz,ok\r\n")
+    message = str(pytest.raises(InputError, count_rows, p).value)
+    assert f"line {n + 2}: byte 0xC3 is not valid UTF-8 (in data row {n} (0-based; line {n + 2} " in message
+    t = tmp_path / "cut.csv"
+    t.write_bytes(b"a,b\n1,2\n3,\xe2\x82")  # the euro sign's first two bytes, then the end of the file
+    message = str(pytest.raises(InputError, lambda: list(iter_rows(t))).value)
+    assert "line 3: byte 0xE2" in message and "data row 1 (0-based; line 3 of the file)" in message, message

@@ -170,7 +170,7 @@ def test_text_build_with_template_and_ids_same_as_generic(tmp_path, monkeypatch)
         fast["first_invalid"]
         == slow["first_invalid"]
         == [
-            {"row": 50, "column": "id", "error": "empty id"},
+            {"row": 50, "line": 102, "column": "id", "error": "empty id"},  # 2 physical lines a row
         ]
     )
     assert (tmp_path / "fast" / "invalid.jsonl").read_bytes() == (

@@ -303,9 +303,9 @@ def _prepare(
 class _IdTracker:
     def __init__(self, plan: _Plan):
         self.plan = plan
-        self.seen: dict[str, int] = {}
+        self.seen: dict[str, int] = {}  # id -> first data row (its line is looked up only for a message)
 
-    def add(self, index: int, row: dict[str, str]) -> None:
+    def add(self, index: int, row: dict[str, str], line: int | None = None) -> None:
         col = self.plan.opts.id_column
         if not col:
             return
@@ -314,15 +314,27 @@ class _IdTracker:
             return
         first = self.seen.setdefault(value, index)
         if first != index:
-            raise InputError(
-                f"{self.plan.path}: column {col!r}: duplicate id {csvio.quote_value(value)} in rows {first} "
-                f"and {index} "
-                "(ids must be unique)"
-            )
+            self.duplicate(value, first, index, line)
+
+    def duplicate(self, value: str, first: int, index: int, line: int | None) -> None:
+        path = self.plan.path
+        raise InputError(
+            f"{path}: column {self.plan.opts.id_column!r}: duplicate id {csvio.quote_value(value)} in "
+            f"{csvio.row_label(first, csvio.line_of_row(path, first))} and {csvio.row_label(index, line)} "
+            "(ids must be unique)"
+        )
 
 
-def _example(index: int, exc: RowError) -> dict[str, Any]:
-    return {"row": index, "column": exc.column, "error": exc.message}
+def _example(index: int, exc: RowError, line: int | None) -> dict[str, Any]:
+    """A row problem as validate/build report it: ``row`` 0-based, ``line`` its first physical line."""
+    return {"row": index, "line": line, "column": exc.column, "error": exc.message}
+
+
+def describe_problem(example: dict[str, Any]) -> str:
+    """One ``first_invalid`` entry as a message line: ``data row 7 (0-based; line 9 of the file)
+    [prompt]: empty prompt``."""
+    column = f" [{example['column']}]" if example.get("column") else ""
+    return f"{csvio.row_label(example['row'], example.get('line'))}{column}: {example['error']}"
 
 
 # --------------------------------------------------------------------------- validate
@@ -340,20 +352,21 @@ def validate_csv(
     Fatal problems raise InputError; row-level problems are counted. Images are checked cheaply (exists,
     size, magic bytes) but not encoded. ``allowed_roots``: folders the CSV and image files must be in
     (None: anywhere; default: ``OPENAI_BATCH_ALLOWED_ROOTS``, read now). Returns ``{"file", "columns",
-    "rows_in_file", "rows_selected", "valid", "invalid", "first_invalid": [{"row", "column", "error"},
-    ... up to 10]}``.
+    "rows_in_file", "rows_selected", "valid", "invalid", "first_invalid": [{"row", "line", "column",
+    "error"}, ... up to 10]}`` (``row`` 0-based, ``line`` the row's first physical line of the file).
     """
     plan = _prepare(csv_path, opts, allowed_roots, url_fs)
     o = plan.opts
     ids = _IdTracker(plan)
     rows_in_file = selected = valid = invalid = 0
     examples: list[dict[str, Any]] = []
-    for index, row in csvio.iter_rows(plan.path, 0, None, allowed_roots=None):
+    for index, header, cells, line in csvio._iter_lists(plan.path, with_lines=True):  # checked by _prepare
         rows_in_file += 1
         if index < o.start_row or (o.end_row is not None and index >= o.end_row):
             continue
         selected += 1
-        ids.add(index, row)
+        row = dict(zip(header, cells, strict=True))
+        ids.add(index, row, line)
         try:
             plan.check_id(row)
             plan.prompt(row)
@@ -361,7 +374,7 @@ def validate_csv(
         except RowError as exc:
             invalid += 1
             if len(examples) < MAX_EXAMPLES:
-                examples.append(_example(index, exc))
+                examples.append(_example(index, exc, line))
             continue
         valid += 1
     if selected == 0:
@@ -625,16 +638,18 @@ def build_jsonl(
     max_bytes = o.max_batch_bytes
     template = _line_template(o)
     digest = RowDigest()
-    stream = digest.rows(csvio._iter_lists(path, o.start_row, o.end_row))
+    stream = digest.rows(csvio._iter_lists(path, o.start_row, o.end_row, with_lines=True))
     images = None
+    lines: dict[int, int] = {}  # first physical line of the rows waiting for their image
 
-    def fail(inv, index: int, custom_id: str, exc: RowError) -> None:
+    def fail(inv, index: int, custom_id: str, exc: RowError, line: int) -> None:
         nonlocal invalid
         invalid += 1
         if len(examples) < MAX_EXAMPLES:
-            examples.append(_example(index, exc))
+            examples.append(_example(index, exc, line))
         rec = {
             "row": index,
+            "line": line,
             "custom_id": custom_id or f"row-{index}",
             "column": exc.column,
             "error": exc.message,
@@ -649,14 +664,14 @@ def build_jsonl(
                 enc = encode_basestring
                 if template is not None:
                     head, middle, tail = template
-                for index, _, row in stream:
+                for index, _, row, line in stream:
                     rows += 1
                     if id_i >= 0:
                         custom_id = row[id_i]
                         if custom_id.strip() != "":
                             first = seen.setdefault(custom_id, index)
                             if first != index:
-                                ids.add(index, {id_col: custom_id})  # raises the duplicate InputError
+                                ids.duplicate(custom_id, first, index, line)
                     else:
                         custom_id = f"row-{index}"
                     try:
@@ -666,24 +681,25 @@ def build_jsonl(
                         if prompt.strip() == "":
                             raise RowError("empty prompt", prompt_col)
                         if template is not None:
-                            line = (head + enc(custom_id) + middle + enc(prompt) + tail).encode("utf-8")
+                            request = (head + enc(custom_id) + middle + enc(prompt) + tail).encode("utf-8")
                         else:
-                            line = _request_line(o, custom_id, prompt, None)
-                        if len(line) > max_bytes:
-                            raise _too_big(line, max_bytes)
+                            request = _request_line(o, custom_id, prompt, None)
+                        if len(request) > max_bytes:
+                            raise _too_big(request, max_bytes)
                     except RowError as exc:
-                        fail(inv, index, custom_id, exc)
+                        fail(inv, index, custom_id, exc, line)
                         continue
-                    add(line, index)
+                    add(request, index)
                     valid += 1
             else:
 
                 def items() -> Iterator[tuple[int, str, str | None, RowError | None, str]]:
                     nonlocal rows
-                    for index, _, row in stream:
+                    for index, _, row, line in stream:
                         rows += 1
+                        lines[index] = line
                         d = dict(zip(header, row, strict=True))
-                        ids.add(index, d)
+                        ids.add(index, d, line)
                         custom_id = plan.custom_id(index, d)
                         try:
                             plan.check_id(d)
@@ -695,16 +711,17 @@ def build_jsonl(
 
                 images = _encode_ordered(items(), plan)
                 for index, custom_id, prompt, err, url in images:
+                    line = lines.pop(index)
                     try:
                         if err is not None:
                             raise err
-                        line = _request_line(o, custom_id, prompt, url)
-                        if len(line) > max_bytes:
-                            raise _too_big(line, max_bytes)
+                        request = _request_line(o, custom_id, prompt, url)
+                        if len(request) > max_bytes:
+                            raise _too_big(request, max_bytes)
                     except RowError as exc:
-                        fail(inv, index, custom_id, exc)
+                        fail(inv, index, custom_id, exc, line)
                         continue
-                    writer.add(line, index)
+                    writer.add(request, index)
                     valid += 1
         shards = writer.close()
     except BaseException:

@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .build import build_jsonl, validate_csv
+from .build import build_jsonl, describe_problem, validate_csv
 from .errors import InputError
 from .options import ENDPOINTS, IMAGE_DETAILS, BuildOptions
 
@@ -63,8 +63,7 @@ def _print_invalid(examples: list[dict[str, Any]], total: int) -> None:
         return
     print(f"first invalid rows ({len(examples)} of {total}):")
     for e in examples:
-        col = f" [{e['column']}]" if e.get("column") else ""
-        print(f"  row {e['row']}{col}: {e['error']}")
+        print(f"  {describe_problem(e)}")
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -89,7 +88,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     for s in result["shards"]:
         print(
             f"shard {s['index']}: {s['path']} ({s['requests']} requests, {s['bytes']} bytes, "
-            f"rows {s['first_row']}..{s['last_row']})"
+            f"data rows {s['first_row']}..{s['last_row']}, 0-based)"
         )
     if not result["shards"]:
         print("no valid rows: nothing to submit")

@@ -6,7 +6,12 @@ dropped. Rows are read one at a time with the ``csv`` module, so memory does not
 
 Row indexes are 0-based data-row indexes (the header is not a row). Completely blank lines are skipped
 (as pandas does), so they are not rows either. A row with fewer fields than the header is padded with
-``""``; a row with more fields is a fatal ``InputError`` naming the line.
+``""``; a row with more fields is a fatal ``InputError`` naming the row. Every message naming a data row
+says it one way (:func:`row_label`): ``data row 7 (0-based; line 9 of the file)``, the line being the
+row's first physical line (a quoted cell may span several lines, so it is not always row + 2).
+
+Bytes that are not UTF-8 are a fatal ``InputError`` naming the byte, its physical line and its data row
+(found by a second pass: the decoder reads ahead, so where the reader stands says nothing).
 
 Only regular files are read: a path under ``/proc``, ``/sys`` or ``/dev``, a directory, FIFO, device or
 socket is a fatal ``InputError`` before it is opened (``/proc/self/environ`` holds the API key). Messages
@@ -15,6 +20,7 @@ quote at most a few header names, shortened (:func:`column_list`, :func:`quote_v
 
 from __future__ import annotations
 
+import codecs
 import csv
 import os
 import re
@@ -62,7 +68,15 @@ def quote_value(value: str) -> str:
     return paths.clip(repr(value), MAX_QUOTED_NAME + 2)
 
 
-def _open(path: str | os.PathLike):
+def row_label(index: int, line: int | None) -> str:
+    """How every message names a data row: ``data row 7 (0-based; line 9 of the file)``. ``line`` is the
+    row's first physical line (1-based; None when unknown)."""
+    if line is None:
+        return f"data row {index} (0-based)"
+    return f"data row {index} (0-based; line {line} of the file)"
+
+
+def _open(path: str | os.PathLike, binary: bool = False):
     """Open a CSV for reading: never a pseudo file, directory, FIFO, device or socket (checked with
     ``stat()`` before and ``fstat()`` after a non-blocking open, so a FIFO swapped in cannot block)."""
     name = paths.quote_path(path)
@@ -79,28 +93,111 @@ def _open(path: str | os.PathLike):
     if problem := paths.stat_problem(os.fstat(fd)):  # swapped for something else since the check
         os.close(fd)
         raise InputError(f"{name}: {problem}")
+    if binary:
+        return open(fd, "rb")
     return open(fd, encoding=ENCODING, newline="")
 
 
+def _line_breaks(data: bytes) -> int:
+    """Line breaks in ``data`` as the csv reader counts them: ``\r\n``, ``\n`` or a lone ``\r``."""
+    return data.count(b"\n") + data.count(b"\r") - data.count(b"\r\n")
+
+
+def _first_bad_byte(path: str | os.PathLike) -> tuple[int, int] | None:
+    """``(offset, byte)`` of the first byte of ``path`` that is not UTF-8 (a BOM is skipped); None if
+    there is none. Streams the file in chunks."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with _open(path, binary=True) as fh:
+        while chunk := fh.read(1 << 20):
+            skip = 3 if offset == 0 and chunk.startswith(codecs.BOM_UTF8) else 0
+            pending = decoder.getstate()[0]  # an unfinished sequence from the previous chunk
+            try:
+                decoder.decode(chunk[skip:])
+            except UnicodeDecodeError as exc:  # exc.start counts from the start of ``pending``
+                return offset + skip - len(pending) + exc.start, exc.object[exc.start]
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as exc:  # a sequence cut off by the end of the file
+        return offset - len(exc.object) + exc.start, exc.object[exc.start]
+    return None
+
+
+def _line_at(path: str | os.PathLike, offset: int) -> int:
+    """The 1-based physical line of the byte at ``offset``."""
+    breaks = pos = 0
+    last = b""  # the previous chunk's last byte: a \r\n may straddle two chunks
+    with _open(path, binary=True) as fh:
+        while pos < offset and (chunk := fh.read(min(1 << 20, offset - pos))):
+            breaks += _line_breaks(last + chunk) - _line_breaks(last)
+            last, pos = chunk[-1:], pos + len(chunk)
+    return breaks + 1
+
+
+def _row_of_line(path: str | os.PathLike, line: int) -> tuple[int, int] | None:
+    """``(data row, its first line)`` of the row holding physical ``line`` (``(-1, 1)`` for the header),
+    read with undecodable bytes replaced (that never moves a line or field break); None if not found."""
+    with (
+        _open(path, binary=True) as raw,
+        open(raw.fileno(), encoding=ENCODING, errors="replace", newline="", closefd=False) as fh,
+    ):
+        reader = _Reader(path, fh)
+        try:
+            reader.read_header()
+            if line <= reader.reader.line_num:
+                return -1, 1
+            for index, _row, first in reader.rows(with_lines=True):
+                if line <= reader.reader.line_num:
+                    return index, first
+        except InputError:  # a parse error before that line: say only the line
+            return None
+    return None
+
+
+def _not_utf8(path: str | os.PathLike) -> InputError:
+    name = paths.quote_path(path)
+    advice = "save the file as UTF-8 (e.g. 'CSV UTF-8' in a spreadsheet) and try again"
+    found = _first_bad_byte(path)
+    if found is None:  # the file changed since it failed to decode
+        return InputError(f"{name}: not valid UTF-8 text; {advice}")
+    offset, byte = found
+    line = _line_at(path, offset)
+    row = _row_of_line(path, line)
+    if row is None:
+        where = ""
+    elif row[0] < 0:
+        where = " (in the header)"
+    else:
+        where = f" (in {row_label(*row)})"
+    return InputError(
+        f"{name}: line {line}: byte 0x{byte:02X} is not valid UTF-8{where}; the file is in another "
+        f"encoding (Latin-1, Windows-1252...): {advice}"
+    )
+
+
 class _Reader:
-    """csv.reader wrapper turning parser problems into InputError with the file and line."""
+    """csv.reader wrapper turning parser problems into InputError with the file, row and line."""
 
     def __init__(self, path: str | os.PathLike, fh):
+        self.source = path
         self.path = paths.quote_path(path)
         self.reader = csv.reader(fh, strict=True)
         self.header: list[str] = []
+        self.first_line = 1  # physical line where the last row read began
 
-    def _next(self) -> list[str] | None:
+    def _next(self, what: str = "the header") -> list[str] | None:
+        self.first_line = self.reader.line_num + 1
         try:
             return next(self.reader)
         except StopIteration:
             return None
         except csv.Error as exc:
-            raise InputError(f"{self.path}: line {self.reader.line_num}: cannot parse CSV ({exc})") from None
-        except UnicodeDecodeError as exc:
             raise InputError(
-                f"{self.path}: not valid UTF-8 text near line {self.reader.line_num + 1} ({exc.reason})"
+                f"{self.path}: line {self.reader.line_num}: cannot parse CSV ({exc}) in {what}"
             ) from None
+        except UnicodeDecodeError:
+            raise _not_utf8(self.source) from None
 
     def read_header(self) -> list[str]:
         while True:
@@ -117,23 +214,24 @@ class _Reader:
         self.header = row
         return row
 
-    def rows(self) -> Iterator[tuple[int, list[str]]]:
+    def rows(self, with_lines: bool = False) -> Iterator[tuple]:
+        """``(index, cells)`` per data row; with ``with_lines``, ``(index, cells, first physical line)``."""
         width = len(self.header)
         index = 0
         while True:
-            row = self._next()
+            row = self._next(f"{row_label(index, self.reader.line_num + 1)} or after")
             if row is None:
                 return
             if not row:  # blank line
                 continue
             if len(row) > width:
                 raise InputError(
-                    f"{self.path}: line {self.reader.line_num}: row {index} has {len(row)} fields, "
+                    f"{self.path}: {row_label(index, self.first_line)} has {len(row)} fields, "
                     f"the header has {width}"
                 )
             if len(row) < width:
                 row = row + [""] * (width - len(row))
-            yield index, row
+            yield (index, row, self.first_line) if with_lines else (index, row)
             index += 1
 
 
@@ -169,15 +267,27 @@ def _iter_dicts(path, start_row: int, end_row: int | None) -> Iterator[tuple[int
         yield index, dict(zip(header, row, strict=True))
 
 
-def _iter_lists(path, start_row: int = 0, end_row: int | None = None):
+def _iter_lists(path, start_row: int = 0, end_row: int | None = None, with_lines: bool = False):
+    """``(index, header, cells)`` per selected row; with ``with_lines`` also the row's first physical
+    line: ``(index, header, cells, line)``."""
     with _open(path) as fh:
         reader = _Reader(path, fh)
         header = reader.read_header()
-        for index, row in reader.rows():
+        for index, row, line in reader.rows(with_lines=True):
             if end_row is not None and index >= end_row:
                 return
             if index >= start_row:
-                yield index, header, row
+                yield (index, header, row, line) if with_lines else (index, header, row)
+
+
+def line_of_row(path: str | os.PathLike, index: int) -> int | None:
+    """The first physical line of data row ``index`` (a second pass, for messages); None if unknown."""
+    try:
+        for _, _, _, line in _iter_lists(path, index, index + 1, with_lines=True):
+            return line
+    except InputError:
+        pass
+    return None
 
 
 def count_rows(path: str | os.PathLike) -> int:
@@ -193,7 +303,8 @@ def count_rows(path: str | os.PathLike) -> int:
 
 def no_rows_error(path, start_row: int, end_row: int | None, rows_in_file: int) -> InputError:
     end = "end" if end_row is None else str(end_row)
+    last = f" (0 to {rows_in_file - 1})" if rows_in_file else ""
     return InputError(
-        f"{paths.quote_path(path)}: no data rows in range [{start_row}, {end}) — the file has "
-        f"{rows_in_file} data row(s)"
+        f"{paths.quote_path(path)}: no data rows in range [{start_row}, {end}) (0-based data rows, the "
+        f"header is not one) — the file has {rows_in_file} data row(s){last}"
     )

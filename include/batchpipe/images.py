@@ -10,7 +10,8 @@
   base folder is such a URL, is read through ``url_fs`` — a callable the caller supplies that maps the
   URL to ``(filesystem, path)`` with an fsspec-style filesystem (``info``, ``open``); Airflow's
   ``ObjectStoragePath`` gives one. ``..`` is normalised away before the roots (URL prefixes) are
-  checked. Without ``url_fs`` such a cell makes its row invalid.
+  checked. Without ``url_fs`` such a cell makes its row invalid, and so does a URL ``url_fs`` refuses
+  with ValueError (a scheme no installed filesystem reads, e.g. ``ftp://`` without its provider).
 
 Problems raise ``RowError`` (the row is invalid, the run goes on). A message names the cell redacted and
 shortened (:func:`batchpipe.paths.quote_path`); files under ``/proc``, ``/sys`` or ``/dev``, FIFOs, devices
@@ -165,7 +166,10 @@ def _source(location: Path | str, name: str, url_fs: UrlFs | None) -> _LocalImag
     if url_fs is None:
         scheme = urlsplit(location).scheme
         raise RowError(f"image {name}: {scheme}:// URLs are read only through object storage (from Airflow)")
-    fs, path = url_fs(location)
+    try:
+        fs, path = url_fs(location)
+    except ValueError as exc:  # a scheme no filesystem here reads: the message says what is supported
+        raise RowError(f"image {name}: {str(exc).partition(': ')[2] or exc}") from None
     return _StoredImage(fs, path, name)
 
 

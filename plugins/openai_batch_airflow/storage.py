@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from batchpipe.paths import clip as paths_clip
 from batchpipe.paths import is_url, redact_url, url_problem
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,39 @@ SCRATCH_ENV = "OPENAI_BATCH_SCRATCH_DIR"
 LOCAL_SCHEMES = ("file", "local")
 
 Location = Any  # pathlib.Path for a local location, airflow.sdk.ObjectStoragePath for a remote one
+
+#: Web URLs are never a location: a file on a web server is downloaded first (and not fetched by a task).
+WEB_SCHEMES = ("http", "https")
+
+
+class UnsupportedScheme(ValueError):
+    """A URL whose scheme has no filesystem here (or is a web URL): the message says what is supported."""
+
+
+def _store_schemes() -> list[str]:
+    """The object-storage schemes the installed providers register (``s3``, ``gs``...)."""
+    try:
+        from airflow.sdk.io.fs import _register_filesystems  # private: only to list them in a message
+
+        return sorted(s for s in _register_filesystems() if s not in LOCAL_SCHEMES)
+    except Exception:  # noqa: BLE001 - a message without the list is still a clear message
+        return []
+
+
+def check_scheme(text: str) -> None:
+    """Raise :class:`UnsupportedScheme` for a URL no installed filesystem reads (``http://``,
+    ``ftp://`` without its provider, a typo such as ``s4://``), naming the supported ones."""
+    from airflow.sdk.io.fs import has_fs
+
+    scheme = urlsplit(text).scheme.lower()
+    if scheme not in WEB_SCHEMES and has_fs(scheme):
+        return
+    here = "".join(f"{s}://, " for s in _store_schemes())
+    hint = " — download the file first" if scheme in WEB_SCHEMES else ""
+    raise UnsupportedScheme(
+        f"{redact_url(text)}: scheme {paths_clip(scheme)} is not supported; use a local path or an "
+        f"object-storage URL ({here}others such as gs:// through their Airflow provider){hint}"
+    )
 
 
 def is_remote(where: str | os.PathLike | Location) -> bool:
@@ -55,7 +89,8 @@ def location(where: str | os.PathLike | Location, conn_id: str | None = None) ->
     """``where`` as a :class:`~pathlib.Path` (local) or an ``ObjectStoragePath`` (remote).
 
     ``conn_id`` (if given) replaces a connection named in the URL. A URL with ``?``, ``#`` or a
-    password in it raises ValueError (see :func:`batchpipe.paths.url_problem`).
+    password in it raises ValueError (see :func:`batchpipe.paths.url_problem`); one whose scheme no
+    installed filesystem reads raises :class:`UnsupportedScheme` (a ValueError too).
     """
     if not is_remote(where):
         return where if isinstance(where, Path) else local_path(where)
@@ -64,6 +99,7 @@ def location(where: str | os.PathLike | Location, conn_id: str | None = None) ->
     if isinstance(where, ObjectStoragePath) and not conn_id:
         return where
     text = str(where)
+    check_scheme(text)
     if problem := url_problem(text):
         raise ValueError(f"{redact_url(text)} {problem}")
     if conn_id:  # ObjectStoragePath would let a connection named in the URL win

@@ -171,7 +171,11 @@ def local_input_csv(params: dict[str, Any], into: Path):
         except PathNotAllowed as exc:
             raise InputError(str(exc)) from None
         try:
-            local = storage.fetch(storage.location(where, storage_conn_id(params)), into)
+            remote = storage.location(where, storage_conn_id(params))
+        except ValueError as exc:  # a scheme nothing here reads (http://...), a '?' or a password in it
+            raise InputError(f"input_csv {exc}") from None
+        try:
+            local = storage.fetch(remote, into)
         except FileNotFoundError:
             raise InputError(f"{quote_path(where)}: input CSV not found") from None
     if roots is not None:
@@ -184,7 +188,7 @@ MAX_XCOM_COLUMNS = 50
 
 
 def validate(params: dict[str, Any], run_id: str) -> dict[str, Any]:
-    from batchpipe.build import validate_csv
+    from batchpipe.build import describe_problem, validate_csv
     from batchpipe.paths import clip
 
     opts = build_options(params)
@@ -213,14 +217,15 @@ def validate(params: dict[str, Any], run_id: str) -> dict[str, Any]:
         summary["valid"],
         summary["invalid"],
     )
-    for example in summary.get("first_invalid") or []:
-        log.warning("invalid row %s (column %s): %s", example["row"], example["column"], example["error"])
+    problems = [describe_problem(example) for example in summary.get("first_invalid") or []]
+    for problem in problems:
+        log.warning("invalid %s", problem)
     if summary["valid"] == 0:
         from airflow.sdk.exceptions import AirflowFailException
 
         raise AirflowFailException(
             f"{summary['file']}: none of the {summary['rows_selected']} selected rows can be sent; "
-            f"first problems: {summary.get('first_invalid')}"
+            f"first problems: {'; '.join(problems)}"
         )
     return summary
 
