@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -291,7 +295,7 @@ def test_cli_analyze(run, tmp_path, capsys):
     assert page.count("data-plot=") == 3 and "batch_b" in page
 
     assert main(["analyze", str(run["out"]), "--html", str(tmp_path / "x.html")]) == 2
-    assert "exactly one results .csv" in capsys.readouterr().err
+    assert "--html needs merged results .csv files" in capsys.readouterr().err
     assert main(["analyze", str(tmp_path / "missing.csv")]) == 2
 
 
@@ -311,3 +315,97 @@ def test_report_html_names_duplicate_unknown_and_unreadable_result_lines(run):
     assert "&lt;quota&gt;" in table  # escaped
     clean = write_report_html(run["csv"], run["report"], tmp / "clean.html").read_text()
     assert 'class="problems"' not in clean
+
+
+# ------------------------------------------------------------------ issue 12: several runs, pipes, axes
+
+BATCHPIPE = Path(sys.executable).with_name("batchpipe")
+
+
+def two_runs(tmp_path):
+    """``output/questions/<run>/results.csv`` twice, as the pipeline leaves them (report.json with the
+    model and the batches, estimate.json beside)."""
+    for n, run_id in ((6, "manual__2026-01-01T00_00_00"), (3, "manual__2026-01-02T00_00_00")):
+        src = write_csv(tmp_path / f"in{n}.csv", [{"prompt": f"q {i}"} for i in range(n)])
+        build = build_jsonl(src, BuildOptions(model="gpt-4o"), tmp_path / f"build{n}", allowed_roots=None)
+        out = write_jsonl(
+            tmp_path / f"out{n}.jsonl", [ok_line(f"row-{i}", "ok", 10, i) for i in range(n - 1)]
+        )
+        folder = tmp_path / "output" / "questions" / run_id
+        report = merge_results(build["manifest"], [out], folder / "results.csv")
+        full = {**report, "model": "gpt-4o", "batches": [{**BATCHES[0], "id": f"batch_{n}"}]}
+        (folder / "report.json").write_text(json.dumps(full))
+        (folder / "estimate.json").write_text(json.dumps(estimate_build(build["manifest"])))
+    return sorted((tmp_path / "output" / "questions").glob("*/results.csv"))
+
+
+def test_the_readme_analyze_command_over_two_runs(tmp_path):
+    """The README's ``batchpipe analyze output/questions/*/results.csv --html report.html``, in a shell."""
+    runs = two_runs(tmp_path)
+    cmd = "batchpipe analyze output/questions/*/results.csv --html report.html"
+    env = {**os.environ, "PATH": f"{BATCHPIPE.parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(cmd, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "rows: 9  answered: 7" in done.stdout  # the text summary is over all files
+    index = (tmp_path / "report.html").read_text(encoding="utf-8")
+    pages = re.findall(r'<a href="([^"]+)">', index)
+    assert len(pages) == 2, index
+    for page_name, results, (rows, answered) in zip(pages, runs, ((6, 5), (3, 2)), strict=True):
+        assert results.parent.name in page_name and "/" not in page_name
+        page = (tmp_path / page_name).read_text(encoding="utf-8")  # each run's own full report
+        assert f'id="count-rows"><b>{rows}</b>' in page and f'id="count-answered"><b>{answered}</b>' in page
+        assert f"batch_{rows}" in page and "Shards (estimate)" in page  # report.json, estimate.json beside
+        assert page.count("data-plot=") == 3
+    assert 'id="count-rows"><b>9</b>' in index and 'id="count-answered"><b>7</b>' in index  # totals
+    for results in runs:
+        assert str(Path("output/questions") / results.parent.name / "results.csv") in index
+    # one run: one page, as before; options that describe one run refuse several
+    assert main(["analyze", str(runs[0]), "--html", str(tmp_path / "one.html")]) == 0
+    assert not list(tmp_path.glob("one-*.html"))
+    assert main(["analyze", *map(str, runs), "--html", str(tmp_path / "x.html"), "--batches", "b.json"]) == 2
+
+
+def test_a_closed_pipe_is_not_a_traceback(tmp_path, run):
+    """``batchpipe estimate --json | head`` and the like: the reader went away, so stop quietly."""
+    src = write_csv(tmp_path / "many.csv", [{"prompt": f"question {i}"} for i in range(3000)])
+    for args in (
+        ["estimate", str(src), "--json"],
+        ["validate", str(src), "--json"],
+        ["analyze", str(run["csv"])],
+    ):
+        proc = subprocess.Popen([str(BATCHPIPE), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc.stdout.close()  # the reader is gone before the first line is written
+        err = proc.stderr.read().decode()
+        proc.stderr.close()
+        assert proc.wait(timeout=60) == 141, err  # 128 + SIGPIPE, as `yes | head` ends
+        assert "Traceback" not in err and "BrokenPipeError" not in err and "Exception ignored" not in err, err
+    env = {**os.environ, "PATH": f"{BATCHPIPE.parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(f"batchpipe estimate {src} --json | head -n 2", shell=True, env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.stdout.startswith("{") and done.stderr == "", done.stderr
+
+
+def test_histogram_axes_have_ticks_along_both(run):
+    from batchpipe.report import svg_histogram
+
+    bins = [
+        (lo, lo + 9, n)
+        for lo, n in zip(range(100, 300, 10), [3, 7, 12, 40, 55, 61, 30, 22, 9, 4] * 2, strict=True)
+    ]
+    svg = ET.fromstring(svg_histogram(bins))
+    ns = "{http://www.w3.org/2000/svg}"
+    texts = [(float(t.get("x")), float(t.get("y")), t.text) for t in svg.iter(f"{ns}text")]
+    y_axis = sorted((y, int(text)) for x, y, text in texts if x < 50 and text.strip().isdigit())
+    x_axis = sorted((x, int(text)) for x, y, text in texts if x >= 50 and y > 200 and text.strip().isdigit())
+    assert len(y_axis) >= 4 and len(x_axis) >= 4, (y_axis, x_axis)
+    # y: counts grow upwards, from 0 to at least the peak (61), evenly spaced
+    assert y_axis[-1][1] == 0 and y_axis[0][1] >= 61
+    assert [v for _, v in y_axis] == sorted((v for _, v in y_axis), reverse=True)
+    # x: token values grow to the right, from the first bin's low to the last bin's high
+    assert x_axis[0][1] == 100 and x_axis[-1][1] == 299
+    assert [v for _, v in x_axis] == sorted(v for _, v in x_axis)
+    ticks = [line for line in svg.iter(f"{ns}line") if line.get("data-tick")]
+    assert {t.get("data-tick") for t in ticks} == {"x", "y"} and len(ticks) == len(x_axis) + len(y_axis)
+    one = ET.fromstring(svg_histogram([(5, 5, 1)]))  # a single bin of one value: still labelled
+    labels = {t.text: float(t.get("x")) for t in one.iter(f"{ns}text") if t.text.strip().isdigit()}
+    assert 50 < labels["5"] < 600, labels  # under its bar, inside the picture

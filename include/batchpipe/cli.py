@@ -9,13 +9,15 @@
                       [--batches batches.json] [--model M] [--prices FILE_OR_JSON]]
 
 Fatal input problems print the message on stderr and exit with code 2; ``estimate`` exits with code 3
-when the estimate exceeds ``--max-cost-usd``.
+when the estimate exceeds ``--max-cost-usd``; output cut off by its reader (``| head``) ends quietly
+with code 141 (128 + SIGPIPE).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -137,7 +139,16 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
-    from .report import analyze, format_analysis, write_report_html
+    """Summarise results files (text or ``--json``: one summary over all files, with ``per_file``).
+
+    ``--html OUT.html`` with one results.csv writes its report there. With several (``*/results.csv``
+    of several runs) each run gets its own full report page, ``OUT-<n>-<run folder>.html`` beside
+    OUT.html, and OUT.html is the overview: totals and a line per run linking its page. A run's page is
+    per run because its estimate, batches and cost belong to that run only; a report.json and
+    estimate.json beside a results.csv (as the pipeline leaves them) give its page the merge's counts,
+    the model, the batches and the estimate.
+    """
+    from .report import analyze, format_analysis, write_overview_html
 
     for p in args.results:
         if not Path(p).is_file():
@@ -147,34 +158,66 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise InputError(str(exc)) from None
     print(json.dumps(result, ensure_ascii=False, indent=2) if args.json else format_analysis(result))
-    if args.html:
-        csvs = [p for p in args.results if p.lower().endswith(".csv")]
-        if len(csvs) != 1:
-            raise InputError("--html needs exactly one results .csv (with its report.json beside it)")
-        report_json = Path(csvs[0]).with_name("report.json")
-        batches = None
-        if args.batches:
-            batches = _read_json_arg(args.batches, "--batches")
-            if isinstance(batches, dict):  # {"batches": [...]} as some tools write it
-                batches = batches.get("batches")
-            if not isinstance(batches, list):
-                raise InputError("--batches: expected a JSON list of batch summaries")
-        prices = None
-        if args.prices:
-            from .estimate import load_prices
-
-            prices = load_prices(args.prices)
-        out = write_report_html(
-            csvs[0],
-            report_json if report_json.is_file() else None,
-            args.html,
-            estimate=_read_json_arg(args.estimate, "--estimate") if args.estimate else None,
-            batches=batches,
-            model=args.model,
-            prices=prices,
+    if not args.html:
+        return 0
+    csvs = list(dict.fromkeys(p for p in args.results if p.lower().endswith(".csv")))
+    if not csvs:
+        raise InputError(
+            "--html needs merged results .csv files (raw .jsonl files have no rows to report on)"
         )
-        print(f"report: {out}", file=sys.stderr if args.json else sys.stdout)
+    if len(csvs) > 1 and (args.estimate or args.batches):
+        raise InputError(
+            "--estimate and --batches describe one run: give them with one results.csv (with several, "
+            "each run's page takes the estimate.json and report.json beside its results.csv)"
+        )
+    batches = None
+    if args.batches:
+        batches = _read_json_arg(args.batches, "--batches")
+        if isinstance(batches, dict):  # {"batches": [...]} as some tools write it
+            batches = batches.get("batches")
+        if not isinstance(batches, list):
+            raise InputError("--batches: expected a JSON list of batch summaries")
+    prices = None
+    if args.prices:
+        from .estimate import load_prices
+
+        prices = load_prices(args.prices)
+    estimate = _read_json_arg(args.estimate, "--estimate") if args.estimate else None
+    to = sys.stderr if args.json else sys.stdout
+    out = Path(args.html)
+    if len(csvs) == 1:
+        print(f"report: {_run_page(csvs[0], out, estimate, batches, args.model, prices)}", file=to)
+        return 0
+    from .naming import safe_name
+
+    pages = []
+    for n, results in enumerate(csvs, 1):
+        run = safe_name(Path(results).resolve().parent.name)[:60]
+        page = out.with_name(f"{out.stem}-{n}-{run}{out.suffix or '.html'}")
+        pages.append((results, _run_page(results, page, None, None, args.model, prices)))
+    overview = result if len(csvs) == len(args.results) else analyze(csvs)
+    print(f"report: {write_overview_html(overview, pages, out)} ({len(pages)} run pages beside it)", file=to)
     return 0
+
+
+def _run_page(results: str, out: Path, estimate: Any, batches: Any, model: str | None, prices: Any) -> Path:
+    """One run's report page; what is not given comes from report.json / estimate.json beside ``results``."""
+    from .report import write_report_html
+
+    report_json = Path(results).with_name("report.json")
+    report = _read_json_arg(str(report_json), "report.json") if report_json.is_file() else None
+    report = report if isinstance(report, dict) else None
+    beside = Path(results).with_name("estimate.json")
+    if estimate is None and beside.is_file():
+        estimate = _read_json_arg(str(beside), "estimate.json")
+    if batches is None and isinstance((report or {}).get("batches"), list):
+        batches = report["batches"]
+    batches = [b for b in batches if isinstance(b, dict)] if batches else None
+    estimate = estimate if isinstance(estimate, dict) else None
+    model = model if model or not isinstance((report or {}).get("model"), str) else report["model"]
+    return write_report_html(
+        results, report, out, estimate=estimate, batches=batches, model=model, prices=prices
+    )
 
 
 def _read_json_arg(path: str, option: str) -> Any:
@@ -230,7 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="summarise results.csv or raw output/error .jsonl files")
     p.add_argument("results", nargs="+", metavar="RESULTS", help="results .csv and/or output/error .jsonl")
     p.add_argument("--json", action="store_true", help="print the analysis as JSON")
-    p.add_argument("--html", metavar="OUT.html", help="write the HTML report (one results.csv needed)")
+    p.add_argument(
+        "--html",
+        metavar="OUT.html",
+        help="write the HTML report; several results.csv: one page per run beside OUT.html, which links them",
+    )
     p.add_argument("--estimate", help="estimate.json to compare with (for --html)")
     p.add_argument("--batches", help="JSON list of batch summaries for the timeline (for --html)")
     p.add_argument("--model", help="model for the actual cost (default: the estimate's)")
@@ -239,14 +286,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The exit code of a command whose output was cut off by its reader (``| head``): 128 + SIGPIPE, as a
+#: shell reports ``yes | head``.
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # inside the try: a reader gone away fails here, not at interpreter exit
+        return code
     except InputError as exc:
         print(f"batchpipe: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader (head, less...) has what it wanted: no traceback; stdout goes to devnull so that the
+        # interpreter's final flush does not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -14,12 +14,14 @@ from __future__ import annotations
 import csv
 import html
 import json
+import math
 import os
 import re
 import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from .estimate import load_prices, price_for, token_cost
 from .results import parse_result_line
@@ -332,34 +334,59 @@ def svg_status(counts: dict[str, int]) -> str:
     return "\n".join(parts)
 
 
+def _nice_step(span: float, ticks: int = 5) -> int:
+    """A whole step of 1, 2 or 5 times a power of ten that cuts ``span`` into about ``ticks`` parts."""
+    raw = max(span / ticks, 1)
+    magnitude = 10 ** math.floor(math.log10(raw))
+    return int(next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw))
+
+
 def svg_histogram(bins: list[tuple[int, int, int]], xlabel: str = "tokens per row") -> str:
-    """Vertical bars; ``bins`` = [(low, high inclusive, count)]."""
+    """Vertical bars; ``bins`` = [(low, high inclusive, count)]. Both axes carry a few round-numbered
+    ticks (``data-tick="x"``/``"y"`` lines with a label each): counts from 0 up, token values from the
+    first bin's low to the last bin's high."""
     title = f"Histogram of {xlabel}"
     if not bins or not any(n for _, _, n in bins):
         return _svg_empty("tokens", title, "no token usage in the results")
     width, height, left, bottom, top = 640, 240, 50, 40, 10
     plot_w, plot_h = width - left - 10, height - bottom - top
+    base = top + plot_h
     peak = max(n for _, _, n in bins)
+    step = _nice_step(peak)
+    y_max = step * math.ceil(peak / step)  # the top tick: bars are drawn against it
     bw = plot_w / len(bins)
     parts = _svg_open("tokens", title, width, height)
-    parts.append(
-        f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#333"/>'
-    )
-    parts.append(f'<text x="{left - 4}" y="{top + 10}" text-anchor="end" {_FONT}>{peak}</text>')
-    parts.append(f'<text x="{left - 4}" y="{top + plot_h}" text-anchor="end" {_FONT}>0</text>')
+    parts.append(f'<line x1="{left}" y1="{base}" x2="{left + plot_w}" y2="{base}" stroke="#333"/>')
+    parts.append(f'<line x1="{left}" y1="{top}" x2="{left}" y2="{base}" stroke="#333"/>')
+    for v in range(0, y_max + 1, step):
+        y = base - plot_h * v / y_max
+        parts.append(
+            f'<line data-tick="y" x1="{left - 4}" y1="{y:.1f}" x2="{left}" y2="{y:.1f}" stroke="#333"/>'
+        )
+        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" {_FONT}>{v}</text>')
     for i, (lo, hi, n) in enumerate(bins):
-        h = plot_h * n / peak
+        h = plot_h * n / y_max
         x = left + i * bw
         rng = f"{lo}" if lo == hi else f"{lo}-{hi}"
         parts.append(
-            f'<rect x="{x + 1:.1f}" y="{top + plot_h - h:.1f}" width="{max(bw - 2, 1):.1f}" height="{h:.1f}" '
+            f'<rect x="{x + 1:.1f}" y="{base - h:.1f}" width="{max(bw - 2, 1):.1f}" height="{h:.1f}" '
             f'fill="#1e88e5"><title>{rng}: {n} rows</title></rect>'
         )
+    # x: the ends, and round values between them not crowding an end label
     lo0, hi_last = bins[0][0], bins[-1][1]
-    parts.append(f'<text x="{left}" y="{top + plot_h + 16}" {_FONT}>{lo0}</text>')
-    parts.append(
-        f'<text x="{left + plot_w}" y="{top + plot_h + 16}" text-anchor="end" {_FONT}>{hi_last}</text>'
-    )
+    span = hi_last + 1 - lo0  # the bins cover [lo0, hi_last + 1)
+    step = _nice_step(span)
+    inner = range((lo0 // step + 1) * step, hi_last, step)
+    values = [lo0] + [v for v in inner if min(v - lo0, hi_last - v) > span / 10] + [hi_last]
+    for v in dict.fromkeys(values):
+        x = left + plot_w * ((v - lo0 + (1 if v == hi_last else 0)) / span)
+        anchor = "start" if v == lo0 else "end" if v == hi_last else "middle"
+        if lo0 == hi_last:  # one bin of one value: its label under the middle of its bar
+            x, anchor = left + plot_w / 2, "middle"
+        parts.append(
+            f'<line data-tick="x" x1="{x:.1f}" y1="{base}" x2="{x:.1f}" y2="{base + 4}" stroke="#333"/>'
+        )
+        parts.append(f'<text x="{x:.1f}" y="{base + 16}" text-anchor="{anchor}" {_FONT}>{v}</text>')
     parts.append(
         f'<text x="{left + plot_w / 2:.0f}" y="{height - 6}" text-anchor="middle" {_FONT}>{_e(xlabel)}</text>'
     )
@@ -644,10 +671,45 @@ def write_report_html(
             "<h3>Estimate notes</h3><ul>" + "".join(f"<li>{_e(n)}</li>" for n in estimate["notes"]) + "</ul>"
         )
     p.append("</body></html>")
+    return _write_page(Path(out_html), p)
 
+
+def write_overview_html(
+    analysis: dict[str, Any], pages: list[tuple[str, Path]], out_html: str | os.PathLike
+) -> Path:
+    """Write the page over several runs: their totals, then one line per run (its counts, a link to its
+    own report page, ``pages`` = ``[(results file, page path)]`` in ``analysis["per_file"]`` order)."""
+    p = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>Batch runs: {len(pages)} results files</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>Batch runs: {len(pages)} results files</h1>",
+        '<p class="note">Totals over all files; each run has its own report page (outcomes, tokens and cost '
+        "against its estimate, batches).</p>",
+        '<div class="kpi">',
+    ]
+    for k in ("rows", "answered", "failed", "invalid"):
+        p.append(f'<div id="count-{k}"><b>{analysis[k]:,}</b>{k}</div>')
+    p.append("</div>")
+    p.append(svg_status(analysis))
     out = Path(out_html)
+    rows = []
+    for per, (results, page) in zip(analysis["per_file"], pages, strict=True):
+        href = _e(quote(os.path.relpath(page, out.parent)))
+        rows.append(
+            [_e(results)] + [f"{per[k]:,}" for k in ("rows", "answered", "failed", "invalid")]
+            + [f'<a href="{href}">{_e(page.name)}</a>']
+        )  # fmt: skip
+    p.append("<h2>Runs</h2>")
+    p.append(_table(["results", "rows", "answered", "failed", "invalid", "report"], rows, "runs"))
+    p.append("</body></html>")
+    return _write_page(out, p)
+
+
+def _write_page(out: Path, parts: list[str]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("\n".join(p) + "\n", encoding="utf-8")
+    tmp.write_text("\n".join(parts) + "\n", encoding="utf-8")
     os.replace(tmp, out)
     return out
