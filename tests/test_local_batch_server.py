@@ -16,11 +16,13 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from batchpipe.tokens import count_text_tokens, request_prompt_tokens
 from local_batch_server.testing import free_port, running_server
 
 FAST = {"validating_seconds": 0.05, "in_progress_seconds": 0.1, "finalizing_seconds": 0.05}
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
 PNG = b"\x89PNG\r\n\x1a\nnot-really-a-png-but-bytes"
+CHAT = "/v1/chat/completions"
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +102,7 @@ def test_chat_text_and_image_happy_path(client):
             },
         }
     )
-    lines.append(chat_line("short", "one two three four five", max_tokens=2))
+    lines.append(chat_line("short", "one two three four five", max_tokens=4))
     batch = run_batch(client, lines, metadata={"job": "t1"})
 
     assert batch.status == "completed"
@@ -130,21 +132,28 @@ def test_chat_text_and_image_happy_path(client):
         "role": "assistant",
         "content": "ECHO: hello number 3",
         "refusal": None,
+        "annotations": [],
     }
     assert r3["choices"][0]["finish_reason"] == "stop"
-    assert r3["usage"]["prompt_tokens"] == 3 and r3["usage"]["completion_tokens"] == 4
+    # tokens as the estimate counts them: 3 framing + "user" + "hello number 3" + 3 for the reply
+    r3_line = next(x for x in lines if x["custom_id"] == "r3")
+    assert r3["usage"]["prompt_tokens"] == request_prompt_tokens(r3_line["body"], CHAT, "gpt-4o-mini") == 11
+    assert r3["usage"]["completion_tokens"] == count_text_tokens("ECHO: hello number 3", "gpt-4o-mini") == 7
 
     sha = hashlib.sha256(PNG).hexdigest()[:16]
     img = by_id["img"]["response"]["body"]
     expected = f"ECHO: What is\nin this image? [image image/png sha256={sha}] [image url=https://example.com/cat.jpg]"
     assert img["choices"][0]["message"]["content"] == expected
-    # 3 (system) + 5 (user text) words + 2 images * 85
-    assert img["usage"]["prompt_tokens"] == 3 + 5 + 170
-    assert img["usage"]["completion_tokens"] == len(expected.split())
+    # gpt-4o-mini images: 2833 each (detail low, and an http URL of unknown size) + the text and framing
+    img_line = next(x for x in lines if x["custom_id"] == "img")
+    assert img["usage"]["prompt_tokens"] == request_prompt_tokens(img_line["body"], CHAT, "gpt-4o-mini")
+    assert img["usage"]["prompt_tokens"] > 2 * 2833
+    assert img["usage"]["completion_tokens"] == count_text_tokens(expected, "gpt-4o-mini")
 
-    short = by_id["short"]["response"]["body"]
+    short = by_id["short"]["response"]["body"]  # max_tokens=4: "ECHO", ":", " one" are 3 + 1 tokens
     assert short["choices"][0]["message"]["content"] == "ECHO: one"
     assert short["choices"][0]["finish_reason"] == "length"
+    assert short["usage"]["completion_tokens"] == 4
 
     usage = batch.usage
     assert usage.input_tokens == sum(x["response"]["body"]["usage"]["prompt_tokens"] for x in out)
@@ -175,8 +184,12 @@ def test_embeddings(client):
     body = by_id["e1"]
     assert body["object"] == "list" and body["model"] == "text-embedding-3-small"
     assert body["data"] == [{"object": "embedding", "index": 0, "embedding": _expected_vector("some text 1")}]
-    assert body["usage"] == {"prompt_tokens": 3, "total_tokens": 3}
-    assert batch.usage.input_tokens == 9 and batch.usage.output_tokens == 0
+    tokens = count_text_tokens("some text 1", "text-embedding-3-small")
+    assert body["usage"] == {"prompt_tokens": tokens, "total_tokens": tokens}
+    assert batch.usage.input_tokens == sum(
+        count_text_tokens(f"some text {i}", "text-embedding-3-small") for i in range(3)
+    )
+    assert batch.usage.output_tokens == 0
 
 
 def test_responses(client):
@@ -219,12 +232,18 @@ def test_responses(client):
     assert s["output"][0]["type"] == "message" and s["output"][0]["role"] == "assistant"
     assert s["output"][0]["content"][0]["type"] == "output_text"
     assert s["output"][0]["content"][0]["text"] == "ECHO: plain string input"
-    assert s["usage"]["input_tokens"] == 5 and s["usage"]["output_tokens"] == 4
-    assert s["usage"]["total_tokens"] == 9
+    for line in lines:
+        usage = by_id[line["custom_id"]]["usage"]
+        text = by_id[line["custom_id"]]["output"][0]["content"][0]["text"]
+        assert usage["input_tokens"] == request_prompt_tokens(line["body"], "/v1/responses", "gpt-4.1-mini")
+        assert usage["output_tokens"] == count_text_tokens(text, "gpt-4.1-mini")
+        assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+    assert s["instructions"] == "be brief" and s["metadata"] == {} and s["tools"] == []
     parts = by_id["parts"]["output"][0]["content"][0]["text"]
     assert parts == "ECHO: describe [image url=http://img.example/x.png]"
-    assert by_id["parts"]["usage"]["input_tokens"] == 1 + 85
-    assert by_id["t"]["output"][0]["content"][0]["text"] == "ECHO: a b"
+    # gpt-4.1-mini is a patch model: an image of unknown size counts as 512x512 = 256 patches x 1.62
+    assert by_id["parts"]["usage"]["input_tokens"] > 415
+    assert by_id["t"]["output"][0]["content"][0]["text"] == "ECHO:"  # 3 tokens: no word of the input fits
     assert by_id["t"]["status"] == "incomplete"
 
 
@@ -559,6 +578,23 @@ class Listener:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def do_GET(self):  # /v1/models[/{id}] of the upstream: its own names
+                seen.append({"path": self.path, "headers": dict(self.headers), "body": ""})
+                name = self.path.removeprefix("/v1/models").strip("/")
+                model = {"id": "up-llm", "object": "model", "created": 1, "owned_by": "upstream"}
+                status, obj = 200, {"object": "list", "data": [model]}
+                if name == "up-llm":
+                    obj = model
+                elif name:
+                    error = {"message": f"no model {name}", "type": "invalid_request_error"}
+                    status, obj = 404, {"error": {**error, "param": None, "code": "model_not_found"}}
+                data = json.dumps(obj).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
             def log_message(self, *args):
                 pass
 
@@ -759,3 +795,29 @@ def test_admin_token_from_flag_env_or_config_file_and_bad_ones_refused(tmp_path)
     helped = start("--help")
     for word in ("--admin-token", ADMIN_TOKEN_ENV, "--allow-upstream-change", "/_admin"):
         assert word in helped.stdout, word
+
+
+def test_models_are_forwarded_to_the_upstream(tmp_path, listeners):
+    """With an upstream, /v1/models and /v1/models/{id} are the upstream's (its names, its 404), asked
+    with the upstream key; the local list is not consulted."""
+    up = listeners()
+    config = {**FAST, "upstream_base_url": up.url, "upstream_api_key": UP_KEY, "api_key": CLIENT_KEY}
+    with running_server(tmp_path, config=config) as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key=CLIENT_KEY, max_retries=0)
+        assert [m.id for m in client.models.list()] == ["up-llm"]
+        assert client.models.retrieve("up-llm").owned_by == "upstream"
+        with pytest.raises(openai.NotFoundError) as info:
+            client.models.retrieve("gpt-4o")  # in the local default list, unknown upstream
+        assert info.value.body["code"] == "model_not_found"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=srv.base_url, api_key="wrong", max_retries=0).models.list()
+    assert [r["path"] for r in up.requests] == ["/v1/models", "/v1/models/up-llm", "/v1/models/gpt-4o"]
+    assert all(r["headers"]["Authorization"] == f"Bearer {UP_KEY}" for r in up.requests)
+
+
+def test_models_upstream_down_is_a_502(tmp_path):
+    down = f"http://127.0.0.1:{free_port()}/v1"
+    config = {**FAST, "upstream_base_url": down, "upstream_timeout_seconds": 2}
+    with running_server(tmp_path, config=config) as srv:
+        resp = httpx.get(srv.base_url + "/models", timeout=10)
+    assert resp.status_code == 502 and resp.json()["error"]["code"] == "upstream_error"

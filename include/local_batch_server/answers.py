@@ -1,8 +1,17 @@
 """Deterministic answers of the local batch server (tests depend on these exact formats).
 
-Words: ``len(text.split())`` (whitespace-separated). "Text of a message": its ``content`` when a
-string, else the ``text`` of its text parts (types ``text``, ``input_text``, ``output_text``) joined
-with ``"\\n"``; ``None`` content counts as ``""``.
+Every answer body is valid under OpenAI's published OpenAPI spec (``CreateChatCompletionResponse``,
+``Response``, ``CreateEmbeddingResponse``, ``CreateCompletionResponse``; ``tests/test_server_contract.py``).
+
+Tokens are counted the way the pipeline's estimate counts them (:mod:`batchpipe.tokens`): prompt tokens
+= ``request_prompt_tokens(body, endpoint, model)`` (the model's BPE encoding, chat framing, images by
+OpenAI's formula; for a model without an image rule, or an image ``detail`` the formula refuses: the
+text tokens plus ``IMAGE_TOKENS`` per image); completion / output tokens = the tokens of the answer text
+in the model's encoding. ``max_tokens`` / ``max_completion_tokens`` / ``max_output_tokens`` cut the
+answer to its longest whitespace-word prefix of at most that many tokens (words joined with one space).
+
+"Text of a message": its ``content`` when a string, else the ``text`` of its text parts (types
+``text``, ``input_text``, ``output_text``) joined with ``"\\n"``; ``None`` content counts as ``""``.
 
 Images (parts of type ``image_url`` or ``input_image``; the URL is ``part["image_url"]["url"]`` or
 ``part["image_url"]`` when a string) produce a suffix, appended in order after the echoed text:
@@ -15,32 +24,34 @@ Images (parts of type ``image_url`` or ``input_image``; the URL is ``part["image
 ``/v1/chat/completions`` (body ``model``, ``messages``)::
 
     content = "ECHO: " + text(last message with role "user") + image suffixes of that message
-    prompt_tokens = sum(words(text(m)) for m in messages) + 85 * (images in all messages)
-    completion_tokens = words(content)
-    if max_completion_tokens (or max_tokens) < completion_tokens:
-        content = " ".join(content.split()[:limit]); finish_reason = "length"
+    finish_reason = "length" when cut by max_completion_tokens (or max_tokens), else "stop"
     {"id": "chatcmpl-<24 hex>", "object": "chat.completion", "created": <ts>, "model": <model>,
-     "choices": [{"index": 0, "message": {"role": "assistant", "content": ..., "refusal": null},
-                  "logprobs": null, "finish_reason": "stop"|"length"}],
+     "choices": [{"index": 0, "message": {"role": "assistant", "content": ..., "refusal": null,
+                  "annotations": []}, "logprobs": null, "finish_reason": "stop"|"length"}],
      "usage": {"prompt_tokens", "completion_tokens", "total_tokens",
-               "prompt_tokens_details": {"cached_tokens": 0},
-               "completion_tokens_details": {"reasoning_tokens": 0}},
-     "system_fingerprint": "fp_local"}
+               "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+               "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                             "accepted_prediction_tokens": 0,
+                                             "rejected_prediction_tokens": 0}},
+     "service_tier": "default", "system_fingerprint": "fp_local"}
 
 ``/v1/responses`` (body ``model``, ``input``: a string = one user message, or a list of messages whose
-content is a string or ``input_text``/``input_image`` parts; ``instructions`` is not echoed but its
-words count in ``input_tokens``)::
+content is a string or ``input_text``/``input_image`` parts; ``instructions`` is echoed, not answered)::
 
     text = "ECHO: " + text(last user message) + image suffixes   (same rule as chat)
-    input_tokens = words(instructions) + sum(words(text(m))) + 85 * images
-    output_tokens = words(text); max_output_tokens truncates like max_tokens and then
-    status = "incomplete", incomplete_details = {"reason": "max_output_tokens"}
+    cut by max_output_tokens -> status = "incomplete", incomplete_details = {"reason": "max_output_tokens"}
     {"id": "resp_<24 hex>", "object": "response", "created_at": <ts>, "status": "completed",
-     "model": <model>, "output": [{"type": "message", "id": "msg_<24 hex>", "status": "completed",
-     "role": "assistant", "content": [{"type": "output_text", "text": ..., "annotations": []}]}],
+     "completed_at": <ts> (completed only), "error": null, "incomplete_details": null,
+     "instructions": <echoed>, "model": <model>, "output": [{"type": "message", "id": "msg_<24 hex>",
+     "status": "completed", "role": "assistant", "content": [{"type": "output_text", "text": ...,
+     "annotations": [], "logprobs": []}]}], "metadata": <echoed or {}>, "temperature": <echoed or 1.0>,
+     "top_p": <echoed or 1.0>, "max_output_tokens": <echoed or null>, "parallel_tool_calls": true,
+     "tool_choice": "auto", "tools": [], "text": {"format": {"type": "text"}}, "truncation": "disabled",
+     "reasoning": {"effort": null, "summary": null}, "previous_response_id": null, "store": true,
+     "background": false, "service_tier": "default",
      "usage": {"input_tokens", "output_tokens", "total_tokens",
-               "input_tokens_details": {"cached_tokens": 0},
-               "output_tokens_details": {"reasoning_tokens": 0}}, ...}
+               "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+               "output_tokens_details": {"reasoning_tokens": 0}}}
 
 ``/v1/embeddings`` (body ``model``, ``input``: string or list of strings (or token-id lists, taken as
 their ids joined with spaces))::
@@ -48,11 +59,11 @@ their ids joined with spaces))::
     digest = sha256(text.encode("utf-8")).digest()
     embedding = [round(int.from_bytes(digest[4*i:4*i+4], "big") / 2**32 * 2 - 1, 6) for i in range(8)]
     {"object": "list", "data": [{"object": "embedding", "index": i, "embedding": [...]}, ...],
-     "model": <model>, "usage": {"prompt_tokens": sum(words(input)), "total_tokens": same}}
+     "model": <model>, "usage": {"prompt_tokens": <tokens of input>, "total_tokens": same}}
 
 ``/v1/completions`` (body ``model``, ``prompt`` string or list)::
 
-    text = "ECHO: " + prompt   (list -> one choice per prompt); max_tokens truncates as above
+    text = "ECHO: " + prompt   (list -> one choice per prompt); max_tokens cuts as above
     {"id": "cmpl-<24 hex>", "object": "text_completion", "created", "model",
      "choices": [{"index", "text", "logprobs": null, "finish_reason"}],
      "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}
@@ -70,6 +81,14 @@ import re
 import time
 import urllib.parse
 from typing import Any
+
+from batchpipe.tokens import (
+    UnknownModel,
+    count_text_tokens,
+    iter_request_images,
+    request_prompt_tokens,
+    request_text_tokens,
+)
 
 IMAGE_TOKENS = 85
 TEXT_PART_TYPES = {"text", "input_text", "output_text"}
@@ -99,8 +118,12 @@ class RequestError(Exception):
         }
 
 
-def words(text: str) -> int:
-    return len(text.split())
+def prompt_tokens(body: dict[str, Any], url: str, model: str) -> int:
+    """Prompt tokens of a request, as the estimate counts them (see the module docstring)."""
+    try:
+        return request_prompt_tokens(body, url, model)
+    except (UnknownModel, ValueError):  # no image rule for the model, or an image detail it refuses
+        return request_text_tokens(body, url, model) + IMAGE_TOKENS * len(iter_request_images(body, url))
 
 
 def _image_url(part: dict[str, Any]) -> str | None:
@@ -155,25 +178,34 @@ def message_parts(content: Any) -> tuple[str, list[dict[str, Any]]]:
     raise RequestError("Invalid message content.", param="content")
 
 
-def _echo_and_tokens(messages: list[Any], extra_prompt_words: int = 0) -> tuple[str, int]:
-    prompt_tokens = extra_prompt_words
+def _echo(messages: list[Any]) -> str:
+    """``"ECHO: "`` + the text and image suffixes of the last user message."""
     last_user: tuple[str, list[dict[str, Any]]] | None = None
     for message in messages:
         if not isinstance(message, dict):
             raise RequestError("Each message must be an object.", param="messages")
         text, images = message_parts(message.get("content"))
-        prompt_tokens += words(text) + IMAGE_TOKENS * len(images)
         if message.get("role") == "user":
             last_user = (text, images)
     text, images = last_user or ("", [])
-    content = "ECHO: " + text + "".join(image_suffix(part) for part in images)
-    return content, prompt_tokens
+    return "ECHO: " + text + "".join(image_suffix(part) for part in images)
 
 
-def _truncate(text: str, limit: Any) -> tuple[str, bool]:
-    if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0 and words(text) > limit:
-        return " ".join(text.split()[:limit]), True
-    return text, False
+def _truncate(text: str, limit: Any, model: str) -> tuple[str, bool]:
+    """``text`` cut to its longest word prefix of at most ``limit`` tokens; (text, cut?)."""
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        return text, False
+    if count_text_tokens(text, model) <= limit:
+        return text, False
+    words = text.split()
+    lo, hi = 0, len(words)  # the answer is in [lo, hi): prefixes of lo words fit
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if count_text_tokens(" ".join(words[:mid]), model) <= limit:
+            lo = mid
+        else:
+            hi = mid
+    return " ".join(words[:lo]), True
 
 
 def _require_model(body: Any) -> str:
@@ -196,12 +228,13 @@ def chat_completion(body: dict[str, Any], seed: str = "") -> dict[str, Any]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty array.", param="messages")
-    content, prompt_tokens = _echo_and_tokens(messages)
+    content = _echo(messages)
     limit = body.get("max_completion_tokens")
     if limit is None:
         limit = body.get("max_tokens")
-    content, truncated = _truncate(content, limit)
-    completion_tokens = words(content)
+    content, truncated = _truncate(content, limit, model)
+    prompt = prompt_tokens(body, "/v1/chat/completions", model)
+    completion = count_text_tokens(content, model)
     return {
         "id": "chatcmpl-" + _hex_id(seed, "chat"),
         "object": "chat.completion",
@@ -210,20 +243,38 @@ def chat_completion(body: dict[str, Any], seed: str = "") -> dict[str, Any]:
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": content, "refusal": None},
+                "message": {"role": "assistant", "content": content, "refusal": None, "annotations": []},
                 "logprobs": None,
                 "finish_reason": "length" if truncated else "stop",
             }
         ],
         "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0},
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": 0,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
         },
+        "service_tier": "default",
         "system_fingerprint": "fp_local",
     }
+
+
+def _number(value: Any, low: float, high: float, default: float) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+    return value if ok else default
+
+
+def _metadata(value: Any) -> dict[str, str]:
+    """``metadata`` echoed when it is a valid map (at most 16 string values), else ``{}``."""
+    if isinstance(value, dict) and len(value) <= 16 and all(isinstance(v, str) for v in value.values()):
+        return value
+    return {}
 
 
 def response(body: dict[str, Any], seed: str = "") -> dict[str, Any]:
@@ -236,39 +287,57 @@ def response(body: dict[str, Any], seed: str = "") -> dict[str, Any]:
     else:
         raise RequestError("'input' must be a string or an array.", param="input")
     instructions = body.get("instructions")
-    extra = words(instructions) if isinstance(instructions, str) else 0
-    text, input_tokens = _echo_and_tokens(messages, extra)
-    text, truncated = _truncate(text, body.get("max_output_tokens"))
-    output_tokens = words(text)
-    return {
+    if not isinstance(instructions, (str, list)):
+        instructions = None
+    limit = body.get("max_output_tokens")
+    text, truncated = _truncate(_echo(messages), limit, model)
+    input_tokens = prompt_tokens(body, "/v1/responses", model)
+    output_tokens = count_text_tokens(text, model)
+    status = "incomplete" if truncated else "completed"
+    created = int(time.time())
+    answer = {
         "id": "resp_" + _hex_id(seed, "resp"),
         "object": "response",
-        "created_at": int(time.time()),
-        "status": "incomplete" if truncated else "completed",
+        "created_at": created,
+        "status": status,
         "error": None,
         "incomplete_details": {"reason": "max_output_tokens"} if truncated else None,
         "instructions": instructions,
+        "max_output_tokens": limit if isinstance(limit, int) and not isinstance(limit, bool) else None,
         "model": model,
         "output": [
             {
                 "type": "message",
                 "id": "msg_" + _hex_id(seed, "msg"),
-                "status": "incomplete" if truncated else "completed",
+                "status": status,
                 "role": "assistant",
-                "content": [{"type": "output_text", "text": text, "annotations": []}],
+                "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
             }
         ],
         "parallel_tool_calls": True,
+        "previous_response_id": None,
+        "reasoning": {"effort": None, "summary": None},
+        "service_tier": "default",
+        "store": True,
+        "background": False,
+        "metadata": _metadata(body.get("metadata")),
+        "temperature": _number(body.get("temperature"), 0, 2, 1.0),
+        "top_p": _number(body.get("top_p"), 0, 1, 1.0),
+        "text": {"format": {"type": "text"}},
         "tool_choice": "auto",
         "tools": [],
+        "truncation": "disabled",
         "usage": {
             "input_tokens": input_tokens,
             "output_tokens": output_tokens,
             "total_tokens": input_tokens + output_tokens,
-            "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
             "output_tokens_details": {"reasoning_tokens": 0},
         },
     }
+    if not truncated:
+        answer["completed_at"] = created
+    return answer
 
 
 def embedding_vector(text: str) -> list[float]:
@@ -296,7 +365,7 @@ def embeddings(body: dict[str, Any], seed: str = "") -> dict[str, Any]:
     else:
         raise RequestError("'input' must be a non-empty string or array.", param="input")
     texts = [_embedding_text(item) for item in items]
-    tokens = sum(words(t) for t in texts)
+    tokens = prompt_tokens(body, "/v1/embeddings", model)
     return {
         "object": "list",
         "data": [
@@ -314,11 +383,10 @@ def completion(body: dict[str, Any], seed: str = "") -> dict[str, Any]:
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise RequestError("'prompt' must be a string or an array of strings.", param="prompt")
     choices = []
-    prompt_tokens = completion_tokens = 0
+    completion_tokens = 0
     for index, text in enumerate(prompts):
-        answer, truncated = _truncate("ECHO: " + text, body.get("max_tokens"))
-        prompt_tokens += words(text)
-        completion_tokens += words(answer)
+        answer, truncated = _truncate("ECHO: " + text, body.get("max_tokens"), model)
+        completion_tokens += count_text_tokens(answer, model)
         choices.append(
             {
                 "index": index,
@@ -334,9 +402,9 @@ def completion(body: dict[str, Any], seed: str = "") -> dict[str, Any]:
         "model": model,
         "choices": choices,
         "usage": {
-            "prompt_tokens": prompt_tokens,
+            "prompt_tokens": (prompt := prompt_tokens(body, "/v1/completions", model)),
             "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
+            "total_tokens": prompt + completion_tokens,
         },
     }
 

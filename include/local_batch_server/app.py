@@ -1,5 +1,9 @@
 """FastAPI application: OpenAI-compatible Files + Batches API, admin endpoints, batch runner.
 
+Every object answered is valid under OpenAI's published OpenAPI spec (``tests/test_server_contract.py``):
+a field the spec types as non-nullable (``output_file_id``, ``*_at``, ``errors``, ``usage`` of a Batch,
+``status_details`` of a File) is left out while it has no value, instead of being ``null``.
+
 State (file metadata, batches) lives in memory; file contents live on disk under
 ``<data_dir>/files/<file_id>``. Each batch is driven by a background asyncio task, so it progresses
 whether or not anybody polls, and every GET sees the current state.
@@ -27,6 +31,7 @@ import random
 import re
 import shutil
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +50,13 @@ from .config import START_ONLY_FIELDS, AdminPolicy, ServerConfig
 log = logging.getLogger("local_batch_server")
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/v1/completions")
+#: Batch fields the spec types as non-nullable: left out of the answers while ``None``.
+BATCH_OPTIONAL = (
+    "model", "errors", "output_file_id", "error_file_id", "in_progress_at", "expires_at", "finalizing_at",
+    "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at", "usage",
+)  # fmt: skip
+MODEL_CREATED = 1_700_000_000
+MAX_ERROR_NAME = 200
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
 FILE_TTL = 30 * 24 * 3600
 MAX_REPORTED_ERRORS = 1000
@@ -89,6 +101,27 @@ def error_type(status: int) -> str:
 def error_response(status: int, message: str, param=None, code=None, headers=None) -> JSONResponse:
     body = {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def public_batch(data: dict[str, Any]) -> dict[str, Any]:
+    """The batch as answered: the :data:`BATCH_OPTIONAL` fields left out while ``None``."""
+    return {k: v for k, v in data.items() if v is not None or k not in BATCH_OPTIONAL}
+
+
+def public_file(meta: dict[str, Any]) -> dict[str, Any]:
+    """The file as answered: ``status_details`` (a string in the spec) left out while ``None``."""
+    return {k: v for k, v in meta.items() if v is not None or k != "status_details"}
+
+
+def model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": MODEL_CREATED, "owned_by": "openai"}
+
+
+def model_not_found(name: str) -> ApiError:
+    shown = name if len(name) <= MAX_ERROR_NAME else name[:MAX_ERROR_NAME] + "…"
+    return ApiError(
+        404, f"The model `{shown}` does not exist or you do not have access to it.", None, "model_not_found"
+    )
 
 
 def bearer_matches(authorization: str | None, secret: str) -> bool:
@@ -711,7 +744,7 @@ def create_app(
         file_id = new_id("file-")
         with store.file_path(file_id).open("wb") as out:
             await asyncio.to_thread(shutil.copyfileobj, file.file, out, 1024 * 1024)
-        return store.add_file(filename, purpose, file_id)
+        return public_file(store.add_file(filename, purpose, file_id))
 
     @app.get("/v1/files")
     async def list_files(
@@ -720,11 +753,13 @@ def create_app(
         items = [f for f in store.files.values() if purpose is None or f["purpose"] == purpose]
         if order == "desc":
             items.reverse()
-        return paginate(items, limit, after, max_limit=10000)
+        page = paginate([public_file(f) for f in items], limit, after, max_limit=10000)
+        # the spec requires first_id and last_id (strings) in a file list: "" for an empty page
+        return {**page, "first_id": page["first_id"] or "", "last_id": page["last_id"] or ""}
 
     @app.get("/v1/files/{file_id}")
     async def retrieve_file(file_id: str):
-        return store.get_file(file_id)
+        return public_file(store.get_file(file_id))
 
     @app.delete("/v1/files/{file_id}")
     async def delete_file(file_id: str):
@@ -743,6 +778,38 @@ def create_app(
         return FileResponse(
             store.file_path(file_id), media_type="application/octet-stream", filename=meta["filename"]
         )
+
+    # ---- models --------------------------------------------------------------------------------
+    async def forward_models(path: str) -> Response:
+        """``GET {upstream}{path}`` with the upstream key; its status and body are answered as they are."""
+        cfg = store.config
+        base = (cfg.upstream_base_url or "").rstrip("/")
+        if base.endswith("/v1"):
+            base = base[: -len("/v1")]
+        headers = {"Authorization": f"Bearer {cfg.upstream_api_key}"} if cfg.upstream_api_key else {}
+        try:
+            async with httpx.AsyncClient(timeout=cfg.upstream_timeout_seconds) as client:
+                resp = await client.get(base + path, headers=headers)
+        except httpx.HTTPError as exc:
+            message = f"Upstream request failed: {type(exc).__name__}"
+            raise ApiError(502, message, code="upstream_error") from exc
+        media = resp.headers.get("content-type", "application/json")
+        return Response(resp.content, status_code=resp.status_code, media_type=media)
+
+    @app.get("/v1/models")
+    async def list_models():
+        if store.config.upstream_base_url:
+            return await forward_models("/v1/models")
+        return {"object": "list", "data": [model_object(m) for m in store.config.models or ()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def retrieve_model(model: str):
+        if store.config.upstream_base_url:
+            return await forward_models("/v1/models/" + urllib.parse.quote(model, safe=":"))
+        known = store.config.models
+        if known is not None and model not in known:
+            raise model_not_found(model)
+        return model_object(model)
 
     # ---- batches -------------------------------------------------------------------------------
     @app.post("/v1/batches")
@@ -817,29 +884,31 @@ def create_app(
         store.batches[batch["id"]] = state
         store.batch_order.append(batch["id"])
         state.task = asyncio.create_task(runner.run(state))
-        return batch
+        return public_batch(batch)
 
     @app.get("/v1/batches")
     async def list_batches(limit: int = 20, after: str | None = None):
-        items = [store.batches[i].data for i in reversed(store.batch_order)]
-        return paginate(items, limit, after, max_limit=100)
+        items = [public_batch(store.batches[i].data) for i in reversed(store.batch_order)]
+        page = paginate(items, limit, after, max_limit=100)
+        # first_id / last_id are optional strings in the spec: left out of an empty page
+        return {k: v for k, v in page.items() if v is not None}
 
     @app.get("/v1/batches/{batch_id}")
     async def retrieve_batch(batch_id: str):
-        return get_batch(batch_id).data
+        return public_batch(get_batch(batch_id).data)
 
     @app.post("/v1/batches/{batch_id}/cancel")
     async def cancel_batch(batch_id: str):
         state = get_batch(batch_id)
         d = state.data
         if d["status"] in ("cancelling", "cancelled"):
-            return d
+            return public_batch(d)
         if d["status"] not in ("validating", "in_progress"):
             raise ApiError(400, f"Cannot cancel a batch with status '{d['status']}'.", None, "invalid_state")
         state.cancel_requested = True
         d["status"] = "cancelling"
         d["cancelling_at"] = now()
-        return d
+        return public_batch(d)
 
     def get_batch(batch_id: str) -> BatchState:
         state = store.batches.get(batch_id)

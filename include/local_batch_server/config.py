@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SECRET_MASK = "***"
 SECRET_FIELDS = ("api_key", "upstream_api_key")
@@ -32,6 +32,19 @@ DEFAULT_TOKEN_LIMIT_MESSAGE = (
     "Enqueued token limit reached for {model} in organization org-local. "
     "Limit: 90,000 enqueued tokens. Please try submitting fewer tasks at a time."
 )
+
+
+EXTRA_MODELS = ("gpt-4o-2024-08-06", "gpt-4o-mini-2024-07-18", "o3-mini", "text-embedding-ada-002")
+"""Served besides the shipped price table's models: snapshot names and models the tests use."""
+MAX_MODEL_NAME = 256
+
+
+def default_models() -> list[str]:
+    """The default ``models``: every model of the shipped price table (``batchpipe/prices.json``) plus
+    :data:`EXTRA_MODELS`, in that order, without duplicates."""
+    from batchpipe.estimate import load_prices
+
+    return list(dict.fromkeys([*load_prices()["models"], *EXTRA_MODELS]))
 
 
 class FailValidation(BaseModel):
@@ -126,6 +139,12 @@ class ServerConfig(BaseModel):
     shuffle_seed: int = 1234
     """Seed of the (deterministic) shuffle of output and error file lines."""
 
+    # --- models -----------------------------------------------------------------------------------
+    models: list[str] | None = Field(default_factory=default_models)
+    """What ``GET /v1/models`` lists and ``GET /v1/models/{model}`` knows (any other name: 404
+    ``model_not_found``). ``null`` = every name is known (and the list is empty). Ignored when
+    ``upstream_base_url`` is set: both calls are then forwarded to the upstream."""
+
     # --- upstream forwarding --------------------------------------------------------------------
     upstream_base_url: str | None = None
     """When set, each request is POSTed to ``{upstream_base_url}{url}`` (a trailing ``/v1`` on the
@@ -137,6 +156,18 @@ class ServerConfig(BaseModel):
     # --- auth -----------------------------------------------------------------------------------
     api_key: str | None = None
     """When set, ``/v1/*`` calls need ``Authorization: Bearer <api_key>`` (else 401)."""
+
+    @field_validator("models")
+    @classmethod
+    def _check_models(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        for name in value:
+            if not name or len(name) > MAX_MODEL_NAME or not name.isprintable():
+                raise ValueError(
+                    f"models: each name must be 1-{MAX_MODEL_NAME} printable characters, not {name[:40]!r}"
+                )
+        return list(dict.fromkeys(value))
 
     def public_dict(self) -> dict[str, Any]:
         data = self.model_dump(mode="json")
