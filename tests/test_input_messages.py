@@ -9,6 +9,15 @@ import logging
 
 import pytest
 
+from conftest import local_openai
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, airflow_db):
+    """The local batch server behind ``openai_default``: validate asks it whether the model exists."""
+    with local_openai(tmp_path_factory.mktemp("server"), "sk-input-messages-secret") as srv:
+        yield srv
+
 
 @pytest.fixture
 def params(tmp_path):
@@ -16,6 +25,7 @@ def params(tmp_path):
         "input_csv": str(tmp_path / "in.csv"),
         "output_dir": str(tmp_path / "out"),
         "prompt_column": "prompt",
+        "model": "gpt-4o-mini",
     }
 
 
@@ -48,7 +58,9 @@ def test_location_refuses_a_scheme_without_a_filesystem():
 
 
 @pytest.mark.parametrize("cell", ["nosuch://b/a.png", "ftp://h/a.png"])
-def test_an_image_cell_with_an_unsupported_scheme_makes_only_its_row_invalid(params, tmp_path, cell, caplog):
+def test_an_image_cell_with_an_unsupported_scheme_makes_only_its_row_invalid(
+    srv, params, tmp_path, cell, caplog
+):
     from openai_batch_airflow.tasks import build_options, validate
 
     (tmp_path / "in.csv").write_text(f'id,prompt,image\na,"two\nlines",{cell}\nb,fine,\n', encoding="utf-8")
