@@ -283,7 +283,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model for the actual cost (default: the estimate's)")
     p.add_argument("--prices", help="price override: a JSON file or string (for --html)")
     p.set_defaults(func=_cmd_analyze)
+    for command in (parser, *sub.choices.values()):
+        command.allow_abbrev = False  # --max-tok is a typo, not silently --max-tokens
+        command.set_defaults(parser=command)
     return parser
+
+
+def _refuse_unknown(args: argparse.Namespace, unknown: list[str]) -> None:
+    """Exit 2 naming the arguments the command does not take, with the closest option for each flag."""
+    from difflib import get_close_matches
+
+    command = args.parser
+    options = [flag for action in command._actions for flag in action.option_strings]
+    hints = []
+    for arg in unknown:
+        flag = arg.split("=", 1)[0]
+        if not flag.startswith("--") or len(flag) > 100:
+            continue
+        # an abbreviation (refused: it would silently change meaning when an option is added) names its
+        # options, a typo the closest one
+        near = [o for o in options if o.startswith(flag)] or get_close_matches(flag, options, 1)
+        if near:
+            hints.append(f"{flag}: did you mean {' or '.join(near)}?")
+    command.error(
+        f"unrecognized arguments: {' '.join(unknown)}" + (f" ({'; '.join(hints)})" if hints else "")
+    )
 
 
 #: The exit code of a command whose output was cut off by its reader (``| head``): 128 + SIGPIPE, as a
@@ -293,7 +317,9 @@ EXIT_BROKEN_PIPE = 141
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        _refuse_unknown(args, unknown)
     try:
         code = args.func(args)
         sys.stdout.flush()  # inside the try: a reader gone away fails here, not at interpreter exit
