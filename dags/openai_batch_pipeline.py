@@ -7,8 +7,11 @@ price of live calls, and get the answers back as a CSV.
 `validate_csv` → `build_jsonl` → `upload` → `create_batch` → `wait_for_batch` → `download` → `merge`
 
 * **validate_csv** reads the CSV as text and checks columns, row range and every row (prompt,
-  image file, size, type). Fatal problems stop the run *before anything is uploaded*; bad rows
-  are listed in the log and come back in the results with their error, the rest goes on.
+  image file, size, type); it also refuses a conf key that is no param (a typo would be ignored),
+  a model the API does not know (`GET /v1/models/{model}`; one it cannot check is a warning) and
+  an output or work folder that cannot be written. Fatal problems stop the run *before anything
+  is uploaded*; bad rows are listed in the log and come back in the results with their error,
+  the rest goes on.
 * **build_jsonl** writes the request file(s). Over `max_requests_per_batch` requests or
   `max_batch_bytes` bytes the input is split into shards, and upload → download run once per
   shard (dynamic task mapping).
@@ -31,8 +34,11 @@ OpenAI-compatible base URL, e.g. the repo's local batch server.
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import timedelta
+from importlib.util import find_spec
+from pathlib import Path
 
 from airflow.sdk import Param, dag, get_current_context, task
 
@@ -46,6 +52,18 @@ INPUT, MODEL, BATCHING, COST, OUTPUT = "Input", "Model and request", "Batching",
 def _nullable(kind: str) -> list[str]:
     return ["null", kind]
 
+
+def _shipped_models() -> list[str]:
+    """The model names of the shipped price table (``batchpipe/prices.json``, found without importing the
+    library): suggestions for the form's model field. Empty when the table cannot be read."""
+    try:
+        table = Path(find_spec("batchpipe").origin).with_name("prices.json")
+        return [str(name) for name in json.loads(table.read_text(encoding="utf-8"))["models"]]
+    except Exception:  # never break the DAG over suggestions
+        return []
+
+
+SHIPPED_MODELS = _shipped_models()
 
 PARAMS = {
     # -- input ----------------------------------------------------------------------------------
@@ -124,7 +142,15 @@ PARAMS = {
     ),
     # -- model ----------------------------------------------------------------------------------
     "model": Param(
-        "gpt-4o", type="string", minLength=1, title="Model", description="One model per run.", section=MODEL
+        "gpt-4o",
+        type="string",
+        minLength=1,
+        title="Model",
+        description="One model per run.",
+        section=MODEL,
+        # suggestions only (a datalist in the form): any model name is accepted, and validate_csv asks the
+        # API whether it knows it
+        **({"examples": SHIPPED_MODELS} if SHIPPED_MODELS else {}),
     ),
     "endpoint": Param(
         "/v1/chat/completions",
@@ -365,7 +391,9 @@ def openai_batch_pipeline():
 
     @task
     def validate_csv() -> dict:
-        return t.validate(_params(), _run_id())
+        # the raw conf: Airflow merges unknown conf keys into the params, so only the conf tells them apart
+        conf = get_current_context()["dag_run"].conf
+        return t.validate(_params(), _run_id(), conf=dict(conf or {}), known=PARAMS)
 
     @task
     def build_jsonl(summary: dict) -> list[dict]:

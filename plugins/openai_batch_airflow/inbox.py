@@ -55,17 +55,21 @@ def claim(
     name; ``work`` one ``{"trigger_run_id", "conf", "claimed"}`` per file to process (for the mapped
     trigger; the file's own settings come from its sidecar over the inbox defaults); ``failed`` one
     ``{"name", "where", "error"}`` per file failed at claim (bad sidecar, sidecar without its CSV),
-    already in ``failed/<claim>/`` beside a reason file."""
+    already in ``failed/<claim>/`` beside a reason file. A key of the ``defaults`` param that a sidecar
+    could not set either fails the claim before any file is touched."""
     from batchpipe.inbox import claim_name, claim_new_files, claim_new_objects, run_name
+    from openai_batch_airflow.preflight import check_keys
     from openai_batch_airflow.tasks import fail_on_bad_input
 
+    allowed = set(pipeline_params) - {"input_csv"}
+    check_keys(params.get("defaults") or {}, allowed, "the inbox's defaults")
     folder = inbox_folder(params)
     store = _store(params, folder)
     claim_id = claim_name(run_id, try_number)
     look = {
         "min_age_seconds": float(params.get("min_age_seconds") or 0),
         "stable_seconds": float(params.get("stable_seconds") or 0),
-        "allowed": set(pipeline_params) - {"input_csv"},
+        "allowed": allowed,
     }
     with fail_on_bad_input():
         if store is None:

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -187,10 +188,23 @@ def local_input_csv(params: dict[str, Any], into: Path):
 MAX_XCOM_COLUMNS = 50
 
 
-def validate(params: dict[str, Any], run_id: str) -> dict[str, Any]:
+def validate(
+    params: dict[str, Any], run_id: str, conf: dict[str, Any] | None = None, known: Iterable[str] = ()
+) -> dict[str, Any]:
+    """The ``validate_csv`` task: everything that can be checked before anything is uploaded or paid for.
+
+    Fails once (no retries) on: a key of the run's ``conf`` that is not among the ``known`` params (it
+    would be silently ignored), bad options, a CSV none of whose selected rows can be sent, an output or
+    work folder outside the allowed roots or not writable (remote: a probe object; local: created, then a
+    probe file), a model the API does not know (:func:`preflight.check_model`; one that cannot be checked
+    is a warning). Returns the CSV summary for XCom.
+    """
     from batchpipe.build import describe_problem, validate_csv
     from batchpipe.paths import clip
+    from openai_batch_airflow import preflight
 
+    if known:
+        preflight.check_keys(conf or {}, known, "the run conf")
     opts = build_options(params)
     with storage.scratch() as tmp, local_input_csv(params, tmp) as (csv_path, roots), fail_on_bad_input():
         summary = validate_csv(
@@ -200,15 +214,6 @@ def validate(params: dict[str, Any], run_id: str) -> dict[str, Any]:
     # XCom carries small manifests: a CSV of 10,000 columns would not be one
     summary["columns_total"] = len(summary["columns"])
     summary["columns"] = [clip(c, 80) for c in summary["columns"][:MAX_XCOM_COLUMNS]]
-    folder = checked_run_dir(params, run_id)
-    for target in (folder, work_location(params, run_id)):
-        if storage.is_remote(target):  # wrong credentials or a missing bucket fail now, not after paying
-            try:
-                storage.check_writable(target)
-            except Exception as exc:
-                from airflow.sdk.exceptions import AirflowFailException
-
-                raise AirflowFailException(f"cannot write to {storage.shown(target)}: {exc}") from exc
     log.info(
         "%s: %d rows selected of %d; %d valid, %d invalid",
         summary["file"],
@@ -227,7 +232,36 @@ def validate(params: dict[str, Any], run_id: str) -> dict[str, Any]:
             f"{summary['file']}: none of the {summary['rows_selected']} selected rows can be sent; "
             f"first problems: {'; '.join(problems)}"
         )
+    folder = checked_run_dir(params, run_id)
+    check_model(params)
+    for target in (folder, work_location(params, run_id)):
+        if not storage.is_remote(target):  # a file in the way, no permission, a read-only disk
+            preflight.check_writable(target)
+            continue
+        try:  # wrong credentials or a missing bucket fail now, not after paying
+            storage.check_writable(target)
+        except Exception as exc:
+            from airflow.sdk.exceptions import AirflowFailException
+
+            raise AirflowFailException(f"cannot write to {storage.shown(target)}: {exc}") from exc
     return summary
+
+
+def check_model(params: dict[str, Any]) -> None:
+    """Param ``model`` checked with the API of connection ``conn_id`` (:func:`preflight.check_model`); a
+    connection that cannot be made into a client is a warning (the upload reports it, with retries)."""
+    from batchpipe.csvio import quote_value
+    from batchpipe.paths import redact_text
+    from openai_batch_airflow.preflight import check_model as check
+
+    conn_id = params.get("conn_id") or "openai_default"
+    try:
+        client = _client(conn_id)
+    except Exception as exc:
+        log.warning("model %s not checked: no client for connection %r (%s)", quote_value(params["model"]),
+                    conn_id, redact_text(str(exc)))  # fmt: skip
+        return
+    check(client, params["model"], conn_id)
 
 
 def build(params: dict[str, Any], run_id: str) -> list[dict[str, Any]]:
