@@ -378,7 +378,8 @@ def test_s3_inbox_claims_each_csv_once_and_its_run_reads_it_from_s3(dag, srv, s3
     claimed = ib.claim(params, "scheduled__2026-11-30T02:00:00+00:00", set(ib.PIPELINE_PARAMS))
     work = claimed["work"]
     assert [w["claimed"]["name"] for w in work] == ["alpha.csv", "beta.csv"]
-    claim = "scheduled__2026-11-30T02_00_00_00_00"
+    claim = claimed["claim"]
+    assert claim.startswith("scheduled__2026-11-30T02_00_00_00_00-")  # the run id, safe, + a short hash
     assert [(f["name"], f["where"]) for f in claimed["failed"]] == [
         ("bad.csv", f"s3://s3_test@{s3.bucket}/drop/failed/{claim}/bad.csv"),
         ("late.json", f"s3://s3_test@{s3.bucket}/drop/failed/{claim}/late.json"),

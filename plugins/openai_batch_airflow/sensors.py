@@ -221,7 +221,7 @@ class OpenAIBatchSensor(BaseSensorOperator):
 
     # -- outcomes ---------------------------------------------------------------------------------
     def _on_terminal(self, context: Any, state: dict[str, Any], summary: dict[str, Any]) -> Any:
-        self.log.info(progress_line(summary))
+        # the final status line was logged by whoever looked last (this task's poll, or the trigger)
         summary = {**summary, "round": state["round"]}
         state["history"].append(summary)
         if summary["status"] == "failed":

@@ -625,6 +625,7 @@ def merge(
     if not params.get("keep_temp_files"):
         removed = remove_work_files(work)
         log.info("removed %d temporary file(s) in %s (keep_temp_files is off)", removed, storage.shown(work))
+    log.info("results.csv: %s", results_csv)  # the last word: where the answers are
     if context is not None:  # tell downstream DAGs (scheduled on the Asset) what landed
         from openai_batch_airflow.assets import RESULTS_ASSET
 
