@@ -9,6 +9,7 @@ the Trigger dialog and checks what the params render as:
 * each param's ``title`` is its label and its ``description`` the help text under the widget;
 * ``enum`` params are dropdowns (react-select comboboxes) listing the enum values;
 * ``format="multiline"`` strings are ``<textarea rows=6>``;
+* a string with ``examples`` (the model) is a text input with a ``<datalist>`` of suggestions;
 * the required ``input_csv`` (no default) blocks the Trigger button until it is filled.
 
 It then fills the form (input CSV, image column, image detail, check interval 1 s, output
@@ -222,7 +223,19 @@ def test_trigger_form_renders_params_and_runs_the_pipeline(env, page):
         # -- Model and request: enums are dropdowns, system prompt is a textarea -------------------
         open_section(dialog, "Model and request")
         expect(field(dialog, "Input CSV")).to_be_hidden()  # one section open at a time
-        expect(check_row(dialog, "Model", "One model per run.", "textbox")).to_have_value("gpt-4o")
+        # an <input list=...> is a combobox to assistive technology; its value stays free text
+        model = check_row(dialog, "Model", "One model per run.", "combobox")
+        assert model.evaluate("el => el.tagName") == "INPUT"
+        expect(model).to_have_value("gpt-4o")
+        # the shipped price table's models are suggestions (a datalist), any other name is taken too
+        shipped = list(json.loads((REPO / "include" / "batchpipe" / "prices.json").read_text())["models"])
+        expect(model).to_have_attribute("list", "list_model")
+        suggested = dialog.locator("datalist#list_model > option")
+        assert suggested.evaluate_all("els => els.map(e => e.value)") == shipped
+        model.fill("my-fine-tuned-model")
+        expect(model).to_have_value("my-fine-tuned-model")
+        expect(submit).to_be_enabled()
+        model.fill("gpt-4o")
         check_row(
             dialog,
             "Endpoint",
