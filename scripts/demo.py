@@ -84,6 +84,19 @@ def login_hint(stack: AirflowStack) -> str:
     return f"user admin, password {password}"
 
 
+def where_runs_land(env: dict[str, str]) -> str:
+    """Where runs started from the UI or ``airflow dags trigger`` land when their conf names no
+    ``output_dir``: as ``default_output_dir`` in the pipeline resolves it for this stack (the Variable
+    ``openai_batch_output_dir`` would come first; the demo sets none)."""
+    home = Path(env.get("AIRFLOW_HOME") or HOME)
+    base = env.get("OPENAI_BATCH_OUTPUT_DIR") or str(home / "openai_batch_results")
+    return (
+        "Runs you trigger yourself (the UI form, airflow dags trigger) land, unless their output_dir says\n"
+        f"  otherwise, in {base}/<input file name>/<run id>/results.csv; the merge task's log ends with the\n"
+        "  exact path, and report.html beside it summarises the run."
+    )
+
+
 def main() -> int:
     conn, mode, where = connection()
     api_port = int(os.environ.get("DEMO_API_PORT", "8080"))
@@ -157,6 +170,8 @@ def main() -> int:
                 say("   model's answers are longer, closer to the estimate's 200 tokens per answer)")
         say(f"  report: {results.parent / 'report.html'} (open it in a browser) and report.json")
         say(f"  estimate made before upload: {results.parent / 'estimate.md'}")
+        say()
+        say(where_runs_land(stack.env))
         ok = True
         return 0
     finally:

@@ -120,8 +120,12 @@ def test_settle_of_only_good_files_succeeds(tmp_path):
 
     drop(tmp_path, "a.csv", {"end_row": 1})
     claimed = ib.claim(params(tmp_path), RUN_ID, set(ib.PIPELINE_PARAMS))
-    outcome = ib.settle(claimed, params(tmp_path), lambda i, r: ("success", "success"))
-    assert outcome == {"done": [str(tmp_path / "done" / CLAIM / "a.csv")], "failed": []}
+    landed = {}
+    outcome = ib.settle(claimed, params(tmp_path), lambda i, r: ("success", "success"),
+                        lambda run: landed.setdefault(run, f"/out/a/{run}/results.csv"))  # fmt: skip
+    (run,) = landed
+    assert outcome == {"done": [str(tmp_path / "done" / CLAIM / "a.csv")], "failed": [],
+                       "results": [f"a.csv: /out/a/{run}/results.csv"]}  # fmt: skip
     assert files(tmp_path) == [f"done/{CLAIM}/a.csv", f"done/{CLAIM}/a.json"]
 
 

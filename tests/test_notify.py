@@ -139,3 +139,19 @@ def test_every_url_in_a_notification_is_redacted():
     assert "SigZZZ" not in text and "SecretYYY" not in text
     assert "https://bucket.example.com/in.csv?X-Amz-Signature=***" in message["text"]
     assert "s3://***@bucket/x.csv" in message["reason"]
+
+
+def test_the_inbox_notification_names_where_the_results_landed():
+    from types import SimpleNamespace
+
+    from openai_batch_airflow.notify import RunNotifier
+
+    outcome = {"done": ["/inbox/done/c/a.csv"], "failed": [], "results": [
+        "a.csv: /out/a/inbox__c__a_1/results.csv", "b.csv: s3://conn@bucket/out/b/results.csv"]}  # fmt: skip
+    ti = SimpleNamespace(task_id="settle", xcom_pull=lambda task_ids: outcome)
+    run = SimpleNamespace(dag_id="openai_batch_inbox", run_id="scheduled__1", conf={})
+    message = RunNotifier("success").message({"dag_run": run, "ti": ti})
+    assert message["reason"] == (
+        "results: a.csv: /out/a/inbox__c__a_1/results.csv; b.csv: s3://conn@bucket/out/b/results.csv"
+    )
+    assert "/inbox/done" not in message["text"]  # the moved inputs are not what the user looks for

@@ -100,6 +100,26 @@ def test_polls_until_completed_and_logs_progress(server, conn, capfd):
     assert "sk-local-trigger-secret" not in logged
 
 
+def test_an_unknown_status_is_warned_about_on_every_poll_and_waited_on(server, conn, capfd):
+    batch_id = make_batch(server, lines=2)
+    server.set_config({"status_faults": {"status": "paused_for_review", "times": 4}})
+    try:
+        deadline = time.time() + 3600
+        trigger = OpenAIBatchTrigger(batch_id=batch_id, conn_id=conn, poll_interval=0.2, deadline=deadline)
+        events = asyncio.run(collect(trigger))
+    finally:
+        server.set_config({"status_faults": None})
+    logged = "".join(capfd.readouterr())
+    warned = [line for line in logged.splitlines() if "unknown status 'paused_for_review'" in line]
+    assert len(warned) == 4, logged  # every poll that saw it, not once and then silence
+    assert "treated as still running, waited for until " + time.strftime(
+        "%Y-%m-%d %H:%M:%S UTC", time.gmtime(deadline)
+    ) in warned[0]
+    assert all("warning" in line.lower() for line in warned)
+    (event,) = events  # then the real status came back, and the wait ended normally
+    assert event.payload["status"] == "done" and event.payload["batch"]["status"] == "completed"
+
+
 def test_transient_poll_errors_are_retried(server, conn):
     batch_id = make_batch(server)
     # two 503s in a row, fewer than max_consecutive_errors: the wait goes on and completes

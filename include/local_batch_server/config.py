@@ -108,6 +108,16 @@ class ResultFaults(BaseModel):
     downloads: int | None = None
 
 
+class StatusFault(BaseModel):
+    """``GET /v1/batches/{id}`` answers ``status`` (e.g. one the API does not document) instead of the
+    batch's real one, for the next ``times`` retrievals (None = always); the batch itself runs on."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: str = "paused"
+    times: int | None = 3
+
+
 class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -121,6 +131,7 @@ class ServerConfig(BaseModel):
     """Batch ends ``expired`` after answering floor(fraction * total) requests (first in input order)."""
     http_faults: list[HttpFault] = Field(default_factory=list)
     result_faults: ResultFaults | None = None
+    status_faults: StatusFault | None = None
 
     # --- timings (seconds; read live, so lowering one releases a batch waiting in that phase) -----
     validating_seconds: float = Field(default=0.3, ge=0)

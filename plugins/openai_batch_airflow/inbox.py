@@ -119,7 +119,21 @@ def settle_task(context: Any) -> dict:
         "work": ti.xcom_pull(task_ids="claim") or [],
         "failed": ti.xcom_pull(task_ids="claim", key="failed") or [],
     }
-    return settle(claimed, dict(context["params"]), run_states(context))
+    return settle(claimed, dict(context["params"]), run_states(context), run_results(context))
+
+
+def run_results(context: Any) -> Callable[[str], str | None]:
+    """``results(run_id)``: where pipeline run ``run_id`` landed its results.csv (its merge's XCom)."""
+    ti = context["ti"]
+
+    def results(run_id: str) -> str | None:
+        try:
+            return ti.xcom_pull(task_ids="merge", dag_id=PIPELINE_DAG_ID, run_id=run_id)
+        except Exception as exc:  # only decorates the outcome and the notification
+            log.warning("pipeline run %s: results path not found (%s)", run_id, exc)
+            return None
+
+    return results
 
 
 #: ``states(index, run_id)``: the state of the ``process`` task of map index ``index`` and the state
@@ -147,10 +161,19 @@ def _state(value: Any) -> str | None:
     return None if value is None else str(getattr(value, "value", value)).lower()
 
 
-def settle(claimed: dict[str, Any] | None, params: dict[str, Any], states: States) -> dict:
+def settle(
+    claimed: dict[str, Any] | None,
+    params: dict[str, Any],
+    states: States,
+    results: Callable[[str], str | None] | None = None,
+) -> dict:
     """Move each claimed file to done/ or failed/: done only when both its ``process`` task (which
     triggered and waited for its own run) and its pipeline run succeeded. Fails (listing the files) when
-    any file failed, here or at claim."""
+    any file failed, here or at claim.
+
+    Returns ``{"done", "failed", "results"}``: where the input files went, and ``results`` (from
+    ``results(run_id)``) where each processed file's answers landed, ``"<file>: <results.csv>"``: what the
+    success notification names."""
     from airflow.sdk.exceptions import AirflowFailException
 
     from batchpipe.inbox import settle as move
@@ -161,7 +184,8 @@ def settle(claimed: dict[str, Any] | None, params: dict[str, Any], states: State
     folder = inbox_folder(params)
     store = _store(params, folder)
     claim_id = claimed["claim"]
-    outcome: dict[str, list[str]] = {"done": [], "failed": [w["where"] for w in claimed["failed"]]}
+    outcome: dict[str, list[str]] = {"done": [], "failed": [w["where"] for w in claimed["failed"]],
+                                     "results": []}  # fmt: skip
     reasons = [f"{w['name']}: {w['error']}" for w in claimed["failed"]]
     for index, item in enumerate(claimed["work"]):
         run = item["trigger_run_id"]
@@ -177,11 +201,17 @@ def settle(claimed: dict[str, Any] | None, params: dict[str, Any], states: State
             dest = str(store / settle_objects(store.fs, rel, store.path, claim_id, where, reason))
         log.info("%s: run %s -> %s", item["claimed"]["name"], run, dest)
         outcome[where].append(dest)
+        landed = results(run) if results is not None and not reason else None
+        if landed:
+            outcome["results"].append(f"{item['claimed']['name']}: {landed}")
+            log.info("%s: results at %s", item["claimed"]["name"], landed)
         if reason:
             reasons.append(f"{item['claimed']['name']}: {reason}")
     if reasons:
         total = len(claimed["work"]) + len(claimed["failed"])
-        raise AirflowFailException(f"{len(reasons)} of {total} file(s) failed: " + "; ".join(reasons))
+        landed = f"; results landed: {'; '.join(outcome['results'])}" if outcome["results"] else ""
+        failed = f"{len(reasons)} of {total} file(s) failed: "
+        raise AirflowFailException(failed + "; ".join(reasons) + landed)
     return outcome
 
 

@@ -41,6 +41,18 @@ def webhook_url() -> str | None:
         return None
 
 
+def results_text(value: Any, most: int = 10) -> str:
+    """Where the answers landed, from the finished task's XCom: the pipeline's ``merge`` returns the
+    results.csv path; the inbox's ``settle`` returns ``{"results": ["<file>: <results.csv>", ...]}``."""
+    if isinstance(value, dict):
+        landed = list(value.get("results") or [])
+        if not landed:
+            return "no results landed"
+        more = f"; and {len(landed) - most} more" if len(landed) > most else ""
+        return "results: " + "; ".join(landed[:most]) + more
+    return f"results at {value}"
+
+
 class RunNotifier(BaseNotifier):
     """Notify that a run succeeded or a task of it failed (``event``: ``"success"`` or ``"failure"``)."""
 
@@ -60,7 +72,7 @@ class RunNotifier(BaseNotifier):
             f"task {ti.task_id} failed" if ti and self.event == "failure" else None
         )
         if self.event == "success" and ti is not None:
-            reason = f"results at {ti.xcom_pull(task_ids=ti.task_id)}"
+            reason = results_text(ti.xcom_pull(task_ids=ti.task_id))
         reason = redact_text(reason) if reason else None
         input_csv = quote_path(conf["input_csv"]) if conf.get("input_csv") else None
         text = f"{dag_id} run {run_id}: {self.event}" + (f" ({reason})" if reason else "")

@@ -35,6 +35,7 @@ from openai_batch_airflow.triggers import (
     OpenAIBatchTrigger,
     batch_summary,
     progress_line,
+    unknown_status_note,
 )
 
 RESUBMITTABLE_STATUSES = ("completed", "expired")
@@ -163,6 +164,8 @@ class OpenAIBatchSensor(BaseSensorOperator):
         if summary["status"] in TERMINAL_STATUSES:
             return self._on_terminal(context, state, summary)
         deadline = (summary.get("expires_at") or time.time() + 24 * 3600) + float(self.expiry_margin)
+        if note := unknown_status_note(summary, deadline):
+            self.log.warning(note)
         self._save(context, state)
         if not self.deferrable:
             while summary["status"] not in TERMINAL_STATUSES:
@@ -171,6 +174,8 @@ class OpenAIBatchSensor(BaseSensorOperator):
                 time.sleep(self._interval())
                 summary = batch_summary(client.batches.retrieve(state["batch_id"]))
                 self.log.info(progress_line(summary))
+                if note := unknown_status_note(summary, deadline):
+                    self.log.warning(note)
             return self._on_terminal(context, state, summary)
         self.defer(
             trigger=OpenAIBatchTrigger(

@@ -15,6 +15,20 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 #: Statuses after which a batch never changes again.
 TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
+#: Every status the Batch API documents; anything else is waited on as running, with a warning.
+KNOWN_STATUSES = TERMINAL_STATUSES | {"validating", "in_progress", "finalizing", "cancelling"}
+
+
+def unknown_status_note(summary: dict[str, Any], deadline: float | None) -> str | None:
+    """A warning for a status the pipeline does not know (a new one, or a proxy's own), else None: such a
+    batch is treated as still running, polled until it reaches a known end or the deadline."""
+    if summary.get("status") in KNOWN_STATUSES:
+        return None
+    until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(deadline)) if deadline else "its expiry"
+    return (
+        f"batch {summary.get('id')}: unknown status {str(summary.get('status'))[:80]!r} (known: "
+        f"{', '.join(sorted(KNOWN_STATUSES))}); treated as still running, waited for until {until}"
+    )
 
 
 def batch_summary(batch: Any) -> dict[str, Any]:
@@ -166,6 +180,8 @@ class OpenAIBatchTrigger(BaseTrigger):
                 failures = 0
                 summary = batch_summary(batch)
                 self.log.info(progress_line(summary))
+                if note := unknown_status_note(summary, self.deadline):
+                    self.log.warning(note)
                 if summary["status"] in TERMINAL_STATUSES:
                     yield TriggerEvent({"status": "done", "batch": summary})
                     return
