@@ -162,6 +162,21 @@ def test_a_run_goes_on_when_the_key_may_not_read_models(dag, srv, tmp_path, samp
     assert "model 'gpt-4o-mnii' not checked: the key may not read models (HTTP 403)" in caplog.text
 
 
+@pytest.mark.parametrize("off", ["false", "0", "off", " No "])
+def test_the_model_check_can_be_turned_off_for_servers_that_name_models_otherwise(srv, monkeypatch, off):
+    # e.g. a gateway or Azure-style deployment names that its GET /v1/models does not list
+    from openai_batch_airflow.tasks import check_model
+
+    tripwire = {"method": "GET", "path": "^/v1/models", "status": 418, "times": 1}
+    srv.set_config({"http_faults": [tripwire]})
+    monkeypatch.setenv("OPENAI_BATCH_CHECK_MODEL", off)
+    check_model({"model": "my-deployment", "conn_id": "openai_default"})
+    assert len(srv.get_config()["http_faults"]) == 1  # the API was not asked
+    monkeypatch.setenv("OPENAI_BATCH_CHECK_MODEL", "true")
+    check_model({"model": "my-deployment", "conn_id": "openai_default"})  # asked: a 418 is only a warning
+    assert srv.get_config()["http_faults"] == []
+
+
 def test_the_form_suggests_the_shipped_models_and_takes_any_name(dag):
     import json
 

@@ -247,13 +247,26 @@ def validate(
     return summary
 
 
+#: Airflow Variable / environment variable that turn the model check off (false, 0, no, off): for a
+#: server whose model names its GET /v1/models does not list (a gateway, deployment names).
+CHECK_MODEL_VARIABLE = "openai_batch_check_model"
+CHECK_MODEL_ENV = "OPENAI_BATCH_CHECK_MODEL"
+
+
 def check_model(params: dict[str, Any]) -> None:
     """Param ``model`` checked with the API of connection ``conn_id`` (:func:`preflight.check_model`); a
-    connection that cannot be made into a client is a warning (the upload reports it, with retries)."""
+    connection that cannot be made into a client is a warning (the upload reports it, with retries).
+    Skipped (logged) when Variable ``openai_batch_check_model`` or ``$OPENAI_BATCH_CHECK_MODEL`` is off."""
+    from airflow.sdk import Variable
+
     from batchpipe.csvio import quote_value
     from batchpipe.paths import redact_text
     from openai_batch_airflow.preflight import check_model as check
 
+    switch = Variable.get(CHECK_MODEL_VARIABLE, default=None) or os.environ.get(CHECK_MODEL_ENV) or ""
+    if switch.strip().lower() in ("false", "0", "no", "off"):
+        log.info("model %s not checked: %s is off", quote_value(params["model"]), CHECK_MODEL_ENV)
+        return
     conn_id = params.get("conn_id") or "openai_default"
     try:
         client = _client(conn_id)
