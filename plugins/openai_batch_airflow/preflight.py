@@ -69,8 +69,9 @@ def check_keys(given: Iterable[str], known: Iterable[str], what: str) -> None:
 def check_model(client: Any, model: str, conn_id: str) -> None:
     """Fail when the API behind ``client`` does not know ``model``; warn when that cannot be told.
 
-    Unknown: ``GET /v1/models/{model}`` answers 404 ``model_not_found``, or any 404 while the model list
-    (``GET /v1/models``) works and lacks the model. The message names the three closest listed models.
+    Unknown: ``GET /v1/models/{model}`` answers 404 ``model_not_found``, or any other 404 (or the name
+    cannot even be put in the URL, such as ``..``) while the model list (``GET /v1/models``) works and
+    lacks the model. A listed model always passes. The message names the three closest listed models.
     Not checked (a warning): 401/403 (a key restricted to some endpoints may not read models), a
     connection error, a timeout or 429/5xx after a few tries (a flaky models endpoint must not block a
     batch; the upload has its own retries), a 404 without ``model_not_found`` from a server that lists no
