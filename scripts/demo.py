@@ -166,8 +166,8 @@ def main() -> int:
                 f"(estimated before upload: ${cost['estimated_batch_expected'] or 0:.6f})"
             )
             if mode == "offline":
-                say("  (offline, the local server echoes prompts and counts words as tokens: a real")
-                say("   model's answers are longer, closer to the estimate's 200 tokens per answer)")
+                say("  (offline, the local server counts tokens as the estimate does, but its answers echo")
+                say("   the prompt: a real model's are longer, closer to the estimate's 200 tokens each)")
         say(f"  report: {results.parent / 'report.html'} (open it in a browser) and report.json")
         say(f"  estimate made before upload: {results.parent / 'estimate.md'}")
         say()

@@ -288,6 +288,16 @@ def test_6_inbox_scheduled_run_processes_two_csvs_once_and_the_next_finds_nothin
             "alpha.csv", "alpha.json", "beta.csv", "beta.json"
         ]  # fmt: skip
         assert not list(inbox.glob("*.csv")) and not list((inbox / "processing").glob("*/*"))
+        # settle names where each processed file's answers landed (the merge XCom of its own run)
+        settle_log = "\n".join(
+            p.read_text(errors="replace")
+            for p in (tmp / "airflow" / "logs").rglob("*")
+            if p.is_file() and "dag_id=openai_batch_inbox" in str(p) and "task_id=settle" in str(p)
+        )
+        for name in ("alpha", "beta"):
+            (landed,) = (out / name).glob(f"{run_name(claim, name + '.csv')}*/results.csv")
+            assert f"{name}.csv: results at {landed}" in settle_log, settle_log[-2000:]
+        assert "results landed: alpha.csv: " in settle_log
 
         # the next scheduled run finds nothing: nothing is processed twice
         def next_scheduled_run_succeeded():
@@ -331,5 +341,10 @@ def test_7_the_readme_trigger_command_runs_verbatim(env):
     # no output_dir in the command: the default folder, $AIRFLOW_HOME/openai_batch_results
     results = stack.xcom(DAG_ID, run_id, "merge")
     assert results.startswith(str(stack.home / "openai_batch_results" / "questions"))
+    # and `make demo`'s closing words say so: the folder it names is where this run landed
+    from demo import where_runs_land
+
+    said = where_runs_land(stack.env)
+    assert f"in {stack.home / 'openai_batch_results'}/<input file name>/<run id>/results.csv" in said
     with open(results, newline="", encoding="utf-8") as fh:
         assert [r["id"] for r in csv.DictReader(fh)] == [f"q{i:03d}" for i in range(1, 11)]
