@@ -409,3 +409,31 @@ def test_histogram_axes_have_ticks_along_both(run):
     one = ET.fromstring(svg_histogram([(5, 5, 1)]))  # a single bin of one value: still labelled
     labels = {t.text: float(t.get("x")) for t in one.iter(f"{ns}text") if t.text.strip().isdigit()}
     assert 50 < labels["5"] < 600, labels  # under its bar, inside the picture
+
+
+def test_analyze_never_writes_its_report_over_a_results_file(tmp_path, capsys):
+    runs = two_runs(tmp_path)
+    before = [r.read_bytes() for r in runs]
+    # --html before the glob: the first results.csv would be taken as the report's path
+    assert main(["analyze", "--html", str(runs[1]), str(runs[0])]) == 2
+    assert "that is a results file, not a report page" in capsys.readouterr().err
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["analyze", str(runs[0]), "--html", str(tmp_path / "notes.txt")]) == 2
+    assert [r.read_bytes() for r in runs] == before and (tmp_path / "notes.txt").read_text() == "mine"
+    # a report page from an earlier analyze is replaced, and one file named twice is one run
+    assert main(["analyze", str(runs[0]), "--html", str(tmp_path / "r.html")]) == 0
+    assert main(["analyze", str(runs[0]), "--html", str(tmp_path / "r.html")]) == 0
+    same = str(runs[0].parent / "." / "results.csv")
+    assert main(["analyze", str(runs[0]), same, "--html", str(tmp_path / "r.html")]) == 0
+    assert not list(tmp_path.glob("r-*.html"))
+
+
+def test_analyze_writes_the_report_even_when_its_reader_stops_early(tmp_path):
+    runs = two_runs(tmp_path)
+    cmd = [str(BATCHPIPE), "analyze", "--json", *map(str, runs), "--html", str(tmp_path / "r.html")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    proc.stderr.read()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) == 141
+    assert (tmp_path / "r.html").is_file() and len(list(tmp_path.glob("r-*.html"))) == 2

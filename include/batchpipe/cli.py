@@ -153,14 +153,23 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     for p in args.results:
         if not Path(p).is_file():
             raise InputError(f"{p}: file not found")
+    if args.html:
+        _check_html_target(args.html, args.results)
     try:
         result = analyze(args.results)
     except ValueError as exc:
         raise InputError(str(exc)) from None
-    print(json.dumps(result, ensure_ascii=False, indent=2) if args.json else format_analysis(result))
+    summary = json.dumps(result, ensure_ascii=False, indent=2) if args.json else format_analysis(result)
     if not args.html:
+        print(summary)
         return 0
-    csvs = list(dict.fromkeys(p for p in args.results if p.lower().endswith(".csv")))
+    # the pages are written before the summary is printed: a reader that stops early (| head) must not
+    # cost the report
+    unique: dict[Path, str] = {}  # one page per file, however its path is spelled
+    for p in args.results:
+        if p.lower().endswith(".csv"):
+            unique.setdefault(Path(p).resolve(), p)
+    csvs = list(unique.values())
     if not csvs:
         raise InputError(
             "--html needs merged results .csv files (raw .jsonl files have no rows to report on)"
@@ -186,7 +195,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     to = sys.stderr if args.json else sys.stdout
     out = Path(args.html)
     if len(csvs) == 1:
-        print(f"report: {_run_page(csvs[0], out, estimate, batches, args.model, prices)}", file=to)
+        page = _run_page(csvs[0], out, estimate, batches, args.model, prices)
+        print(summary)
+        print(f"report: {page}", file=to)
         return 0
     from .naming import safe_name
 
@@ -194,10 +205,30 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     for n, results in enumerate(csvs, 1):
         run = safe_name(Path(results).resolve().parent.name)[:60]
         page = out.with_name(f"{out.stem}-{n}-{run}{out.suffix or '.html'}")
+        _check_html_target(page, csvs)
         pages.append((results, _run_page(results, page, None, None, args.model, prices)))
     overview = result if len(csvs) == len(args.results) else analyze(csvs)
-    print(f"report: {write_overview_html(overview, pages, out)} ({len(pages)} run pages beside it)", file=to)
+    written = write_overview_html(overview, pages, out)
+    print(summary)
+    print(f"report: {written} ({len(pages)} run pages beside it)", file=to)
     return 0
+
+
+def _check_html_target(target: str | Path, inputs: list[str]) -> None:
+    """Refuse an HTML report path that would overwrite an input, or any file that is not an HTML page:
+    ``--html`` placed before a glob takes the first results.csv as its value."""
+    out = Path(target)
+    results_like = out.suffix.lower() in (".csv", ".jsonl", ".json")
+    if results_like or out.resolve() in {Path(p).resolve() for p in inputs}:
+        raise InputError(
+            f"--html {out}: that is a results file, not a report page: nothing written (put --html "
+            "report.html before or after the results files, e.g. --html report.html */results.csv)"
+        )
+    if out.is_file():
+        with open(out, "rb") as fh:
+            head = fh.read(512).lstrip().lower()
+        if not head.startswith((b"<!doctype html", b"<html")):
+            raise InputError(f"--html {out}: an existing file that is not an HTML page: not overwritten")
 
 
 def _run_page(results: str, out: Path, estimate: Any, batches: Any, model: str | None, prices: Any) -> Path:
