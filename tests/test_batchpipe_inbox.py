@@ -381,3 +381,11 @@ def test_a_sidecar_full_of_unknown_keys_is_quoted_shortened():
     message = str(caught.value)
     assert len(message) < 1000 and "and 991 more" in message
     assert "'modle': did you mean 'model'?" in message
+
+
+def test_the_wait_log_survives_far_times_and_hostile_names(tmp_path, caplog):
+    caplog.set_level("INFO", logger="batchpipe.inbox")
+    drop(tmp_path, "fresh\nFORGED LOG LINE\x1b[2J.csv", age=0)
+    assert claim_new_files(tmp_path, "r", min_age_seconds=1e12) == []  # centuries: no crash
+    (said,) = [r.getMessage() for r in caplog.records if "wait for a later run" in r.getMessage()]
+    assert "past the year 9999" in said and "\n" not in said and "\x1b" not in said

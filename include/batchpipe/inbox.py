@@ -51,6 +51,7 @@ from typing import Any
 from .csvio import column_list
 from .errors import InputError
 from .naming import unique_name
+from .paths import clip
 
 log = logging.getLogger(__name__)
 
@@ -135,14 +136,17 @@ def _ready(
             "%d file(s) younger than min_age_seconds=%g wait for a later run (may still be arriving): %s",
             len(waiting),
             min_age,
-            "; ".join(f"{name} ready from {_utc(ready)}" for name, ready in waiting[:10])
+            "; ".join(f"{clip(name, 80)} ready from {_utc(ready)}" for name, ready in waiting[:10])
             + (f"; and {len(waiting) - 10} more" if len(waiting) > 10 else ""),
         )
     return csvs, orphans
 
 
 def _utc(when: float) -> str:
-    return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    try:
+        return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (OverflowError, ValueError, OSError):  # min_age_seconds of centuries, a file dated far off
+        return "a time past the year 9999"
 
 
 def _orphan_reason(path: Any) -> str:
