@@ -821,3 +821,16 @@ def test_models_upstream_down_is_a_502(tmp_path):
     with running_server(tmp_path, config=config) as srv:
         resp = httpx.get(srv.base_url + "/models", timeout=10)
     assert resp.status_code == 502 and resp.json()["error"]["code"] == "upstream_error"
+
+
+def test_a_request_body_of_odd_shapes_fails_only_its_own_line(client):
+    odd = {"custom_id": "odd", "method": "POST", "url": "/v1/chat/completions", "body": {
+        "model": "gpt-4o-mini", "messages": [{"role": "assistant", "content": "a", "tool_calls": 5},
+                                             {"role": "user", "content": "hi"}]}}  # fmt: skip
+    batch = run_batch(client, [chat_line("good", "hello"), odd])
+    assert batch.status == "completed", batch.errors
+    assert batch.request_counts.completed == 1 and batch.request_counts.failed == 1
+    (bad,) = read_lines(client, batch.error_file_id)
+    assert bad["custom_id"] == "odd" and bad["response"]["status_code"] == 400
+    (good,) = read_lines(client, batch.output_file_id)
+    assert good["custom_id"] == "good" and good["response"]["body"]["choices"][0]["message"]["content"]

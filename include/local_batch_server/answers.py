@@ -121,9 +121,12 @@ class RequestError(Exception):
 def prompt_tokens(body: dict[str, Any], url: str, model: str) -> int:
     """Prompt tokens of a request, as the estimate counts them (see the module docstring)."""
     try:
-        return request_prompt_tokens(body, url, model)
-    except (UnknownModel, ValueError):  # no image rule for the model, or an image detail it refuses
-        return request_text_tokens(body, url, model) + IMAGE_TOKENS * len(iter_request_images(body, url))
+        try:
+            return request_prompt_tokens(body, url, model)
+        except (UnknownModel, ValueError):  # no image rule for the model, or an image detail it refuses
+            return request_text_tokens(body, url, model) + IMAGE_TOKENS * len(iter_request_images(body, url))
+    except (TypeError, AttributeError, KeyError, ValueError) as exc:  # a body of odd shapes: that line only
+        raise RequestError(f"Invalid request body: {type(exc).__name__}.", code="invalid_request") from None
 
 
 def _image_url(part: dict[str, Any]) -> str | None:
