@@ -811,6 +811,10 @@ def test_models_are_forwarded_to_the_upstream(tmp_path, listeners):
         assert info.value.body["code"] == "model_not_found"
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=srv.base_url, api_key="wrong", max_retries=0).models.list()
+        for dots in ("%2E%2E", "%2E", "a/%2E%2E/%2E%2E"):  # never another upstream path with the key
+            auth = {"Authorization": f"Bearer {CLIENT_KEY}"}
+            resp = httpx.get(f"{srv.base_url}/models/{dots}", headers=auth)
+            assert resp.status_code == 404 and resp.json()["error"]["code"] == "model_not_found", dots
     assert [r["path"] for r in up.requests] == ["/v1/models", "/v1/models/up-llm", "/v1/models/gpt-4o"]
     assert all(r["headers"]["Authorization"] == f"Bearer {UP_KEY}" for r in up.requests)
 

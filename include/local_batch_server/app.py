@@ -804,6 +804,8 @@ def create_app(
 
     @app.get("/v1/models/{model:path}")
     async def retrieve_model(model: str):
+        if not model.strip(".") or any(part in (".", "..") for part in model.split("/")):
+            raise model_not_found(model)  # a dot segment would reach another upstream path once normalised
         if store.config.upstream_base_url:
             return await forward_models("/v1/models/" + urllib.parse.quote(model, safe=":"))
         known = store.config.models
