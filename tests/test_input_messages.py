@@ -55,6 +55,9 @@ def test_location_refuses_a_scheme_without_a_filesystem():
             storage.location(url)
         assert isinstance(caught.value, ValueError)  # callers that catch ValueError still do
     assert storage.location("s3://bucket/x").path.endswith("x")  # the amazon provider is installed
+    with pytest.raises(storage.UnsupportedScheme) as caught:  # a URL of megabytes is quoted shortened
+        storage.location("http://h/" + "k" * 100_000)
+    assert len(str(caught.value)) < 1000
 
 
 @pytest.mark.parametrize("cell", ["nosuch://b/a.png", "ftp://h/a.png"])

@@ -25,7 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from batchpipe.paths import clip as paths_clip
-from batchpipe.paths import is_url, redact_url, url_problem
+from batchpipe.paths import is_url, quote_path, redact_url, url_problem
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def check_scheme(text: str) -> None:
     here = "".join(f"{s}://, " for s in _store_schemes())
     hint = " — download the file first" if scheme in WEB_SCHEMES else ""
     raise UnsupportedScheme(
-        f"{redact_url(text)}: scheme {paths_clip(scheme)} is not supported; use a local path or an "
+        f"{quote_path(text)}: scheme {paths_clip(scheme)} is not supported; use a local path or an "
         f"object-storage URL ({here}others such as gs:// through their Airflow provider){hint}"
     )
 
