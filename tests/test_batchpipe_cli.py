@@ -213,3 +213,87 @@ def test_validate_names_rows_by_index_and_line(tmp_path, capsys):
     assert "  data row 7 (0-based; line 11 of the file) [prompt]: empty prompt" in out, out
     assert main(["build", str(p), "--out-dir", str(tmp_path / "b")]) == 0
     assert "data row 7 (0-based; line 11 of the file) [prompt]" in capsys.readouterr().out
+
+
+def _built_and_answered(tmp_path, capsys, *build_args):
+    p, _ = write_inputs(tmp_path)
+    build = tmp_path / "build"
+    assert main(["build", str(p), "--out-dir", str(build), "--id-column", "id", *build_args]) == 0
+    answer_all(build, tmp_path / "out.jsonl")
+    capsys.readouterr()
+    return build, tmp_path / "out.jsonl"
+
+
+def test_merge_finishes_the_report_as_the_pipeline_does(tmp_path, capsys):
+    """Model from the build, estimate.json found in the out folder, batches (and their ids) from a JSON
+    list: report.json gets the cost, the estimate and the batches; report.html is written beside it."""
+    opts = ["--model", "gpt-4o-mini", "--image-column", "image"]
+    build, answers = _built_and_answered(tmp_path, capsys, *opts)
+    assert (
+        main(
+            [
+                "estimate",
+                str(tmp_path / "in.csv"),
+                *opts,
+                "--id-column",
+                "id",
+                "--out-dir",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 0
+    )
+    batches = [
+        {"id": "batch_1", "status": "completed", "request_counts": {"total": 3}, "metadata": {"a": "b"}},
+        {"id": "batch_2", "status": "completed", "round": 1},
+    ]
+    (tmp_path / "batches.json").write_text(json.dumps({"object": "list", "data": batches}))
+    out = tmp_path / "run" / "results.csv"
+    capsys.readouterr()
+    args = ["merge", "--build-dir", str(build), str(answers), "--out", str(out)]
+    assert main([*args, "--batches", str(tmp_path / "batches.json")]) == 0, capsys.readouterr().err
+    report = json.loads(capsys.readouterr().out)
+    assert json.loads((tmp_path / "run" / "report.json").read_text()) == report
+    estimate = json.loads((tmp_path / "run" / "estimate.json").read_text())
+    assert report["model"] == "gpt-4o-mini"
+    assert report["estimate"]["prompt_tokens"] == estimate["prompt_tokens"]
+    assert report["cost_usd"]["estimated_batch_expected"] == estimate["cost"]["batch"]["expected"]
+    # 3 answered rows of 1 + 1 tokens at gpt-4o-mini's Batch prices
+    assert report["cost_usd"]["actual_batch"] == round((3 * 0.15 + 3 * 0.6) / 1e6 * 0.5, 6)
+    assert report["batches"] == [{k: v for k, v in b.items() if k != "metadata"} for b in batches]
+    assert report["batch_ids"] == ["batch_1", "batch_2"]
+    assert "batch_2" in (tmp_path / "run" / "report.html").read_text()
+    # --batch-id wins over the batches' ids; --model and --prices over the build's and the shipped table
+    assert main([*args, "--batches", str(tmp_path / "batches.json"), "--batch-id", "batch_9", "--model",
+                 "acme-1", "--prices", '{"models": {"acme-1": {"input": 1, "output": 1}}}']) == 0  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert report["batch_ids"] == ["batch_9"] and report["model"] == "acme-1"
+    assert report["cost_usd"]["actual_batch"] == round(6 / 1e6 * 0.5, 6)
+
+
+def test_merge_finds_the_estimate_in_the_build_folder_and_refuses_bad_report_inputs(tmp_path, capsys):
+    build, answers = _built_and_answered(tmp_path, capsys)
+    assert main(["estimate", str(tmp_path / "in.csv"), "--id-column", "id", "--out-dir", str(build)]) == 0
+    capsys.readouterr()
+    args = ["merge", "--build-dir", str(build), str(answers), "--out", str(tmp_path / "r" / "results.csv")]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == "gpt-4o" and report["estimate"]["prompt_tokens"] > 0
+    assert report["batches"] == [] and report["batch_ids"] == []
+    before = (tmp_path / "r" / "report.json").read_bytes()
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "noid.json").write_text('[{"status": "completed"}]')
+    for extra, message in [
+        (["--estimate", str(tmp_path / "missing.json")], "missing.json: cannot read JSON"),
+        (["--estimate", str(tmp_path / "bad.json")], "bad.json: cannot read JSON"),
+        (["--estimate", str(tmp_path / "list.json")], f"--estimate {tmp_path / 'list.json'}: expected"),
+        (["--batches", str(tmp_path / "bad.json")], "bad.json: cannot read JSON"),
+        (["--batches", str(tmp_path / "list.json")], "list.json: batch 1 is not a JSON object"),
+        (["--batches", str(tmp_path / "noid.json")], "noid.json: batch 1 has no 'id'"),
+        (["--prices", "{nope"], "prices"),
+    ]:
+        assert main([*args, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("batchpipe: error: ") and message in err and "Traceback" not in err, err
+    assert (tmp_path / "r" / "report.json").read_bytes() == before  # refused before anything was written

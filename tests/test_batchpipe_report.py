@@ -411,6 +411,108 @@ def test_histogram_axes_have_ticks_along_both(run):
     assert 50 < labels["5"] < 600, labels  # under its bar, inside the picture
 
 
+# --------------------------------------------------------------------------- finish_report
+
+
+def _actual(run, input_price=2.5, output_price=10.0, discount=0.5):
+    return round((run["prompt"] * input_price + run["completion"] * output_price) / 1e6 * discount, 6)
+
+
+def test_finish_report_writes_the_cost_once_into_report_json_and_the_page(run):
+    from batchpipe.report import finish_report
+
+    est = estimate_build(run["build"]["manifest"])
+    prices = load_prices({"models": {"gpt-4o": {"input": 1.0, "output": 3.0}}})
+    raw = [{**b, "errors": None, "metadata": {"k": "v"}} for b in BATCHES]  # as the API has them
+    full = finish_report(
+        run["csv"], run["report"], estimate=est, batches=raw, model="gpt-4o", prices=prices,
+        problems=["batch batch_b: expired"], shown="s3://bucket/out/run 1",
+    )  # fmt: skip
+    assert json.loads(run["report_json"].read_text(encoding="utf-8")) == full
+    assert not list(run["csv"].parent.glob(".*"))  # no temporary file left
+    actual = _actual(run, 1.0, 3.0)
+    expected = est["cost"]["batch"]["expected"]
+    assert full["model"] == "gpt-4o"
+    assert full["cost_usd"]["actual_batch"] == actual
+    assert full["cost_usd"]["actual_standard"] == _actual(run, 1.0, 3.0, 1.0)
+    assert full["cost_usd"]["estimated_batch_expected"] == expected
+    assert full["cost_usd"]["estimated_batch_max"] == est["cost"]["batch"]["max"]
+    assert full["cost_usd"]["difference_pct"] == round((actual - expected) / expected * 100, 1)
+    assert full["cost_usd"]["price"]["input"] == 1.0 and full["cost_usd"]["price"]["as_of"]
+    assert full["estimate"] == {k: est[k] for k in ("prompt_tokens", "image_tokens", "output_tokens_max")}
+    assert full["batches"] == BATCHES  # the API's errors and metadata are not the report's
+    assert full["batch_ids"] == [] and full["problems"] == ["batch batch_b: expired"]
+    # the counts are merge's, unchanged
+    assert {k: full[k] for k in run["report"] if k not in ("results_csv", "report", "problems")} == {
+        k: v for k, v in run["report"].items() if k not in ("results_csv", "report", "problems")
+    }
+    assert (full["results_csv"], full["report"]) == (
+        "s3://bucket/out/run 1/results.csv",
+        "s3://bucket/out/run 1/report.json",
+    )
+    page = (run["csv"].parent / "report.html").read_text(encoding="utf-8")
+    assert f"${actual:.6f}".rstrip("0").rstrip(".") in page
+    assert "results: s3://bucket/out/run 1/results.csv" in page and "batch batch_b: expired" in page
+
+
+def test_the_page_shows_the_cost_it_is_given_and_computes_none(run):
+    """finish_report hands its figures to the page: the page never prices the tokens again (here its
+    own price table would say 'unknown')."""
+    cost = {"actual_batch": 0.123457, "actual_standard": 0.246914, "price": None}
+    page = write_report_html(
+        run["csv"], run["report_json"], run["tmp"] / "given.html", model="no-such-model", prices={},
+        cost=cost,
+    ).read_text(encoding="utf-8")  # fmt: skip
+    assert "$0.123457" in page and "$0.246914" in page
+
+
+def test_finish_report_without_estimate_model_or_price(run):
+    from batchpipe.report import finish_report
+
+    full = finish_report(run["csv"], run["report"], prices=load_prices())
+    assert full["model"] is None and full["cost_usd"]["actual_batch"] is None
+    assert full["cost_usd"]["difference_pct"] is None and full["batches"] == []
+    assert full["estimate"] == {"prompt_tokens": None, "image_tokens": None, "output_tokens_max": None}
+    assert full["problems"] == run["report"]["problems"]
+    unknown = finish_report(run["csv"], run["report"], model="acme-9", prices=load_prices())
+    assert unknown["model"] == "acme-9" and unknown["cost_usd"]["actual_batch"] is None
+    assert "Actual cost unknown: no price for model acme-9" in (run["csv"].parent / "report.html").read_text()
+
+
+_FULL_DISK = """
+import json, resource, signal, sys
+from batchpipe.report import finish_report
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+csv, report, limit = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+batches = json.loads(sys.stdin.read())
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+try:
+    finish_report(csv, report, batches=batches, model="gpt-4o")
+except OSError as exc:
+    print(exc.errno)
+"""
+
+
+@pytest.mark.parametrize("which", ["report.html", "report.json"])
+def test_a_write_cut_short_leaves_no_partial_report(run, which):
+    """The disk fills while the page or the report is written: report.json is the one that was there
+    (merge's), whole, and no temporary file stays behind."""
+    before = run["report_json"].read_bytes()
+    # a big batch entry makes report.json larger than the page (the page shows few of its fields)
+    batches = [{**BATCHES[0], "note": "x" * 200_000}] if which == "report.json" else BATCHES
+    limit = 100_000 if which == "report.json" else 2_000
+    done = subprocess.run(
+        [sys.executable, "-c", _FULL_DISK, str(run["csv"]), json.dumps(run["report"]), str(limit)],
+        input=json.dumps(batches), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "27", done.stdout + done.stderr  # EFBIG
+    assert run["report_json"].read_bytes() == before
+    json.loads(before)
+    assert sorted(p.name for p in run["csv"].parent.iterdir()) == sorted(
+        ["results.csv", "report.json"] + (["report.html"] if which == "report.json" else [])
+    )
+
+
 def test_analyze_never_writes_its_report_over_a_results_file(tmp_path, capsys):
     runs = two_runs(tmp_path)
     before = [r.read_bytes() for r in runs]

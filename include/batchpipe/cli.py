@@ -3,6 +3,7 @@
     batchpipe validate INPUT.csv [options]
     batchpipe build INPUT.csv --out-dir DIR [options]
     batchpipe merge --build-dir DIR RESULT.jsonl... --out results.csv [--batch-id ID ...]
+                    [--estimate estimate.json] [--batches batches.json] [--model M] [--prices FILE_OR_JSON]
     batchpipe estimate INPUT.csv [build options] [--expected-output-tokens N] [--prices FILE_OR_JSON]
                        [--max-cost-usd X] [--out-dir DIR] [--json]
     batchpipe analyze RESULTS.csv|OUTPUT.jsonl... [--json] [--html OUT.html [--estimate estimate.json]
@@ -100,13 +101,63 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from .merge import merge_results
+    """Merge, then finish report.json / report.html as the pipeline does (:func:`report.finish_report`):
+    the same build, result files, estimate, batches, model and prices give the pipeline's report.
 
+    Every report input is read and checked before the merge writes anything."""
+    from .estimate import load_prices
+    from .merge import load_manifest, merge_results
+    from .report import finish_report
+
+    _, manifest = load_manifest(args.build_dir)
+    model = args.model or BuildOptions.from_dict(manifest.get("options") or {}).model
+    estimate = _merge_estimate(args)
+    batches = _batches_arg(args.batches) if args.batches else []
+    prices = load_prices(args.prices)
+    batch_ids = args.batch_id if args.batch_id else [b["id"] for b in batches]
     report = merge_results(
-        args.build_dir, args.results, args.out, batch_ids=args.batch_id, formula_escape=args.formula_escape
+        args.build_dir,
+        args.results,
+        args.out,
+        batch_ids=batch_ids,
+        formula_escape=args.formula_escape,
+        write_report=False,
     )
+    report = finish_report(args.out, report, estimate=estimate, batches=batches, model=model, prices=prices)
     print(json.dumps(report, ensure_ascii=False, indent=2))
     return 0
+
+
+def _merge_estimate(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--estimate``, else the estimate.json in the ``--out`` folder (where the pipeline keeps it), else
+    the one in ``--build-dir`` (where ``batchpipe estimate --out-dir`` writes it), else None."""
+    if args.estimate:
+        path = args.estimate
+    else:
+        found = [p for p in (Path(args.out).parent, Path(args.build_dir)) if (p / "estimate.json").is_file()]
+        if not found:
+            return None
+        path = str(found[0] / "estimate.json")
+    estimate = _read_json_arg(path, "--estimate")
+    if not isinstance(estimate, dict):
+        raise InputError(f"--estimate {path}: expected the JSON object 'batchpipe estimate' writes")
+    return estimate
+
+
+def _batches_arg(path: str) -> list[dict[str, Any]]:
+    """Batch summaries from ``path``: a JSON list, an API list response (``{"data": [...]}``), or a
+    report.json (its ``batches``); each an object with an ``id``."""
+    batches = _read_json_arg(path, "--batches")
+    if isinstance(batches, dict):
+        batches = batches.get("batches", batches.get("data"))
+    if not isinstance(batches, list):
+        raise InputError(f"--batches {path}: expected a JSON list of batch summaries (or report.json)")
+    for n, b in enumerate(batches, 1):
+        if not isinstance(b, dict):
+            raise InputError(f"--batches {path}: batch {n} is not a JSON object")
+        if not isinstance(b.get("id"), str) or not b["id"]:
+            raise InputError(f"--batches {path}: batch {n} has no 'id'")
+    return batches
 
 
 EXIT_OVER_BUDGET = 3
@@ -279,7 +330,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--build-dir", required=True, help="directory written by 'batchpipe build'")
     p.add_argument("results", nargs="*", metavar="RESULT.jsonl", help="output and error files")
     p.add_argument("--out", required=True, help="results CSV to write (report.json goes beside it)")
-    p.add_argument("--batch-id", action="append", help="batch id to record in the report (repeatable)")
+    p.add_argument(
+        "--batch-id",
+        action="append",
+        help="batch id to record in the report (repeatable; default: the ids of --batches)",
+    )
+    p.add_argument(
+        "--estimate",
+        help="estimate.json to compare the cost with (default: the one in the --out folder, else in "
+        "--build-dir)",
+    )
+    p.add_argument(
+        "--batches",
+        help="batch summaries for the report: a JSON list, an API list response or a run's report.json",
+    )
+    p.add_argument("--model", help="model for the actual cost (default: the build's)")
+    p.add_argument("--prices", help="price override: a JSON file or string, e.g. '{\"models\": {...}}'")
     p.add_argument(
         "--no-formula-escape",
         dest="formula_escape",

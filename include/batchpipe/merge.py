@@ -84,13 +84,16 @@ def merge_results(
     *,
     allowed_roots: list[Path] | None = paths.FROM_ENV,
     formula_escape: bool = True,
+    write_report: bool = True,
 ) -> dict[str, Any]:
     """Write ``out_csv`` (input columns + response, error, prompt/completion/total_tokens) and
-    ``report.json`` beside it. Returns the report: ``{"rows", "answered", "failed", "invalid",
-    "errors_by_code", "tokens": {"prompt", "completion", "total"}, "batch_ids", "results_csv", "report",
-    "unmatched_results", "malformed_lines", "broken_lines", "duplicate_results", "duplicate_ids",
-    "csv_formula_escape", "formula_cells_escaped", "problems"}``. ``problems`` names what does not add
-    up for the rows themselves: requests sent without a result line.
+    ``report.json`` beside it (``write_report=False``: not written; the caller finishes it with
+    :func:`batchpipe.report.finish_report`, as the pipeline and ``batchpipe merge`` do). Returns the
+    report: ``{"rows", "answered", "failed", "invalid", "errors_by_code", "tokens": {"prompt",
+    "completion", "total"}, "batch_ids", "results_csv", "report", "unmatched_results", "malformed_lines",
+    "broken_lines", "duplicate_results", "duplicate_ids", "csv_formula_escape", "formula_cells_escaped",
+    "problems"}``. ``problems`` names what does not add up for the rows themselves: requests sent without
+    a result line.
 
     Several lines for one custom_id: the later line wins (resubmissions come in later files), except that
     an error never replaces an answer (HTTP 200). A line for an id that already had an answer, or that
@@ -329,10 +332,11 @@ def merge_results(
             f"{codes['no_result']} request(s) were sent but no result line came back for them (rows marked "
             f"'{NO_RESULT}')"
         )
-    report_path = out.parent / REPORT_NAME
-    tmp_report = report_path.with_name(f".{REPORT_NAME}.tmp")
-    tmp_report.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp_report, report_path)
+    if write_report:
+        report_path = out.parent / REPORT_NAME
+        tmp_report = report_path.with_name(f".{REPORT_NAME}.tmp")
+        tmp_report.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp_report, report_path)
     return report
 
 

@@ -1,5 +1,9 @@
 """Run report (self-contained HTML page) and analysis of results files.
 
+* ``finish_report(results_csv, report, *, estimate, batches, model, prices, problems, shown) -> dict`` —
+  merge's report finished: the model, the actual cost against the estimate (computed once), the batches;
+  ``report.json`` written atomically and ``report.html`` beside it. The pipeline's merge task and
+  ``batchpipe merge`` both call it.
 * ``write_report_html(results_csv, report_json, out_html, estimate=None, batches=None) -> Path`` — one
   HTML file with inline CSS and inline SVG plots (no script, no external resource: it opens from disk).
 * ``analyze(results_paths) -> dict`` — counts, error codes, tokens and response lengths of merged
@@ -24,6 +28,7 @@ from typing import Any
 from urllib.parse import quote
 
 from .estimate import load_prices, price_for, token_cost
+from .merge import REPORT_NAME
 from .results import parse_result_line
 
 HIST_BINS = 20
@@ -514,6 +519,84 @@ def _problems_html(report: dict[str, Any]) -> list[str]:
     return ["<h3>Problems</h3>", _table(["what", "lines", "details"], rows, "problems")]
 
 
+def actual_cost(
+    tokens: dict[str, Any], model: str | None, prices: dict[str, Any] | None, estimate: dict[str, Any] | None
+) -> dict[str, Any]:
+    """What the run's ``tokens`` (``{"prompt", "completion"}``) cost at ``model``'s prices in ``prices``
+    (default: ``load_prices()``), against the estimate: report.json's ``cost_usd``, ``{"actual_batch",
+    "actual_standard", "estimated_batch_expected", "estimated_batch_max", "difference_pct" (actual vs
+    expected Batch cost), "price" (the table entry used)}``. Figures are None when unknown (no model, no
+    price for it, no estimate)."""
+    price = price_for(prices if prices is not None else load_prices(), model) if model else None
+    actual = standard = None
+    if price is not None:
+        actual = token_cost(price, tokens["prompt"], tokens["completion"], batch=True)
+        standard = token_cost(price, tokens["prompt"], tokens["completion"], batch=False)
+    batch_estimate = ((estimate or {}).get("cost") or {}).get("batch") or {}
+    expected = batch_estimate.get("expected")
+    return {
+        "actual_batch": actual,
+        "actual_standard": standard,
+        "estimated_batch_expected": expected,
+        "estimated_batch_max": batch_estimate.get("max"),
+        "difference_pct": round((actual - expected) / expected * 100, 1) if actual and expected else None,
+        "price": price,
+    }
+
+
+#: Keys of an API batch object that stay out of report.json (error lists and user metadata can be large,
+#: and ``files`` is the pipeline's own bookkeeping).
+BATCH_KEYS_LEFT_OUT = ("errors", "metadata", "files")
+
+
+def finish_report(
+    results_csv: str | os.PathLike,
+    report: dict[str, Any],
+    *,
+    estimate: dict[str, Any] | str | os.PathLike | None = None,
+    batches: list[dict[str, Any]] | None = None,
+    model: str | None = None,
+    prices: dict[str, Any] | None = None,
+    problems: list[str] | tuple[str, ...] = (),
+    shown: str | None = None,
+) -> dict[str, Any]:
+    """Finish merge's ``report`` (:func:`batchpipe.merge.merge_results`' dict) for the merged
+    ``results_csv`` and write ``report.html`` then ``report.json`` beside it; return the finished report.
+
+    Added: ``model`` (default: the estimate's), ``cost_usd`` (:func:`actual_cost` of the report's tokens
+    at ``prices``, default ``load_prices()``, computed here once and handed to the page), ``estimate``
+    (its ``prompt_tokens``, ``image_tokens``, ``output_tokens_max``; ``estimate`` is estimate.json's dict
+    or path), ``batches`` (the batch summaries, without :data:`BATCH_KEYS_LEFT_OUT`); ``problems`` (what
+    the run could not finish, e.g. a broken download) go before merge's own. ``shown``: the folder where
+    the files are stored (a URL for object storage): ``results_csv`` and ``report`` then name the files
+    there, and the page names the results by it.
+
+    Each file is written to a temporary name and renamed into place: a write cut short (disk full) leaves
+    the previous report.json whole and no partial file. The page is written first, so a report.json
+    written by this function always has its page beside it.
+    """
+    results_csv = Path(results_csv)
+    estimate = _load_json(estimate)
+    full = dict(report)
+    full["model"] = model = model or (estimate or {}).get("model")
+    full["cost_usd"] = cost = actual_cost(report["tokens"], model, prices, estimate)
+    full["estimate"] = {
+        k: (estimate or {}).get(k) for k in ("prompt_tokens", "image_tokens", "output_tokens_max")
+    }
+    full["batches"] = [{k: v for k, v in b.items() if k not in BATCH_KEYS_LEFT_OUT} for b in batches or ()]
+    full["problems"] = list(problems) + list(report.get("problems") or [])
+    if shown:
+        full["results_csv"], full["report"] = f"{shown}/{results_csv.name}", f"{shown}/{REPORT_NAME}"
+    write_report_html(
+        results_csv, full, results_csv.with_name("report.html"), estimate=estimate, batches=full["batches"],
+        model=model, shown=full["results_csv"], cost=cost,
+    )  # fmt: skip
+    _write_atomically(
+        results_csv.with_name(REPORT_NAME), json.dumps(full, ensure_ascii=False, indent=2) + "\n"
+    )
+    return full
+
+
 def write_report_html(
     results_csv: str | os.PathLike,
     report_json: str | os.PathLike | dict | None,
@@ -524,6 +607,7 @@ def write_report_html(
     model: str | None = None,
     prices: dict[str, Any] | None = None,
     shown: str | None = None,
+    cost: dict[str, Any] | None = None,
 ) -> Path:
     """Write a self-contained HTML report of a run and return its path.
 
@@ -533,8 +617,10 @@ def write_report_html(
     cost with. ``batches``: batch summaries (``id``, ``status``, ``round``, ``request_counts``, ``*_at``
     Unix timestamps) for the time-per-status table and the timeline. The actual cost is computed from the
     usage columns at Batch prices of ``model`` (default: the estimate's) from ``prices`` (default:
-    ``load_prices()``). ``shown``: how the results file is named on the page (default ``results_csv``;
-    e.g. its URL when it is stored in object storage).
+    ``load_prices()``), unless ``cost`` gives the figures already computed (:func:`actual_cost`'s dict,
+    as report.json's ``cost_usd`` holds them): then the page shows those and prices nothing.
+    ``shown``: how the results file is named on the page (default ``results_csv``; e.g. its URL when it
+    is stored in object storage).
     """
     report = _load_json(report_json) if report_json is not None else None
     estimate = _load_json(estimate)
@@ -550,12 +636,9 @@ def write_report_html(
         bins = _histogram(results_csv, a["tokens_per_row"]["min"], a["tokens_per_row"]["max"])
 
     model = model or (estimate or {}).get("model")
-    price = price_for(prices if prices is not None else load_prices(), model) if model else None
-    actual_cost = actual_std = None
-    if price is not None:
-        out_t = tokens["completion"]
-        actual_cost = token_cost(price, tokens["prompt"], out_t, batch=True)
-        actual_std = token_cost(price, tokens["prompt"], out_t, batch=False)
+    if cost is None:
+        cost = actual_cost(tokens, model, prices, estimate)
+    price, actual_batch, actual_std = cost.get("price"), cost.get("actual_batch"), cost.get("actual_standard")
 
     p: list[str] = [
         "<!DOCTYPE html>",
@@ -602,8 +685,8 @@ def write_report_html(
         [
             "cost at Batch prices (USD)",
             _num(est_cost.get("expected")),
-            _num(actual_cost),
-            _pct_diff(actual_cost, est_cost.get("expected")),
+            _num(actual_batch),
+            _pct_diff(actual_batch, est_cost.get("expected")),
         ],
         [
             "cost at standard prices (USD)",
@@ -709,7 +792,15 @@ def write_overview_html(
 
 def _write_page(out: Path, parts: list[str]) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
+    return _write_atomically(out, "\n".join(parts) + "\n")
+
+
+def _write_atomically(out: Path, text: str) -> Path:
+    """Write ``text`` to ``out`` through a temporary file renamed into place (removed if the write fails)."""
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text("\n".join(parts) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out

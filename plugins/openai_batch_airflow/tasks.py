@@ -574,8 +574,8 @@ def download(waited: dict[str, Any], conn_id: str) -> dict[str, Any]:
 def merge(
     downloads: list[dict[str, Any]] | None, params: dict[str, Any], run_id: str, context: Any = None
 ) -> str:
-    """Join every shard's results back onto the CSV rows, write report.json (with the actual cost
-    against the estimate) and report.html; return the path of results.csv."""
+    """Join every shard's results back onto the CSV rows, finish report.json (with the actual cost
+    against the estimate) and report.html with :func:`write_reports`; return the path of results.csv."""
     from batchpipe.merge import merge_results
 
     if params.get("estimate_only"):
@@ -609,6 +609,7 @@ def merge(
                 batch_ids=[batch_id for d in downloads for batch_id in d["batch_ids"]],
                 allowed_roots=roots,
                 formula_escape=params.get("csv_formula_escape", True) is not False,
+                write_report=False,  # written once, finished, by write_reports
             )
         log_result_problems(report)
         log.info(
@@ -620,10 +621,12 @@ def merge(
             storage.shown(folder / "results.csv"),
         )
         batches = [b for d in downloads for b in d.get("batches") or []]
-        report["problems"] = [p for d in downloads for p in d.get("problems") or []] + report["problems"]
+        problems = [p for d in downloads for p in d.get("problems") or []]
         if remote_out and (folder / "estimate.json").exists():
             storage.fetch(folder / "estimate.json", local_folder)
-        write_reports(local_folder, out_csv, report, batches, params, shown=storage.shown(folder))
+        report = write_reports(
+            local_folder, out_csv, report, batches, params, shown=storage.shown(folder), problems=problems
+        )
         if remote_out:  # results.csv last: its arrival means the run's output is complete
             for name in ("report.json", "report.html", "results.csv"):
                 storage.publish(local_folder / name, folder / name)
@@ -737,40 +740,31 @@ def write_reports(
     batches: list[dict[str, Any]],
     params: dict[str, Any],
     shown: str | None = None,
-) -> None:
-    """Add the estimate, the actual cost and the batches to report.json; write report.html beside it.
+    problems: list[str] | tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Finish merge's ``report`` into report.json and report.html in the local ``folder`` with
+    :func:`batchpipe.report.finish_report` (what ``batchpipe merge`` calls too): the model, the actual
+    cost against the run's estimate.json (when ``folder`` has it), the batches, and ``problems`` (what the
+    downloads could not finish) before merge's own. Returns the finished report.
 
-    ``folder`` is local; ``shown`` is where the files are stored (a URL for object storage), named in
-    report.json and on the page instead of the local copies.
+    ``shown`` is where the files are stored (a URL for object storage), named in report.json and on the
+    page instead of the local copies.
     """
-    from batchpipe.estimate import price_for, token_cost
-    from batchpipe.report import write_report_html
+    from batchpipe.report import finish_report
 
-    table = prices(params)
-    price = price_for(table, params["model"])
-    estimate_path = folder / "estimate.json"
-    estimate = json.loads(estimate_path.read_text()) if estimate_path.exists() else None
-    tokens = report["tokens"]
-    actual = token_cost(price, tokens["prompt"], tokens["completion"], batch=True) if price else None
-    expected = ((estimate or {}).get("cost") or {}).get("batch", {}).get("expected")
-    report_path = Path(report["report"])
-    full = json.loads(report_path.read_text())
-    full["model"] = params["model"]
-    full["cost_usd"] = {
-        "actual_batch": actual,
-        "estimated_batch_expected": expected,
-        "estimated_batch_max": ((estimate or {}).get("cost") or {}).get("batch", {}).get("max"),
-        "difference_pct": round((actual - expected) / expected * 100, 1) if actual and expected else None,
-    }
-    full["estimate"] = {
-        k: (estimate or {}).get(k) for k in ("prompt_tokens", "image_tokens", "output_tokens_max")
-    }
-    full["batches"] = batches
-    full["problems"] = report.get("problems") or []
-    if shown:
-        full["results_csv"], full["report"] = f"{shown}/results.csv", f"{shown}/report.json"
-    report_path.write_text(json.dumps(full, indent=2))
-    html = write_report_html(out_csv, full, folder / "report.html", estimate=estimate, batches=batches,
-                             model=params["model"], prices=table, shown=full["results_csv"])  # fmt: skip
-    where = f"{shown}/report.html" if shown else html
-    log.info("report: %s (actual Batch cost %s USD, estimated %s)", where, actual, expected)
+    estimate = folder / "estimate.json"
+    full = finish_report(
+        out_csv,
+        report,
+        estimate=estimate if estimate.exists() else None,
+        batches=batches,
+        model=params["model"],
+        prices=prices(params),
+        problems=problems,
+        shown=shown,
+    )
+    where = f"{shown}/report.html" if shown else folder / "report.html"
+    cost = full["cost_usd"]
+    log.info("report: %s (actual Batch cost %s USD, estimated %s)", where, cost["actual_batch"],
+             cost["estimated_batch_expected"])  # fmt: skip
+    return full
