@@ -1,6 +1,6 @@
 """Every fault a Batch job meets, injected into the local batch server (or the file system), and
 the promise checked each time: results.csv has every row exactly once, and no extra batch was
-created. These are the tests behind the README's fault table."""
+created. These are the tests behind the fault table in docs/faults.md."""
 
 from __future__ import annotations
 
