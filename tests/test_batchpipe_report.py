@@ -539,3 +539,21 @@ def test_analyze_writes_the_report_even_when_its_reader_stops_early(tmp_path):
     proc.stderr.close()
     assert proc.wait(timeout=60) == 141
     assert (tmp_path / "r.html").is_file() and len(list(tmp_path.glob("r-*.html"))) == 2
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [("report.json", b'{"rows": "<script>", "errors_by_code": 5}'), ("estimate.json", b'{"model": 5}'),
+     ("report.json", b"\xff\xfe not utf-8")],
+)  # fmt: skip
+def test_analyze_survives_hostile_files_beside_a_results_csv(tmp_path, capsys, name, content):
+    runs = two_runs(tmp_path)
+    (runs[0].parent / name).write_bytes(content)
+    code = main(["analyze", *map(str, runs), "--html", str(tmp_path / "r.html")])
+    err = capsys.readouterr().err
+    if content.startswith(b"\xff"):  # not JSON at all: a clear error naming the file
+        assert code == 2 and "report.json" in err and "cannot read JSON" in err and "Traceback" not in err
+        return
+    assert code == 0, err
+    assert name != "report.json" or "are not what a run leaves" in err  # that page: from the CSV alone
+    assert len(list(tmp_path.glob("r-*.html"))) == 2 and "<script>" not in (tmp_path / "r.html").read_text()

@@ -297,15 +297,23 @@ def _run_page(results: str, out: Path, estimate: Any, batches: Any, model: str |
     batches = [b for b in batches if isinstance(b, dict)] if batches else None
     estimate = estimate if isinstance(estimate, dict) else None
     model = model if model or not isinstance((report or {}).get("model"), str) else report["model"]
-    return write_report_html(
-        results, report, out, estimate=estimate, batches=batches, model=model, prices=prices
-    )
+    try:
+        return write_report_html(
+            results, report, out, estimate=estimate, batches=batches, model=model, prices=prices
+        )
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:  # files beside it of another shape
+        print(
+            f"batchpipe: warning: {report_json.parent}: report.json / estimate.json there are not what a run "
+            f"leaves ({type(exc).__name__}); this page is made from {Path(results).name} alone",
+            file=sys.stderr,
+        )
+        return write_report_html(results, None, out, model=model, prices=prices)
 
 
 def _read_json_arg(path: str, option: str) -> Any:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8
         raise InputError(f"{option} {path}: cannot read JSON ({exc})") from None
 
 
