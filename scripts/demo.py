@@ -92,8 +92,9 @@ def where_runs_land(env: dict[str, str]) -> str:
     base = env.get("OPENAI_BATCH_OUTPUT_DIR") or str(home / "openai_batch_results")
     return (
         "Runs you trigger yourself (the UI form, airflow dags trigger) land, unless their output_dir says\n"
-        f"  otherwise, in {base}/<input file name>/<run id>/results.csv; the merge task's log ends with the\n"
-        "  exact path, and report.html beside it summarises the run."
+        f"  otherwise, in {base}/<input file name>/<run folder>/results.csv (the run folder: the run id,\n"
+        "  made filesystem-safe with a short hash when it had to change); the merge task's log ends\n"
+        "  with the exact path, and report.html beside it summarises the run."
     )
 
 

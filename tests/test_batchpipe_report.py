@@ -340,7 +340,7 @@ def two_runs(tmp_path):
 
 
 def test_the_readme_analyze_command_over_two_runs(tmp_path):
-    """The README's ``batchpipe analyze output/questions/*/results.csv --html report.html``, in a shell."""
+    """docs/cli.md's ``batchpipe analyze output/questions/*/results.csv --html report.html``, in a shell."""
     runs = two_runs(tmp_path)
     cmd = "batchpipe analyze output/questions/*/results.csv --html report.html"
     env = {**os.environ, "PATH": f"{BATCHPIPE.parent}{os.pathsep}{os.environ['PATH']}"}

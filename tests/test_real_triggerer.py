@@ -345,6 +345,6 @@ def test_7_the_readme_trigger_command_runs_verbatim(env):
     from demo import where_runs_land
 
     said = where_runs_land(stack.env)
-    assert f"in {stack.home / 'openai_batch_results'}/<input file name>/<run id>/results.csv" in said
+    assert f"in {stack.home / 'openai_batch_results'}/<input file name>/<run folder>/results.csv" in said
     with open(results, newline="", encoding="utf-8") as fh:
         assert [r["id"] for r in csv.DictReader(fh)] == [f"q{i:03d}" for i in range(1, 11)]

@@ -6,7 +6,7 @@ The DAG attaches it as ``on_failure_callback`` of every task (after its retries 
 ``RunNotifier`` logs a one-line summary and, when a webhook is configured (environment variable
 ``OPENAI_BATCH_NOTIFY_WEBHOOK`` or Airflow Variable ``openai_batch_notify_webhook``), POSTs it as
 JSON (Slack-compatible ``text`` plus the fields). It never raises: a failed notification must not
-fail a run. Any other Airflow notifier (Slack, SMTP, ...) can be used instead, see the README.
+fail a run. Any other Airflow notifier (Slack, SMTP, ...) can be used instead, see docs/inbox.md.
 
 Nothing secret leaves through it: every URL in the text, ``input_csv`` and ``reason`` goes through
 :func:`batchpipe.paths.redact_url` (a password or query value becomes ``***``), and the webhook's own URL
