@@ -66,8 +66,9 @@ def check_keys(given: Iterable[str], known: Iterable[str], what: str) -> None:
     )
 
 
-def check_model(client: Any, model: str, conn_id: str) -> None:
-    """Fail when the API behind ``client`` does not know ``model``; warn when that cannot be told.
+def check_model(api: Any, model: str, conn_id: str) -> None:
+    """Fail when the API behind ``api`` (an :class:`~openai_batch_airflow.hooks.OpenAIBatchHook`, or an
+    OpenAI client, which is asked through a hook) does not know ``model``; warn when that cannot be told.
 
     Unknown: ``GET /v1/models/{model}`` answers 404 ``model_not_found``, or any other 404 (or the name
     cannot even be put in the URL, such as ``..``) while the model list (``GET /v1/models``) works and
@@ -79,10 +80,12 @@ def check_model(client: Any, model: str, conn_id: str) -> None:
     """
     import openai
 
-    client = client.with_options(max_retries=MODEL_CHECK_RETRIES, timeout=MODEL_CHECK_TIMEOUT)
+    from openai_batch_airflow.hooks import OpenAIBatchHook
+
+    hook = api if isinstance(api, OpenAIBatchHook) else OpenAIBatchHook(conn_id, client=api)
     name = _quoted(model)
     try:
-        client.models.retrieve(model)
+        hook.retrieve_model(model, max_retries=MODEL_CHECK_RETRIES, timeout=MODEL_CHECK_TIMEOUT)
         return
     except openai.NotFoundError as exc:
         said_unknown = _error_code(exc) == "model_not_found"
@@ -97,7 +100,7 @@ def check_model(client: Any, model: str, conn_id: str) -> None:
     except openai.APIError as exc:  # connection error, timeout
         _not_checked(name, f"{type(exc).__name__}: {exc}")
         return
-    listed, why = _listed_models(client)
+    listed, why = _listed_models(hook)
     if listed is not None and model in listed:
         return  # a name the route cannot take (e.g. with "/") that the list does hold
     if listed is None and not said_unknown:
@@ -121,12 +124,13 @@ def _error_code(exc: Any) -> str | None:
     return getattr(exc, "code", None)
 
 
-def _listed_models(client: Any) -> tuple[list[str] | None, str]:
+def _listed_models(hook: Any) -> tuple[list[str] | None, str]:
     """The model ids the API lists (at most :data:`MAX_LISTED_MODELS`), or None and why not."""
     import openai
 
+    options = {"max_retries": MODEL_CHECK_RETRIES, "timeout": MODEL_CHECK_TIMEOUT}
     try:
-        return [m.id for m in islice(client.models.list(), MAX_LISTED_MODELS)], ""
+        return hook.list_models(MAX_LISTED_MODELS, **options), ""
     except openai.APIStatusError as exc:
         return None, f"GET /models: HTTP {exc.status_code}"
     except openai.APIError as exc:

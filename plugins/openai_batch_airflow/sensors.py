@@ -23,22 +23,25 @@ from __future__ import annotations
 import json
 import time
 from datetime import timedelta
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseSensorOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from openai_batch_airflow import storage
+from openai_batch_airflow.status import BatchStatus
+from openai_batch_airflow.submit import generation, intent
 from openai_batch_airflow.triggers import (
-    TERMINAL_STATUSES,
     OpenAIBatchTrigger,
     batch_summary,
     progress_line,
     unknown_status_note,
 )
 
-RESUBMITTABLE_STATUSES = ("completed", "expired")
+if TYPE_CHECKING:
+    from openai_batch_airflow.hooks import OpenAIBatchHook
 
 
 class OpenAIBatchSensor(BaseSensorOperator):
@@ -98,10 +101,12 @@ class OpenAIBatchSensor(BaseSensorOperator):
     def manifest(self) -> dict[str, Any]:
         return dict(self.batch) if isinstance(self.batch, dict) else {"batch_id": str(self.batch)}
 
-    def _client(self):
-        from airflow.providers.openai.hooks.openai import OpenAIHook
+    @cached_property
+    def hook(self) -> OpenAIBatchHook:
+        """The hook of connection ``conn_id`` (read once the field is rendered)."""
+        from openai_batch_airflow.hooks import OpenAIBatchHook  # the client, loaded when the task runs
 
-        return OpenAIHook(conn_id=self.conn_id).get_conn()
+        return OpenAIBatchHook(conn_id=self.conn_id)
 
     def _interval(self) -> float:
         interval = float(self.check_interval)
@@ -119,15 +124,11 @@ class OpenAIBatchSensor(BaseSensorOperator):
     STATE_KEY = "wait_state"
 
     def _save(self, context: Any, state: dict[str, Any]) -> None:
-        from openai_batch_airflow.submit import generation
-
         store = context.get("task_state_store")
         if store is not None:
             store.set(self.STATE_KEY, {**state, "generation": generation(context)})
 
     def _load(self, context: Any, passed: dict[str, Any] | None) -> dict[str, Any] | None:
-        from openai_batch_airflow.submit import generation
-
         if passed:
             return passed
         store = context.get("task_state_store")
@@ -158,21 +159,20 @@ class OpenAIBatchSensor(BaseSensorOperator):
     def _wait(self, context: Any, state: dict[str, Any]) -> Any:
         """Look at the current batch once; finish it if it has ended, else defer (or poll here)."""
         self._current = state["batch_id"]
-        client = self._client()
-        summary = batch_summary(client.batches.retrieve(state["batch_id"]))
+        summary = batch_summary(self.hook.retrieve(state["batch_id"]))
         self.log.info(progress_line(summary))
-        if summary["status"] in TERMINAL_STATUSES:
+        if BatchStatus.ended(summary["status"]):
             return self._on_terminal(context, state, summary)
         deadline = (summary.get("expires_at") or time.time() + 24 * 3600) + float(self.expiry_margin)
         if note := unknown_status_note(summary, deadline):
             self.log.warning(note)
         self._save(context, state)
         if not self.deferrable:
-            while summary["status"] not in TERMINAL_STATUSES:
+            while not BatchStatus.ended(summary["status"]):
                 if time.time() > deadline:
                     raise AirflowException(f"batch {summary['id']} has not ended by its deadline")
                 time.sleep(self._interval())
-                summary = batch_summary(client.batches.retrieve(state["batch_id"]))
+                summary = batch_summary(self.hook.retrieve(state["batch_id"]))
                 self.log.info(progress_line(summary))
                 if note := unknown_status_note(summary, deadline):
                     self.log.warning(note)
@@ -207,14 +207,11 @@ class OpenAIBatchSensor(BaseSensorOperator):
         self, context: Any, event: dict[str, Any] | None = None, state: dict[str, Any] | None = None
     ) -> Any:
         """After a token-limit pause: create the batch again from the same input file."""
-        from openai_batch_airflow.submit import create_once
-
         state = self._load(context, state)
         if state is None:
             raise AirflowException("the wait's state was lost; clear the task to start the shard again")
-        batch = create_once(
-            self._client(),
-            self._intent(context, f"token-retry-{state['round']}-{state['token_waits']}"),
+        batch = self.hook.create_once(
+            intent(context, f"token-retry-{state['round']}-{state['token_waits']}"),
             metadata=self._metadata(context, state),
             input_file_id=state["input_file_id"],
             endpoint=state["history"][-1]["endpoint"],
@@ -238,7 +235,8 @@ class OpenAIBatchSensor(BaseSensorOperator):
                 summary["status"],
                 summary["request_counts"]["completed"],
             )
-        if summary["status"] in RESUBMITTABLE_STATUSES and state["round"] < int(self.max_resubmits):
+        status = BatchStatus.of(summary["status"])
+        if status and status.is_resubmittable and state["round"] < int(self.max_resubmits):
             if self._resubmit(context, state, summary):
                 return self._wait(context, state)
         return self._result(state, summary)
@@ -301,13 +299,10 @@ class OpenAIBatchSensor(BaseSensorOperator):
 
     def _resubmit_via(self, context: Any, state: dict[str, Any], summary: dict[str, Any], tmp: Path) -> bool:
         from batchpipe.resubmit import select_retryable, write_followup
-        from openai_batch_airflow.submit import create_once, upload_once
-        from openai_batch_airflow.tasks import download_batch_files
 
-        client = self._client()
         work = self._location(self.manifest.get("work_dir") or str(self.manifest["path"]).rsplit("/", 1)[0])
         index = int(self.manifest.get("index", 0))
-        files, problems = download_batch_files(client, summary, work / "results", index, tmp)
+        files, problems = self.hook.download_results(summary, work / "results", index, tmp)
         summary["files"] = [stored for stored, _ in files]
         state.setdefault("problems", []).extend(problems)
         retry = select_retryable([local for _, local in files])
@@ -336,11 +331,10 @@ class OpenAIBatchSensor(BaseSensorOperator):
         )
         name = f"{context['dag'].dag_id}-{context['run_id']}-shard-{index:05d}-r{nxt}"
         try:
-            uploaded = upload_once(client, followup["path"], name, self._intent(context, f"upload-r{nxt}"))
+            uploaded = self.hook.upload_once(followup["path"], name, intent(context, f"upload-r{nxt}"))
             state.update(round=nxt, input_file_id=uploaded.id, shard_path=storage.shown(work / fname))
-            batch = create_once(
-                client,
-                self._intent(context, f"create-r{nxt}"),
+            batch = self.hook.create_once(
+                intent(context, f"create-r{nxt}"),
                 metadata=self._metadata(context, state),
                 input_file_id=uploaded.id,
                 endpoint=summary["endpoint"],
@@ -374,11 +368,6 @@ class OpenAIBatchSensor(BaseSensorOperator):
         except Exception:  # only decorates an error message
             return None
 
-    def _intent(self, context: Any, key: str):
-        from openai_batch_airflow.tasks import intent
-
-        return intent(context, key)
-
     def _metadata(self, context: Any, state: dict[str, Any]) -> dict[str, str]:
         return {
             "dag_id": context["dag"].dag_id[:512],
@@ -391,7 +380,7 @@ class OpenAIBatchSensor(BaseSensorOperator):
         """Killed while running on a worker (not deferred): cancel the current batch."""
         if self._current and self._cancel_flag():
             try:
-                self._client().batches.cancel(self._current)
+                self.hook.cancel(self._current)
                 self.log.warning("task killed: cancelled batch %s", self._current)
             except Exception as exc:  # best effort: the task is going away
                 self.log.warning("could not cancel batch %s: %s", self._current, exc)

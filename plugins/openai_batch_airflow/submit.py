@@ -1,4 +1,4 @@
-"""Upload and create without ever paying twice.
+"""What a task recorded about its submissions, so upload and create never pay twice.
 
 A batch is billed when it is created, so a retry of ``create_batch`` (after a worker crash, a
 timeout, or a 5xx whose request actually went through) must find the batch the earlier try made
@@ -14,8 +14,9 @@ instead of creating a second one. Two mechanisms, both needed:
 A *cleared* task is a deliberate new submission: clearing raises the task instance's ``max_tries``,
 so :func:`generation` changes and the old intent no longer applies.
 
-The openai client retries some failures on its own; for create it does so with ``max_retries=0``
-here, and every retry of ours looks for the batch first.
+The calls themselves are ``OpenAIBatchHook.upload_once`` and ``create_once``
+(:mod:`openai_batch_airflow.hooks`): the openai client's own retries are off for them
+(``max_retries=0``), and every retry of :func:`with_retries` looks for the object first.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class Intent:
             self.store.set(self.key, self.saved)
 
 
-def _with_retries(call: Callable[[], Any], find: Callable[[], Any], what: str) -> Any:
+def with_retries(call: Callable[[], Any], find: Callable[[], Any], what: str) -> Any:
     """``call()``, retried up to ATTEMPTS times on transient errors, but only after ``find()`` has
     looked and not found that the failed call went through after all. If looking fails too, the
     error goes up: Airflow retries the task, and the retry looks again before creating anything."""
@@ -96,65 +96,6 @@ def _with_retries(call: Callable[[], Any], find: Callable[[], Any], what: str) -
                 return found
 
 
-def find_file(client: Any, filename: str, since: int) -> Any:
-    for f in client.files.list(purpose="batch", order="desc", limit=1000):
-        if (f.created_at or 0) < since:
-            return None
-        if f.filename == filename and f.status != "error":
-            return f
-    return None
-
-
-def find_batch(client: Any, submission: str, since: int) -> Any:
-    for b in client.batches.list(limit=100):
-        if (b.created_at or 0) < since:
-            return None
-        if (b.metadata or {}).get("submission") == submission:
-            return b
-    return None
-
-
-def upload_once(client: Any, path: str | Path, name: str, intent: Intent) -> Any:
-    """Upload a shard file once per task generation; return the FileObject."""
-    saved = intent.start()
-    if saved.get("file_id"):
-        try:
-            found = client.files.retrieve(saved["file_id"])
-            log.info("re-attaching to file %s uploaded by an earlier try", found.id)
-            return found
-        except Exception as exc:  # deleted or expired: upload again
-            log.warning("file %s from an earlier try is gone (%s); uploading again", saved["file_id"], exc)
-    filename = f"{name}-{saved['submission']}.jsonl"
-    found = find_file(client, filename, saved["since"])
-    if found is not None:
-        log.info("found file %s uploaded by an earlier try", found.id)
-    else:
-
-        def call():
-            with open(path, "rb") as fh:
-                return client.with_options(max_retries=0).files.create(file=(filename, fh), purpose="batch")
-
-        found = _with_retries(call, lambda: find_file(client, filename, saved["since"]), f"upload of {path}")
-    intent.done(file_id=found.id)
-    return found
-
-
-def create_once(client: Any, intent: Intent, metadata: dict[str, str], **create_kwargs: Any) -> Any:
-    """Create a batch once per task generation; return the Batch (possibly one an earlier try made)."""
-    saved = intent.start()
-    if saved.get("batch_id"):
-        batch = client.batches.retrieve(saved["batch_id"])
-        log.info("re-attaching to batch %s (%s) created by an earlier try", batch.id, batch.status)
-        return batch
-    found = find_batch(client, saved["submission"], saved["since"])
-    if found is None:
-        metadata = {**metadata, "submission": saved["submission"]}
-        found = _with_retries(
-            lambda: client.with_options(max_retries=0).batches.create(metadata=metadata, **create_kwargs),
-            lambda: find_batch(client, saved["submission"], saved["since"]),
-            "batch create",
-        )
-    else:
-        log.info("found batch %s created by an earlier try", found.id)
-    intent.done(batch_id=found.id)
-    return found
+def intent(context: Any, key: str) -> Intent:
+    """This task's recorded submission ``key`` (in the task's ``task_state_store``, this generation)."""
+    return Intent(context.get("task_state_store"), key, generation(context))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from collections.abc import Iterable
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -33,10 +32,12 @@ ALLOWED_ROOTS_VARIABLE = "openai_batch_allowed_roots"
 OUTPUT_ROOTS_VARIABLE = "openai_batch_output_roots"
 
 
-def _client(conn_id: str):
-    from airflow.providers.openai.hooks.openai import OpenAIHook
+def hook(conn_id: str):
+    """The :class:`~openai_batch_airflow.hooks.OpenAIBatchHook` of connection ``conn_id``: every API call
+    of the task bodies goes through it."""
+    from openai_batch_airflow.hooks import OpenAIBatchHook
 
-    return OpenAIHook(conn_id=conn_id).get_conn()
+    return OpenAIBatchHook(conn_id=conn_id)
 
 
 def build_options(params: dict[str, Any]):
@@ -268,13 +269,14 @@ def check_model(params: dict[str, Any]) -> None:
         log.info("model %s not checked: %s is off", quote_value(params["model"]), CHECK_MODEL_ENV)
         return
     conn_id = params.get("conn_id") or "openai_default"
+    api = hook(conn_id)
     try:
-        client = _client(conn_id)
+        api.conn  # noqa: B018 - builds the client: a broken connection is told apart from a wrong model
     except Exception as exc:
         log.warning("model %s not checked: no client for connection %r (%s)", quote_value(params["model"]),
                     conn_id, redact_text(str(exc)))  # fmt: skip
         return
-    check(client, params["model"], conn_id)
+    check(api, params["model"], conn_id)
 
 
 def build(params: dict[str, Any], run_id: str) -> list[dict[str, Any]]:
@@ -374,29 +376,21 @@ def estimate_cost(manifest_path: str, params: dict[str, Any], folder: storage.Lo
     return estimate
 
 
-def intent(context: Any, key: str):
-    """This task's recorded submission ``key`` (see :mod:`openai_batch_airflow.submit`)."""
-    from openai_batch_airflow.submit import Intent, generation
-
-    return Intent(context.get("task_state_store"), key, generation(context))
-
-
 def upload(shard: dict[str, Any], conn_id: str, context: Any) -> dict[str, Any]:
     """Upload one shard; a retry re-attaches to the file an earlier try uploaded."""
-    from openai_batch_airflow.submit import upload_once
+    from openai_batch_airflow.submit import intent
 
     name = (
         f"{safe_name(context['dag'].dag_id)}-{safe_name(context['run_id'])}-shard-{int(shard['index']):05d}"
     )
     with storage.local_copy(shard["path"], shard.get("storage_conn_id")) as local:
-        uploaded = upload_once(_client(conn_id), local, name, intent(context, "upload"))
+        uploaded = hook(conn_id).upload_once(local, name, intent(context, "upload"))
     log.info(
         "shard %s: uploaded %s (%d bytes) as %s", shard["index"], shard["path"], shard["bytes"], uploaded.id
     )
     return {**shard, "input_file_id": uploaded.id}
 
 
-ACTIVE_STATUSES = ("validating", "in_progress", "finalizing")
 MAX_ENQUEUED_TOKENS_VARIABLE = "openai_batch_max_enqueued_tokens"
 
 
@@ -408,18 +402,6 @@ def max_enqueued_tokens(params: dict[str, Any]) -> int | None:
     return int(value) if value else None
 
 
-def enqueued_tokens(client: Any, model: str) -> int:
-    """Estimated prompt tokens of this pipeline's batches for ``model`` that are still enqueued."""
-    total, since = 0, time.time() - 26 * 3600  # nothing older can still be running (24 h window)
-    for b in client.batches.list(limit=100):
-        if (b.created_at or 0) < since:
-            break
-        meta = b.metadata or {}
-        if b.status in ACTIVE_STATUSES and meta.get("model") == model and meta.get("est_prompt_tokens"):
-            total += int(meta["est_prompt_tokens"])
-    return total
-
-
 def create(shard: dict[str, Any], params: dict[str, Any], context: Any) -> dict[str, Any]:
     """Create the shard's batch; a retry re-attaches to the batch an earlier try created.
 
@@ -427,10 +409,10 @@ def create(shard: dict[str, Any], params: dict[str, Any], context: Any) -> dict[
     would push this model's enqueued total over the limit waits (rescheduled, no worker held)
     until earlier batches finish. A shard is never held back when nothing is enqueued.
     """
-    from openai_batch_airflow.submit import create_once
+    from openai_batch_airflow.submit import intent
 
     dag_id, run_id = context["dag"].dag_id, context["run_id"]
-    client = _client(params["conn_id"])
+    api = hook(params["conn_id"])
     recorded = intent(context, "create_batch")
     metadata = {
         "dag_id": dag_id[:512],
@@ -446,7 +428,7 @@ def create(shard: dict[str, Any], params: dict[str, Any], context: Any) -> dict[
         with storage.local_copy(shard["path"], shard.get("storage_conn_id")) as local:
             estimate = shard_prompt_tokens(local, params["endpoint"], params["model"])
         metadata["est_prompt_tokens"] = str(estimate)
-        queued = enqueued_tokens(client, params["model"])
+        queued = api.enqueued_tokens(params["model"])
         if queued and queued + estimate > limit:
             from airflow.sdk.exceptions import AirflowRescheduleException
 
@@ -460,8 +442,7 @@ def create(shard: dict[str, Any], params: dict[str, Any], context: Any) -> dict[
                 limit,
             )
             raise AirflowRescheduleException(datetime.now(UTC) + timedelta(seconds=wait))
-    batch = create_once(
-        client,
+    batch = api.create_once(
         recorded,
         metadata=metadata,
         input_file_id=shard["input_file_id"],
@@ -472,82 +453,9 @@ def create(shard: dict[str, Any], params: dict[str, Any], context: Any) -> dict[
     return {**shard, "batch_id": batch.id}
 
 
-#: Downloads of a batch's result files before a broken download is accepted as it is (and named).
-DOWNLOAD_ATTEMPTS = 3
-
-
-def download_batch_files(
-    client: Any, summary: dict[str, Any], folder: storage.Location, index: int, scratch: Path
-) -> tuple[list[tuple[str, Path]], list[str]]:
-    """Stream a finished batch's output and error files to ``folder`` (skipping what is already
-    there) and check they are whole: every line readable, a line for every request.
-
-    A broken download (a cut-off or non-JSON line, fewer or more lines than ``request_counts``) is
-    fetched again, up to :data:`DOWNLOAD_ATTEMPTS` times; if it stays broken, what was downloaded is
-    kept (never throw away answers already paid for) and the problem is returned, so the merge lands
-    every readable answer, marks the rest precisely and fails the run visibly.
-
-    Returns ``([(stored location, local file)], problems)``, output first. A remote ``folder`` is filled
-    through ``scratch`` (where the local copies stay for the caller); a local one is used in place.
-    """
-    from batchpipe.resubmit import download_problem
-
-    remote = storage.is_remote(folder)
-    local_folder = scratch / "results" if remote else folder
-    local_folder.mkdir(parents=True, exist_ok=True)
-    problem = None
-    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
-        paths: dict[str, tuple[storage.Location, Path]] = {}
-        for kind in ("output", "error"):
-            file_id = summary.get(f"{kind}_file_id")
-            if not file_id:
-                continue
-            # the batch id in the name: after a cleared run submits anew, an old download is never reused
-            name = f"shard-{index:05d}.r{summary.get('round', 0)}.{summary['id']}.{kind}.jsonl"
-            target, local = folder / name, local_folder / name
-            if remote and not local.exists() and target.exists():
-                storage.fetch(target, local_folder)
-            if not local.exists():
-                part = local.with_name(name + ".part")
-                # streamed to disk, never held in memory; 5xx and resets are retried by the client
-                with client.with_options(max_retries=5).files.with_streaming_response.content(file_id) as r:
-                    r.stream_to_file(part)
-                os.replace(part, local)
-                log.info("batch %s: downloaded %s file %s", summary["id"], kind, file_id)
-            paths[kind] = (target, local)
-        problem = download_problem(
-            summary.get("request_counts"),
-            paths["output"][1] if "output" in paths else None,
-            paths["error"][1] if "error" in paths else None,
-            summary["status"],
-        )
-        if problem is None:
-            break
-        log.warning("batch %s: broken download (%d of %d): %s", summary["id"], attempt, DOWNLOAD_ATTEMPTS,
-                    problem)  # fmt: skip
-        if attempt < DOWNLOAD_ATTEMPTS:
-            for target, local in paths.values():  # fetched again from the service
-                local.unlink(missing_ok=True)
-                if remote and target.exists():
-                    target.unlink()
-            time.sleep(attempt)
-    for target, local in paths.values():
-        if remote:
-            storage.publish(local, target)
-        log.info("batch %s: %s stored", summary["id"], storage.shown(target))
-    problems = []
-    if problem is not None:
-        problems.append(
-            f"batch {summary['id']} (shard {index}): result files still broken after {DOWNLOAD_ATTEMPTS} "
-            f"downloads: {problem}; every readable answer was kept"
-        )
-        log.error("%s", problems[-1])
-    return [(storage.shown(target), local) for target, local in paths.values()], problems
-
-
 def download(waited: dict[str, Any], conn_id: str) -> dict[str, Any]:
     """Download the result files of every batch of the shard (first submission and follow-ups)."""
-    client = _client(conn_id)
+    api = hook(conn_id)
     index = int(waited["index"])
     folder = storage.location(waited["work_dir"], waited.get("storage_conn_id")) / "results"
     batches = waited.get("batches") or [waited["batch"]]
@@ -555,7 +463,7 @@ def download(waited: dict[str, Any], conn_id: str) -> dict[str, Any]:
     problems = list(waited.get("problems") or [])  # what the wait could not finish (a refused follow-up)
     with storage.scratch() as tmp:
         for summary in batches:
-            stored, found = download_batch_files(client, summary, folder, index, tmp)
+            stored, found = api.download_results(summary, folder, index, tmp)
             files += [where for where, _ in stored]
             problems += [p for p in found if p not in problems]
     return {

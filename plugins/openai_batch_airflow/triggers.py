@@ -9,25 +9,27 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-#: Statuses after which a batch never changes again.
-TERMINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
-#: Every status the Batch API documents; anything else is waited on as running, with a warning.
-KNOWN_STATUSES = TERMINAL_STATUSES | {"validating", "in_progress", "finalizing", "cancelling"}
+from openai_batch_airflow.status import BatchStatus
+
+if TYPE_CHECKING:
+    from openai_batch_airflow.hooks import OpenAIBatchHook
 
 
 def unknown_status_note(summary: dict[str, Any], deadline: float | None) -> str | None:
     """A warning for a status the pipeline does not know (a new one, or a proxy's own), else None: such a
     batch is treated as still running, polled until it reaches a known end or the deadline."""
-    if summary.get("status") in KNOWN_STATUSES:
+    if BatchStatus.of(summary.get("status")) is not None:
         return None
     until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(deadline)) if deadline else "its expiry"
+    known = ", ".join(sorted(s.value for s in BatchStatus))
     return (
         f"batch {summary.get('id')}: unknown status {str(summary.get('status'))[:80]!r} (known: "
-        f"{', '.join(sorted(KNOWN_STATUSES))}); treated as still running, waited for until {until}"
+        f"{known}); treated as still running, waited for until {until}"
     )
 
 
@@ -123,10 +125,11 @@ class OpenAIBatchTrigger(BaseTrigger):
             },
         )
 
-    async def _client(self):
-        from airflow.providers.openai.hooks.openai import OpenAIHook
+    @cached_property
+    def hook(self) -> OpenAIBatchHook:
+        from openai_batch_airflow.hooks import OpenAIBatchHook  # the client, loaded in the triggerer only
 
-        return await OpenAIHook(conn_id=self.conn_id).aget_conn()
+        return OpenAIBatchHook(conn_id=self.conn_id)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         import openai
@@ -138,11 +141,11 @@ class OpenAIBatchTrigger(BaseTrigger):
         )
         failures = 0
         try:
-            client = await self._client()
+            await self.hook.aconn()
         except Exception as exc:  # a broken connection definition: report, do not crash the triggerer
             yield TriggerEvent(self._error(f"cannot build the OpenAI client: {exc}"))
             return
-        async with client:
+        try:
             while True:
                 if self.deadline is not None and time.time() > self.deadline:
                     yield TriggerEvent(
@@ -154,7 +157,7 @@ class OpenAIBatchTrigger(BaseTrigger):
                     )
                     return
                 try:
-                    batch = await client.batches.retrieve(self.batch_id)
+                    batch = await self.hook.aretrieve(self.batch_id)
                 except transient as exc:
                     failures += 1
                     self.log.warning(
@@ -182,10 +185,12 @@ class OpenAIBatchTrigger(BaseTrigger):
                 self.log.info(progress_line(summary))
                 if note := unknown_status_note(summary, self.deadline):
                     self.log.warning(note)
-                if summary["status"] in TERMINAL_STATUSES:
+                if BatchStatus.ended(summary["status"]):
                     yield TriggerEvent({"status": "done", "batch": summary})
                     return
                 await asyncio.sleep(self.poll_interval)
+        finally:
+            await self.hook.aclose()
 
     async def on_kill(self) -> None:
         """The waiting task was killed, cleared or marked by a user: cancel the batch (billing stops;
@@ -193,9 +198,7 @@ class OpenAIBatchTrigger(BaseTrigger):
         if not self.cancel_on_kill:
             self.log.info("batch %s left running (cancel_on_kill is off)", self.batch_id)
             return
-        client = await self._client()
-        async with client:
-            batch = await client.batches.cancel(self.batch_id)
+        batch = await self.hook.acancel(self.batch_id)
         self.log.warning(
             "waiting task was stopped by a user: cancelled batch %s (%s)", self.batch_id, batch.status
         )

@@ -1,0 +1,255 @@
+"""``OpenAIBatchHook``: every call the pipeline makes to the OpenAI (or an OpenAI-compatible) Batch API.
+
+The hook builds on the provider's :class:`~airflow.providers.openai.hooks.openai.OpenAIHook` (connection
+type ``openai``; its host may be any OpenAI-compatible base URL, its password is the API key). It is the
+one place that builds OpenAI clients: tasks, the sensor and the trigger get it from a ``hook`` (a cached
+property, or :func:`openai_batch_airflow.tasks.hook` for the task functions) and call its methods.
+
+Upload and create happen at most once per task generation (see :mod:`openai_batch_airflow.submit` for the
+recorded :class:`~openai_batch_airflow.submit.Intent`): a retry re-attaches to what an earlier try made,
+and a call whose answer was lost is looked for before it is repeated, so a batch is never paid for twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from functools import cached_property
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from airflow.providers.openai.hooks.openai import OpenAIHook
+
+from openai_batch_airflow import storage
+from openai_batch_airflow.status import BatchStatus
+from openai_batch_airflow.submit import Intent, with_retries
+
+if TYPE_CHECKING:
+    from openai import AsyncOpenAI, OpenAI
+
+log = logging.getLogger(__name__)
+
+#: Downloads of a batch's result files before a broken download is accepted as it is (and named).
+DOWNLOAD_ATTEMPTS = 3
+#: How far back the listings look for this pipeline's batches: nothing older can still be running (24 h
+#: completion window plus a margin).
+ACTIVE_WINDOW_SECONDS = 26 * 3600
+
+
+class OpenAIBatchHook(OpenAIHook):
+    """The Batch API calls of the pipeline, on connection ``conn_id`` (default ``openai_default``).
+
+    :param conn_id: an Airflow connection of type ``openai``.
+    :param client: use this OpenAI client instead of building one from the connection (a check handed a
+        client, a test).
+    """
+
+    def __init__(self, conn_id: str = OpenAIHook.default_conn_name, *args: Any, client: Any = None,
+                 **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(conn_id, *args, **kwargs)
+        if client is not None:
+            self.__dict__["conn"] = client  # the cached sync client
+        self._aconn: AsyncOpenAI | None = None
+
+    # -- clients ----------------------------------------------------------------------------------
+    @cached_property
+    def conn(self) -> OpenAI:
+        """The sync client, built once per hook."""
+        return self.get_conn()
+
+    async def aconn(self) -> AsyncOpenAI:
+        """The async client, built on first use and kept until :meth:`aclose`."""
+        if self._aconn is None:
+            self._aconn = await self.aget_conn()
+        return self._aconn
+
+    async def aclose(self) -> None:
+        """Close the async client (its HTTP pool); the next async call builds a new one."""
+        client, self._aconn = self._aconn, None
+        if client is not None:
+            await client.close()
+
+    # -- batches ----------------------------------------------------------------------------------
+    def retrieve(self, batch_id: str) -> Any:
+        return self.conn.batches.retrieve(batch_id)
+
+    async def aretrieve(self, batch_id: str) -> Any:
+        return await (await self.aconn()).batches.retrieve(batch_id)
+
+    def cancel(self, batch_id: str) -> Any:
+        return self.conn.batches.cancel(batch_id)
+
+    async def acancel(self, batch_id: str) -> Any:
+        """Cancel with a client of its own, closed at once (called when a waiting task is killed, after
+        its polling may have closed the shared one)."""
+        async with await self.aget_conn() as client:
+            return await client.batches.cancel(batch_id)
+
+    def enqueued_tokens(self, model: str) -> int:
+        """Estimated prompt tokens (metadata ``est_prompt_tokens``) of this pipeline's batches for
+        ``model`` that are still active (:attr:`BatchStatus.is_active`)."""
+        total, since = 0, time.time() - ACTIVE_WINDOW_SECONDS
+        for b in self.conn.batches.list(limit=100):
+            if (b.created_at or 0) < since:
+                break
+            meta = b.metadata or {}
+            status = BatchStatus.of(b.status)
+            if status and status.is_active and meta.get("model") == model and meta.get("est_prompt_tokens"):
+                total += int(meta["est_prompt_tokens"])
+        return total
+
+    # -- upload once, create once -----------------------------------------------------------------
+    def upload_once(self, path: str | Path, name: str, intent: Intent) -> Any:
+        """Upload a shard file once per task generation; return the FileObject. The file is named
+        ``<name>-<submission id>.jsonl``, so a try whose answer was lost finds it by listing."""
+        saved = intent.start()
+        if saved.get("file_id"):
+            try:
+                found = self.conn.files.retrieve(saved["file_id"])
+                log.info("re-attaching to file %s uploaded by an earlier try", found.id)
+                return found
+            except Exception as exc:  # deleted or expired: upload again
+                log.warning(
+                    "file %s from an earlier try is gone (%s); uploading again", saved["file_id"], exc
+                )
+        filename = f"{name}-{saved['submission']}.jsonl"
+        found = self._find_file(filename, saved["since"])
+        if found is not None:
+            log.info("found file %s uploaded by an earlier try", found.id)
+        else:
+
+            def call():
+                with open(path, "rb") as fh:
+                    return self.conn.with_options(max_retries=0).files.create(
+                        file=(filename, fh), purpose="batch"
+                    )
+
+            found = with_retries(call, lambda: self._find_file(filename, saved["since"]), f"upload of {path}")
+        intent.done(file_id=found.id)
+        return found
+
+    def create_once(self, intent: Intent, metadata: dict[str, str], **create_kwargs: Any) -> Any:
+        """Create a batch once per task generation; return the Batch (possibly one an earlier try made).
+        The submission id goes into the batch's metadata, so a try whose answer was lost finds it."""
+        saved = intent.start()
+        if saved.get("batch_id"):
+            batch = self.retrieve(saved["batch_id"])
+            log.info("re-attaching to batch %s (%s) created by an earlier try", batch.id, batch.status)
+            return batch
+        found = self._find_batch(saved["submission"], saved["since"])
+        if found is None:
+            metadata = {**metadata, "submission": saved["submission"]}
+            found = with_retries(
+                lambda: self.conn.with_options(max_retries=0).batches.create(
+                    metadata=metadata, **create_kwargs
+                ),
+                lambda: self._find_batch(saved["submission"], saved["since"]),
+                "batch create",
+            )
+        else:
+            log.info("found batch %s created by an earlier try", found.id)
+        intent.done(batch_id=found.id)
+        return found
+
+    def _find_file(self, filename: str, since: int) -> Any:
+        for f in self.conn.files.list(purpose="batch", order="desc", limit=1000):
+            if (f.created_at or 0) < since:
+                return None
+            if f.filename == filename and f.status != "error":
+                return f
+        return None
+
+    def _find_batch(self, submission: str, since: int) -> Any:
+        for b in self.conn.batches.list(limit=100):
+            if (b.created_at or 0) < since:
+                return None
+            if (b.metadata or {}).get("submission") == submission:
+                return b
+        return None
+
+    # -- downloads --------------------------------------------------------------------------------
+    def download_file(self, file_id: str, path: Path) -> Path:
+        """Stream file ``file_id`` to ``path`` (through ``<path>.part``, never held in memory; 5xx and
+        resets are retried by the client). Returns ``path``."""
+        part = path.with_name(path.name + ".part")
+        with self.conn.with_options(max_retries=5).files.with_streaming_response.content(file_id) as r:
+            r.stream_to_file(part)
+        os.replace(part, path)
+        return path
+
+    def download_results(
+        self, summary: dict[str, Any], folder: storage.Location, index: int, scratch: Path
+    ) -> tuple[list[tuple[str, Path]], list[str]]:
+        """Stream a finished batch's output and error files to ``folder`` (skipping what is already
+        there) and check they are whole: every line readable, a line for every request.
+
+        A broken download (a cut-off or non-JSON line, fewer or more lines than ``request_counts``) is
+        fetched again, up to :data:`DOWNLOAD_ATTEMPTS` times; if it stays broken, what was downloaded is
+        kept (never throw away answers already paid for) and the problem is returned, so the merge lands
+        every readable answer, marks the rest precisely and fails the run visibly.
+
+        Returns ``([(stored location, local file)], problems)``, output first. A remote ``folder`` is
+        filled through ``scratch`` (where the local copies stay for the caller); a local one is used in
+        place.
+        """
+        from batchpipe.resubmit import download_problem
+
+        remote = storage.is_remote(folder)
+        local_folder = scratch / "results" if remote else folder
+        local_folder.mkdir(parents=True, exist_ok=True)
+        problem = None
+        for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+            paths: dict[str, tuple[storage.Location, Path]] = {}
+            for kind in ("output", "error"):
+                file_id = summary.get(f"{kind}_file_id")
+                if not file_id:
+                    continue
+                # the batch id in the name: after a cleared run submits anew, an old download is never reused
+                name = f"shard-{index:05d}.r{summary.get('round', 0)}.{summary['id']}.{kind}.jsonl"
+                target, local = folder / name, local_folder / name
+                if remote and not local.exists() and target.exists():
+                    storage.fetch(target, local_folder)
+                if not local.exists():
+                    self.download_file(file_id, local)
+                    log.info("batch %s: downloaded %s file %s", summary["id"], kind, file_id)
+                paths[kind] = (target, local)
+            problem = download_problem(
+                summary.get("request_counts"),
+                paths["output"][1] if "output" in paths else None,
+                paths["error"][1] if "error" in paths else None,
+                summary["status"],
+            )
+            if problem is None:
+                break
+            log.warning("batch %s: broken download (%d of %d): %s", summary["id"], attempt, DOWNLOAD_ATTEMPTS,
+                        problem)  # fmt: skip
+            if attempt < DOWNLOAD_ATTEMPTS:
+                for target, local in paths.values():  # fetched again from the service
+                    local.unlink(missing_ok=True)
+                    if remote and target.exists():
+                        target.unlink()
+                time.sleep(attempt)
+        for target, local in paths.values():
+            if remote:
+                storage.publish(local, target)
+            log.info("batch %s: %s stored", summary["id"], storage.shown(target))
+        problems = []
+        if problem is not None:
+            problems.append(
+                f"batch {summary['id']} (shard {index}): result files still broken after {DOWNLOAD_ATTEMPTS} "
+                f"downloads: {problem}; every readable answer was kept"
+            )
+            log.error("%s", problems[-1])
+        return [(storage.shown(target), local) for target, local in paths.values()], problems
+
+    # -- models (the pre-flight check) ------------------------------------------------------------
+    def retrieve_model(self, model: str, **options: Any) -> Any:
+        """``GET /v1/models/{model}``; ``options`` (``max_retries``, ``timeout``) for this call only."""
+        return self.conn.with_options(**options).models.retrieve(model)
+
+    def list_models(self, limit: int | None = None, **options: Any) -> list[str]:
+        """The model ids ``GET /v1/models`` lists (at most ``limit``); ``options`` as in
+        :meth:`retrieve_model`."""
+        return [m.id for m in islice(self.conn.with_options(**options).models.list(), limit)]
