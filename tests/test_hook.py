@@ -280,6 +280,8 @@ def test_an_unknown_status_is_noted_and_a_known_one_is_not():
         in note
     )
     assert "waited for until 1970-01-02 00:00:00 UTC" in note
+    for status, deadline in (({"a": 1}, 1e20), (["x"], float("nan")), (None, float("inf"))):  # never raises
+        assert "unknown status" in unknown_status_note({"id": "b", "status": status}, deadline)
 
 
 # -- the shape: one place builds clients; the task bodies stay the DAG's ------------------------------

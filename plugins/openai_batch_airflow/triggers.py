@@ -25,7 +25,10 @@ def unknown_status_note(summary: dict[str, Any], deadline: float | None) -> str 
     batch is treated as still running, polled until it reaches a known end or the deadline."""
     if BatchStatus.of(summary.get("status")) is not None:
         return None
-    until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(deadline)) if deadline else "its expiry"
+    try:
+        until = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(deadline)) if deadline else "its expiry"
+    except (OverflowError, ValueError, OSError):  # a deadline no clock can show
+        until = "its deadline"
     known = ", ".join(sorted(s.value for s in BatchStatus))
     return (
         f"batch {summary.get('id')}: unknown status {str(summary.get('status'))[:80]!r} (known: "
