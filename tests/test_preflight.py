@@ -302,3 +302,64 @@ def test_check_writable_leaves_nothing_behind_in_a_folder_it_can_write(tmp_path)
 
     check_writable(tmp_path / "new" / "run")
     assert (tmp_path / "new" / "run").is_dir() and list((tmp_path / "new" / "run").iterdir()) == []
+
+
+# -- a lying models endpoint, a key in the wrong field (review) ---------------------------------------
+@contextlib.contextmanager
+def models_endpoint(listing: bytes):
+    """A server whose GET /v1/models/{m} is a plain 404 and whose GET /v1/models answers ``listing``."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            body, status = (listing, 200) if self.path.rstrip("/").endswith("/models") else (b"{}", 404)
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize(
+    "listing",
+    [b"<html>gateway</html>", b"{not json", b'{"object": "list", "data": "gpt-4o"}',
+     b'{"object": "list", "data": [{"id": 5}, {"object": "model"}]}', b"[1, 2]",
+     b'{"object": "list", "data": []}'],
+    ids=["html", "not-json", "data-a-string", "ids-not-strings", "an-array", "empty"],
+)  # fmt: skip
+def test_a_model_list_that_is_not_one_is_a_warning_never_a_crash(caplog, listing):
+    import openai
+
+    from openai_batch_airflow.preflight import check_model
+
+    with models_endpoint(listing) as url, caplog.at_level(logging.WARNING, "openai_batch_airflow.preflight"):
+        check_model(openai.OpenAI(base_url=url, api_key=SECRET, max_retries=0), "gpt-4o-mnii", "c")
+    assert "model 'gpt-4o-mnii' not checked" in caplog.text
+
+
+def test_a_key_in_the_model_field_is_never_sent_or_shown(srv, caplog):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from openai_batch_airflow.preflight import check_keys, check_model
+
+    key = "sk-proj-" + "Q" * 40
+    srv.set_config({"http_faults": []})
+    before = srv.log()
+    with caplog.at_level(logging.DEBUG), pytest.raises(AirflowFailException) as err:
+        check_model(client(srv), key, "openai_default")
+    assert "looks like an API key" in str(err.value) and "QQQQ" not in str(err.value)
+    assert "QQQQ" not in caplog.text and "QQQQ" not in srv.log()[len(before) :]  # no request carried it
+    with pytest.raises(AirflowFailException) as err:
+        check_keys({f"model={key}": 1}, {"model", "prompt_column"}, "the run conf")
+    assert "QQQQ" not in str(err.value) and "model=***" in str(err.value)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import uuid
 from collections.abc import Iterable
 from difflib import get_close_matches
@@ -28,6 +29,8 @@ MODEL_CHECK_RETRIES = 3
 MODEL_CHECK_TIMEOUT = 20.0
 #: At most this many listed models are compared (a server listing without end cannot hold the run).
 MAX_LISTED_MODELS = 10_000
+#: A model param that is really an API key (pasted into the wrong field).
+_KEY_LIKE = re.compile(r"\bsk-[A-Za-z0-9_-]{16,}")
 #: Names longer than this are not compared (difflib is quadratic), only reported.
 MAX_COMPARED = 100
 
@@ -58,8 +61,9 @@ def check_keys(given: Iterable[str], known: Iterable[str], what: str) -> None:
     unknown = sorted(set(given) - set(known))
     if not unknown:
         return
-    close = ((k, closest(k, known, 1)) for k in unknown)
-    hints = [f"{_quoted(k)}: did you mean {m[0]!r}?" for k, m in islice(((k, m) for k, m in close if m), 5)]
+    close = ((k, closest(k, known, 1)) for k in unknown[:50])  # a hint is worth no more than 50 looks
+    matched = islice(((k, m) for k, m in close if m), 5)
+    hints = [f"'{column_list([k])}': did you mean {m[0]!r}?" for k, m in matched]
     noun = "param" if len(unknown) == 1 else "params"
     raise _fail(
         f"unknown {noun} in {what}: {column_list(unknown)}" + (f" ({'; '.join(hints)})" if hints else "")
@@ -82,6 +86,11 @@ def check_model(api: Any, model: str, conn_id: str) -> None:
 
     from openai_batch_airflow.hooks import OpenAIBatchHook
 
+    if _KEY_LIKE.search(model):  # never put a key in a URL, a log line or a message
+        raise _fail(
+            "the model param looks like an API key (sk-…): nothing was sent; put the key in the Airflow "
+            "connection and a model name such as gpt-4o-mini in the model param"
+        )
     hook = api if isinstance(api, OpenAIBatchHook) else OpenAIBatchHook(conn_id, client=api)
     name = _quoted(model)
     try:
@@ -103,8 +112,8 @@ def check_model(api: Any, model: str, conn_id: str) -> None:
     listed, why = _listed_models(hook)
     if listed is not None and model in listed:
         return  # a name the route cannot take (e.g. with "/") that the list does hold
-    if listed is None and not said_unknown:
-        _not_checked(name, f"the API serves no model list ({why})")
+    if not listed and not said_unknown:  # no list, or an empty one: nothing to tell a typo by
+        _not_checked(name, f"the API serves no model list ({why or 'it is empty'})")
         return
     hint = ""
     if listed:
@@ -130,11 +139,14 @@ def _listed_models(hook: Any) -> tuple[list[str] | None, str]:
 
     options = {"max_retries": MODEL_CHECK_RETRIES, "timeout": MODEL_CHECK_TIMEOUT}
     try:
-        return hook.list_models(MAX_LISTED_MODELS, **options), ""
+        listed = hook.list_models(MAX_LISTED_MODELS, **options)
     except openai.APIStatusError as exc:
         return None, f"GET /models: HTTP {exc.status_code}"
     except openai.APIError as exc:
         return None, f"GET /models: {type(exc).__name__}"
+    except Exception as exc:  # a list that is not one (HTML, bad JSON, odd shapes): not a list to go by
+        return None, f"GET /models answered something that is not a model list ({type(exc).__name__})"
+    return [m for m in listed if isinstance(m, str) and m], ""
 
 
 def _not_checked(name: str, why: str) -> None:
