@@ -12,14 +12,19 @@ and a call whose answer was lost is looked for before it is repeated, so a batch
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from functools import cached_property
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
 from airflow.providers.openai.hooks.openai import OpenAIHook
 
 from openai_batch_airflow import storage
@@ -38,6 +43,78 @@ DOWNLOAD_ATTEMPTS = 3
 ACTIVE_WINDOW_SECONDS = 26 * 3600
 
 
+#: ``0`` (or ``false``/``no``/``off``): every hook builds an async client of its own instead of sharing one
+#: per connection (the benchmark's comparison; see :class:`SharedAsyncClients`).
+SHARED_CLIENT_ENV = "OPENAI_BATCH_TRIGGER_SHARED_CLIENT"
+
+
+def shared_clients_enabled() -> bool:
+    """Whether hooks share async clients (:data:`SHARED_CLIENT_ENV`, on unless set to a false word)."""
+    return os.environ.get(SHARED_CLIENT_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@dataclass
+class _Shared:
+    loop: asyncio.AbstractEventLoop  # held, so the loop's id in the key cannot be reused while it is here
+    client: AsyncOpenAI
+    users: int = 0
+
+
+class SharedAsyncClients:
+    """One ``AsyncOpenAI`` client (one HTTP pool and TLS context) per connection per event loop.
+
+    The triggerer runs all triggers of a process in one event loop; a thousand waiting batches on one
+    connection then poll through one client instead of a thousand. A client is keyed by the running loop,
+    the connection id and a fingerprint (a hash) of the client settings the connection resolves to, so an
+    edited connection (a new key, another host) gets a new client while the triggers still on the old one
+    keep it. It is built inside the running loop on first use and closed when its last user releases it.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, str, str], _Shared] = {}
+
+    @staticmethod
+    def fingerprint(client_kwargs: dict[str, Any]) -> str:
+        text = json.dumps(client_kwargs, sort_keys=True, default=repr)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def acquire(
+        self, conn_id: str, client_kwargs: dict[str, Any]
+    ) -> tuple[tuple[int, str, str], AsyncOpenAI]:
+        """The shared client for these settings in the running loop (built now if there is none), counted
+        as one more user; returns ``(key, client)``, the key for :meth:`release`. Synchronous on purpose:
+        no other trigger runs between the look-up and the count."""
+        from openai import AsyncOpenAI
+
+        loop = asyncio.get_running_loop()
+        key = (id(loop), conn_id, self.fingerprint(client_kwargs))
+        entry = self._entries.get(key)
+        if entry is None or entry.loop is not loop or entry.client.is_closed():
+            entry = self._entries[key] = _Shared(loop, AsyncOpenAI(**client_kwargs))
+        entry.users += 1
+        return key, entry.client
+
+    async def release(self, key: tuple[int, str, str], client: AsyncOpenAI) -> None:
+        """One user fewer; the last one out closes the client (the count drops before any await, so a
+        cancelled caller still counts right; the close itself is shielded from a second cancellation)."""
+        entry = self._entries.get(key)
+        if entry is not None and entry.client is client:
+            entry.users -= 1
+            if entry.users > 0:
+                return
+            del self._entries[key]
+        await asyncio.shield(client.close())
+
+    def users(self) -> dict[tuple[str, str], int]:
+        """``{(conn_id, fingerprint): users}`` of the clients open in the running loop."""
+        loop = asyncio.get_running_loop()
+        return {(k[1], k[2]): e.users for k, e in self._entries.items() if e.loop is loop}
+
+
+#: The process's registry: every :class:`OpenAIBatchHook` of a triggerer takes its async client here.
+SHARED_ASYNC_CLIENTS = SharedAsyncClients()
+
+
 class OpenAIBatchHook(OpenAIHook):
     """The Batch API calls of the pipeline, on connection ``conn_id`` (default ``openai_default``).
 
@@ -52,6 +129,7 @@ class OpenAIBatchHook(OpenAIHook):
         if client is not None:
             self.__dict__["conn"] = client  # the cached sync client
         self._aconn: AsyncOpenAI | None = None
+        self._shared_key: tuple[int, str, str] | None = None
 
     # -- clients ----------------------------------------------------------------------------------
     @cached_property
@@ -60,15 +138,28 @@ class OpenAIBatchHook(OpenAIHook):
         return self.get_conn()
 
     async def aconn(self) -> AsyncOpenAI:
-        """The async client, built on first use and kept until :meth:`aclose`."""
+        """The async client, taken on first use and kept until :meth:`aclose`: the one this connection's
+        settings share in the running loop (:data:`SHARED_ASYNC_CLIENTS`), or, with sharing switched off
+        (:data:`SHARED_CLIENT_ENV`), one of the hook's own."""
         if self._aconn is None:
-            self._aconn = await self.aget_conn()
+            if not shared_clients_enabled():
+                self._aconn = await self.aget_conn()
+            else:
+                conn = await get_async_connection(self.conn_id, hook=self)
+                kwargs = self._client_kwargs(conn, await get_async_extra_dejson(conn))
+                self._shared_key, self._aconn = SHARED_ASYNC_CLIENTS.acquire(self.conn_id, kwargs)
         return self._aconn
 
     async def aclose(self) -> None:
-        """Close the async client (its HTTP pool); the next async call builds a new one."""
+        """Let go of the async client: a shared one is closed when its last user lets go, one of the hook's
+        own at once. The next async call takes a client again."""
         client, self._aconn = self._aconn, None
-        if client is not None:
+        key, self._shared_key = self._shared_key, None
+        if client is None:
+            return
+        if key is not None:
+            await SHARED_ASYNC_CLIENTS.release(key, client)
+        else:
             await client.close()
 
     # -- batches ----------------------------------------------------------------------------------

@@ -76,7 +76,10 @@ def progress_line(summary: dict[str, Any]) -> str:
 
 
 class OpenAIBatchTrigger(BaseTrigger):
-    """Poll one batch with the async OpenAI client until it reaches a terminal status.
+    """Poll one batch with the async OpenAI client until it reaches a terminal status. The triggers of
+    one connection in a triggerer poll through one shared client (see
+    :class:`~openai_batch_airflow.hooks.SharedAsyncClients`); the last one to end, finish or be cancelled
+    closes it.
 
     Yields exactly one event:
 
