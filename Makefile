@@ -3,7 +3,7 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install browser demo stop test lint bench bench-dag clean e2e-celery
+.PHONY: install browser demo stop test lint bench bench-dag bench-wait clean e2e-celery
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,10 @@ bench: install
 # A million rows through the whole DAG (dag.test against the local server): 20 shards, small XCom.
 bench-dag: install
 	$(BIN)/python scripts/bench_dag.py
+
+# 200 and 1,000 batches waiting in one real triggerer (poll 5 s): shared async client vs one per trigger.
+bench-wait: install
+	$(BIN)/python scripts/bench_wait.py
 
 lint: install
 	$(BIN)/ruff check .
