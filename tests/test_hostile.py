@@ -48,9 +48,20 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 # -- run folders ----------------------------------------------------------------------------------
-def test_run_ids_that_differ_only_in_punctuation_get_their_own_folders(tmp_path):
-    from openai_batch_airflow.tasks import run_dir, work_location
+def run_dir(params, run_id):
+    """The run folder :class:`RunConfig` resolves for ``params``."""
+    from openai_batch_airflow.config import RunConfig
 
+    return RunConfig.resolve(params, run_id).run_dir
+
+
+def work_location(params, run_id):
+    from openai_batch_airflow.config import RunConfig
+
+    return RunConfig.resolve(params, run_id).work_dir
+
+
+def test_run_ids_that_differ_only_in_punctuation_get_their_own_folders(tmp_path):
     params = {"input_csv": str(tmp_path / "q.csv"), "output_dir": str(tmp_path / "out")}
     ids = ["batch:1", "batch+1", "batch_1", "nightly.", "nightly", "manual__2026-11-30T05:00:00+00:00"]
     folders = [run_dir(params, i) for i in ids]
@@ -62,8 +73,6 @@ def test_run_ids_that_differ_only_in_punctuation_get_their_own_folders(tmp_path)
 
 @pytest.mark.parametrize("name", ["...csv", "..csv", ".csv"])
 def test_an_input_named_dots_never_writes_outside_the_output_folder(tmp_path, name):
-    from openai_batch_airflow.tasks import run_dir, work_location
-
     out = tmp_path / "out"
     params = {"input_csv": str(tmp_path / "in" / name), "output_dir": str(out)}
     for where in (run_dir(params, "r"), work_location({**params, "work_dir": str(tmp_path / "w")}, "r")):

@@ -64,7 +64,8 @@ def test_location_refuses_a_scheme_without_a_filesystem():
 def test_an_image_cell_with_an_unsupported_scheme_makes_only_its_row_invalid(
     srv, params, tmp_path, cell, caplog
 ):
-    from openai_batch_airflow.tasks import build_options, validate
+    from openai_batch_airflow.config import build_options
+    from openai_batch_airflow.tasks import validate
 
     (tmp_path / "in.csv").write_text(f'id,prompt,image\na,"two\nlines",{cell}\nb,fine,\n', encoding="utf-8")
     params["image_column"] = "image"

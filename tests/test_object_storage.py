@@ -320,7 +320,9 @@ def test_s3_estimate_only_lands_the_estimate_and_sends_nothing(dag, srv, s3, scr
 
 def test_location_rules(s3, tmp_path):
     from openai_batch_airflow import storage
-    from openai_batch_airflow.tasks import _input_stem
+
+    def _input_stem(params):
+        return storage.input_stem(params["input_csv"])
 
     # an explicit connection replaces one named in the URL
     assert storage.location(f"s3://other@{s3.bucket}/x", "s3_test").conn_id == "s3_test"

@@ -165,7 +165,11 @@ def test_a_run_goes_on_when_the_key_may_not_read_models(dag, srv, tmp_path, samp
 @pytest.mark.parametrize("off", ["false", "0", "off", " No "])
 def test_the_model_check_can_be_turned_off_for_servers_that_name_models_otherwise(srv, monkeypatch, off):
     # e.g. a gateway or Azure-style deployment names that its GET /v1/models does not list
-    from openai_batch_airflow.tasks import check_model
+    from openai_batch_airflow import tasks
+    from openai_batch_airflow.config import RunConfig
+
+    def check_model(params):  # the switch is read where the run's settings are resolved
+        tasks.check_model(RunConfig.resolve({"input_csv": "q.csv", **params}, "manual__1"))
 
     tripwire = {"method": "GET", "path": "^/v1/models", "status": 418, "times": 1}
     srv.set_config({"http_faults": [tripwire]})

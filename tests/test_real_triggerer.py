@@ -321,7 +321,7 @@ def test_6_inbox_scheduled_run_processes_two_csvs_once_and_the_next_finds_nothin
 
 
 def safe(run_id: str) -> str:
-    from openai_batch_airflow.tasks import run_folder_name
+    from openai_batch_airflow.config import run_folder_name
 
     return run_folder_name(run_id)
 

@@ -11,27 +11,23 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from openai_batch_airflow import storage
+from openai_batch_airflow.config import INBOX_ENV, INBOX_VARIABLE, fail_on_bad_input, variable
+from openai_batch_airflow.params import PARAM_NAMES
+
 log = logging.getLogger(__name__)
 
-INBOX_VARIABLE = "openai_batch_inbox"
-INBOX_ENV = "OPENAI_BATCH_INBOX"
 PIPELINE_DAG_ID = "openai_batch_pipeline"
 
-#: The pipeline's params a sidecar may set (kept in step by tests/test_dag_integrity.py).
-PIPELINE_PARAMS = frozenset(
-    "input_csv output_dir prompt_column prompt_template system_prompt image_column image_detail "
-    "id_column model endpoint max_tokens temperature extra_body start_row end_row completion_window "
-    "check_interval max_requests_per_batch max_batch_bytes max_image_mb keep_temp_files max_resubmits "
-    "token_limit_wait max_enqueued_tokens cancel_on_kill estimate_only max_cost_usd "
-    "expected_output_tokens prices image_base_dir conn_id work_dir storage_conn_id csv_formula_escape".split()
-)
+#: The pipeline's params a sidecar may set: the pipeline DAG's own.
+PIPELINE_PARAMS = PARAM_NAMES
 
 
 def inbox_folder(params: dict[str, Any]) -> str:
-    from airflow.sdk import Variable
+    """Param ``inbox``, else Variable ``openai_batch_inbox``, else ``$OPENAI_BATCH_INBOX``."""
     from airflow.sdk.exceptions import AirflowFailException
 
-    folder = params.get("inbox") or Variable.get(INBOX_VARIABLE, default=None) or os.environ.get(INBOX_ENV)
+    folder = params.get("inbox") or variable(INBOX_VARIABLE) or os.environ.get(INBOX_ENV)
     if not folder:
         raise AirflowFailException(
             f"no inbox folder: set the inbox param, the Variable {INBOX_VARIABLE} or ${INBOX_ENV}"
@@ -41,11 +37,7 @@ def inbox_folder(params: dict[str, Any]) -> str:
 
 def _store(params: dict[str, Any], folder: str):
     """The inbox as an ObjectStoragePath when it is a URL, else None."""
-    from openai_batch_airflow import storage
-
-    if not storage.is_remote(folder):
-        return None
-    return storage.location(folder, (params.get("defaults") or {}).get("storage_conn_id"))
+    return storage.remote_location(folder, (params.get("defaults") or {}).get("storage_conn_id"))
 
 
 def claim(
@@ -59,7 +51,6 @@ def claim(
     could not set either fails the claim before any file is touched."""
     from batchpipe.inbox import claim_name, claim_new_files, claim_new_objects, run_name
     from openai_batch_airflow.preflight import check_keys
-    from openai_batch_airflow.tasks import fail_on_bad_input
 
     allowed = set(pipeline_params) - {"input_csv"}
     check_keys(params.get("defaults") or {}, allowed, "the inbox's defaults")

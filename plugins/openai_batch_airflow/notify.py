@@ -22,11 +22,9 @@ from typing import Any
 from airflow.sdk import BaseNotifier
 
 from batchpipe.paths import quote_path, redact_text, url_origin
+from openai_batch_airflow.config import WEBHOOK_ENV, WEBHOOK_VARIABLE, variable
 
 log = logging.getLogger(__name__)
-
-WEBHOOK_ENV = "OPENAI_BATCH_NOTIFY_WEBHOOK"
-WEBHOOK_VARIABLE = "openai_batch_notify_webhook"
 
 
 def webhook_url() -> str | None:
@@ -34,9 +32,7 @@ def webhook_url() -> str | None:
     if url:
         return url
     try:
-        from airflow.sdk import Variable
-
-        return Variable.get(WEBHOOK_VARIABLE, default=None)
+        return variable(WEBHOOK_VARIABLE)
     except Exception:  # no Variable access where this callback runs
         return None
 

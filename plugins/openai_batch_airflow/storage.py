@@ -1,6 +1,6 @@
 """Where a run's files live: a local folder, or any URL Airflow's ``ObjectStoragePath`` can open.
 
-``output_dir``, ``work_dir`` and ``input_csv`` accept a local path (as always) or a URL such as
+``output_dir``, ``work_dir`` and ``input_csv`` accept a local path or a URL such as
 ``s3://bucket/prefix``, ``gs://bucket/prefix`` or ``file:///data/x`` (the scheme's filesystem comes
 from the installed provider: ``s3`` from apache-airflow-providers-amazon, ``gs`` from ...-google).
 The connection is param ``storage_conn_id``, or named in the URL itself (``s3://my_conn@bucket/x``),
@@ -9,7 +9,7 @@ or else the filesystem's own default credentials.
 The library (:mod:`batchpipe`) works on local files, so a task with a remote location works in a
 private scratch folder: it fetches what it reads and publishes what it writes. Nothing is passed
 between tasks through a worker's local disk, so mapped shard tasks may run on different machines.
-A local location is used in place, exactly as before (no copies).
+A local location is used in place (no copies).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -140,10 +140,89 @@ def fetch(src: Location, into: Path, name: str | None = None) -> Path:
 
 
 @contextmanager
-def local_copy(where: str, conn_id: str | None = None) -> Iterator[Path]:
+def local_copy(where: str | Location, conn_id: str | None = None) -> Iterator[Path]:
     """``where`` as a local file for the duration: in place when local, else a scratch copy."""
     with scratch() as tmp:
         yield fetch(location(where, conn_id), tmp)
+
+
+@contextmanager
+def staged(where: Location, last: tuple[str, ...] = ()) -> Iterator[Path]:
+    """A local folder to write ``where``'s files into: ``where`` itself when local (created), else a
+    scratch folder whose files are stored at ``where`` when the block ends without an error (the names in
+    ``last`` after the others, in that order: a file whose arrival marks the output complete)."""
+    if not is_remote(where):
+        where.mkdir(parents=True, exist_ok=True)
+        yield where
+        return
+    with scratch() as tmp:
+        yield tmp
+        written = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        ordered = [n for n in written if n not in last] + [n for n in last if n in written]
+        for name in ordered:
+            publish(tmp / name, where / name)
+        if ordered:
+            log.info("stored %d file(s) in %s", len(ordered), shown(where))
+
+
+def fetch_input(where: str, conn_id: str | None, into: Path, roots: Any) -> tuple[str, Any]:
+    """The input file ``where`` as a local path, and the allowed roots to check it (and what it names)
+    against. A local path is used in place. A URL is checked against ``roots`` first, then fetched into
+    ``into``; the roots then also admit exactly that copy (relative image paths still have to lie inside
+    them). Raises :class:`~batchpipe.errors.InputError` with a clear message."""
+    from batchpipe.errors import InputError
+    from batchpipe.paths import PathNotAllowed, Roots, check_within
+
+    if not is_remote(where):
+        return (str(local_path(where)) if is_url(str(where)) else str(where)), roots
+    try:
+        check_within(where, roots, "input CSV")
+    except PathNotAllowed as exc:
+        raise InputError(str(exc)) from None
+    try:
+        remote = location(where, conn_id)
+    except ValueError as exc:  # a scheme nothing here reads (http://...), a '?' or a password in it
+        raise InputError(f"input_csv {exc}") from None
+    try:
+        local = fetch(remote, into)
+    except FileNotFoundError:
+        raise InputError(f"{quote_path(where)}: input CSV not found") from None
+    if roots is not None:
+        roots = Roots([*roots, local.resolve()], setting=roots.setting)
+    return str(local), roots
+
+
+def store_folder_of(where: str) -> str | None:
+    """The folder URL of a file in object storage (``s3://b/in`` of ``s3://b/in/q.csv``); None when local."""
+    return str(where).rsplit("/", 1)[0] if is_remote(where) else None
+
+
+def input_stem(where: str) -> str:
+    """An input file's name without extension, as a folder name: as is for a local path unless it would
+    leave the output folder (``...csv`` has the stem ``..``); a URL's made filesystem-safe. A name that
+    had to change is :func:`batchpipe.naming.unique_name` of it (a short hash of the original added)."""
+    from batchpipe.naming import unique_name
+
+    where = str(where)
+    if not is_remote(where):
+        stem = Path(where).stem
+        return stem if stem.strip(".") and "/" not in stem else unique_name(stem)
+    return unique_name(Path(where.rstrip("/").rsplit("/", 1)[-1]).stem)
+
+
+def remote_location(where: str, conn_id: str | None = None) -> Location | None:
+    """``where`` as an ``ObjectStoragePath`` when it is in object storage, None when it is local."""
+    return location(where, conn_id) if is_remote(where) else None
+
+
+def remove_folder_if_empty(folder: Location) -> None:
+    """Remove a local ``folder`` when it is empty (object stores have no folders to remove)."""
+    if is_remote(folder):
+        return
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # not empty: something else lives there
 
 
 def publish(local: Path, dst: Location) -> None:
@@ -181,11 +260,15 @@ def read_text(where: Location) -> str | None:
         return None
 
 
-def check_writable(folder: Location) -> None:
+def check_writable(folder: Location, local: Callable[[Path], None] | None = None) -> None:
     """Write and delete a small marker object under ``folder``: wrong credentials, a missing bucket or a
-    read-only location fail here, before anything is uploaded or paid for. Local folders are created."""
+    read-only location fail here, before anything is uploaded or paid for. A local folder is checked by
+    ``local`` when given, else created."""
     if not is_remote(folder):
-        folder.mkdir(parents=True, exist_ok=True)
+        if local is not None:
+            local(folder)
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
         return
     probe = folder / ".write-check"
     probe.write_text("ok")

@@ -13,23 +13,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterable
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from openai_batch_airflow import storage
+from openai_batch_airflow.config import RunConfig, fail_on_bad_input
 
 log = logging.getLogger(__name__)
-
-#: Airflow Variable and environment variable that give the default output folder.
-OUTPUT_DIR_VARIABLE = "openai_batch_output_dir"
-OUTPUT_DIR_ENV = "OPENAI_BATCH_OUTPUT_DIR"
-#: Variables adding to OPENAI_BATCH_ALLOWED_ROOTS / OPENAI_BATCH_OUTPUT_ROOTS (os.pathsep-separated).
-ALLOWED_ROOTS_VARIABLE = "openai_batch_allowed_roots"
-OUTPUT_ROOTS_VARIABLE = "openai_batch_output_roots"
 
 
 def hook(conn_id: str):
@@ -40,43 +32,6 @@ def hook(conn_id: str):
     return OpenAIBatchHook(conn_id=conn_id)
 
 
-def build_options(params: dict[str, Any]):
-    """The library's build options from the params. A CSV in object storage with no image folder
-    given: relative image paths resolve against the CSV's own folder in the store."""
-    from batchpipe.options import BuildOptions
-
-    if storage.is_remote(params["input_csv"]) and not params.get("image_base_dir"):
-        params = {**params, "image_base_dir": str(params["input_csv"]).rsplit("/", 1)[0]}
-    with fail_on_bad_input():
-        opts = BuildOptions.from_dict(params)  # the build options among the params
-        opts.validate()
-    return opts
-
-
-@contextmanager
-def fail_on_bad_input():
-    """Bad input fails the task at once: retrying cannot fix a CSV."""
-    from airflow.sdk.exceptions import AirflowFailException
-
-    from batchpipe.errors import InputError
-
-    try:
-        yield
-    except InputError as exc:
-        raise AirflowFailException(str(exc)) from exc
-
-
-def default_output_dir() -> str:
-    """Param ``output_dir`` when empty: Variable, then environment, then ``$AIRFLOW_HOME``."""
-    from airflow.sdk import Variable
-
-    value = Variable.get(OUTPUT_DIR_VARIABLE, default=None) or os.environ.get(OUTPUT_DIR_ENV)
-    if value:
-        return value
-    home = os.environ.get("AIRFLOW_HOME") or os.path.expanduser("~/airflow")
-    return os.path.join(home, "openai_batch_results")
-
-
 def safe_name(text: str) -> str:
     """``text`` made safe as a name (not unique: see :func:`batchpipe.naming.unique_name`)."""
     from batchpipe.naming import safe_name as safe
@@ -84,105 +39,11 @@ def safe_name(text: str) -> str:
     return safe(text)
 
 
-def storage_conn_id(params: dict[str, Any]) -> str | None:
-    """Param ``storage_conn_id``: the connection for object-storage URLs (None: the URL's or the default)."""
-    return params.get("storage_conn_id") or None
-
-
-def _input_stem(params: dict[str, Any]) -> str:
-    """The input file's name without extension: as is for a local path (as it always was) unless it
-    would leave the output folder (``...csv`` has the stem ``..``); else :func:`unique_name` of it."""
-    from batchpipe.naming import unique_name
-
-    where = str(params["input_csv"])
-    if not storage.is_remote(where):
-        stem = Path(where).stem
-        return stem if stem.strip(".") and "/" not in stem else unique_name(stem)
-    return unique_name(Path(where.rstrip("/").rsplit("/", 1)[-1]).stem)
-
-
-def run_folder_name(run_id: str) -> str:
-    """The run's folder name: the run id when it is filesystem-safe, else its safe form plus a short hash
-    of the run id, so ``batch:1``, ``batch+1`` and ``batch_1`` never share (and overwrite) one folder."""
-    from batchpipe.naming import unique_name
-
-    return unique_name(run_id)
-
-
-def run_dir(params: dict[str, Any], run_id: str) -> storage.Location:
-    """``<output_dir>/<input file stem>/<run folder name>`` (a Path, or a URL location)."""
-    base = storage.location(params.get("output_dir") or default_output_dir(), storage_conn_id(params))
-    return base / _input_stem(params) / run_folder_name(run_id)
-
-
-def work_location(params: dict[str, Any], run_id: str) -> storage.Location:
-    """Param ``work_dir`` + ``/<input file stem>/<run folder name>``; empty: ``<run folder>/work``."""
-    if params.get("work_dir"):
-        base = storage.location(params["work_dir"], storage_conn_id(params))
-        return base / _input_stem(params) / run_folder_name(run_id)
-    return run_dir(params, run_id) / "work"
-
-
-def read_roots() -> list[Path] | None:
-    """Allowed input roots: env OPENAI_BATCH_ALLOWED_ROOTS plus Variable openai_batch_allowed_roots."""
-    from airflow.sdk import Variable
-
-    from batchpipe.paths import allowed_roots
-
-    return allowed_roots(extra=Variable.get(ALLOWED_ROOTS_VARIABLE, default=None))
-
-
-def checked_run_dir(params: dict[str, Any], run_id: str) -> storage.Location:
-    """The run folder, refused (before anything is uploaded) when it or the work folder lies outside
-    the allowed output roots."""
-    from airflow.sdk import Variable
-
-    from batchpipe.paths import PathNotAllowed, check_within, output_roots
-
-    roots = output_roots(extra=Variable.get(OUTPUT_ROOTS_VARIABLE, default=None))
-    try:
-        folder = run_dir(params, run_id)
-        check_within(str(folder), roots, "output folder")
-        if params.get("work_dir"):
-            check_within(str(work_location(params, run_id)), roots, "work folder")
-    except (PathNotAllowed, ValueError) as exc:
-        from airflow.sdk.exceptions import AirflowFailException
-
-        raise AirflowFailException(str(exc)) from exc
-    return folder
-
-
-@contextmanager
-def local_input_csv(params: dict[str, Any], into: Path):
-    """The input CSV as a local file and the allowed roots to check it (and its images) against.
-
-    A URL is checked against the allowed roots first, then fetched into ``into``; the roots then
-    also admit exactly that copy (so relative image paths still have to lie inside the roots).
-    """
-    from batchpipe.errors import InputError
-    from batchpipe.paths import PathNotAllowed, Roots, check_within, is_url, quote_path
-
-    roots = read_roots()
-    where = params["input_csv"]
-    if not storage.is_remote(where):
-        yield (str(storage.local_path(where)) if is_url(str(where)) else str(where)), roots
-        return
+def local_input_csv(cfg: RunConfig, into: Path) -> tuple[str, Any]:
+    """The input CSV as a local file and the allowed roots to check it (and its images) against
+    (:func:`storage.fetch_input`); a bad location fails the task at once."""
     with fail_on_bad_input():
-        try:
-            check_within(where, roots, "input CSV")
-        except PathNotAllowed as exc:
-            raise InputError(str(exc)) from None
-        try:
-            remote = storage.location(where, storage_conn_id(params))
-        except ValueError as exc:  # a scheme nothing here reads (http://...), a '?' or a password in it
-            raise InputError(f"input_csv {exc}") from None
-        try:
-            local = storage.fetch(remote, into)
-        except FileNotFoundError:
-            raise InputError(f"{quote_path(where)}: input CSV not found") from None
-    if roots is not None:
-        roots = Roots([*roots, local.resolve()], setting=roots.setting)
-    yield str(local), roots
+        return storage.fetch_input(cfg.input_csv, cfg.storage_conn_id, into, cfg.read_roots)
 
 
 #: Column names the validate_csv XCom carries (``columns_total`` says how many there are).
@@ -195,10 +56,11 @@ def validate(
     """The ``validate_csv`` task: everything that can be checked before anything is uploaded or paid for.
 
     Fails once (no retries) on: a key of the run's ``conf`` that is not among the ``known`` params (it
-    would be silently ignored), bad options, a CSV none of whose selected rows can be sent, an output or
-    work folder outside the allowed roots or not writable (remote: a probe object; local: created, then a
-    probe file), a model the API does not know (:func:`preflight.check_model`; one that cannot be checked
-    is a warning). Returns the CSV summary for XCom.
+    would be silently ignored), bad options or settings (:meth:`RunConfig.resolve`: also an output or
+    work folder outside the allowed roots), a CSV none of whose selected rows can be sent, an output or
+    work folder that is not writable (remote: a probe object; local: created, then a probe file), a model
+    the API does not know (:func:`preflight.check_model`; one that cannot be checked is a warning).
+    Returns the CSV summary for XCom.
     """
     from batchpipe.build import describe_problem, validate_csv
     from batchpipe.paths import clip
@@ -206,12 +68,14 @@ def validate(
 
     if known:
         preflight.check_keys(conf or {}, known, "the run conf")
-    opts = build_options(params)
-    with storage.scratch() as tmp, local_input_csv(params, tmp) as (csv_path, roots), fail_on_bad_input():
-        summary = validate_csv(
-            csv_path, opts, allowed_roots=roots, url_fs=storage.url_reader(storage_conn_id(params))
-        )
-    summary["file"] = storage.shown(params["input_csv"])
+    with storage.scratch() as tmp:  # the task's scratch folder, for a copy of a CSV in object storage
+        cfg = RunConfig.resolve(params, run_id)
+        csv_path, roots = local_input_csv(cfg, tmp)
+        with fail_on_bad_input():
+            summary = validate_csv(
+                csv_path, cfg.build, allowed_roots=roots, url_fs=storage.url_reader(cfg.storage_conn_id)
+            )
+    summary["file"] = storage.shown(cfg.input_csv)
     # XCom carries small manifests: a CSV of 10,000 columns would not be one
     summary["columns_total"] = len(summary["columns"])
     summary["columns"] = [clip(c, 80) for c in summary["columns"][:MAX_XCOM_COLUMNS]]
@@ -233,142 +97,98 @@ def validate(
             f"{summary['file']}: none of the {summary['rows_selected']} selected rows can be sent; "
             f"first problems: {'; '.join(problems)}"
         )
-    folder = checked_run_dir(params, run_id)
-    check_model(params)
-    for target in (folder, work_location(params, run_id)):
-        if not storage.is_remote(target):  # a file in the way, no permission, a read-only disk
-            preflight.check_writable(target)
-            continue
-        try:  # wrong credentials or a missing bucket fail now, not after paying
-            storage.check_writable(target)
+    check_model(cfg)
+    for target in (cfg.run_dir, cfg.work_dir):
+        try:  # a file in the way, no permission, a read-only disk; wrong credentials or a missing bucket
+            storage.check_writable(target, local=preflight.check_writable)
         except Exception as exc:
             from airflow.sdk.exceptions import AirflowFailException
 
+            if isinstance(exc, AirflowFailException):
+                raise
             raise AirflowFailException(f"cannot write to {storage.shown(target)}: {exc}") from exc
     return summary
 
 
-#: Airflow Variable / environment variable that turn the model check off (false, 0, no, off): for a
-#: server whose model names its GET /v1/models does not list (a gateway, deployment names).
-CHECK_MODEL_VARIABLE = "openai_batch_check_model"
-CHECK_MODEL_ENV = "OPENAI_BATCH_CHECK_MODEL"
-
-
-def check_model(params: dict[str, Any]) -> None:
-    """Param ``model`` checked with the API of connection ``conn_id`` (:func:`preflight.check_model`); a
+def check_model(cfg: RunConfig) -> None:
+    """The run's model checked with the API of its connection (:func:`preflight.check_model`); a
     connection that cannot be made into a client is a warning (the upload reports it, with retries).
     Skipped (logged) when Variable ``openai_batch_check_model`` or ``$OPENAI_BATCH_CHECK_MODEL`` is off."""
-    from airflow.sdk import Variable
-
     from batchpipe.csvio import quote_value
     from batchpipe.paths import redact_text
+    from openai_batch_airflow.config import CHECK_MODEL_ENV
     from openai_batch_airflow.preflight import check_model as check
 
-    switch = Variable.get(CHECK_MODEL_VARIABLE, default=None) or os.environ.get(CHECK_MODEL_ENV) or ""
-    if switch.strip().lower() in ("false", "0", "no", "off"):
-        log.info("model %s not checked: %s is off", quote_value(params["model"]), CHECK_MODEL_ENV)
+    if not cfg.check_model:
+        log.info("model %s not checked: %s is off", quote_value(cfg.model), CHECK_MODEL_ENV)
         return
-    conn_id = params.get("conn_id") or "openai_default"
-    api = hook(conn_id)
+    api = hook(cfg.conn_id)
     try:
         api.conn  # noqa: B018 - builds the client: a broken connection is told apart from a wrong model
     except Exception as exc:
-        log.warning("model %s not checked: no client for connection %r (%s)", quote_value(params["model"]),
-                    conn_id, redact_text(str(exc)))  # fmt: skip
+        log.warning("model %s not checked: no client for connection %r (%s)", quote_value(cfg.model),
+                    cfg.conn_id, redact_text(str(exc)))  # fmt: skip
         return
-    check(api, params["model"], conn_id)
+    check(api, cfg.model, cfg.conn_id)
 
 
 def build(params: dict[str, Any], run_id: str) -> list[dict[str, Any]]:
     """Write the shard file(s); return one small manifest per shard (the list the run maps over).
 
-    With a remote work folder the shards are built in a scratch folder and then stored there; the
-    manifests name their stored locations.
+    The shards are written through :func:`storage.staged`: in the work folder itself when it is local,
+    else in a scratch folder stored there afterwards (the build manifest last: it marks a complete
+    build); the manifests name their stored locations.
     """
     from batchpipe.build import build_jsonl
 
-    folder = checked_run_dir(params, run_id)
-    work = work_location(params, run_id)
-    remote = storage.is_remote(work)
-    opts = build_options(params)
-    with storage.scratch() as tmp, local_input_csv(params, tmp) as (csv_path, roots):
-        local_work = tmp / "work" if remote else work
-        with fail_on_bad_input():
-            manifest = build_jsonl(
-                csv_path,
-                opts,
-                local_work,
-                allowed_roots=roots,
-                url_fs=storage.url_reader(storage_conn_id(params)),
+    cfg = RunConfig.resolve(params, run_id)
+    work = cfg.work_dir
+    with storage.scratch() as tmp:
+        csv_path, roots = local_input_csv(cfg, tmp)
+        with storage.staged(work, last=("build_manifest.json",)) as local_work:
+            with fail_on_bad_input():
+                manifest = build_jsonl(
+                    csv_path, cfg.build, local_work, allowed_roots=roots,
+                    url_fs=storage.url_reader(cfg.storage_conn_id),
+                )  # fmt: skip
+            log.info(
+                "built %d shard(s) with %d requests (%d invalid rows kept aside) in %s",
+                len(manifest["shards"]),
+                manifest["valid"],
+                manifest["invalid"],
+                storage.shown(work),
             )
-        log.info(
-            "built %d shard(s) with %d requests (%d invalid rows kept aside) in %s",
-            len(manifest["shards"]),
-            manifest["valid"],
-            manifest["invalid"],
-            storage.shown(work),
-        )
-        estimate = estimate_cost(manifest["manifest"], params, folder)
-        estimate_only = params.get("estimate_only")
-        if estimate_only and not params.get("keep_temp_files"):
-            log.info("estimate_only: nothing is uploaded; the estimate is in %s", folder / "estimate.md")
-            remove_work_files(work)
-            return []
-        if remote:  # shards, invalid rows and the build manifest (last: it marks a complete build)
-            names = [Path(s["path"]).name for s in manifest["shards"]] + [
-                "invalid.jsonl",
-                "build_manifest.json",
-            ]
-            for name in names:
-                if (local_work / name).exists():
-                    storage.publish(local_work / name, work / name)
-            for shard in manifest["shards"]:
-                shard["path"] = storage.shown(work / Path(shard["path"]).name)
-            log.info("stored %d file(s) in %s", len(names), storage.shown(work))
-        if estimate_only:
-            log.info("estimate_only: nothing is uploaded; the estimate is in %s", folder / "estimate.md")
-            return []
+            estimate = estimate_cost(manifest["manifest"], cfg)
+            if cfg.estimate_only and not cfg.keep_temp_files:
+                remove_work_files(local_work)  # nothing will be sent: nothing is kept, nothing stored
+    if cfg.estimate_only:
+        log.info("estimate_only: nothing is uploaded; the estimate is in %s", cfg.run_dir / "estimate.md")
+        return []
     common = {
         "manifest": storage.shown(work / "build_manifest.json"),
         "work_dir": storage.shown(work),
-        "storage_conn_id": storage_conn_id(params),
+        "storage_conn_id": cfg.storage_conn_id,
     }
+    for shard in manifest["shards"]:
+        shard["path"] = storage.shown(work / Path(shard["path"]).name)
     log.info("estimated prompt tokens: %s", estimate["prompt_tokens"])
     return [{**shard, **common} for shard in manifest["shards"]]
 
 
-PRICES_VARIABLE = "openai_batch_prices"
-
-
-def prices(params: dict[str, Any]) -> dict[str, Any]:
-    """The shipped, dated price table, overridden by param ``prices`` or Variable ``openai_batch_prices``."""
-    from airflow.sdk import Variable
-
-    from batchpipe.estimate import load_prices
-
-    override = params.get("prices") or Variable.get(PRICES_VARIABLE, default=None)
-    with fail_on_bad_input():
-        return load_prices(override or None)
-
-
-def estimate_cost(manifest_path: str, params: dict[str, Any], folder: storage.Location) -> dict[str, Any]:
+def estimate_cost(manifest_path: str, cfg: RunConfig) -> dict[str, Any]:
     """Estimate tokens and cost offline (``manifest_path`` is local), write estimate.json/.md into the
     run folder, log it, and stop the run before anything is uploaded when the worst case exceeds
     ``max_cost_usd``."""
     from batchpipe.estimate import estimate_build, exceeds_budget, format_estimate, write_estimate
 
+    folder = cfg.run_dir
     estimate = estimate_build(
-        manifest_path, prices=prices(params), expected_output_tokens=params.get("expected_output_tokens")
+        manifest_path, prices=dict(cfg.prices), expected_output_tokens=cfg.expected_output_tokens
     )
-    if storage.is_remote(folder):
-        with storage.scratch() as tmp:
-            write_estimate(estimate, tmp)
-            for name in ("estimate.json", "estimate.md"):
-                storage.publish(tmp / name, folder / name)
-    else:
-        write_estimate(estimate, folder)
+    with storage.staged(folder) as local:
+        write_estimate(estimate, local)
     log.info("cost estimate (written to %s):\n%s", folder / "estimate.md", format_estimate(estimate))
-    over = exceeds_budget(estimate, params.get("max_cost_usd"))
+    over = exceeds_budget(estimate, cfg.max_cost_usd)
     if over:
         from airflow.sdk.exceptions import AirflowFailException
 
@@ -391,17 +211,6 @@ def upload(shard: dict[str, Any], conn_id: str, context: Any) -> dict[str, Any]:
     return {**shard, "input_file_id": uploaded.id}
 
 
-MAX_ENQUEUED_TOKENS_VARIABLE = "openai_batch_max_enqueued_tokens"
-
-
-def max_enqueued_tokens(params: dict[str, Any]) -> int | None:
-    """Param ``max_enqueued_tokens``, else Variable ``openai_batch_max_enqueued_tokens``; None = no limit."""
-    from airflow.sdk import Variable
-
-    value = params.get("max_enqueued_tokens") or Variable.get(MAX_ENQUEUED_TOKENS_VARIABLE, default=None)
-    return int(value) if value else None
-
-
 def create(shard: dict[str, Any], params: dict[str, Any], context: Any) -> dict[str, Any]:
     """Create the shard's batch; a retry re-attaches to the batch an earlier try created.
 
@@ -412,42 +221,42 @@ def create(shard: dict[str, Any], params: dict[str, Any], context: Any) -> dict[
     from openai_batch_airflow.submit import intent
 
     dag_id, run_id = context["dag"].dag_id, context["run_id"]
-    api = hook(params["conn_id"])
+    cfg = RunConfig.resolve(params, run_id)
+    api = hook(cfg.conn_id)
     recorded = intent(context, "create_batch")
     metadata = {
         "dag_id": dag_id[:512],
         "run_id": run_id[:512],
         "shard": str(shard["index"]),
-        "source": Path(params["input_csv"]).name[:512],
-        "model": params["model"][:512],
+        "source": Path(cfg.input_csv).name[:512],
+        "model": cfg.model[:512],
     }
-    limit = max_enqueued_tokens(params)
+    limit = cfg.max_enqueued_tokens
     if limit and not (recorded.saved and recorded.saved.get("batch_id")):
         from batchpipe.tokens import shard_prompt_tokens
 
         with storage.local_copy(shard["path"], shard.get("storage_conn_id")) as local:
-            estimate = shard_prompt_tokens(local, params["endpoint"], params["model"])
+            estimate = shard_prompt_tokens(local, cfg.endpoint, cfg.model)
         metadata["est_prompt_tokens"] = str(estimate)
-        queued = api.enqueued_tokens(params["model"])
+        queued = api.enqueued_tokens(cfg.model)
         if queued and queued + estimate > limit:
             from airflow.sdk.exceptions import AirflowRescheduleException
 
-            wait = max(float(params.get("check_interval") or 60), 1.0)
             log.info(
                 "shard %s waits for the next wave: %d tokens enqueued for %s + %d for this shard > %d",
                 shard["index"],
                 queued,
-                params["model"],
+                cfg.model,
                 estimate,
                 limit,
             )
-            raise AirflowRescheduleException(datetime.now(UTC) + timedelta(seconds=wait))
+            raise AirflowRescheduleException(datetime.now(UTC) + timedelta(seconds=cfg.check_interval))
     batch = api.create_once(
         recorded,
         metadata=metadata,
         input_file_id=shard["input_file_id"],
-        endpoint=params["endpoint"],
-        completion_window=params["completion_window"],
+        endpoint=cfg.endpoint,
+        completion_window=cfg.completion_window,
     )
     log.info("shard %s: batch %s (%d requests)", shard["index"], batch.id, shard["requests"])
     return {**shard, "batch_id": batch.id}
@@ -486,58 +295,51 @@ def merge(
     against the estimate) and report.html with :func:`write_reports`; return the path of results.csv."""
     from batchpipe.merge import merge_results
 
-    if params.get("estimate_only"):
+    cfg = RunConfig.resolve(params, run_id)
+    if cfg.estimate_only:
         from airflow.sdk.exceptions import AirflowSkipException
 
         raise AirflowSkipException("estimate_only: nothing was sent, so there is nothing to merge")
     downloads = sorted(downloads or [], key=lambda d: int(d["index"]))
-    folder = checked_run_dir(params, run_id)
-    work = work_location(params, run_id)
-    remote_out = storage.is_remote(folder)
-    with storage.scratch() as tmp, local_input_csv(params, tmp / "input") as (csv_path, roots):
+    folder, work = cfg.run_dir, cfg.work_dir
+    with storage.scratch() as tmp:
+        csv_path, roots = local_input_csv(cfg, tmp / "input")
         with fail_on_bad_input():
-            manifest = _local_build_manifest(
-                work, tmp, csv_path if storage.is_remote(params["input_csv"]) else None
-            )
+            manifest = _local_build_manifest(work, tmp, csv_path)
         results = []
         for d in downloads:  # by shard, then round: later files win
             for i, stored in enumerate(d["result_files"]):
-                where = storage.location(stored, storage_conn_id(params))
+                where = storage.location(stored, cfg.storage_conn_id)
                 name = f"{int(d['index']):05d}-{i}-{where.name}"
-                results.append(
-                    storage.fetch(where, tmp / "results", name) if storage.is_remote(where) else where
+                results.append(storage.fetch(where, tmp / "results", name))
+        estimate = folder / "estimate.json"
+        estimate = storage.fetch(estimate, tmp / "estimate") if estimate.exists() else None
+        # results.csv last: its arrival means the run's output is complete
+        with storage.staged(folder, last=("results.csv",)) as local_folder:
+            out_csv = local_folder / "results.csv"
+            with fail_on_bad_input():
+                report = merge_results(
+                    manifest,
+                    results,
+                    out_csv,
+                    batch_ids=[batch_id for d in downloads for batch_id in d["batch_ids"]],
+                    allowed_roots=roots,
+                    formula_escape=cfg.csv_formula_escape,
+                    write_report=False,  # written once, finished, by write_reports
                 )
-        local_folder = tmp / "out" if remote_out else folder
-        out_csv = local_folder / "results.csv"
-        with fail_on_bad_input():
-            report = merge_results(
-                manifest,
-                results,
-                out_csv,
-                batch_ids=[batch_id for d in downloads for batch_id in d["batch_ids"]],
-                allowed_roots=roots,
-                formula_escape=params.get("csv_formula_escape", True) is not False,
-                write_report=False,  # written once, finished, by write_reports
+            log_result_problems(report)
+            log.info(
+                "results: %s rows, %s answered, %s failed, %s invalid -> %s",
+                report["rows"],
+                report["answered"],
+                report["failed"],
+                report["invalid"],
+                storage.shown(folder / "results.csv"),
             )
-        log_result_problems(report)
-        log.info(
-            "results: %s rows, %s answered, %s failed, %s invalid -> %s",
-            report["rows"],
-            report["answered"],
-            report["failed"],
-            report["invalid"],
-            storage.shown(folder / "results.csv"),
-        )
-        batches = [b for d in downloads for b in d.get("batches") or []]
-        problems = [p for d in downloads for p in d.get("problems") or []]
-        if remote_out and (folder / "estimate.json").exists():
-            storage.fetch(folder / "estimate.json", local_folder)
-        report = write_reports(
-            local_folder, out_csv, report, batches, params, shown=storage.shown(folder), problems=problems
-        )
-        if remote_out:  # results.csv last: its arrival means the run's output is complete
-            for name in ("report.json", "report.html", "results.csv"):
-                storage.publish(local_folder / name, folder / name)
+            batches = [b for d in downloads for b in d.get("batches") or []]
+            problems = [p for d in downloads for p in d.get("problems") or []]
+            report = write_reports(local_folder, out_csv, report, batches, cfg, estimate=estimate,
+                                   shown=storage.shown(folder), problems=problems)  # fmt: skip
     results_csv = storage.shown(folder / "results.csv")
     if report.get("problems"):  # landed, and visible: the run fails; the work files stay for a look
         from airflow.sdk.exceptions import AirflowFailException
@@ -546,7 +348,7 @@ def merge(
             f"results landed at {results_csv}, but not every row could be answered: "
             + " | ".join(report["problems"])
         )
-    if not params.get("keep_temp_files"):
+    if not cfg.keep_temp_files:
         removed = remove_work_files(work)
         log.info("removed %d temporary file(s) in %s (keep_temp_files is off)", removed, storage.shown(work))
     log.info("results.csv: %s", results_csv)  # the last word: where the answers are
@@ -556,7 +358,7 @@ def merge(
         context["outlet_events"][RESULTS_ASSET].extra = {
             "results_csv": results_csv,
             "report_json": storage.shown(folder / "report.json"),
-            "input_csv": storage.shown(params["input_csv"]),
+            "input_csv": storage.shown(cfg.input_csv),
             "run_id": run_id,
             **{k: report[k] for k in ("rows", "answered", "failed", "invalid")},
         }
@@ -588,11 +390,7 @@ def remove_work_files(work: storage.Location) -> int:
                 pass
             except OSError as exc:
                 log.warning("could not remove %s: %s", storage.shown(entry), redact_text(exc))
-        if not storage.is_remote(folder):  # object stores have no folders to remove
-            try:
-                folder.rmdir()
-            except OSError:
-                pass  # not empty: something else lives there
+        storage.remove_folder_if_empty(folder)
     return removed
 
 
@@ -614,31 +412,33 @@ def log_result_problems(report: dict[str, Any]) -> None:
         )
 
 
-def _local_build_manifest(work: storage.Location, tmp: Path, csv_path: str | None) -> Path:
-    """The build manifest as a local file (``invalid.jsonl`` beside it) for the merge.
+def _local_build_manifest(work: storage.Location, tmp: Path, csv_path: str) -> Path:
+    """The build manifest as a local file (``invalid.jsonl`` beside it) for the merge, naming the input
+    CSV as this task reads it (``csv_path``: a local copy of a CSV in object storage, else the CSV itself).
 
-    Used in place when the work folder is local and the CSV was read in place; otherwise copied into
-    ``tmp`` with its ``csv`` entry pointing at the local copy ``csv_path`` of a remote input CSV.
+    Used in place when the work folder is local and the manifest already names ``csv_path``; otherwise
+    a copy in ``tmp``, its ``csv`` entry pointing at ``csv_path``.
     """
     from batchpipe.errors import InputError
     from batchpipe.merge import INVALID_NAME, MANIFEST_NAME
 
     source = work / MANIFEST_NAME
-    if not storage.is_remote(work) and csv_path is None:
-        return source
-    text = storage.read_text(source)
-    if text is None:
-        raise InputError(f"{storage.shown(source)}: build manifest not found (run the build step first)")
-    manifest = json.loads(text)
-    if csv_path is not None:
-        manifest["csv"] = csv_path
-    local = tmp / "work"
-    local.mkdir(parents=True, exist_ok=True)
-    (local / MANIFEST_NAME).write_text(json.dumps(manifest), encoding="utf-8")
+    try:
+        local = storage.fetch(source, tmp / "work")  # the file itself when the work folder is local
+        manifest = json.loads(local.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        found = f"{storage.shown(source)}: build manifest not found"
+        raise InputError(f"{found} (run the build step first)") from None
+    csv = str(Path(csv_path).resolve())
+    if manifest.get("csv") != csv:  # the CSV was fetched for this task: the manifest names the copy
+        manifest["csv"] = csv
+        local = tmp / "work" / MANIFEST_NAME
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text(json.dumps(manifest), encoding="utf-8")
     invalid = work / INVALID_NAME
-    if invalid.exists():  # a remote one is fetched straight to its place; a local one is copied there
-        storage.publish(storage.fetch(invalid, local), local / INVALID_NAME)
-    return local / MANIFEST_NAME
+    if invalid.exists():  # beside the manifest used (nothing to do when that is the work folder)
+        storage.publish(storage.fetch(invalid, local.parent), local.parent / INVALID_NAME)
+    return local
 
 
 def write_reports(
@@ -646,28 +446,28 @@ def write_reports(
     out_csv: Path,
     report: dict[str, Any],
     batches: list[dict[str, Any]],
-    params: dict[str, Any],
+    cfg: RunConfig,
+    estimate: Path | None = None,
     shown: str | None = None,
     problems: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Finish merge's ``report`` into report.json and report.html in the local ``folder`` with
     :func:`batchpipe.report.finish_report` (what ``batchpipe merge`` calls too): the model, the actual
-    cost against the run's estimate.json (when ``folder`` has it), the batches, and ``problems`` (what the
-    downloads could not finish) before merge's own. Returns the finished report.
+    cost against the run's ``estimate`` (a local estimate.json, None: none), the batches, and
+    ``problems`` (what the downloads could not finish) before merge's own. Returns the finished report.
 
     ``shown`` is where the files are stored (a URL for object storage), named in report.json and on the
     page instead of the local copies.
     """
     from batchpipe.report import finish_report
 
-    estimate = folder / "estimate.json"
     full = finish_report(
         out_csv,
         report,
-        estimate=estimate if estimate.exists() else None,
+        estimate=estimate,
         batches=batches,
-        model=params["model"],
-        prices=prices(params),
+        model=cfg.model,
+        prices=dict(cfg.prices),
         problems=problems,
         shown=shown,
     )
