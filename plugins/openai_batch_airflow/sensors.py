@@ -311,7 +311,7 @@ class OpenAIBatchSensor(BaseSensorOperator):
         nxt = state["round"] + 1
         fname = f"shard-{index:05d}.r{nxt}.jsonl"
         source = storage.fetch(self._location(state["shard_path"]), tmp / "source")
-        followup = write_followup(source, retry, tmp / fname if storage.is_remote(work) else work / fname)
+        followup = write_followup(source, retry, tmp / fname)  # stored beside the shard by publish below
         if followup["unknown"]:
             self.log.warning(
                 "batch %s: the service listed %d custom_id(s) this shard never sent; ignored: %s",
