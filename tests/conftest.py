@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -76,6 +77,14 @@ def srv(server):
     server.reset()
     server.set_config({"validating_seconds": 0.2, "in_progress_seconds": 0.4, "finalizing_seconds": 0.2})
     return server
+
+
+@pytest.fixture
+def sample(tmp_path) -> Path:
+    """A copy of the demo sample (``data/sample``: 30 rows, images, 2 invalid rows, 1 the server rejects);
+    returns its ``questions.csv``."""
+    shutil.copytree(REPO / "data" / "sample", tmp_path / "in")
+    return tmp_path / "in" / "questions.csv"
 
 
 @pytest.fixture

@@ -21,12 +21,6 @@ def server(tmp_path_factory, airflow_db):
         yield srv
 
 
-@pytest.fixture
-def sample(tmp_path) -> Path:
-    shutil.copytree(REPO / "data" / "sample", tmp_path / "in")
-    return tmp_path / "in" / "questions.csv"
-
-
 def run(dag, tmp_path, sample, **conf):
     dr = dag.test(
         run_conf={

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, local_openai
+from conftest import local_openai
 
 SECRET = "sk-fault-tests-secret-9d2c71"
 
@@ -23,12 +23,6 @@ SECRET = "sk-fault-tests-secret-9d2c71"
 def server(tmp_path_factory, airflow_db):
     with local_openai(tmp_path_factory.mktemp("server"), SECRET) as srv:
         yield srv
-
-
-@pytest.fixture
-def sample(tmp_path) -> Path:
-    shutil.copytree(REPO / "data" / "sample", tmp_path / "in")
-    return tmp_path / "in" / "questions.csv"
 
 
 def run(dag, tmp_path, csv_path, **conf):

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, local_openai
+from conftest import local_openai
 
 SECRET = "sk-hostile-tests-secret-51f0"
 
@@ -21,12 +20,6 @@ SECRET = "sk-hostile-tests-secret-51f0"
 def server(tmp_path_factory, airflow_db):
     with local_openai(tmp_path_factory.mktemp("server"), SECRET) as srv:
         yield srv
-
-
-@pytest.fixture
-def sample(tmp_path) -> Path:
-    shutil.copytree(REPO / "data" / "sample", tmp_path / "in")
-    return tmp_path / "in" / "questions.csv"
 
 
 def run(dag, tmp_path, csv_path, **conf):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -22,12 +21,6 @@ SECRET = "sk-preflight-tests-secret-7c2d"
 def server(tmp_path_factory, airflow_db):
     with local_openai(tmp_path_factory.mktemp("server"), SECRET) as srv:
         yield srv
-
-
-@pytest.fixture
-def sample(tmp_path) -> Path:
-    shutil.copytree(REPO / "data" / "sample", tmp_path / "in")
-    return tmp_path / "in" / "questions.csv"
 
 
 def run(dag, tmp_path, csv_path, **conf):

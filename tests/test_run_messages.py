@@ -5,24 +5,16 @@ local batch server."""
 from __future__ import annotations
 
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 
-from conftest import REPO, local_openai
+from conftest import local_openai
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, airflow_db):
     with local_openai(tmp_path_factory.mktemp("server"), "sk-run-messages-secret") as srv:
         yield srv
-
-
-@pytest.fixture
-def sample(tmp_path) -> Path:
-    shutil.copytree(REPO / "data" / "sample", tmp_path / "in")
-    return tmp_path / "in" / "questions.csv"
 
 
 def run(dag, tmp_path, csv_path, **conf):
