@@ -232,7 +232,7 @@ def test_fetch_input_from_s3_checks_roots_first(s3, tmp_path):
 
 # -- the shape ---------------------------------------------------------------------------------------
 #: Modules another developer owns that still call is_remote (issue 13: to move behind the seam).
-PENDING_IS_REMOTE = {"hooks.py"}
+PENDING_IS_REMOTE: set[str] = set()
 
 
 def _names(tree: ast.AST) -> set[str]:

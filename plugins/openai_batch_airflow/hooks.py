@@ -287,9 +287,7 @@ class OpenAIBatchHook(OpenAIHook):
         """
         from batchpipe.resubmit import download_problem
 
-        remote = storage.is_remote(folder)
-        local_folder = scratch / "results" if remote else folder
-        local_folder.mkdir(parents=True, exist_ok=True)
+        local_folder = storage.mirror(folder, scratch / "results")
         problem = None
         for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
             paths: dict[str, tuple[storage.Location, Path]] = {}
@@ -300,8 +298,7 @@ class OpenAIBatchHook(OpenAIHook):
                 # the batch id in the name: after a cleared run submits anew, an old download is never reused
                 name = f"shard-{index:05d}.r{summary.get('round', 0)}.{summary['id']}.{kind}.jsonl"
                 target, local = folder / name, local_folder / name
-                if remote and not local.exists() and target.exists():
-                    storage.fetch(target, local_folder)
+                storage.fetch_missing(target, local)
                 if not local.exists():
                     self.download_file(file_id, local)
                     log.info("batch %s: downloaded %s file %s", summary["id"], kind, file_id)
@@ -319,12 +316,10 @@ class OpenAIBatchHook(OpenAIHook):
             if attempt < DOWNLOAD_ATTEMPTS:
                 for target, local in paths.values():  # fetched again from the service
                     local.unlink(missing_ok=True)
-                    if remote and target.exists():
-                        target.unlink()
+                    storage.discard(target)
                 time.sleep(attempt)
         for target, local in paths.values():
-            if remote:
-                storage.publish(local, target)
+            storage.publish(local, target)
             log.info("batch %s: %s stored", summary["id"], storage.shown(target))
         problems = []
         if problem is not None:

@@ -165,6 +165,28 @@ def staged(where: Location, last: tuple[str, ...] = ()) -> Iterator[Path]:
             log.info("stored %d file(s) in %s", len(ordered), shown(where))
 
 
+def mirror(where: Location, scratch: Path) -> Path:
+    """A local folder standing for the folder ``where``: ``where`` itself when local (created), else
+    ``scratch`` (created); its files are brought over with :func:`fetch_missing` and stored back with
+    :func:`publish`, which does nothing for a local ``where``."""
+    folder = scratch if is_remote(where) else where
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def fetch_missing(target: Location, local: Path) -> None:
+    """Copy a stored ``target`` to ``local`` when ``local`` is missing (nothing to do for a local
+    ``target``: it is ``local``)."""
+    if is_remote(target) and not local.exists() and target.exists():
+        fetch(target, local.parent, local.name)
+
+
+def discard(target: Location) -> None:
+    """Delete a stored copy in object storage (a local ``target`` is the local file: its owner deletes it)."""
+    if is_remote(target) and target.exists():
+        target.unlink()
+
+
 def fetch_input(where: str, conn_id: str | None, into: Path, roots: Any) -> tuple[str, Any]:
     """The input file ``where`` as a local path, and the allowed roots to check it (and what it names)
     against. A local path is used in place. A URL is checked against ``roots`` first, then fetched into
