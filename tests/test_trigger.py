@@ -173,3 +173,6 @@ def test_on_kill_cancels_the_batch_unless_told_not_to(server, conn):
     asyncio.run(OpenAIBatchTrigger(batch_id=stop, conn_id=conn).on_kill())
     assert server.client().batches.retrieve(stop).status in ("cancelling", "cancelled")
     server.client().batches.cancel(keep)
+    # a cancel the service refuses (an unknown batch, a 500, a broken connection) never raises from on_kill
+    asyncio.run(OpenAIBatchTrigger(batch_id="batch_unknown", conn_id=conn).on_kill())
+    asyncio.run(OpenAIBatchTrigger(batch_id=stop, conn_id="no_such_connection").on_kill())
