@@ -36,11 +36,6 @@ BROKEN_LINE = "broken_result_line"
 _CUSTOM_ID_IN_TEXT = re.compile(r'"custom_id"\s*:\s*"((?:[^"\\]|\\.){1,512})"')
 
 
-def escape_formula(text: str) -> str:
-    """``text`` with a ``'`` in front when it starts like a spreadsheet formula (OWASP CSV injection)."""
-    return "'" + text if text.startswith(FORMULA_START) else text
-
-
 def _upsert(table: str, key: str) -> str:
     """Insert a result record. For a key seen before, the later line wins (a resubmission's outcome comes
     in a later file) except that an error never replaces an answer. ``d`` counts the key's duplicates:

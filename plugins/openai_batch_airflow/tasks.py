@@ -32,13 +32,6 @@ def hook(conn_id: str):
     return OpenAIBatchHook(conn_id=conn_id)
 
 
-def safe_name(text: str) -> str:
-    """``text`` made safe as a name (not unique: see :func:`batchpipe.naming.unique_name`)."""
-    from batchpipe.naming import safe_name as safe
-
-    return safe(text)
-
-
 def local_input_csv(cfg: RunConfig, into: Path) -> tuple[str, Any]:
     """The input CSV as a local file and the allowed roots to check it (and its images) against
     (:func:`storage.fetch_input`); a bad location fails the task at once."""
@@ -198,6 +191,7 @@ def estimate_cost(manifest_path: str, cfg: RunConfig) -> dict[str, Any]:
 
 def upload(shard: dict[str, Any], conn_id: str, context: Any) -> dict[str, Any]:
     """Upload one shard; a retry re-attaches to the file an earlier try uploaded."""
+    from batchpipe.naming import safe_name
     from openai_batch_airflow.submit import intent
 
     name = (
