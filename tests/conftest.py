@@ -79,6 +79,26 @@ def srv(server):
     return server
 
 
+@pytest.fixture(scope="module")
+def server(request, tmp_path_factory, airflow_db):
+    """The local batch server for one test module, with the ``openai_default`` connection pointing at it;
+    its key is the module's ``SECRET`` (so a module can prove that very key never leaks). A module that
+    needs another set-up defines its own ``server``."""
+    secret = getattr(request.module, "SECRET", "sk-local-test-secret")
+    with local_openai(tmp_path_factory.mktemp("server"), secret) as srv:
+        yield srv
+
+
+def run_pipeline(dag, tmp_path: Path, csv_path: Path, **conf) -> tuple:
+    """``dag.test()`` of the pipeline on ``csv_path`` (images in column ``image``, results under
+    ``tmp_path/out``, polled every second), ``conf`` over that. Returns the run and its task instances by
+    ``(task_id, map_index)``."""
+    conf = {"input_csv": str(csv_path), "output_dir": str(tmp_path / "out"), "image_column": "image",
+            "check_interval": 1, **conf}  # fmt: skip
+    dr = dag.test(run_conf=conf)
+    return dr, {(ti.task_id, ti.map_index): ti for ti in dr.get_task_instances()}
+
+
 @pytest.fixture
 def sample(tmp_path) -> Path:
     """A copy of the demo sample (``data/sample``: 30 rows, images, 2 invalid rows, 1 the server rejects);

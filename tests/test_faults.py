@@ -12,30 +12,9 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
-from conftest import local_openai
+from conftest import run_pipeline as run
 
 SECRET = "sk-fault-tests-secret-9d2c71"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, airflow_db):
-    with local_openai(tmp_path_factory.mktemp("server"), SECRET) as srv:
-        yield srv
-
-
-def run(dag, tmp_path, csv_path, **conf):
-    conf = {
-        "input_csv": str(csv_path),
-        "output_dir": str(tmp_path / "out"),
-        "image_column": "image",
-        "check_interval": 1,
-        **conf,
-    }
-    dr = dag.test(run_conf=conf)
-    tis = {(ti.task_id, ti.map_index): ti for ti in dr.get_task_instances()}
-    return dr, tis
 
 
 def results(tmp_path, stem="questions") -> tuple[list[dict], dict]:

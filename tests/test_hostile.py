@@ -11,27 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import local_openai
+from conftest import run_pipeline
 
 SECRET = "sk-hostile-tests-secret-51f0"
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, airflow_db):
-    with local_openai(tmp_path_factory.mktemp("server"), SECRET) as srv:
-        yield srv
-
-
 def run(dag, tmp_path, csv_path, **conf):
-    conf = {
-        "input_csv": str(csv_path),
-        "output_dir": str(tmp_path / "out"),
-        "image_column": "image",
-        "check_interval": 1,
-        **conf,
-    }
-    dr = dag.test(run_conf=conf)
-    tis = {(ti.task_id, ti.map_index): ti for ti in dr.get_task_instances()}
+    dr, tis = run_pipeline(dag, tmp_path, csv_path, **conf)
     return dr, {key: ti.state for key, ti in tis.items()}
 
 

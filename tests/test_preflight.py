@@ -12,27 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, local_openai
+from conftest import REPO
+from conftest import run_pipeline as run
 
 SECRET = "sk-preflight-tests-secret-7c2d"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, airflow_db):
-    with local_openai(tmp_path_factory.mktemp("server"), SECRET) as srv:
-        yield srv
-
-
-def run(dag, tmp_path, csv_path, **conf):
-    conf = {
-        "input_csv": str(csv_path),
-        "output_dir": str(tmp_path / "out"),
-        "image_column": "image",
-        "check_interval": 1,
-        **conf,
-    }
-    dr = dag.test(run_conf=conf)
-    return dr, {(ti.task_id, ti.map_index): ti for ti in dr.get_task_instances()}
 
 
 def failed_once_before_upload(dr, tis, srv, capfd) -> str:

@@ -6,15 +6,7 @@ from __future__ import annotations
 
 import re
 
-import pytest
-
-from conftest import local_openai
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, airflow_db):
-    with local_openai(tmp_path_factory.mktemp("server"), "sk-run-messages-secret") as srv:
-        yield srv
+SECRET = "sk-run-messages-secret"
 
 
 def run(dag, tmp_path, csv_path, **conf):
