@@ -338,3 +338,19 @@ def test_rebuild_removes_stale_shards(text_csv, tmp_path):
     assert len(list((tmp_path / "w").glob("shard-*.jsonl"))) == 5
     out = build_jsonl(text_csv, BuildOptions(), tmp_path / "w")
     assert len(out["shards"]) == 1 and len(list((tmp_path / "w").glob("shard-*"))) == 1
+
+
+def test_group_shards_keeps_order_and_bounds_the_groups():
+    from batchpipe.build import SHARD_GROUPS, group_shards
+
+    assert group_shards([], 64) == []
+    assert group_shards([0, 1, 2], 64) == [[0], [1], [2]]  # one shard per group while they fit
+    assert group_shards(list(range(10)), 3) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    shards = list(range(1_100))
+    groups = group_shards(shards)
+    assert len(groups) == SHARD_GROUPS == 64
+    assert [s for g in groups for s in g] == shards  # every shard once, in order
+    assert {len(g) for g in groups} == {17, 18}
+    assert group_shards(list(range(5)), 1) == [[0, 1, 2, 3, 4]]
+    with pytest.raises(ValueError):
+        group_shards([1], 0)

@@ -164,6 +164,36 @@ def test_a_cleared_task_is_a_new_submission(hook, server, tmp_path):
     assert first.id != second.id
 
 
+def test_a_try_that_died_after_recording_its_intent_finds_what_it_made(hook, server, tmp_path):
+    # the earlier try recorded its intent, made the file and the batch, and died before recording their ids
+    store = Store()
+    started = recorded(store).start()
+    client = server.client()
+    made = client.files.create(file=(f"shard-0-{started['submission']}.jsonl", shard(tmp_path).read_bytes()),
+                               purpose="batch")  # fmt: skip
+    kwargs = {"input_file_id": made.id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    batch = client.batches.create(metadata={"submission": started["submission"]}, **kwargs)
+    retry = recorded(store)
+    assert retry.resumed
+    assert hook.upload_once(shard(tmp_path), "shard-0", retry).id == made.id
+    assert hook.create_once(recorded(store), metadata={}, **kwargs).id == batch.id
+    assert len(client.files.list().data) == 1 and len(client.batches.list().data) == 1  # nothing twice
+
+
+def test_a_new_intent_does_not_list_what_exists(hook, server, tmp_path):
+    # a fresh submission id cannot be on anything made before: no listing of files or batches (at scale,
+    # a listing per shard is quadratic); listing is broken here to prove it is not called
+    server.set_config({"http_faults": [{"method": "GET", "path": "^/v1/(files|batches)$", "status": 500,
+                                        "times": None}]})  # fmt: skip
+    fresh = recorded(Store())
+    assert not fresh.resumed
+    uploaded = hook.upload_once(shard(tmp_path), "shard-0", fresh)
+    batch = hook.create_once(recorded(Store()), metadata={}, input_file_id=uploaded.id,
+                             endpoint="/v1/chat/completions", completion_window="24h")  # fmt: skip
+    server.set_config({"http_faults": []})
+    assert [b.id for b in server.client().batches.list().data] == [batch.id]
+
+
 # -- enqueued tokens, retrieve, cancel --------------------------------------------------------------
 def test_enqueued_tokens_count_this_models_active_batches_only(hook, server, tmp_path):
     server.set_config({"validating_seconds": 60})

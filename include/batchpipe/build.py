@@ -22,12 +22,12 @@ import json
 import os
 import re
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from json.encoder import encode_basestring
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import csvio, paths
 from .errors import InputError, RowError
@@ -40,6 +40,8 @@ from .images import (
     is_store_url,
 )
 from .options import BuildOptions
+
+T = TypeVar("T")
 
 OUTPUT_COLUMNS = ("response", "error", "prompt_tokens", "completion_tokens", "total_tokens")
 MAX_CUSTOM_ID_LEN = 512
@@ -580,6 +582,28 @@ def is_work_file(name: str) -> bool:
     there. Clean-up removes only these, so a work folder that is (or holds) the run folder never loses
     ``results.csv``, ``report.*`` or ``estimate.*``."""
     return bool(_WORK_FILE.fullmatch(name))
+
+
+#: Mapped task instances a run uses at most for its shards (Airflow refuses to map over more than
+#: ``[core] max_map_length`` values, 1,024 by default): more shards than this are grouped.
+SHARD_GROUPS = 64
+
+
+def group_shards(shards: Sequence[T], groups: int = SHARD_GROUPS) -> list[list[T]]:
+    """``shards`` in at most ``groups`` contiguous groups, in order, whose sizes differ by at most one: one
+    shard per group while there are no more shards than groups (``groups`` at least 1)."""
+    if groups < 1:
+        raise ValueError(f"groups must be at least 1, got {groups}")
+    count = min(len(shards), groups)
+    if count == 0:
+        return []
+    size, extra = divmod(len(shards), count)
+    out, start = [], 0
+    for g in range(count):
+        end = start + size + (1 if g < extra else 0)
+        out.append(list(shards[start:end]))
+        start = end
+    return out
 
 
 def _clean_work_dir(work_dir: Path) -> None:

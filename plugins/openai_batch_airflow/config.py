@@ -40,6 +40,10 @@ INBOX_ENV = "OPENAI_BATCH_INBOX"
 WEBHOOK_ENV = "OPENAI_BATCH_NOTIFY_WEBHOOK"
 WEBHOOK_VARIABLE = "openai_batch_notify_webhook"
 
+#: Environment variable bounding the mapped task instances of a run's shards (default
+#: :data:`batchpipe.build.SHARD_GROUPS`, 64; never more than Airflow's ``[core] max_map_length``).
+SHARD_GROUPS_ENV = "OPENAI_BATCH_SHARD_GROUPS"
+
 OFF = ("false", "0", "no", "off")
 
 
@@ -113,6 +117,23 @@ def _max_enqueued_tokens(params: Mapping[str, Any]) -> int | None:
     return limit
 
 
+def shard_groups() -> int:
+    """How many mapped task instances a run's shards get at most: :data:`SHARD_GROUPS_ENV`, else 64, and
+    never more than ``[core] max_map_length`` (Airflow refuses to map over more)."""
+    from airflow.configuration import conf
+    from batchpipe.build import SHARD_GROUPS
+    from batchpipe.errors import InputError
+
+    value = os.environ.get(SHARD_GROUPS_ENV, "").strip() or str(SHARD_GROUPS)
+    try:
+        groups = int(value)
+    except ValueError:
+        groups = 0
+    if groups < 1:
+        raise InputError(f"{SHARD_GROUPS_ENV}={value[:40]!r} is not a whole number of at least 1")
+    return min(groups, conf.getint("core", "max_map_length", fallback=1024))
+
+
 def _model_check_on() -> bool:
     switch = variable(CHECK_MODEL_VARIABLE) or os.environ.get(CHECK_MODEL_ENV) or ""
     return switch.strip().lower() not in OFF
@@ -152,6 +173,8 @@ class RunConfig:
     csv_formula_escape: bool
     expected_output_tokens: int | None
     max_cost_usd: float | None
+    #: Mapped task instances the shards get at most (:func:`shard_groups`): more shards are grouped.
+    shard_groups: int = 64
 
     @property
     def model(self) -> str:
@@ -191,6 +214,7 @@ class RunConfig:
         with fail_on_bad_input():
             prices = load_prices(params.get("prices") or variable(PRICES_VARIABLE) or None)
             limit = _max_enqueued_tokens(params)
+            groups = shard_groups()
         return cls(
             run_id=run_id,
             input_csv=str(params["input_csv"]),
@@ -211,4 +235,5 @@ class RunConfig:
             csv_formula_escape=params.get("csv_formula_escape", True) is not False,
             expected_output_tokens=params.get("expected_output_tokens"),
             max_cost_usd=params.get("max_cost_usd"),
+            shard_groups=groups,
         )

@@ -206,7 +206,7 @@ class OpenAIBatchHook(OpenAIHook):
                     "file %s from an earlier try is gone (%s); uploading again", saved["file_id"], exc
                 )
         filename = f"{name}-{saved['submission']}.jsonl"
-        found = self._find_file(filename, saved["since"])
+        found = self._find_file(filename, saved["since"]) if intent.resumed else None
         if found is not None:
             log.info("found file %s uploaded by an earlier try", found.id)
         else:
@@ -229,7 +229,7 @@ class OpenAIBatchHook(OpenAIHook):
             batch = self.retrieve(saved["batch_id"])
             log.info("re-attaching to batch %s (%s) created by an earlier try", batch.id, batch.status)
             return batch
-        found = self._find_batch(saved["submission"], saved["since"])
+        found = self._find_batch(saved["submission"], saved["since"]) if intent.resumed else None
         if found is None:
             metadata = {**metadata, "submission": saved["submission"]}
             found = with_retries(

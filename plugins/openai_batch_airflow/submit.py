@@ -54,6 +54,10 @@ class Intent:
         self.saved: dict[str, Any] | None = (
             saved if isinstance(saved, dict) and saved.get("generation") == generation else None
         )
+        #: An earlier try recorded this intent: what it started may exist without its id being recorded,
+        #: so it is looked for before anything is made. A new intent's submission id is fresh: nothing
+        #: made before carries it, and nothing is looked for.
+        self.resumed = self.saved is not None
 
     def start(self) -> dict[str, Any]:
         """The intent to resume, or a new one with a fresh submission id (recorded before the call)."""
