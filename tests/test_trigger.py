@@ -112,9 +112,11 @@ def test_an_unknown_status_is_warned_about_on_every_poll_and_waited_on(server, c
     logged = "".join(capfd.readouterr())
     warned = [line for line in logged.splitlines() if "unknown status 'paused_for_review'" in line]
     assert len(warned) == 4, logged  # every poll that saw it, not once and then silence
-    assert "treated as still running, waited for until " + time.strftime(
-        "%Y-%m-%d %H:%M:%S UTC", time.gmtime(deadline)
-    ) in warned[0]
+    assert (
+        "treated as still running, waited for until "
+        + time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(deadline))
+        in warned[0]
+    )
     assert all("warning" in line.lower() for line in warned)
     (event,) = events  # then the real status came back, and the wait ended normally
     assert event.payload["status"] == "done" and event.payload["batch"]["status"] == "completed"

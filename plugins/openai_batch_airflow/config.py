@@ -121,6 +121,7 @@ def shard_groups() -> int:
     """How many mapped task instances a run's shards get at most: :data:`SHARD_GROUPS_ENV`, else 64, and
     never more than ``[core] max_map_length`` (Airflow refuses to map over more)."""
     from airflow.configuration import conf
+
     from batchpipe.build import SHARD_GROUPS
     from batchpipe.errors import InputError
 
