@@ -14,9 +14,10 @@ price of live calls, and get the answers back as a CSV.
   the rest goes on.
 * **build_jsonl** writes the request file(s). Over `max_requests_per_batch` requests or
   `max_batch_bytes` bytes the input is split into shards, and upload → download run once per
-  shard (dynamic task mapping).
-* **wait_for_batch** is deferrable: the triggerer polls the batch every `check_interval`
-  seconds, no worker slot is held.
+  shard (dynamic task mapping); over 64 shards, once per group of shards (at most 64 task
+  instances per task, whatever the number of shards).
+* **wait_for_batch** is deferrable: the triggerer polls the batches every `check_interval`
+  seconds, no worker slot is held; it also resubmits what failed for a retryable reason.
 * **merge** writes `<output_dir>/<csv name>/<run id>/results.csv`: every selected row exactly
   once, in input order, original columns unchanged, plus `response`, `error` and token columns;
   `report.json` beside it.
@@ -41,8 +42,8 @@ from airflow.sdk import dag, get_current_context, task
 
 from openai_batch_airflow.assets import RESULTS_ASSET
 from openai_batch_airflow.notify import RunNotifier
+from openai_batch_airflow.operators import OpenAIBatchWaitOperator
 from openai_batch_airflow.params import pipeline_params
-from openai_batch_airflow.sensors import OpenAIBatchSensor
 
 PARAMS = pipeline_params()
 
@@ -86,28 +87,28 @@ def openai_batch_pipeline():
         return t.build(_params(), _run_id())
 
     @task
-    def upload(shard: dict) -> dict:
-        return t.upload(shard, _params()["conn_id"], get_current_context())
+    def upload(group: dict) -> dict:
+        return t.upload(group, _params()["conn_id"], get_current_context())
 
     # one create at a time per run, so waves under max_enqueued_tokens see each other's batches
     @task(max_active_tis_per_dagrun=1)
-    def create_batch(shard: dict) -> dict:
-        return t.create(shard, _params(), get_current_context())
+    def create_batch(group: dict) -> dict:
+        return t.create(group, _params(), get_current_context())
 
     @task
-    def download(waited: dict) -> dict:
-        return t.download(waited, _params()["conn_id"])
+    def download(group: dict) -> dict:
+        return t.download(group, _params()["conn_id"])
 
     # none_failed: also runs when no row could be sent (zero shards, so the mapped tasks skip).
     @task(trigger_rule="none_failed", outlets=[RESULTS_ASSET], on_success_callback=RunNotifier("success"))
     def merge(downloads: list | None) -> str:
         # index by length: iterating the lazy XCom sequence probes one past its end (an error log)
-        shards = [downloads[i] for i in range(len(downloads))] if downloads else []
-        return t.merge(shards, _params(), _run_id(), get_current_context())
+        groups = [downloads[i] for i in range(len(downloads))] if downloads else []
+        return t.merge(groups, _params(), _run_id(), get_current_context())
 
     built = build_jsonl(validate_csv())
-    created = create_batch.expand(shard=upload.expand(shard=built))
-    waited = OpenAIBatchSensor.partial(
+    created = create_batch.expand(group=upload.expand(group=built))
+    waited = OpenAIBatchWaitOperator.partial(
         task_id="wait_for_batch",
         conn_id="{{ params.conn_id }}",
         check_interval="{{ params.check_interval }}",
@@ -115,8 +116,8 @@ def openai_batch_pipeline():
         token_limit_wait="{{ params.token_limit_wait }}",
         cancel_on_kill="{{ params.cancel_on_kill }}",
         retries=3,
-    ).expand(batch=created)
-    merge(download.expand(waited=waited.output))
+    ).expand(group=created)
+    merge(download.expand(group=waited.output))
 
 
 openai_batch_pipeline()

@@ -97,7 +97,7 @@ def seed(spec_path: str) -> None:
 
         defer("probe", -1, LoopLagProbe(out=spec["probe_out"], stop=spec["probe_stop"]))
         for i, batch_id in enumerate(spec["batch_ids"]):
-            trigger = OpenAIBatchTrigger(batch_id=batch_id, conn_id="openai_default", poll_interval=POLL)
+            trigger = OpenAIBatchTrigger(batch_ids=[batch_id], conn_id="openai_default", poll_interval=POLL)
             defer("wait", i, trigger)
 
 

@@ -31,16 +31,22 @@ def test_tasks_read_like_the_job(dag):
     assert {"openai", "batch"} <= set(dag.tags)
 
 
-def test_shard_tasks_are_mapped_and_the_sensor_defers(dag):
+def test_shard_tasks_are_mapped_and_the_wait_is_an_operator_that_defers(dag):
+    from airflow.sdk import BaseSensorOperator
+
+    from openai_batch_airflow.operators import OpenAIBatchWaitOperator
+
     for task_id in ("upload", "create_batch", "wait_for_batch", "download"):
         assert dag.get_task(task_id).is_mapped, task_id
     assert not dag.get_task("merge").is_mapped
-    sensor = dag.get_task("wait_for_batch")
-    assert sensor.partial_kwargs.get("deferrable", True) is True
+    wait = dag.get_task("wait_for_batch")
+    # it submits follow-up batches too: an operator, not a sensor; it defers in execute, always
+    assert wait.operator_class is OpenAIBatchWaitOperator
+    assert not issubclass(OpenAIBatchWaitOperator, BaseSensorOperator)
     # The triggerer imports the trigger by class path: it must not live in the DAG folder.
     from openai_batch_airflow.triggers import OpenAIBatchTrigger
 
-    classpath, _ = OpenAIBatchTrigger(batch_id="b").serialize()
+    classpath, _ = OpenAIBatchTrigger(batch_ids=["b"]).serialize()
     assert classpath == "openai_batch_airflow.triggers.OpenAIBatchTrigger"
     assert not Path(__import__("openai_batch_airflow.triggers").__file__).is_relative_to(REPO / "dags")
 

@@ -369,13 +369,13 @@ def test_only_dag_facing_modules_import_the_task_bodies():
 
 
 def test_parsing_a_dag_does_not_load_the_openai_client():
-    # the sensor and the trigger are imported when the DAG file is parsed; the client only when they run
+    # the waiting operator and the trigger are imported when the DAG file is parsed; the client when they run
     import os
     import subprocess
     import sys
 
     code = (
-        "import sys, openai_batch_airflow.sensors, openai_batch_airflow.triggers;"
+        "import sys, openai_batch_airflow.operators, openai_batch_airflow.triggers;"
         "print(sorted(m for m in ('openai', 'openai_batch_airflow.tasks') if m in sys.modules))"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "plugins"), str(REPO / "include")])}

@@ -26,7 +26,8 @@ keys = objects.keys
 scratch = objects.scratch  # where scratch copies go; checked empty afterwards
 #: This module's own connection to its own server: Airflow keeps a connection's filesystem once made.
 CONN = "s3_seam"
-VARIABLES = ("OUTPUT_DIR", "ALLOWED_ROOTS", "OUTPUT_ROOTS", "PRICES", "MAX_ENQUEUED_TOKENS", "CHECK_MODEL")
+VARIABLES = ("OUTPUT_DIR", "ALLOWED_ROOTS", "OUTPUT_ROOTS", "PRICES", "MAX_ENQUEUED_TOKENS", "CHECK_MODEL",
+             "SHARD_GROUPS")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +76,22 @@ def test_defaults_resolve_to_typed_settings(tmp_path):
     assert "gpt-4o" in cfg.prices["models"] and not cfg.prices.get("overridden")
     assert cfg.check_interval == 60 and cfg.csv_formula_escape is True
     assert not cfg.estimate_only and not cfg.keep_temp_files
+    assert cfg.shard_groups == 64
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.conn_id = "other"  # type: ignore[misc]
+
+
+def test_shard_groups_from_the_environment_never_over_max_map_length(tmp_path, monkeypatch):
+    params = {"input_csv": str(tmp_path / "q.csv")}
+    monkeypatch.setenv("OPENAI_BATCH_SHARD_GROUPS", "3")
+    assert resolve(params).shard_groups == 3
+    monkeypatch.setenv("OPENAI_BATCH_SHARD_GROUPS", "5000")
+    assert resolve(params).shard_groups == 1024  # Airflow's [core] max_map_length
+    monkeypatch.setenv("AIRFLOW__CORE__MAX_MAP_LENGTH", "100")
+    assert resolve(params).shard_groups == 100
+    for bad in ("0", "-2", "many"):
+        monkeypatch.setenv("OPENAI_BATCH_SHARD_GROUPS", bad)
+        assert f"OPENAI_BATCH_SHARD_GROUPS={bad!r} is not a whole number of at least 1" in failure(params)
 
 
 def test_variables_then_environment_then_params(tmp_path, monkeypatch):

@@ -53,7 +53,7 @@ def polled(trigger: OpenAIBatchTrigger) -> bool:
 
 def test_triggers_in_one_loop_share_one_client_closed_when_the_last_ends(server, conn):
     triggers = [
-        OpenAIBatchTrigger(batch_id=make_batch(server), conn_id=conn, poll_interval=0.1) for _ in range(5)
+        OpenAIBatchTrigger(batch_ids=[make_batch(server)], conn_id=conn, poll_interval=0.1) for _ in range(5)
     ]
 
     async def go():
@@ -68,14 +68,16 @@ def test_triggers_in_one_loop_share_one_client_closed_when_the_last_ends(server,
     clients, in_use, client, events, after = asyncio.run(go())
     assert len(clients) == 1  # five waiting batches, one HTTP pool
     assert list(in_use.values()) == [5] and next(iter(in_use))[0] == conn
-    assert all(e[0].payload["batch"]["status"] == "completed" for e in events)  # each still polled to its end
+    assert all(
+        e[0].payload["ended"][0]["status"] == "completed" for e in events
+    )  # each still polled to its end
     assert client.is_closed() and after == {}  # the last trigger out closed it
 
 
 def test_cancelled_triggers_let_go_and_the_last_one_closes_it(server, conn):
     server.set_config({"in_progress_seconds": 60})
     triggers = [
-        OpenAIBatchTrigger(batch_id=make_batch(server), conn_id=conn, poll_interval=0.1) for _ in range(3)
+        OpenAIBatchTrigger(batch_ids=[make_batch(server)], conn_id=conn, poll_interval=0.1) for _ in range(3)
     ]
 
     async def go():
@@ -97,13 +99,13 @@ def test_cancelled_triggers_let_go_and_the_last_one_closes_it(server, conn):
     assert polling_on == [False, False]
     assert closed_at_end and after == {}
     for t in triggers:
-        server.client().batches.cancel(t.batch_id)
+        server.client().batches.cancel(t.batch_ids[0])
 
 
 def test_a_changed_connection_gets_a_new_client_and_the_old_lives_on_for_its_users(server, conn, monkeypatch):
     server.set_config({"in_progress_seconds": 60})
-    old = OpenAIBatchTrigger(batch_id=make_batch(server), conn_id=conn, poll_interval=0.1)
-    new = OpenAIBatchTrigger(batch_id=make_batch(server), conn_id=conn, poll_interval=0.1)
+    old = OpenAIBatchTrigger(batch_ids=[make_batch(server)], conn_id=conn, poll_interval=0.1)
+    new = OpenAIBatchTrigger(batch_ids=[make_batch(server)], conn_id=conn, poll_interval=0.1)
 
     async def go():
         first = asyncio.create_task(drain(old))
@@ -126,17 +128,18 @@ def test_a_changed_connection_gets_a_new_client_and_the_old_lives_on_for_its_use
     assert "sk-local" not in repr(both)  # the key is fingerprinted, never kept in the registry's keys
     assert mid == (True, False) and b.is_closed()
     for t in (old, new):
-        server.client().batches.cancel(t.batch_id)
+        server.client().batches.cancel(t.batch_ids[0])
 
 
 def test_sharing_switched_off_gives_each_trigger_its_own_client(server, conn, monkeypatch):
     monkeypatch.setenv(SHARED_CLIENT_ENV, "0")
     triggers = [
-        OpenAIBatchTrigger(batch_id=make_batch(server), conn_id=conn, poll_interval=0.1) for _ in range(3)
+        OpenAIBatchTrigger(batch_ids=[make_batch(server)], conn_id=conn, poll_interval=0.1) for _ in range(3)
     ]
-    _, kwargs = OpenAIBatchTrigger(batch_id="b", conn_id=conn).serialize()
-    assert set(kwargs) == {"batch_id", "conn_id", "poll_interval", "max_consecutive_errors", "deadline",
-                           "cancel_on_kill"}  # fmt: skip  # the switch is the process's, never serialized
+    _, kwargs = OpenAIBatchTrigger(batch_ids=["b"], conn_id=conn).serialize()
+    # the switch is the process's, never serialized
+    assert set(kwargs) == {"batch_ids", "conn_id", "poll_interval", "max_consecutive_errors", "deadline",
+                           "cancel_on_kill", "wake_at"}  # fmt: skip
 
     async def go():
         tasks = [asyncio.create_task(drain(t)) for t in triggers]
@@ -166,7 +169,7 @@ def test_each_event_loop_gets_its_own_client_and_a_broken_connection_takes_none(
     assert first is not second and first.is_closed() and second.is_closed()
 
     async def broken():
-        trigger = OpenAIBatchTrigger(batch_id="batch_x", conn_id="no_such_connection_anywhere")
+        trigger = OpenAIBatchTrigger(batch_ids=["batch_x"], conn_id="no_such_connection_anywhere")
         events = await drain(trigger)
         return events, SHARED_ASYNC_CLIENTS.users()
 

@@ -57,7 +57,7 @@ async def collect(trigger: OpenAIBatchTrigger, timeout: float = 60) -> list:
 
 def test_serialize_round_trip():
     trigger = OpenAIBatchTrigger(
-        batch_id="batch_1",
+        batch_ids=["batch_1", "batch_2"],
         conn_id="c",
         poll_interval=2.5,
         max_consecutive_errors=4,
@@ -71,24 +71,25 @@ def test_serialize_round_trip():
     assert again.serialize() == (classpath, kwargs)
     assert json.loads(json.dumps(kwargs)) == kwargs
     assert kwargs == {
-        "batch_id": "batch_1",
+        "batch_ids": ["batch_1", "batch_2"],
         "conn_id": "c",
         "poll_interval": 2.5,
         "max_consecutive_errors": 4,
         "deadline": 1_900_000_000.5,
         "cancel_on_kill": False,
+        "wake_at": None,
     }
 
 
 def test_polls_until_completed_and_logs_progress(server, conn, capfd):
     batch_id = make_batch(server, lines=3)
-    trigger = OpenAIBatchTrigger(batch_id=batch_id, conn_id=conn, poll_interval=0.2)
+    trigger = OpenAIBatchTrigger(batch_ids=[batch_id], conn_id=conn, poll_interval=0.2)
     events = asyncio.run(collect(trigger))
     logged = "".join(capfd.readouterr())  # Airflow's structlog writes task/trigger logs to the console
     assert len(events) == 1
     payload = events[0].payload
     assert payload["status"] == "done"
-    batch = payload["batch"]
+    (batch,) = payload["ended"]
     assert batch["id"] == batch_id and batch["status"] == "completed"
     assert batch["output_file_id"] and batch["error_file_id"] is None
     assert batch["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
@@ -105,7 +106,7 @@ def test_an_unknown_status_is_warned_about_on_every_poll_and_waited_on(server, c
     server.set_config({"status_faults": {"status": "paused_for_review", "times": 4}})
     try:
         deadline = time.time() + 3600
-        trigger = OpenAIBatchTrigger(batch_id=batch_id, conn_id=conn, poll_interval=0.2, deadline=deadline)
+        trigger = OpenAIBatchTrigger(batch_ids=[batch_id], conn_id=conn, poll_interval=0.2, deadline=deadline)
         events = asyncio.run(collect(trigger))
     finally:
         server.set_config({"status_faults": None})
@@ -119,7 +120,7 @@ def test_an_unknown_status_is_warned_about_on_every_poll_and_waited_on(server, c
     )
     assert all("warning" in line.lower() for line in warned)
     (event,) = events  # then the real status came back, and the wait ended normally
-    assert event.payload["status"] == "done" and event.payload["batch"]["status"] == "completed"
+    assert event.payload["status"] == "done" and event.payload["ended"][0]["status"] == "completed"
 
 
 def test_transient_poll_errors_are_retried(server, conn):
@@ -128,11 +129,13 @@ def test_transient_poll_errors_are_retried(server, conn):
     server.set_config(
         {"http_faults": [{"method": "GET", "path": "^/v1/batches/", "status": 503, "times": 2}]}
     )
-    trigger = OpenAIBatchTrigger(batch_id=batch_id, conn_id=conn, poll_interval=0.2, max_consecutive_errors=5)
+    trigger = OpenAIBatchTrigger(
+        batch_ids=[batch_id], conn_id=conn, poll_interval=0.2, max_consecutive_errors=5
+    )
     # the openai client itself retries too; its own retries count inside one poll
     events = asyncio.run(collect(trigger))
     assert events[0].payload["status"] == "done"
-    assert events[0].payload["batch"]["status"] == "completed"
+    assert events[0].payload["ended"][0]["status"] == "completed"
 
 
 def test_persistent_poll_errors_end_the_wait_with_a_clear_message(server, conn):
@@ -141,7 +144,7 @@ def test_persistent_poll_errors_end_the_wait_with_a_clear_message(server, conn):
         {"http_faults": [{"method": "GET", "path": "^/v1/batches/", "status": 500, "times": None}]}
     )
     trigger = OpenAIBatchTrigger(
-        batch_id=batch_id, conn_id=conn, poll_interval=0.05, max_consecutive_errors=2
+        batch_ids=[batch_id], conn_id=conn, poll_interval=0.05, max_consecutive_errors=2
     )
     events = asyncio.run(collect(trigger))
     assert len(events) == 1
@@ -151,7 +154,7 @@ def test_persistent_poll_errors_end_the_wait_with_a_clear_message(server, conn):
 
 
 def test_unknown_batch_is_a_permanent_error(server, conn):
-    trigger = OpenAIBatchTrigger(batch_id="batch_does_not_exist", conn_id=conn, poll_interval=0.1)
+    trigger = OpenAIBatchTrigger(batch_ids=["batch_does_not_exist"], conn_id=conn, poll_interval=0.1)
     events = asyncio.run(collect(trigger))
     payload = events[0].payload
     assert payload["status"] == "error" and "404" in payload["message"]
@@ -160,7 +163,9 @@ def test_unknown_batch_is_a_permanent_error(server, conn):
 def test_deadline_ends_the_wait(server, conn):
     server.set_config({"in_progress_seconds": 30})
     batch_id = make_batch(server)
-    trigger = OpenAIBatchTrigger(batch_id=batch_id, conn_id=conn, poll_interval=0.2, deadline=time.time() + 1)
+    trigger = OpenAIBatchTrigger(
+        batch_ids=[batch_id], conn_id=conn, poll_interval=0.2, deadline=time.time() + 1
+    )
     events = asyncio.run(collect(trigger))
     assert events[0].payload["status"] == "error" and "deadline" in events[0].payload["message"]
     server.client().batches.cancel(batch_id)
@@ -169,12 +174,119 @@ def test_deadline_ends_the_wait(server, conn):
 def test_on_kill_cancels_the_batch_unless_told_not_to(server, conn):
     server.set_config({"in_progress_seconds": 30})
     keep = make_batch(server)
-    asyncio.run(OpenAIBatchTrigger(batch_id=keep, conn_id=conn, cancel_on_kill=False).on_kill())
+    asyncio.run(OpenAIBatchTrigger(batch_ids=[keep], conn_id=conn, cancel_on_kill=False).on_kill())
     assert server.client().batches.retrieve(keep).status in ("validating", "in_progress")
     stop = make_batch(server)
-    asyncio.run(OpenAIBatchTrigger(batch_id=stop, conn_id=conn).on_kill())
+    asyncio.run(OpenAIBatchTrigger(batch_ids=[stop], conn_id=conn).on_kill())
     assert server.client().batches.retrieve(stop).status in ("cancelling", "cancelled")
     server.client().batches.cancel(keep)
     # a cancel the service refuses (an unknown batch, a 500, a broken connection) never raises from on_kill
-    asyncio.run(OpenAIBatchTrigger(batch_id="batch_unknown", conn_id=conn).on_kill())
-    asyncio.run(OpenAIBatchTrigger(batch_id=stop, conn_id="no_such_connection").on_kill())
+    asyncio.run(OpenAIBatchTrigger(batch_ids=["batch_unknown"], conn_id=conn).on_kill())
+    asyncio.run(OpenAIBatchTrigger(batch_ids=[stop], conn_id="no_such_connection").on_kill())
+
+
+# -- BatchPoller: the trigger's decisions, no server, no triggerer ------------------------------------
+def summary(batch_id: str, status: str) -> dict:
+    return {"id": batch_id, "status": status, "request_counts": {"total": 1, "completed": 0, "failed": 0}}
+
+
+def test_poller_ends_the_wait_with_every_batch_that_ended_in_the_round():
+    from openai_batch_airflow.triggers import BatchPoller
+
+    poller = BatchPoller(["a", "b", "c"], poll_interval=5, max_consecutive_errors=3)
+    step = poller.after_round(0, [summary("a", "in_progress"), summary("b", "in_progress")], [])
+    assert step.event is None and step.sleep == 5
+    polled = [summary("a", "completed"), summary("b", "validating"), summary("c", "expired")]
+    step = poller.after_round(0, polled, [])
+    assert step.event == {"status": "done", "ended": [polled[0], polled[2]]}
+
+
+def test_poller_waits_on_an_unknown_status_and_a_known_non_terminal_one():
+    from openai_batch_airflow.triggers import BatchPoller
+
+    poller = BatchPoller(["a"], poll_interval=2, max_consecutive_errors=3)
+    for status in ("paused_for_review", None, "cancelling", "finalizing"):
+        assert poller.after_round(0, [summary("a", status)], []).event is None
+
+
+def test_poller_counts_transient_errors_per_batch_in_a_row_with_backoff():
+    from openai_batch_airflow.triggers import BatchPoller, PollError
+
+    poller = BatchPoller(["a", "b"], poll_interval=10, max_consecutive_errors=3)
+    flaky = PollError("a", "HTTP 503: busy", transient=True)
+    assert poller.after_round(0, [summary("b", "in_progress")], [flaky]).sleep == 10
+    assert poller.after_round(0, [summary("b", "in_progress")], [flaky]).sleep == 20  # backoff doubles
+    # a good poll of "a" resets its count; "b" failing now starts its own
+    step = poller.after_round(0, [summary("a", "in_progress")], [PollError("b", "HTTP 502", True)])
+    assert step.event is None and step.sleep == 10 and poller.failures == {"b": 1}
+    poller.after_round(0, [summary("a", "in_progress")], [PollError("b", "HTTP 502", True)])
+    step = poller.after_round(0, [summary("a", "in_progress")], [PollError("b", "HTTP 502: last", True)])
+    assert step.event["status"] == "error" and step.event["batch_id"] == "b"
+    assert (
+        "3 consecutive polling errors" in step.event["message"] and "HTTP 502: last" in step.event["message"]
+    )
+    long = BatchPoller(["a"], poll_interval=100, max_consecutive_errors=50)
+    for _ in range(10):
+        step = long.after_round(0, [], [flaky])
+    assert step.sleep == BatchPoller.MAX_BACKOFF
+
+
+def test_poller_a_permanent_error_ends_the_wait_at_once_even_beside_an_ended_batch():
+    from openai_batch_airflow.triggers import BatchPoller, PollError
+
+    poller = BatchPoller(["a", "b"], poll_interval=1, max_consecutive_errors=10)
+    step = poller.after_round(
+        0, [summary("a", "completed")], [PollError("b", "HTTP 404: no such batch", False)]
+    )
+    assert step.event == {
+        "status": "error",
+        "batch_id": "b",
+        "message": "polling batch b failed: HTTP 404: no such batch",
+    }
+
+
+def test_poller_an_ended_batch_wins_over_a_transient_error_of_another():
+    from openai_batch_airflow.triggers import BatchPoller, PollError
+
+    poller = BatchPoller(["a", "b"], poll_interval=1, max_consecutive_errors=1)
+    step = poller.after_round(0, [summary("a", "completed")], [PollError("b", "HTTP 500", True)])
+    assert step.event["status"] == "done"  # "b" is polled again by the next wait
+
+
+def test_poller_deadline_and_wake_up():
+    from openai_batch_airflow.triggers import BatchPoller
+
+    poller = BatchPoller(
+        ["a", "b"], poll_interval=60, max_consecutive_errors=3, deadline=1000.0, wake_at=500.0
+    )
+    assert poller.before_round(100) is None
+    assert poller.after_round(100, [summary("a", "in_progress")], []).sleep == 60
+    assert (
+        poller.after_round(480, [summary("a", "in_progress")], []).sleep == 20
+    )  # cut short to meet the wake-up
+    assert poller.before_round(500).event == {"status": "wake"}
+    step = BatchPoller(["a", "b"], 60, 3, deadline=1000.0).before_round(1000.5)
+    assert (
+        step.event["status"] == "error"
+        and "batches a, b have not ended by the deadline" in step.event["message"]
+    )
+    # nothing to poll, only a wake-up: sleep until it
+    idle = BatchPoller([], poll_interval=60, max_consecutive_errors=3, wake_at=30.0)
+    assert idle.before_round(0) is None and idle.after_round(0, [], []).sleep == 30
+    assert idle.before_round(31).event == {"status": "wake"}
+
+
+def test_trigger_with_no_batches_wakes_without_a_client():
+    trigger = OpenAIBatchTrigger(batch_ids=[], conn_id="no_such_connection", wake_at=time.time() + 0.3)
+    events = asyncio.run(collect(trigger, timeout=10))
+    assert [e.payload for e in events] == [{"status": "wake"}]
+
+
+def test_a_trigger_for_several_batches_ends_with_the_first_to_end(server, conn):
+    server.set_config({"in_progress_seconds": 30})
+    slow, fast = make_batch(server), make_batch(server)
+    server.client().batches.cancel(fast)  # it ends (cancelled) while the other runs on
+    trigger = OpenAIBatchTrigger(batch_ids=[slow, fast], conn_id=conn, poll_interval=0.2)
+    (event,) = asyncio.run(collect(trigger))
+    assert [b["id"] for b in event.payload["ended"]] == [fast]
+    server.client().batches.cancel(slow)

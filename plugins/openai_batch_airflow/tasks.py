@@ -126,13 +126,16 @@ def check_model(cfg: RunConfig) -> None:
 
 
 def build(params: dict[str, Any], run_id: str) -> list[dict[str, Any]]:
-    """Write the shard file(s); return one small manifest per shard (the list the run maps over).
+    """Write the shard file(s); return the groups the run maps over: ``{"group": n, "shards": [...]}``,
+    one small manifest per shard, at most ``shard_groups`` groups (:func:`batchpipe.build.group_shards`:
+    one shard per group while they fit, so shards go out in parallel; more are grouped, so any number of
+    shards stays under Airflow's ``max_map_length``).
 
     The shards are written through :func:`storage.staged`: in the work folder itself when it is local,
     else in a scratch folder stored there afterwards (the build manifest last: it marks a complete
     build); the manifests name their stored locations.
     """
-    from batchpipe.build import build_jsonl
+    from batchpipe.build import build_jsonl, group_shards
 
     cfg = RunConfig.resolve(params, run_id)
     work = cfg.work_dir
@@ -165,7 +168,12 @@ def build(params: dict[str, Any], run_id: str) -> list[dict[str, Any]]:
     for shard in manifest["shards"]:
         shard["path"] = storage.shown(work / Path(shard["path"]).name)
     log.info("estimated prompt tokens: %s", estimate["prompt_tokens"])
-    return [{**shard, **common} for shard in manifest["shards"]]
+    groups = group_shards([{**shard, **common} for shard in manifest["shards"]], cfg.shard_groups)
+    if len(groups) < len(manifest["shards"]):
+        log.info("%d shards in %d groups of %d to %d (at most %d task instances per mapped task)",
+                 len(manifest["shards"]), len(groups), min(map(len, groups)), max(map(len, groups)),
+                 cfg.shard_groups)  # fmt: skip
+    return [{"group": n, "shards": shards} for n, shards in enumerate(groups)]
 
 
 def estimate_cost(manifest_path: str, cfg: RunConfig) -> dict[str, Any]:
@@ -189,76 +197,90 @@ def estimate_cost(manifest_path: str, cfg: RunConfig) -> dict[str, Any]:
     return estimate
 
 
-def upload(shard: dict[str, Any], conn_id: str, context: Any) -> dict[str, Any]:
-    """Upload one shard; a retry re-attaches to the file an earlier try uploaded."""
+def upload(group: dict[str, Any], conn_id: str, context: Any) -> dict[str, Any]:
+    """Upload the group's shards in order; a retry re-attaches to the files an earlier try uploaded."""
     from batchpipe.naming import safe_name
     from openai_batch_airflow.submit import intent
 
-    name = (
-        f"{safe_name(context['dag'].dag_id)}-{safe_name(context['run_id'])}-shard-{int(shard['index']):05d}"
-    )
-    with storage.local_copy(shard["path"], shard.get("storage_conn_id")) as local:
-        uploaded = hook(conn_id).upload_once(local, name, intent(context, "upload"))
-    log.info(
-        "shard %s: uploaded %s (%d bytes) as %s", shard["index"], shard["path"], shard["bytes"], uploaded.id
-    )
-    return {**shard, "input_file_id": uploaded.id}
+    api = hook(conn_id)
+    prefix = f"{safe_name(context['dag'].dag_id)}-{safe_name(context['run_id'])}"
+    shards = []
+    for shard in group["shards"]:
+        index = int(shard["index"])
+        with storage.local_copy(shard["path"], shard.get("storage_conn_id")) as local:
+            uploaded = api.upload_once(
+                local, f"{prefix}-shard-{index:05d}", intent(context, f"upload-{index}")
+            )
+        log.info("shard %s: uploaded %s (%d bytes) as %s", index, shard["path"], shard["bytes"], uploaded.id)
+        shards.append({**shard, "input_file_id": uploaded.id})
+    return {**group, "shards": shards}
 
 
-def create(shard: dict[str, Any], params: dict[str, Any], context: Any) -> dict[str, Any]:
-    """Create the shard's batch; a retry re-attaches to the batch an earlier try created.
+def create(group: dict[str, Any], params: dict[str, Any], context: Any) -> dict[str, Any]:
+    """Create the batch of each of the group's shards, in order; a retry re-attaches to the batches an
+    earlier try created.
 
     With ``max_enqueued_tokens`` the shards go out in waves: a shard whose estimated prompt tokens
-    would push this model's enqueued total over the limit waits (rescheduled, no worker held)
-    until earlier batches finish. A shard is never held back when nothing is enqueued.
+    would push this model's enqueued total over the limit waits (the task is rescheduled, no worker
+    held; the shards before it keep their batches) until earlier batches finish. A shard is never held
+    back when nothing is enqueued.
     """
     from openai_batch_airflow.submit import intent
 
     dag_id, run_id = context["dag"].dag_id, context["run_id"]
     cfg = RunConfig.resolve(params, run_id)
     api = hook(cfg.conn_id)
-    recorded = intent(context, "create_batch")
-    metadata = {
-        "dag_id": dag_id[:512],
-        "run_id": run_id[:512],
-        "shard": str(shard["index"]),
-        "source": Path(cfg.input_csv).name[:512],
-        "model": cfg.model[:512],
-    }
-    limit = cfg.max_enqueued_tokens
-    if limit and not (recorded.saved and recorded.saved.get("batch_id")):
-        from batchpipe.tokens import shard_prompt_tokens
+    shards = []
+    for shard in group["shards"]:
+        index = int(shard["index"])
+        recorded = intent(context, f"create_batch-{index}")
+        metadata = {
+            "dag_id": dag_id[:512],
+            "run_id": run_id[:512],
+            "shard": str(index),
+            "source": Path(cfg.input_csv).name[:512],
+            "model": cfg.model[:512],
+        }
+        limit = cfg.max_enqueued_tokens
+        if limit and not (recorded.saved and recorded.saved.get("batch_id")):
+            from batchpipe.tokens import shard_prompt_tokens
 
-        with storage.local_copy(shard["path"], shard.get("storage_conn_id")) as local:
-            estimate = shard_prompt_tokens(local, cfg.endpoint, cfg.model)
-        metadata["est_prompt_tokens"] = str(estimate)
-        queued = api.enqueued_tokens(cfg.model)
-        if queued and queued + estimate > limit:
-            from airflow.sdk.exceptions import AirflowRescheduleException
+            with storage.local_copy(shard["path"], shard.get("storage_conn_id")) as local:
+                estimate = shard_prompt_tokens(local, cfg.endpoint, cfg.model)
+            metadata["est_prompt_tokens"] = str(estimate)
+            queued = api.enqueued_tokens(cfg.model)
+            if queued and queued + estimate > limit:
+                from airflow.sdk.exceptions import AirflowRescheduleException
 
-            log.info(
-                "shard %s waits for the next wave: %d tokens enqueued for %s + %d for this shard > %d",
-                shard["index"],
-                queued,
-                cfg.model,
-                estimate,
-                limit,
-            )
-            raise AirflowRescheduleException(datetime.now(UTC) + timedelta(seconds=cfg.check_interval))
-    batch = api.create_once(
-        recorded,
-        metadata=metadata,
-        input_file_id=shard["input_file_id"],
-        endpoint=cfg.endpoint,
-        completion_window=cfg.completion_window,
-    )
-    log.info("shard %s: batch %s (%d requests)", shard["index"], batch.id, shard["requests"])
-    return {**shard, "batch_id": batch.id}
+                log.info(
+                    "shard %s waits for the next wave: %d tokens enqueued for %s + %d for this shard > %d",
+                    index,
+                    queued,
+                    cfg.model,
+                    estimate,
+                    limit,
+                )
+                raise AirflowRescheduleException(datetime.now(UTC) + timedelta(seconds=cfg.check_interval))
+        batch = api.create_once(
+            recorded,
+            metadata=metadata,
+            input_file_id=shard["input_file_id"],
+            endpoint=cfg.endpoint,
+            completion_window=cfg.completion_window,
+        )
+        log.info("shard %s: batch %s (%d requests)", index, batch.id, shard["requests"])
+        shards.append({**shard, "batch_id": batch.id})
+    return {**group, "shards": shards}
 
 
-def download(waited: dict[str, Any], conn_id: str) -> dict[str, Any]:
-    """Download the result files of every batch of the shard (first submission and follow-ups)."""
+def download(group: dict[str, Any], conn_id: str) -> dict[str, Any]:
+    """Download the result files of every batch of each of the group's shards (first submission and
+    follow-ups)."""
     api = hook(conn_id)
+    return {**group, "shards": [_download_shard(api, waited) for waited in group["shards"]]}
+
+
+def _download_shard(api: Any, waited: dict[str, Any]) -> dict[str, Any]:
     index = int(waited["index"])
     folder = storage.location(waited["work_dir"], waited.get("storage_conn_id")) / "results"
     batches = waited.get("batches") or [waited["batch"]]
@@ -283,10 +305,11 @@ def download(waited: dict[str, Any], conn_id: str) -> dict[str, Any]:
 
 
 def merge(
-    downloads: list[dict[str, Any]] | None, params: dict[str, Any], run_id: str, context: Any = None
+    groups: list[dict[str, Any]] | None, params: dict[str, Any], run_id: str, context: Any = None
 ) -> str:
-    """Join every shard's results back onto the CSV rows, finish report.json (with the actual cost
-    against the estimate) and report.html with :func:`write_reports`; return the path of results.csv."""
+    """Join every shard's results (the ``download`` groups) back onto the CSV rows, finish report.json
+    (with the actual cost against the estimate) and report.html with :func:`write_reports`; return the
+    path of results.csv."""
     from batchpipe.merge import merge_results
 
     cfg = RunConfig.resolve(params, run_id)
@@ -294,7 +317,7 @@ def merge(
         from airflow.sdk.exceptions import AirflowSkipException
 
         raise AirflowSkipException("estimate_only: nothing was sent, so there is nothing to merge")
-    downloads = sorted(downloads or [], key=lambda d: int(d["index"]))
+    downloads = sorted((d for g in groups or [] for d in g["shards"]), key=lambda d: int(d["index"]))
     folder, work = cfg.run_dir, cfg.work_dir
     with storage.scratch() as tmp:
         csv_path, roots = local_input_csv(cfg, tmp / "input")

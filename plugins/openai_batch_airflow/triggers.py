@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -75,59 +76,154 @@ def progress_line(summary: dict[str, Any]) -> str:
     )
 
 
+@dataclass(frozen=True)
+class PollError:
+    """One poll that failed: the batch, what went wrong, and whether trying again may help (429, 5xx, a lost
+    connection, a timeout) or not (401, 404, ...)."""
+
+    batch_id: str
+    text: str
+    transient: bool
+
+
+@dataclass(frozen=True)
+class Step:
+    """What the trigger does next: yield ``event`` and stop, or sleep ``sleep`` seconds and poll again."""
+
+    event: dict[str, Any] | None = None
+    sleep: float = 0.0
+
+
+class BatchPoller:
+    """The trigger's decisions, without I/O: given what one round of polls saw, end the wait (with which
+    event) or poll again (after how long). Unit-tested without a triggerer or a server.
+
+    * A batch that ended ends the wait: ``{"status": "done", "ended": [summaries]}`` (every batch that
+      ended in that round; the operator decides what each outcome means and waits again for the rest).
+    * A permanent polling error ends it at once: ``{"status": "error", "batch_id", "message"}``.
+    * Transient errors are counted per batch, in a row; the wait ends when one batch reaches
+      ``max_consecutive_errors``; until then the next round comes after a backoff (doubling from
+      ``poll_interval``, at most 300 s).
+    * ``deadline`` (Unix time) passed with batches still running: an error event.
+    * ``wake_at`` (Unix time) reached: ``{"status": "wake"}`` (a batch the operator holds back, waiting for
+      room under the enqueued-token limit, is due); the sleep before it is cut short to meet it.
+    """
+
+    MAX_BACKOFF = 300.0
+
+    def __init__(
+        self,
+        batch_ids: list[str],
+        poll_interval: float,
+        max_consecutive_errors: int,
+        deadline: float | None = None,
+        wake_at: float | None = None,
+    ) -> None:
+        self.batch_ids = list(batch_ids)
+        self.poll_interval = float(poll_interval)
+        self.max_consecutive_errors = int(max_consecutive_errors)
+        self.deadline = deadline
+        self.wake_at = wake_at
+        self.failures: dict[str, int] = {}
+
+    def before_round(self, now: float) -> Step | None:
+        """The event that ends the wait before polling (a deadline passed, a wake-up due), else None."""
+        if self.deadline is not None and now > self.deadline and self.batch_ids:
+            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.deadline))
+            which = f"batch {self.batch_ids[0]} has" if len(self.batch_ids) == 1 else (
+                f"batches {', '.join(self.batch_ids)} have")  # fmt: skip
+            message = f"{which} not ended by the deadline ({when}, the expiry plus a margin); stopped waiting"
+            return Step(self._error(self.batch_ids[0], message))
+        if self.wake_at is not None and now >= self.wake_at:
+            return Step({"status": "wake"})
+        return None
+
+    def after_round(self, now: float, polled: list[dict[str, Any]], errors: list[PollError]) -> Step:
+        """What the round's ``polled`` summaries and ``errors`` mean."""
+        for error in errors:
+            if not error.transient:
+                return Step(
+                    self._error(error.batch_id, f"polling batch {error.batch_id} failed: {error.text}")
+                )
+        ended = [s for s in polled if BatchStatus.ended(s.get("status"))]
+        if ended:
+            return Step({"status": "done", "ended": ended})
+        for summary in polled:
+            self.failures.pop(summary.get("id"), None)
+        worst = 0
+        for error in errors:
+            count = self.failures[error.batch_id] = self.failures.get(error.batch_id, 0) + 1
+            if count >= self.max_consecutive_errors:
+                return Step(self._error(error.batch_id, (
+                    f"gave up waiting for batch {error.batch_id} after {count} consecutive polling errors; "
+                    f"last: {error.text}")))  # fmt: skip
+            worst = max(worst, count)
+        sleep = min(self.poll_interval * 2 ** (worst - 1), self.MAX_BACKOFF) if worst else self.poll_interval
+        if self.wake_at is not None:
+            sleep = max(min(sleep, self.wake_at - now), 0.0)
+        return Step(sleep=sleep)
+
+    @staticmethod
+    def _error(batch_id: str, message: str) -> dict[str, Any]:
+        return {"status": "error", "batch_id": batch_id, "message": message}
+
+
 class OpenAIBatchTrigger(BaseTrigger):
-    """Poll one batch with the async OpenAI client until it reaches a terminal status. The triggers of
-    one connection in a triggerer poll through one shared client (see
-    :class:`~openai_batch_airflow.hooks.SharedAsyncClients`); the last one to end, finish or be cancelled
-    closes it.
+    """Poll one or more batches with the async OpenAI client until one of them reaches a terminal status
+    (decisions: :class:`BatchPoller`). The triggers of one connection in a triggerer poll through one
+    shared client (see :class:`~openai_batch_airflow.hooks.SharedAsyncClients`); the last one to end,
+    finish or be cancelled closes it. The batches are polled one after another in each round.
 
-    Yields exactly one event:
+    Yields exactly one event (see :class:`BatchPoller`): ``done`` with the summaries
+    (:func:`batch_summary`) of the batches that ended, ``wake`` at ``wake_at``, or ``error`` (a permanent
+    API error at once, e.g. 401/404; transient ones, 429, 5xx, connection errors and timeouts, only after
+    ``max_consecutive_errors`` failed polls of a batch in a row, with backoff between; a passed deadline).
 
-    * ``{"status": "done", "batch": <batch_summary>}`` once the batch is completed, failed, expired
-      or cancelled (the sensor decides what each means);
-    * ``{"status": "error", "batch_id": ..., "message": ...}`` when polling itself fails: a
-      permanent API error (e.g. 401/404) at once, transient ones (429, 5xx, connection errors,
-      timeouts) only after ``max_consecutive_errors`` failed polls in a row, with backoff between.
-
-    :param batch_id: the batch to wait for.
+    :param batch_ids: the batches to wait for (may be empty while ``wake_at`` is set).
     :param conn_id: Airflow connection of type ``openai`` (its host may be any OpenAI-compatible
         base URL).
-    :param poll_interval: seconds between polls.
-    :param max_consecutive_errors: transient polling failures in a row that end the wait.
-    :param deadline: Unix time after which the wait ends with an error. The sensor sets it from
-        the batch's own ``expires_at`` plus a margin, so a restarted triggerer keeps the same
-        deadline (it is part of the serialized trigger, not measured from the trigger's start).
-    :param cancel_on_kill: cancel the batch when a user kills, clears or marks the waiting task
+    :param poll_interval: seconds between rounds of polls.
+    :param max_consecutive_errors: transient polling failures of one batch in a row that end the wait.
+    :param deadline: Unix time after which the wait ends with an error. The operator sets it from the
+        batches' own ``expires_at`` plus a margin, so a restarted triggerer keeps the same deadline (it is
+        part of the serialized trigger, not measured from the trigger's start).
+    :param cancel_on_kill: cancel the batches when a user kills, clears or marks the waiting task
         (Airflow calls :meth:`on_kill` then; not on triggerer restarts or redistribution).
+    :param wake_at: Unix time at which to end the wait with a ``wake`` event even though no batch ended.
     """
 
     def __init__(
         self,
-        batch_id: str,
+        batch_ids: list[str] | tuple[str, ...] = (),
         conn_id: str = "openai_default",
         poll_interval: float = 60.0,
         max_consecutive_errors: int = 10,
         deadline: float | None = None,
         cancel_on_kill: bool = True,
+        wake_at: float | None = None,
     ) -> None:
         super().__init__()
-        self.batch_id = batch_id
+        if isinstance(batch_ids, str):  # one id is a list of one, not a list of characters
+            batch_ids = [batch_ids]
+        self.batch_ids = [str(b) for b in batch_ids]
         self.conn_id = conn_id
         self.poll_interval = float(poll_interval)
         self.max_consecutive_errors = int(max_consecutive_errors)
         self.deadline = float(deadline) if deadline is not None else None
         self.cancel_on_kill = bool(cancel_on_kill)
+        self.wake_at = float(wake_at) if wake_at is not None else None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
             f"{type(self).__module__}.{type(self).__qualname__}",
             {
-                "batch_id": self.batch_id,
+                "batch_ids": list(self.batch_ids),
                 "conn_id": self.conn_id,
                 "poll_interval": self.poll_interval,
                 "max_consecutive_errors": self.max_consecutive_errors,
                 "deadline": self.deadline,
                 "cancel_on_kill": self.cancel_on_kill,
+                "wake_at": self.wake_at,
             },
         )
 
@@ -137,6 +233,10 @@ class OpenAIBatchTrigger(BaseTrigger):
 
         return OpenAIBatchHook(conn_id=self.conn_id)
 
+    def poller(self) -> BatchPoller:
+        return BatchPoller(self.batch_ids, self.poll_interval, self.max_consecutive_errors, self.deadline,
+                           self.wake_at)  # fmt: skip
+
     async def run(self) -> AsyncIterator[TriggerEvent]:
         import openai
 
@@ -145,77 +245,61 @@ class OpenAIBatchTrigger(BaseTrigger):
             openai.RateLimitError,
             openai.InternalServerError,
         )
-        failures = 0
-        try:
-            await self.hook.aconn()
-        except Exception as exc:  # a broken connection definition: report, do not crash the triggerer
-            yield TriggerEvent(self._error(f"cannot build the OpenAI client: {exc}"))
-            return
+        poller = self.poller()
+        if self.batch_ids:
+            try:
+                await self.hook.aconn()
+            except Exception as exc:  # a broken connection definition: report, do not crash the triggerer
+                yield TriggerEvent(
+                    BatchPoller._error(self.batch_ids[0], f"cannot build the OpenAI client: {exc}")
+                )
+                return
         try:
             while True:
-                if self.deadline is not None and time.time() > self.deadline:
-                    yield TriggerEvent(
-                        self._error(
-                            f"batch {self.batch_id} has not ended by its deadline "
-                            f"({time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(self.deadline))}, "
-                            "its expiry plus a margin); stopped waiting"
-                        )
-                    )
+                if (step := poller.before_round(time.time())) is not None:
+                    yield TriggerEvent(step.event)
                     return
-                try:
-                    batch = await self.hook.aretrieve(self.batch_id)
-                except transient as exc:
-                    failures += 1
-                    self.log.warning(
-                        "polling batch %s failed (%d/%d in a row): %s",
-                        self.batch_id,
-                        failures,
-                        self.max_consecutive_errors,
-                        _describe(exc),
-                    )
-                    if failures >= self.max_consecutive_errors:
-                        yield TriggerEvent(
-                            self._error(
-                                f"gave up waiting for batch {self.batch_id} after {failures} "
-                                f"consecutive polling errors; last: {_describe(exc)}"
-                            )
-                        )
-                        return
-                    await asyncio.sleep(min(self.poll_interval * 2 ** (failures - 1), 300.0))
-                    continue
-                except openai.APIError as exc:
-                    yield TriggerEvent(self._error(f"polling batch {self.batch_id} failed: {_describe(exc)}"))
+                polled: list[dict[str, Any]] = []
+                errors: list[PollError] = []
+                for batch_id in self.batch_ids:
+                    try:
+                        summary = batch_summary(await self.hook.aretrieve(batch_id))
+                    except transient as exc:
+                        errors.append(PollError(batch_id, _describe(exc), True))
+                        self.log.warning("polling batch %s failed (%d/%d in a row): %s", batch_id,
+                                         poller.failures.get(batch_id, 0) + 1, self.max_consecutive_errors,
+                                         _describe(exc))  # fmt: skip
+                        continue
+                    except openai.APIError as exc:
+                        errors.append(PollError(batch_id, _describe(exc), False))
+                        break
+                    polled.append(summary)
+                    self.log.info(progress_line(summary))
+                    if note := unknown_status_note(summary, self.deadline):
+                        self.log.warning(note)
+                step = poller.after_round(time.time(), polled, errors)
+                if step.event is not None:
+                    yield TriggerEvent(step.event)
                     return
-                failures = 0
-                summary = batch_summary(batch)
-                self.log.info(progress_line(summary))
-                if note := unknown_status_note(summary, self.deadline):
-                    self.log.warning(note)
-                if BatchStatus.ended(summary["status"]):
-                    yield TriggerEvent({"status": "done", "batch": summary})
-                    return
-                await asyncio.sleep(self.poll_interval)
+                await asyncio.sleep(step.sleep)
         finally:
             await self.hook.aclose()
 
     async def on_kill(self) -> None:
-        """The waiting task was killed, cleared or marked by a user: cancel the batch (billing stops;
-        what it finished is kept by the service)."""
-        if not self.cancel_on_kill:
-            self.log.info("batch %s left running (cancel_on_kill is off)", self.batch_id)
-            return
-        try:
-            batch = await self.hook.acancel(self.batch_id)
-        except Exception as exc:  # never raises: the task is going away whatever the service says
-            self.log.error("could not cancel batch %s after the waiting task was stopped: %s", self.batch_id,
-                           _describe(exc))  # fmt: skip
-            return
-        self.log.warning(
-            "waiting task was stopped by a user: cancelled batch %s (%s)", self.batch_id, batch.status
-        )
-
-    def _error(self, message: str) -> dict[str, Any]:
-        return {"status": "error", "batch_id": self.batch_id, "message": message}
+        """The waiting task was killed, cleared or marked by a user: cancel the batches (billing stops; what
+        they finished is kept by the service). Never raises."""
+        for batch_id in self.batch_ids:
+            if not self.cancel_on_kill:
+                self.log.info("batch %s left running (cancel_on_kill is off)", batch_id)
+                continue
+            try:
+                batch = await self.hook.acancel(batch_id)
+            except Exception as exc:  # never raises: the task is going away whatever the service says
+                self.log.error("could not cancel batch %s after the waiting task was stopped: %s", batch_id,
+                               _describe(exc))  # fmt: skip
+                continue
+            self.log.warning("waiting task was stopped by a user: cancelled batch %s (%s)", batch_id,
+                             batch.status)  # fmt: skip
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,0 +1,127 @@
+"""More shards than mapped task instances: shards are grouped (``batchpipe.build.group_shards``), one task
+instance and one trigger carry several batches, and every row still comes back once.
+
+Full runs with ``dag.test()`` against the local batch server over real HTTP. The small cases set
+``OPENAI_BATCH_SHARD_GROUPS`` so a few shards share a group; the large one uses the default (64).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import run_pipeline as run
+
+SECRET = "sk-shard-groups-secret-51e0"
+
+
+def text_csv(tmp_path: Path, rows: int, name: str = "many.csv") -> Path:
+    src = tmp_path / name
+    src.write_text(
+        "id,prompt\n" + "".join(f"{i:04d},question number {i}\n" for i in range(rows)), encoding="utf-8"
+    )
+    return src
+
+
+def results(tmp_path: Path, stem: str = "many") -> tuple[list[dict], dict]:
+    (path,) = (tmp_path / "out" / stem).glob("*/results.csv")
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    return rows, json.loads((path.parent / "report.json").read_text())
+
+
+def instances(tis) -> Counter:
+    return Counter(task for (task, index) in tis if index >= 0)
+
+
+def all_batches(srv) -> list:
+    return list(reversed(list(srv.client().batches.list(limit=100))))  # oldest first
+
+
+def assert_answered_in_order(rows: list[dict], count: int) -> None:
+    assert [r["id"] for r in rows] == [f"{i:04d}" for i in range(count)]
+    assert all(r["response"] == f"ECHO: {r['prompt']}" and r["error"] == "" for r in rows)
+
+
+@pytest.fixture
+def groups(monkeypatch):
+    def set_groups(n: int) -> None:
+        monkeypatch.setenv("OPENAI_BATCH_SHARD_GROUPS", str(n))
+
+    return set_groups
+
+
+def test_1100_one_request_batches_need_at_most_64_task_instances(dag, srv, tmp_path, capfd, caplog):
+    srv.set_config({"validating_seconds": 0, "in_progress_seconds": 0.05, "finalizing_seconds": 0})
+    src = text_csv(tmp_path, 1_100)
+    dr, tis = run(dag, tmp_path, src, image_column=None, max_requests_per_batch=1)
+    assert dr.state == "success", {k: ti.state for k, ti in tis.items() if ti.state != "success"}
+    counts = instances(tis)
+    assert set(counts) == {"upload", "create_batch", "wait_for_batch", "download"}
+    assert max(counts.values()) <= 64 and counts["wait_for_batch"] == 64
+    rows, report = results(tmp_path)
+    assert_answered_in_order(rows, 1_100)
+    made = all_batches(srv)
+    assert len(made) == 1_100 and {b.status for b in made} == {"completed"}  # one batch per shard, none twice
+    assert sorted(int(b.metadata["shard"]) for b in made) == list(range(1_100))
+    assert sorted(report["batch_ids"]) == sorted(b.id for b in made)  # every batch in the report
+    logged = "".join(capfd.readouterr()) + caplog.text
+    assert "1100 shards in 64 groups of 17 to 18" in logged
+    assert all(f"batch {b.id}: status=completed" in logged for b in made)  # progress per batch in the log
+
+
+def test_a_group_resubmits_the_expired_part_of_one_of_its_batches(dag, srv, tmp_path, groups):
+    groups(2)
+    srv.set_config({"expire_fraction": 0.5, "expire_batches": 1})  # the first batch expires half done
+    src = text_csv(tmp_path, 12)
+    dr, tis = run(dag, tmp_path, src, image_column=None, max_requests_per_batch=2)
+    assert dr.state == "success"
+    assert instances(tis)["wait_for_batch"] == 2  # 6 shards, 2 task instances
+    made = all_batches(srv)
+    assert [b.status for b in made].count("expired") == 1 and len(made) == 7  # 6 shards + 1 follow-up
+    followup = made[-1]
+    assert followup.metadata["round"] == "1" and followup.request_counts.total == 1
+    rows, report = results(tmp_path)
+    assert_answered_in_order(rows, 12)
+    assert sorted(report["batch_ids"]) == sorted(b.id for b in made)
+
+
+def test_a_group_pauses_one_batch_for_the_token_limit_while_the_others_finish(dag, srv, tmp_path, groups):
+    groups(1)
+    message = "Enqueued token limit reached for {model} in organization org-test."
+    srv.set_config({"fail_validation": {"code": "token_limit_exceeded", "message": message, "times": 1}})
+    src = text_csv(tmp_path, 9)
+    dr, tis = run(dag, tmp_path, src, image_column=None, max_requests_per_batch=3, token_limit_wait=1)
+    assert dr.state == "success"
+    assert instances(tis)["wait_for_batch"] == 1
+    made = all_batches(srv)
+    assert [b.status for b in made] == ["failed", "completed", "completed", "completed"]
+    assert made[-1].input_file_id == made[0].input_file_id  # the refused shard, created again from its file
+    rows, report = results(tmp_path)
+    assert_answered_in_order(rows, 9)
+
+
+def test_waves_under_the_token_limit_hold_inside_a_group(dag, srv, tmp_path, groups):
+    from batchpipe.build import build_jsonl
+    from batchpipe.options import BuildOptions
+    from batchpipe.tokens import shard_prompt_tokens
+
+    groups(1)  # all three shards in one create_batch task instance
+    src = text_csv(tmp_path, 25)
+    opts = BuildOptions(max_requests_per_batch=9)
+    shards = build_jsonl(src, opts, tmp_path / "probe")["shards"]
+    sizes = [shard_prompt_tokens(s["path"], opts.endpoint, opts.model) for s in shards]
+    limit = max(sizes) + min(sizes) - 1  # any one shard fits, no two together
+    dr, tis = run(dag, tmp_path, src, image_column=None, max_requests_per_batch=9, max_enqueued_tokens=limit)
+    assert dr.state == "success"
+    assert instances(tis)["create_batch"] == 1
+    made = all_batches(srv)
+    assert len(made) == 3 and [b.metadata["shard"] for b in made] == ["0", "1", "2"]
+    for earlier, later in zip(made, made[1:], strict=False):
+        assert later.created_at >= earlier.completed_at  # never two enqueued at once
+    rows, _ = results(tmp_path)
+    assert_answered_in_order(rows, 25)
