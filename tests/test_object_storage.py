@@ -153,7 +153,9 @@ def test_s3_input_work_and_output_every_row_back_once(dag, srv, s3, scratch, tmp
     # the XCom manifests name S3 locations, never local files
     merged = tis[("merge", -1)].xcom_pull(task_ids="merge")
     assert merged == f"s3://s3_test@{s3.bucket}/{csv_key}"
-    shards = tis[("build_jsonl", -1)].xcom_pull(task_ids="build_jsonl")
+    groups = tis[("build_jsonl", -1)].xcom_pull(task_ids="build_jsonl")
+    shards = [s for g in groups for s in g["shards"]]
+    assert len(shards) == 4
     assert all(s["path"].startswith(f"s3://s3_test@{s3.bucket}/work/many/") for s in shards)
     assert not (tmp_path / "out").exists()
 
