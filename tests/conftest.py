@@ -115,3 +115,33 @@ def dag():
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert bag.import_errors == {}
     return bag.dags["openai_batch_pipeline"]
+
+
+@pytest.fixture(scope="module")
+def bare_server(tmp_path_factory):
+    """The local batch server alone, for one test module: no Airflow DB, no default connection (tests of
+    the hook, the trigger and the operator name their own with :func:`connection`)."""
+    from local_batch_server.testing import running_server
+
+    with running_server(tmp_path_factory.mktemp("server")) as srv:
+        yield srv
+
+
+def connection(monkeypatch, server, conn_id: str, password: str) -> str:
+    """An ``openai`` connection ``conn_id`` to ``server`` (an environment variable for this test)."""
+    conn = {"conn_type": "openai", "host": server.base_url, "password": password}
+    monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(conn))
+    return conn_id
+
+
+class StateStore:
+    """An in-memory task_state_store (get / set, values through JSON), kept across "tries" like Airflow's."""
+
+    def __init__(self):
+        self.data = {}
+
+    def get(self, key):
+        return self.data.get(key)
+
+    def set(self, key, value):
+        self.data[key] = json.loads(json.dumps(value))

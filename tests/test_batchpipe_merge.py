@@ -321,3 +321,44 @@ def test_a_lone_surrogate_is_kept_as_its_escape_and_invalid_utf8_is_a_broken_lin
     assert got[2]["error"].startswith("result line unreadable")  # not "caf\ufffd" counted as an answer
     assert "\ufffd" not in "".join(r["response"] for r in got)
     assert report["malformed_lines"] == 1 and report["unmatched_results"] == 1
+
+
+def test_rows_of_a_batch_without_an_outcome_get_its_error_and_answers_stay(built):
+    from batchpipe.resubmit import write_unfinished
+
+    rows, b, tmp = built
+    shard = b["shards"][1]
+    ids = [json.loads(raw)["custom_id"] for raw in open(shard["path"], encoding="utf-8")]
+    answered = [x for x in fake_results(b) if x["custom_id"] in ("row-0", ids[1])]  # line 2 was answered
+    first = write_jsonl(tmp / "a.jsonl", answered)
+    message = "batch batch_x failed validation: invalid_request: bad file"
+    by_line = {2: "line 2: invalid", 3: "line 3: invalid_request: The body is not valid."}
+    written = write_unfinished(shard["path"], tmp / "u.jsonl", "batch_failed", message, by_line)
+    assert written == shard["requests"] == len(ids)
+    report = merge_results(tmp / "build", [first, tmp / "u.jsonl"], tmp / "results.csv")
+    got = {r["id"]: r for r in read_csv(tmp / "results.csv")}
+    assert list(got) == [r["id"] for r in rows]
+    row = lambda cid: got[cid.removeprefix("row-")]  # noqa: E731 (ids are the row numbers)
+    assert row(ids[1])["response"] == f"answer to {ids[1]}" and row(ids[1])["error"] == ""  # never replaced
+    assert row("row-0")["response"] == "answer to row-0"
+    assert "line 3: invalid_request: The body is not valid." in row(ids[2])["error"]
+    for cid in (ids[0], *ids[3:]):
+        assert row(cid)["response"] == "" and message in row(cid)["error"]
+        assert "batch_failed" in row(cid)["error"]
+    assert report["errors_by_code"]["batch_failed"] == len(ids) - 1
+
+
+def test_an_unfinished_file_is_whole_or_absent_and_names_each_request_once(tmp_path):
+    from batchpipe.resubmit import write_unfinished
+
+    shard = tmp_path / "s.jsonl"
+    lines = [b'{"custom_id": "a"}', b"", b'{"custom_id": "b"}', b'{"custom_id": "a"}', b"not json"]
+    shard.write_bytes(b"\n".join([*lines, b'{"custom_id": "c"}']))
+    n = write_unfinished(shard, tmp_path / "out" / "u.jsonl", "wait_stopped", "m", {3: "third"})
+    lines = [json.loads(x) for x in (tmp_path / "out" / "u.jsonl").read_text().splitlines()]
+    assert n == 3 and [x["custom_id"] for x in lines] == ["a", "b", "c"]
+    assert [x["error"]["message"] for x in lines] == ["m", "third", "m"]
+    assert all(x["response"] is None and x["error"]["code"] == "wait_stopped" for x in lines)
+    with pytest.raises(FileNotFoundError):
+        write_unfinished(tmp_path / "missing.jsonl", tmp_path / "out" / "v.jsonl", "c", "m")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["u.jsonl"]  # no half-written file

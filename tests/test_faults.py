@@ -179,10 +179,17 @@ def test_other_validation_failure_fails_naming_the_row(dag, srv, tmp_path, sampl
     )
     dr, tis = run(dag, tmp_path, sample, id_column="id")
     assert dr.state == "failed"
-    assert tis[("wait_for_batch", 0)].state == "failed"
-    assert tis[("wait_for_batch", 0)].try_number == 1  # not retried: it cannot get better
+    assert tis[("wait_for_batch", 0)].state == "success" and tis[("wait_for_batch", 0)].try_number == 1
+    assert tis[("merge", -1)].state == "failed" and tis[("merge", -1)].try_number == 1  # not retried
     logged = "".join(capfd.readouterr())
-    assert "line 2 of shard-00000.jsonl (custom_id q002): invalid_request: The body is not valid." in logged
+    named = "line 2 of shard-00000.jsonl (custom_id q002): invalid_request: The body is not valid."
+    assert named in logged
+    rows, report = results(tmp_path)  # landed: every row, each with the reason it has no answer
+    assert_every_row_once(rows, sample)
+    sent = [r for r in rows if "batch_failed" in r["error"] and "failed validation" in r["error"]]
+    assert len(sent) == report["rows"] - report["invalid"] > 0 and all(r["response"] == "" for r in rows)
+    assert named in next(r for r in rows if r["id"] == "q002")["error"]
+    assert any(named in p for p in report["problems"])
 
 
 # -- allowed paths --------------------------------------------------------------------------------

@@ -11,42 +11,30 @@ import logging
 import time
 from pathlib import Path
 
+import openai
 import pytest
 
-from conftest import REPO
-from local_batch_server.testing import running_server
+from conftest import REPO, StateStore, connection
 
 PLUGIN = REPO / "plugins" / "openai_batch_airflow"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with running_server(tmp_path_factory.mktemp("server")) as srv:
-        yield srv
+def server(bare_server):
+    return bare_server
 
 
 @pytest.fixture
 def hook(server, monkeypatch):
     from openai_batch_airflow.hooks import OpenAIBatchHook
 
-    conn = {"conn_type": "openai", "host": server.base_url, "password": "sk-local-hook-secret"}
-    monkeypatch.setenv("AIRFLOW_CONN_HOOK_TEST", json.dumps(conn))
+    connection(monkeypatch, server, "hook_test", "sk-local-hook-secret")
     server.reset()
     server.set_config({"validating_seconds": 0.1, "in_progress_seconds": 0.2})
     return OpenAIBatchHook(conn_id="hook_test")
 
 
-class Store:
-    """An in-memory task_state_store (get / set), kept across "tries" like Airflow's."""
-
-    def __init__(self):
-        self.data = {}
-
-    def get(self, key):
-        return self.data.get(key)
-
-    def set(self, key, value):
-        self.data[key] = json.loads(json.dumps(value))
+Store = StateStore
 
 
 def recorded(store, key="k", generation=1):
@@ -219,13 +207,27 @@ def test_the_async_side_retrieves_and_cancels(hook, server, tmp_path):
             assert (await hook.aconn()) is (await hook.aconn())  # one async client while it is open
         finally:
             await hook.aclose()
-        cancelled = await hook.acancel(batch.id)
-        return seen, cancelled
+        outcomes = await hook.acancel_all([batch.id, "batch_unknown"])  # after the shared client closed
+        return seen, outcomes
 
-    seen, cancelled = asyncio.run(go())
+    seen, outcomes = asyncio.run(go())
     assert seen.id == batch.id and seen.status == "validating"
-    assert cancelled.status in ("cancelling", "cancelled")
+    assert outcomes[batch.id].status in ("cancelling", "cancelled")
+    assert isinstance(outcomes["batch_unknown"], openai.NotFoundError)  # returned, not raised
     assert hook.retrieve(batch.id).status in ("cancelling", "cancelled")
+
+
+def test_cancelling_many_batches_goes_out_concurrently(hook, server, tmp_path):
+    import time as clock
+
+    server.set_config({"validating_seconds": 60})
+    ids = [submit(hook, tmp_path).id for _ in range(6)]
+    server.set_config({"latency_seconds": 0.2})
+    started = clock.monotonic()
+    outcomes = asyncio.run(hook.acancel_all(ids, concurrency=6))
+    took = clock.monotonic() - started
+    assert all(outcomes[i].status in ("cancelling", "cancelled") for i in ids)
+    assert took < 6 * 0.2  # one after another would take at least 1.2 s
 
 
 # -- the checked download ---------------------------------------------------------------------------

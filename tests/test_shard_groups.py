@@ -125,3 +125,61 @@ def test_waves_under_the_token_limit_hold_inside_a_group(dag, srv, tmp_path, gro
         assert later.created_at >= earlier.completed_at  # never two enqueued at once
     rows, _ = results(tmp_path)
     assert_answered_in_order(rows, 25)
+
+
+# -- one shard's trouble stays that shard's -------------------------------------------------------------
+def assert_landed_with(tmp_path, tis, failing: range, code: str, why: str) -> tuple[list[dict], dict]:
+    """The run failed in merge, not before: every row landed, the rows of ``failing`` with ``code`` and
+    ``why``, every other row answered."""
+    assert tis[("wait_for_batch", 0)].state == "success" and tis[("merge", -1)].state == "failed"
+    rows, report = results(tmp_path)
+    assert [r["id"] for r in rows] == [f"{i:04d}" for i in range(len(rows))]
+    for i, r in enumerate(rows):
+        if i in failing:
+            assert r["response"] == "" and code in r["error"] and why in r["error"], r
+        else:
+            assert r["response"] == f"ECHO: {r['prompt']}" and r["error"] == "", r
+    assert report["answered"] == len(rows) - len(failing) and report["errors_by_code"] == {code: len(failing)}
+    assert any(why in p for p in report["problems"])
+    return rows, report
+
+
+def test_a_batch_of_a_group_that_fails_validation_fails_only_its_rows(dag, srv, tmp_path, groups, capfd):
+    groups(1)
+    message = "The body is not valid."
+    srv.set_config(
+        {"fail_validation": {"code": "invalid_request", "message": message, "line": 2, "times": 1}}
+    )
+    dr, tis = run(dag, tmp_path, text_csv(tmp_path, 9), image_column=None, max_requests_per_batch=3)
+    assert dr.state == "failed"
+    made = all_batches(srv)
+    assert [b.status for b in made] == ["failed", "completed", "completed"]  # the others were waited for
+    rows, _ = assert_landed_with(
+        tmp_path, tis, range(0, 3), "batch_failed", f"batch {made[0].id} failed validation"
+    )
+    assert f"line 2 of shard-00000.jsonl (custom_id row-1): invalid_request: {message}" in rows[1]["error"]
+    assert "failed validation" in rows[0]["error"]  # the batch's reason, on every one of its rows
+
+
+def test_a_batch_of_a_group_that_cannot_be_polled_fails_only_its_rows(dag, srv, tmp_path, groups):
+    groups(1)
+    srv.set_config({"http_faults": [{"method": "GET", "path": "^/v1/batches/[^/]+$", "status": 404,
+                                     "times": None, "batch": 1, "message": "No batch found"}]})  # fmt: skip
+    dr, tis = run(dag, tmp_path, text_csv(tmp_path, 9), image_column=None, max_requests_per_batch=3)
+    assert dr.state == "failed"
+    made = all_batches(srv)
+    assert [b.metadata["shard"] for b in made] == ["0", "1", "2"]
+    assert_landed_with(
+        tmp_path, tis, range(3, 6), "wait_stopped", f"polling batch {made[1].id} failed: HTTP 404"
+    )
+
+
+def test_a_refused_create_in_a_group_fails_only_its_rows(dag, srv, tmp_path, groups):
+    groups(1)
+    srv.set_config({"http_faults": [{"method": "POST", "path": "^/v1/batches$", "status": 400, "times": 1,
+                                     "message": "Invalid input file"}]})  # fmt: skip
+    dr, tis = run(dag, tmp_path, text_csv(tmp_path, 9), image_column=None, max_requests_per_batch=3)
+    assert dr.state == "failed"
+    made = all_batches(srv)
+    assert [b.metadata["shard"] for b in made] == ["1", "2"] and {b.status for b in made} == {"completed"}
+    assert_landed_with(tmp_path, tis, range(0, 3), "batch_refused", "creating the batch was refused")

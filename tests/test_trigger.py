@@ -10,22 +10,19 @@ import time
 
 import pytest
 
-from local_batch_server.testing import running_server
+from conftest import connection
 from openai_batch_airflow.triggers import OpenAIBatchTrigger
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with running_server(tmp_path_factory.mktemp("server")) as srv:
-        yield srv
+def server(bare_server):
+    return bare_server
 
 
 @pytest.fixture
 def conn(server, monkeypatch):
-    conn = {"conn_type": "openai", "host": server.base_url, "password": "sk-local-trigger-secret"}
-    monkeypatch.setenv("AIRFLOW_CONN_TRIGGER_TEST", json.dumps(conn))
     server.set_config({"http_faults": [], "validating_seconds": 0.2, "in_progress_seconds": 0.3})
-    return "trigger_test"
+    return connection(monkeypatch, server, "trigger_test", "sk-local-trigger-secret")
 
 
 def make_batch(server, lines: int = 3) -> str:
@@ -78,6 +75,7 @@ def test_serialize_round_trip():
         "deadline": 1_900_000_000.5,
         "cancel_on_kill": False,
         "wake_at": None,
+        "deadlines": {},
     }
 
 
@@ -138,6 +136,23 @@ def test_transient_poll_errors_are_retried(server, conn):
     assert events[0].payload["ended"][0]["status"] == "completed"
 
 
+@pytest.mark.parametrize("status", [408, 409])
+def test_a_408_or_409_while_polling_is_tried_again_as_on_create(server, conn, status):
+    batch_id = make_batch(server)
+    fault = {
+        "method": "GET",
+        "path": "^/v1/batches/",
+        "status": status,
+        "times": 6,
+    }  # past the client's retries
+    server.set_config({"http_faults": [fault]})
+    trigger = OpenAIBatchTrigger(
+        batch_ids=[batch_id], conn_id=conn, poll_interval=0.1, max_consecutive_errors=10
+    )
+    (event,) = asyncio.run(collect(trigger))
+    assert event.payload["failed"] == [] and event.payload["ended"][0]["status"] == "completed"
+
+
 def test_persistent_poll_errors_end_the_wait_with_a_clear_message(server, conn):
     batch_id = make_batch(server)
     server.set_config(
@@ -149,15 +164,22 @@ def test_persistent_poll_errors_end_the_wait_with_a_clear_message(server, conn):
     events = asyncio.run(collect(trigger))
     assert len(events) == 1
     payload = events[0].payload
-    assert payload["status"] == "error" and payload["batch_id"] == batch_id
-    assert "2 consecutive polling errors" in payload["message"] and "500" in payload["message"]
+    assert payload["status"] == "done" and payload["ended"] == []
+    ((failed),) = payload["failed"]
+    assert failed["batch_id"] == batch_id
+    assert "2 consecutive polling errors" in failed["message"] and "500" in failed["message"]
 
 
-def test_unknown_batch_is_a_permanent_error(server, conn):
-    trigger = OpenAIBatchTrigger(batch_ids=["batch_does_not_exist"], conn_id=conn, poll_interval=0.1)
-    events = asyncio.run(collect(trigger))
-    payload = events[0].payload
-    assert payload["status"] == "error" and "404" in payload["message"]
+def test_an_unknown_batch_is_given_up_at_once_and_the_others_are_still_polled(server, conn, capfd):
+    server.set_config({"in_progress_seconds": 30})
+    running = make_batch(server)
+    trigger = OpenAIBatchTrigger(batch_ids=["batch_does_not_exist", running], conn_id=conn, poll_interval=0.1)
+    (event,) = asyncio.run(collect(trigger))
+    assert event.payload["ended"] == []
+    ((failed),) = event.payload["failed"]
+    assert failed["batch_id"] == "batch_does_not_exist" and "404" in failed["message"]
+    assert f"batch {running}: status=" in "".join(capfd.readouterr())  # polled in the same round
+    server.client().batches.cancel(running)
 
 
 def test_deadline_ends_the_wait(server, conn):
@@ -167,8 +189,22 @@ def test_deadline_ends_the_wait(server, conn):
         batch_ids=[batch_id], conn_id=conn, poll_interval=0.2, deadline=time.time() + 1
     )
     events = asyncio.run(collect(trigger))
-    assert events[0].payload["status"] == "error" and "deadline" in events[0].payload["message"]
+    ((failed),) = events[0].payload["failed"]
+    assert failed["batch_id"] == batch_id and "has not ended by its deadline" in failed["message"]
     server.client().batches.cancel(batch_id)
+
+
+def test_each_batch_has_its_own_deadline(server, conn):
+    server.set_config({"in_progress_seconds": 30})
+    early, late = make_batch(server), make_batch(server)
+    soon = time.time() + 1
+    trigger = OpenAIBatchTrigger(
+        batch_ids=[early, late], conn_id=conn, poll_interval=0.2, deadlines={early: soon, late: soon + 3600}
+    )
+    (event,) = asyncio.run(collect(trigger))
+    assert [f["batch_id"] for f in event.payload["failed"]] == [early]
+    for batch_id in (early, late):
+        server.client().batches.cancel(batch_id)
 
 
 def test_on_kill_cancels_the_batch_unless_told_not_to(server, conn):
@@ -198,7 +234,7 @@ def test_poller_ends_the_wait_with_every_batch_that_ended_in_the_round():
     assert step.event is None and step.sleep == 5
     polled = [summary("a", "completed"), summary("b", "validating"), summary("c", "expired")]
     step = poller.after_round(0, polled, [])
-    assert step.event == {"status": "done", "ended": [polled[0], polled[2]]}
+    assert step.event == {"status": "done", "ended": [polled[0], polled[2]], "failed": []}
 
 
 def test_poller_waits_on_an_unknown_status_and_a_known_non_terminal_one():
@@ -221,27 +257,27 @@ def test_poller_counts_transient_errors_per_batch_in_a_row_with_backoff():
     assert step.event is None and step.sleep == 10 and poller.failures == {"b": 1}
     poller.after_round(0, [summary("a", "in_progress")], [PollError("b", "HTTP 502", True)])
     step = poller.after_round(0, [summary("a", "in_progress")], [PollError("b", "HTTP 502: last", True)])
-    assert step.event["status"] == "error" and step.event["batch_id"] == "b"
-    assert (
-        "3 consecutive polling errors" in step.event["message"] and "HTTP 502: last" in step.event["message"]
-    )
+    ((failed),) = step.event["failed"]
+    assert step.event["status"] == "done" and failed["batch_id"] == "b"
+    assert "3 consecutive polling errors" in failed["message"] and "HTTP 502: last" in failed["message"]
     long = BatchPoller(["a"], poll_interval=100, max_consecutive_errors=50)
     for _ in range(10):
         step = long.after_round(0, [], [flaky])
     assert step.sleep == BatchPoller.MAX_BACKOFF
+    slow = BatchPoller(["a"], poll_interval=900, max_consecutive_errors=50)  # backoff never polls faster
+    assert [slow.after_round(0, [], [flaky]).sleep for _ in range(3)] == [900, 900, 900]
 
 
-def test_poller_a_permanent_error_ends_the_wait_at_once_even_beside_an_ended_batch():
+def test_poller_a_permanent_error_gives_up_that_batch_at_once_and_reports_the_ended_ones_too():
     from openai_batch_airflow.triggers import BatchPoller, PollError
 
-    poller = BatchPoller(["a", "b"], poll_interval=1, max_consecutive_errors=10)
-    step = poller.after_round(
-        0, [summary("a", "completed")], [PollError("b", "HTTP 404: no such batch", False)]
-    )
+    poller = BatchPoller(["a", "b", "c"], poll_interval=1, max_consecutive_errors=10)
+    polled = [summary("a", "completed"), summary("c", "in_progress")]
+    step = poller.after_round(0, polled, [PollError("b", "HTTP 404: no such batch", False)])
     assert step.event == {
-        "status": "error",
-        "batch_id": "b",
-        "message": "polling batch b failed: HTTP 404: no such batch",
+        "status": "done",
+        "ended": [polled[0]],
+        "failed": [{"batch_id": "b", "message": "polling batch b failed: HTTP 404: no such batch"}],
     }
 
 
@@ -266,10 +302,11 @@ def test_poller_deadline_and_wake_up():
     )  # cut short to meet the wake-up
     assert poller.before_round(500).event == {"status": "wake"}
     step = BatchPoller(["a", "b"], 60, 3, deadline=1000.0).before_round(1000.5)
-    assert (
-        step.event["status"] == "error"
-        and "batches a, b have not ended by the deadline" in step.event["message"]
-    )
+    assert [f["batch_id"] for f in step.event["failed"]] == ["a", "b"]
+    assert "batch a has not ended by its deadline" in step.event["failed"][0]["message"]
+    own = BatchPoller(["a", "b"], 60, 3, deadline=5000.0, deadlines={"b": 900.0})  # b's own deadline first
+    assert own.before_round(800) is None
+    assert [f["batch_id"] for f in own.before_round(901).event["failed"]] == ["b"]
     # nothing to poll, only a wake-up: sleep until it
     idle = BatchPoller([], poll_interval=60, max_consecutive_errors=3, wake_at=30.0)
     assert idle.before_round(0) is None and idle.after_round(0, [], []).sleep == 30

@@ -31,6 +31,7 @@ __all__ = [
     "is_retryable",
     "select_retryable",
     "write_followup",
+    "write_unfinished",
 ]
 
 #: ``error.code`` values (on lines without an HTTP response) that are worth a resubmit.
@@ -187,6 +188,48 @@ def write_followup(
         "unknown": len(missing),
         "unknown_ids": _name_ids(missing),
     }
+
+
+def write_unfinished(
+    shard_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    code: str,
+    message: str,
+    by_line: Mapping[int, str] | None = None,
+) -> int:
+    """Write an error-file line for every request of ``shard_path`` (a request file whose batch never gave
+    an outcome: it failed validation, was refused, or could no longer be followed), so the merge gives
+    each of its rows a precise error instead of "no result".
+
+    Each line is ``{"id", "custom_id", "response": null, "error": {"code": code, "message": ...}}``, the
+    shape of the service's own error file; the merge reads it like one (a later line wins, an error never
+    replaces an answer, so rows answered by an earlier round keep their answer). ``by_line`` gives the
+    message for some 1-based lines of ``shard_path`` (the service named them); the others get
+    ``message``. Written to a temporary name and renamed: ``out_path`` is whole or absent. Returns the
+    number of lines written (a custom_id twice in the shard is written once).
+    """
+    by_line = dict(by_line or {})
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    seen: set[str] = set()
+    try:
+        with open(shard_path, "rb") as src, open(tmp, "w", encoding="utf-8") as dst:
+            for number, raw in enumerate(src, start=1):
+                cid = _line_custom_id(raw) if raw.strip() else None
+                if cid is None or cid in seen:
+                    continue
+                seen.add(cid)
+                error = {"code": code, "message": by_line.get(number, message)}
+                line = {"id": f"unfinished-{len(seen)}", "custom_id": cid, "response": None, "error": error}
+                dst.write(json.dumps(line, ensure_ascii=False) + "\n")
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return len(seen)
 
 
 def count_result_lines(path: str | os.PathLike | None) -> int:

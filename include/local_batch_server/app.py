@@ -632,8 +632,14 @@ def create_app(
             if cfg.api_key and path.startswith("/v1"):
                 if not bearer_matches(request.headers.get("authorization"), cfg.api_key):
                     return error_response(401, "Incorrect API key provided.", None, "invalid_api_key")
+            if cfg.latency_seconds and path.startswith("/v1"):
+                await asyncio.sleep(cfg.latency_seconds)
             for fault in list(cfg.http_faults):
                 if fault.method not in ("*", request.method.upper()) or not re.search(fault.path, path):
+                    continue
+                if fault.batch is not None and (
+                    fault.batch >= len(store.batch_order) or store.batch_order[fault.batch] not in path
+                ):
                     continue
                 if fault.times is not None:
                     fault.times -= 1

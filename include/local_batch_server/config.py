@@ -73,6 +73,8 @@ class HttpFault(BaseModel):
     ``retry_after_ms`` (optional) adds a ``retry-after-ms`` header, which the openai client honours.
     ``after``: handle the call for real first, then answer with the error instead of its response
     (the "created, but the response was lost" case: a retry must not create a second batch).
+    ``batch``: only calls whose path names the N-th batch created since the last reset (0-based), e.g. a
+    404 for one batch of a group while the others answer.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -84,6 +86,7 @@ class HttpFault(BaseModel):
     message: str | None = None
     retry_after_ms: int | None = None
     after: bool = False
+    batch: int | None = Field(default=None, ge=0)
 
 
 class ResultFaults(BaseModel):
@@ -139,6 +142,8 @@ class ServerConfig(BaseModel):
     """Requests are answered progressively over this duration (in up to 50 steps)."""
     finalizing_seconds: float = Field(default=0.3, ge=0)
     cancelling_seconds: float = Field(default=0.2, ge=0)
+    latency_seconds: float = Field(default=0.0, ge=0, le=60)
+    """Every ``/v1`` call is answered this much later (calls in flight overlap, as with a real service)."""
 
     # --- limits -----------------------------------------------------------------------------------
     max_requests_per_file: int = Field(default=50_000, ge=1)

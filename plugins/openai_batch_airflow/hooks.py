@@ -2,8 +2,9 @@
 
 The hook builds on the provider's :class:`~airflow.providers.openai.hooks.openai.OpenAIHook` (connection
 type ``openai``; its host may be any OpenAI-compatible base URL, its password is the API key). It is the
-one place that builds OpenAI clients: tasks, the sensor and the trigger get it from a ``hook`` (a cached
-property, or :func:`openai_batch_airflow.tasks.hook` for the task functions) and call its methods.
+one place that builds OpenAI clients: tasks, the waiting operator and the trigger get it from a ``hook``
+(a cached property, or :func:`openai_batch_airflow.tasks.hook` for the task functions) and call its
+methods.
 
 Upload and create happen at most once per task generation (see :mod:`openai_batch_airflow.submit` for the
 recorded :class:`~openai_batch_airflow.submit.Intent`): a retry re-attaches to what an earlier try made,
@@ -172,11 +173,22 @@ class OpenAIBatchHook(OpenAIHook):
     def cancel(self, batch_id: str) -> Any:
         return self.conn.batches.cancel(batch_id)
 
-    async def acancel(self, batch_id: str) -> Any:
-        """Cancel with a client of its own, closed at once (called when a waiting task is killed, after
-        its polling may have closed the shared one)."""
+    async def acancel_all(self, batch_ids: list[str], concurrency: int = 16) -> dict[str, Any]:
+        """Cancel every batch of ``batch_ids`` through one client of its own (closed at the end: called when a
+        waiting task is killed, after its polling may have closed the shared one), at most
+        ``concurrency`` calls at a time; returns ``{batch_id: Batch or the exception its cancel raised}``."""
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(client: AsyncOpenAI, batch_id: str) -> Any:
+            async with gate:
+                try:
+                    return await client.batches.cancel(batch_id)
+                except Exception as exc:
+                    return exc
+
         async with await self.aget_conn() as client:
-            return await client.batches.cancel(batch_id)
+            outcomes = await asyncio.gather(*(one(client, b) for b in batch_ids))
+        return dict(zip(batch_ids, outcomes, strict=True))
 
     def enqueued_tokens(self, model: str) -> int:
         """Estimated prompt tokens (metadata ``est_prompt_tokens``) of this pipeline's batches for

@@ -9,8 +9,13 @@ An operator, not a sensor: besides waiting it submits batches of its own.
   shard. Permanent failures (4xx) are not resubmitted.
 * **Enqueued token limit.** A batch that fails validation with ``token_limit_exceeded`` is created
   again from the same input file after ``token_limit_wait`` seconds (the trigger wakes the task then: no
-  worker is held meanwhile), up to ``token_limit_retries`` times. Other validation failures fail the task
-  with the service's messages, each mapped back to the request's ``custom_id`` (= CSV row).
+  worker is held meanwhile), up to ``token_limit_retries`` times.
+* **One shard's trouble is that shard's.** A batch that fails validation (the service's messages mapped
+  back to each request's ``custom_id`` = CSV row), a shard whose upload or create was refused, a batch
+  that can no longer be polled (404, persistent errors) or that outlives its deadline: that shard ends
+  with a problem naming it, its rows get that precise error (``unfinished``, written by ``download``),
+  and the group's other batches are waited for as usual. The merge then lands every row and fails the
+  run, naming the problems: nothing another batch answered is thrown away.
 * **Kill means cancel.** With ``cancel_on_kill`` (default), killing, clearing or marking the waiting
   task cancels its batches (the trigger's ``on_kill`` while deferred; :meth:`on_kill` here while the task
   itself runs).
@@ -21,7 +26,9 @@ trigger polls the group's running batches, and every batch's progress is logged.
 
 Returns the group with, for each shard, ``batch`` (its final summary), ``batches`` (every batch of the
 shard in order, round 0 then follow-ups, each with its round, so ``download`` and ``merge`` take the latest
-outcome of every row) and ``problems`` (what could not be finished, e.g. a refused follow-up).
+outcome of every row), ``problems`` (what could not be finished, e.g. a refused follow-up) and
+``unfinished`` (None, or the error for every request of ``path`` that never got an outcome: ``code``,
+``message``, ``lines`` = messages the service gave for some 1-based lines).
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from openai_batch_airflow import storage
 from openai_batch_airflow.status import BatchStatus
-from openai_batch_airflow.submit import generation, intent
+from openai_batch_airflow.submit import generation, intent, refused
 from openai_batch_airflow.triggers import (
     OpenAIBatchTrigger,
     batch_summary,
@@ -146,8 +153,10 @@ class OpenAIBatchWaitOperator(BaseOperator):
         return None
 
     def execute(self, context: Any) -> Any:
+        self._interval()  # a bad value fails now, not after the first wait
         shards = self.shards
-        origin = [s["batch_id"] for s in shards]
+        self._check(shards)
+        origin = [s.get("batch_id") for s in shards]
         state = self._load(context, None)
         if state is not None and state.get("origin") == origin:
             self.log.info(
@@ -157,27 +166,47 @@ class OpenAIBatchWaitOperator(BaseOperator):
                 ),
             )
         else:
-            state = {
-                "origin": origin,
-                "shards": [
-                    {
-                        "index": int(m.get("index", 0)),
-                        "round": 0,
-                        "token_waits": 0,
-                        "batch_id": m["batch_id"],
-                        "input_file_id": m.get("input_file_id"),
-                        "shard_path": m.get("path"),
-                        "history": [],
-                        "problems": [],
-                        "retry_at": None,
-                        "deadline": None,
-                        "done": False,
-                    }
-                    for m in shards
-                ],
-            }
+            state = {"origin": origin, "shards": [self._start(m) for m in shards]}
+        self._current = self._running(state)
         active = [sh for sh in state["shards"] if not sh["done"] and sh["batch_id"]]
         return self._advance(context, state, [], look=active)
+
+    def _check(self, shards: list[dict[str, Any]]) -> None:
+        """A group the operator can wait for: distinct shard indices, each shard with a batch or the reason
+        it has none."""
+        indices = [int(m.get("index", 0)) for m in shards]
+        twice = sorted({i for i in indices if indices.count(i) > 1})
+        if twice:
+            raise AirflowFailException(f"the group lists shard(s) {twice} more than once")
+        for m in shards:
+            if not m.get("batch_id") and not m.get("refused"):
+                raise AirflowFailException(
+                    f"shard {m.get('index', 0)} has no batch_id (and no reason it has none): {m!r:.300}"
+                )
+
+    def _start(self, m: dict[str, Any]) -> dict[str, Any]:
+        """A shard's state at the start of the wait (a shard whose upload or create was refused is over)."""
+        sh = {
+            "index": int(m.get("index", 0)),
+            "round": 0,
+            "token_waits": 0,
+            "batch_id": m.get("batch_id"),
+            "input_file_id": m.get("input_file_id"),
+            "shard_path": m.get("path"),
+            "history": [],
+            "problems": [],
+            "retry_at": None,
+            "deadline": None,
+            "done": False,
+            "unfinished": None,
+        }
+        if not sh["batch_id"]:
+            self._give_up(sh, "batch_refused", str(m["refused"]))
+        return sh
+
+    @staticmethod
+    def _running(state: dict[str, Any]) -> list[str]:
+        return [sh["batch_id"] for sh in state["shards"] if not sh["done"] and sh["batch_id"]]
 
     def execute_complete(
         self, context: Any, event: dict[str, Any] | None = None, state: dict[str, Any] | None = None
@@ -190,6 +219,13 @@ class OpenAIBatchWaitOperator(BaseOperator):
         state = self._load(context, state)
         if state is None:
             raise AirflowException("the wait's state was lost; clear the task to start its shards again")
+        self._current = self._running(state)
+        for failure in event.get("failed") or []:
+            which = failure.get("batch_id")
+            sh = next((s for s in state["shards"] if not s["done"] and s["batch_id"] == which), None)
+            if sh is not None:
+                message = str(failure.get("message") or "waiting for it failed")
+                self._give_up(sh, "wait_stopped", f"{message}; its requests got no outcome here")
         return self._advance(context, state, list(event.get("ended") or []))
 
     def _advance(
@@ -202,11 +238,19 @@ class OpenAIBatchWaitOperator(BaseOperator):
         """Settle every batch that ended (resubmit, re-create after a token-limit pause, or finish its
         shard), look once at each batch submitted meanwhile, then defer for the ones still running; return
         the group's outcome once every shard has one."""
+        import openai
+
         by_id = {s["id"]: s for s in ended}
         look = list(look)
         while True:
             for sh in look:
-                summary = batch_summary(self.hook.retrieve(sh["batch_id"]))
+                try:
+                    summary = batch_summary(self.hook.retrieve(sh["batch_id"]))
+                except openai.APIError as exc:  # the trigger polls it, and decides what an error means
+                    self.log.warning("batch %s: could not look at it now (%s); the trigger polls it",
+                                     sh["batch_id"], exc)  # fmt: skip
+                    sh["deadline"] = sh["deadline"] or time.time() + 24 * 3600 + float(self.expiry_margin)
+                    continue
                 self.log.info(progress_line(summary))
                 sh["deadline"] = (summary.get("expires_at") or time.time() + 24 * 3600) + float(
                     self.expiry_margin
@@ -223,7 +267,8 @@ class OpenAIBatchWaitOperator(BaseOperator):
                 before = sh["batch_id"]
                 self._on_terminal(context, sh, summary)
                 if not sh["done"] and sh["batch_id"] and sh["batch_id"] != before:
-                    look.append(sh)  # a follow-up batch
+                    self._current.append(sh["batch_id"])  # a follow-up batch
+                    look.append(sh)
             now = time.time()
             for sh in state["shards"]:
                 if (
@@ -232,8 +277,9 @@ class OpenAIBatchWaitOperator(BaseOperator):
                     and sh["retry_at"] is not None
                     and sh["retry_at"] <= now
                 ):
-                    self._recreate(context, sh)
-                    look.append(sh)
+                    if self._recreate(context, sh):
+                        self._current.append(sh["batch_id"])
+                        look.append(sh)
             if not look:
                 break
         waiting = [sh for sh in state["shards"] if not sh["done"]]
@@ -242,9 +288,9 @@ class OpenAIBatchWaitOperator(BaseOperator):
         running = [sh for sh in waiting if sh["batch_id"]]
         self._current = [sh["batch_id"] for sh in running]
         wakes = [sh["retry_at"] for sh in waiting if not sh["batch_id"] and sh["retry_at"] is not None]
-        deadline = min((sh["deadline"] for sh in running if sh["deadline"]), default=None)
+        deadlines = {sh["batch_id"]: sh["deadline"] for sh in running if sh["deadline"]}
         wake_at = min(wakes, default=None)
-        until = min(t for t in (deadline, wake_at) if t is not None) if (deadline or wake_at) else time.time()
+        until = min([*deadlines.values(), *([wake_at] if wake_at is not None else [])], default=time.time())
         self._save(context, state)
         self.defer(
             trigger=OpenAIBatchTrigger(
@@ -252,26 +298,54 @@ class OpenAIBatchWaitOperator(BaseOperator):
                 conn_id=self.conn_id,
                 poll_interval=self._interval(),
                 max_consecutive_errors=self.max_consecutive_errors,
-                deadline=deadline,
                 cancel_on_kill=self._cancel_flag(),
                 wake_at=wake_at,
+                deadlines=deadlines,
             ),
             method_name="execute_complete",
             kwargs={"state": state},
             timeout=timedelta(seconds=max(until - time.time(), 0) + 600),
         )
 
-    def _recreate(self, context: Any, sh: dict[str, Any]) -> None:
-        """After a token-limit pause: create the shard's batch again from the same input file."""
-        batch = self.hook.create_once(
-            intent(context, f"token-retry-{sh['index']}-{sh['round']}-{sh['token_waits']}"),
-            metadata=self._metadata(context, sh),
-            input_file_id=sh["input_file_id"],
-            endpoint=sh["history"][-1]["endpoint"],
-            completion_window="24h",
-        )
+    def _recreate(self, context: Any, sh: dict[str, Any]) -> bool:
+        """After a token-limit pause: create the shard's batch again from the same input file. False when
+        the service refuses (the shard then ends with that problem); a transient error goes up (the task's
+        retry resumes the wait and re-attaches to a batch this try may have made)."""
+        try:
+            batch = self.hook.create_once(
+                intent(context, f"token-retry-{sh['index']}-{sh['round']}-{sh['token_waits']}"),
+                metadata=self._metadata(context, sh),
+                input_file_id=sh["input_file_id"],
+                endpoint=sh["history"][-1]["endpoint"],
+                completion_window="24h",
+            )
+        except Exception as exc:
+            if not refused(exc):
+                raise
+            sh["retry_at"] = None
+            why = "creating the batch again after the token-limit pause was refused"
+            self._give_up(sh, "batch_refused", f"{why}: {type(exc).__name__}: {exc}")
+            return False
         self.log.info("shard %s: re-created the batch after the token-limit pause: %s", sh["index"], batch.id)
         sh["batch_id"], sh["retry_at"] = batch.id, None
+        return True
+
+    def _give_up(
+        self, sh: dict[str, Any], code: str, message: str, lines: dict[int, str] | None = None
+    ) -> None:
+        """End a shard whose current requests got no outcome: say so (a problem, logged as an error) and
+        record the error its rows get (``unfinished``; ``lines``: messages for some 1-based lines of the
+        request file). The group's other shards go on."""
+        sh["done"] = True
+        sh["unfinished"] = {
+            "code": code,
+            "message": message,
+            "lines": {str(k): v for k, v in (lines or {}).items()},
+            "path": sh["shard_path"],
+        }
+        problem = f"shard {sh['index']}: {message}"
+        self.log.error("%s", problem)
+        sh["problems"].append(problem)
 
     # -- outcomes ---------------------------------------------------------------------------------
     def _on_terminal(self, context: Any, sh: dict[str, Any], summary: dict[str, Any]) -> None:
@@ -301,9 +375,12 @@ class OpenAIBatchWaitOperator(BaseOperator):
         shards = []
         for m in self.shards:
             sh = by_index[int(m.get("index", 0))]
-            shards.append(
-                {**m, "batch": sh["history"][-1], "batches": sh["history"], "problems": sh["problems"]}
-            )
+            last = sh["history"][-1] if sh["history"] else {
+                "id": sh["batch_id"], "status": None, "round": sh["round"], "endpoint": None,
+                "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            }  # fmt: skip
+            shards.append({**m, "batch": last, "batches": sh["history"], "problems": sh["problems"],
+                           "unfinished": sh.get("unfinished")})  # fmt: skip
         base = dict(self.group) if isinstance(self.group, dict) and "shards" in self.group else {}
         return {**base, "shards": shards}
 
@@ -323,16 +400,18 @@ class OpenAIBatchWaitOperator(BaseOperator):
             )
             sh["batch_id"], sh["retry_at"] = None, time.time() + wait
             return
-        details = "; ".join(self._describe_error(e, sh) for e in summary.get("errors") or [])
+        errors = summary.get("errors") or []
+        details = "; ".join(self._describe_error(e, sh) for e in errors)
         if sh["round"] > 0:  # a follow-up: what earlier rounds answered is merged, the run then fails
             earlier = sh["history"][-2] if len(sh["history"]) > 1 else summary
             self._refused_followup(sh, earlier, f"failed validation: {details or 'no details'}",
                                    summary["request_counts"].get("total") or 0)  # fmt: skip
             sh["done"] = True
             return
-        raise AirflowFailException(
-            f"batch {summary['id']} failed validation: {details or 'no details given'}"
-        )
+        why = f"batch {summary['id']} failed validation"
+        lines = {e["line"]: f"{why}: {self._describe_error(e, sh)}" for e in errors
+                 if isinstance(e.get("line"), int) and e["line"] > 0}  # fmt: skip
+        self._give_up(sh, "batch_failed", f"{why}: {details or 'no details'}", lines)
 
     def _describe_error(self, error: dict[str, Any], sh: dict[str, Any]) -> str:
         text = f"{error.get('code')}: {error.get('message')}"
@@ -401,7 +480,7 @@ class OpenAIBatchWaitOperator(BaseOperator):
                 completion_window="24h",
             )
         except Exception as exc:
-            if not _refused(exc):
+            if not refused(exc):
                 raise  # transient: the task's retry resumes here
             # the answers we have are kept and merged; the rows keep their last error; the run fails
             sh["round"] = nxt - 1
@@ -446,19 +525,6 @@ class OpenAIBatchWaitOperator(BaseOperator):
                 self.log.warning("task killed: cancelled batch %s", batch_id)
             except Exception as exc:  # best effort: the task is going away
                 self.log.warning("could not cancel batch %s: %s", batch_id, exc)
-
-
-#: HTTP statuses that mean "no": trying again will not change the answer. Anything else (408, 409, 429,
-#: 5xx, a lost connection) may have gone through or may pass next time: the task's retry looks for what
-#: it recorded first (never a second batch), then tries again.
-REFUSED_STATUSES = frozenset({400, 401, 403, 404, 405, 413, 415, 422})
-
-
-def _refused(exc: BaseException) -> bool:
-    """An API error that trying again will not fix (:data:`REFUSED_STATUSES`)."""
-    import openai
-
-    return isinstance(exc, openai.APIStatusError) and exc.status_code in REFUSED_STATUSES
 
 
 def _custom_id_at_line(path: Any, line: int) -> str | None:

@@ -1,7 +1,7 @@
 """``BatchStatus``: what each status a batch can report means to the pipeline.
 
-A module of its own, without the openai client, so the sensor and the trigger (imported when a DAG is
-parsed) name statuses without loading the client; :mod:`openai_batch_airflow.hooks` re-exports it.
+A module of its own, without the openai client, so the waiting operator and the trigger (imported when a
+DAG is parsed) name statuses without loading the client; :mod:`openai_batch_airflow.hooks` re-exports it.
 """
 
 from __future__ import annotations

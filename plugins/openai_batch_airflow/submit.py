@@ -39,6 +39,19 @@ def transient_errors() -> tuple[type[BaseException], ...]:
     return (openai.APIConnectionError, openai.RateLimitError, openai.InternalServerError)
 
 
+#: HTTP statuses that mean "no": trying again will not change the answer. Anything else (408, 409, 429,
+#: 5xx, a lost connection) may have gone through or may pass next time: the task's retry looks for what
+#: it recorded first (never a second batch), then tries again.
+REFUSED_STATUSES = frozenset({400, 401, 403, 404, 405, 413, 415, 422})
+
+
+def refused(exc: BaseException) -> bool:
+    """An API error that trying again will not fix (:data:`REFUSED_STATUSES`)."""
+    import openai
+
+    return isinstance(exc, openai.APIStatusError) and exc.status_code in REFUSED_STATUSES
+
+
 def generation(context: Any) -> int:
     """The same number across a task's automatic retries; a new one each time it is cleared."""
     ti = context["ti"]

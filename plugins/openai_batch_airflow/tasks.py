@@ -198,22 +198,35 @@ def estimate_cost(manifest_path: str, cfg: RunConfig) -> dict[str, Any]:
 
 
 def upload(group: dict[str, Any], conn_id: str, context: Any) -> dict[str, Any]:
-    """Upload the group's shards in order; a retry re-attaches to the files an earlier try uploaded."""
+    """Upload the group's shards in order; a retry re-attaches to the files an earlier try uploaded. A
+    shard the service refuses (a 4xx, e.g. a file too large) is marked ``refused`` with the reason and the
+    others go on (its rows get that error in the merge, and the run fails then, naming it)."""
     from batchpipe.naming import safe_name
-    from openai_batch_airflow.submit import intent
+    from openai_batch_airflow.submit import intent, refused
 
     api = hook(conn_id)
     prefix = f"{safe_name(context['dag'].dag_id)}-{safe_name(context['run_id'])}"
     shards = []
     for shard in group["shards"]:
         index = int(shard["index"])
-        with storage.local_copy(shard["path"], shard.get("storage_conn_id")) as local:
-            uploaded = api.upload_once(
-                local, f"{prefix}-shard-{index:05d}", intent(context, f"upload-{index}")
-            )
+        try:
+            with storage.local_copy(shard["path"], shard.get("storage_conn_id")) as local:
+                uploaded = api.upload_once(
+                    local, f"{prefix}-shard-{index:05d}", intent(context, f"upload-{index}")
+                )
+        except Exception as exc:
+            if not refused(exc):
+                raise  # may pass next time: the task's retry re-attaches to what this try uploaded
+            shards.append({**shard, "refused": f"the upload of {shard['path']} was refused: {_said(exc)}"})
+            log.error("shard %s: %s", index, shards[-1]["refused"])
+            continue
         log.info("shard %s: uploaded %s (%d bytes) as %s", index, shard["path"], shard["bytes"], uploaded.id)
         shards.append({**shard, "input_file_id": uploaded.id})
     return {**group, "shards": shards}
+
+
+def _said(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:2000]
 
 
 def create(group: dict[str, Any], params: dict[str, Any], context: Any) -> dict[str, Any]:
@@ -223,9 +236,10 @@ def create(group: dict[str, Any], params: dict[str, Any], context: Any) -> dict[
     With ``max_enqueued_tokens`` the shards go out in waves: a shard whose estimated prompt tokens
     would push this model's enqueued total over the limit waits (the task is rescheduled, no worker
     held; the shards before it keep their batches) until earlier batches finish. A shard is never held
-    back when nothing is enqueued.
+    back when nothing is enqueued. A shard whose upload was refused is passed on as it is; one whose
+    create is refused is marked ``refused`` and the others go on.
     """
-    from openai_batch_airflow.submit import intent
+    from openai_batch_airflow.submit import intent, refused
 
     dag_id, run_id = context["dag"].dag_id, context["run_id"]
     cfg = RunConfig.resolve(params, run_id)
@@ -233,6 +247,9 @@ def create(group: dict[str, Any], params: dict[str, Any], context: Any) -> dict[
     shards = []
     for shard in group["shards"]:
         index = int(shard["index"])
+        if shard.get("refused"):
+            shards.append(shard)
+            continue
         recorded = intent(context, f"create_batch-{index}")
         metadata = {
             "dag_id": dag_id[:512],
@@ -261,13 +278,20 @@ def create(group: dict[str, Any], params: dict[str, Any], context: Any) -> dict[
                     limit,
                 )
                 raise AirflowRescheduleException(datetime.now(UTC) + timedelta(seconds=cfg.check_interval))
-        batch = api.create_once(
-            recorded,
-            metadata=metadata,
-            input_file_id=shard["input_file_id"],
-            endpoint=cfg.endpoint,
-            completion_window=cfg.completion_window,
-        )
+        try:
+            batch = api.create_once(
+                recorded,
+                metadata=metadata,
+                input_file_id=shard["input_file_id"],
+                endpoint=cfg.endpoint,
+                completion_window=cfg.completion_window,
+            )
+        except Exception as exc:
+            if not refused(exc):
+                raise  # may pass next time: the task's retry re-attaches to a batch this try made
+            shards.append({**shard, "refused": f"creating the batch was refused: {_said(exc)}"})
+            log.error("shard %s: %s", index, shards[-1]["refused"])
+            continue
         log.info("shard %s: batch %s (%d requests)", index, batch.id, shard["requests"])
         shards.append({**shard, "batch_id": batch.id})
     return {**group, "shards": shards}
@@ -281,16 +305,32 @@ def download(group: dict[str, Any], conn_id: str) -> dict[str, Any]:
 
 
 def _download_shard(api: Any, waited: dict[str, Any]) -> dict[str, Any]:
+    from batchpipe.resubmit import write_unfinished
+    from openai_batch_airflow.status import BatchStatus
+
     index = int(waited["index"])
-    folder = storage.location(waited["work_dir"], waited.get("storage_conn_id")) / "results"
-    batches = waited.get("batches") or [waited["batch"]]
+    conn = waited.get("storage_conn_id")
+    folder = storage.location(waited["work_dir"], conn) / "results"
+    batches = [b for b in waited.get("batches") or [waited["batch"]] if b.get("id")]
     files: list[str] = []
     problems = list(waited.get("problems") or [])  # what the wait could not finish (a refused follow-up)
     with storage.scratch() as tmp:
         for summary in batches:
+            if not BatchStatus.ended(summary.get("status")):
+                continue  # never ended here (given up on): nothing to fetch
             stored, found = api.download_results(summary, folder, index, tmp)
             files += [where for where, _ in stored]
             problems += [p for p in found if p not in problems]
+        unfinished = waited.get("unfinished")
+        if unfinished:  # every request of that file gets the shard's error (answers already in stay)
+            name = f"shard-{index:05d}.r{len(batches)}.unfinished.jsonl"
+            with storage.local_copy(unfinished["path"], conn) as requests:
+                lines = {int(k): v for k, v in (unfinished.get("lines") or {}).items()}
+                code, message = unfinished["code"], unfinished["message"]
+                written = write_unfinished(requests, tmp / name, code, message, lines)
+            storage.publish(tmp / name, folder / name)
+            files.append(storage.shown(folder / name))
+            log.warning("shard %s: %d request(s) got no outcome: %s", index, written, unfinished["message"])
     return {
         "index": index,
         "batch_ids": [b["id"] for b in batches],

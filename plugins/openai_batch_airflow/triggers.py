@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from openai_batch_airflow.status import BatchStatus
+from openai_batch_airflow.submit import refused
 
 if TYPE_CHECKING:
     from openai_batch_airflow.hooks import OpenAIBatchHook
@@ -78,8 +79,9 @@ def progress_line(summary: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class PollError:
-    """One poll that failed: the batch, what went wrong, and whether trying again may help (429, 5xx, a lost
-    connection, a timeout) or not (401, 404, ...)."""
+    """One poll that failed: the batch, what went wrong, and whether trying again may help (408, 409, 429,
+    5xx, a lost connection, a timeout, an answer that does not parse) or not (the statuses of
+    :data:`~openai_batch_airflow.submit.REFUSED_STATUSES`: 401, 404, ...)."""
 
     batch_id: str
     text: str
@@ -98,15 +100,19 @@ class BatchPoller:
     """The trigger's decisions, without I/O: given what one round of polls saw, end the wait (with which
     event) or poll again (after how long). Unit-tested without a triggerer or a server.
 
-    * A batch that ended ends the wait: ``{"status": "done", "ended": [summaries]}`` (every batch that
-      ended in that round; the operator decides what each outcome means and waits again for the rest).
-    * A permanent polling error ends it at once: ``{"status": "error", "batch_id", "message"}``.
-    * Transient errors are counted per batch, in a row; the wait ends when one batch reaches
-      ``max_consecutive_errors``; until then the next round comes after a backoff (doubling from
-      ``poll_interval``, at most 300 s).
-    * ``deadline`` (Unix time) passed with batches still running: an error event.
-    * ``wake_at`` (Unix time) reached: ``{"status": "wake"}`` (a batch the operator holds back, waiting for
-      room under the enqueued-token limit, is due); the sleep before it is cut short to meet it.
+    The wait ends with ``{"status": "done", "ended": [summaries], "failed": [{"batch_id", "message"}]}`` as
+    soon as a round has news for the operator, which settles those batches and waits again for the rest:
+
+    * ``ended``: every batch that reached a terminal status in the round.
+    * ``failed``: every batch that can no longer be followed: a permanent polling error (401, 404, ...),
+      ``max_consecutive_errors`` transient ones in a row (429, 5xx, a lost connection or a timeout; until
+      then the next round comes after a backoff, doubling from ``poll_interval`` up to
+      ``max(poll_interval, 300 s)``), or its deadline passed (``deadlines[batch_id]``, else ``deadline``).
+      One batch's trouble never ends the others' wait: the operator finishes that shard with the message
+      and waits on.
+
+    ``wake_at`` (Unix time) reached: ``{"status": "wake"}`` (a batch the operator holds back, waiting for
+    room under the enqueued-token limit, is due); the sleep before it is cut short to meet it.
     """
 
     MAX_BACKOFF = 300.0
@@ -118,53 +124,74 @@ class BatchPoller:
         max_consecutive_errors: int,
         deadline: float | None = None,
         wake_at: float | None = None,
+        deadlines: dict[str, float] | None = None,
     ) -> None:
         self.batch_ids = list(batch_ids)
         self.poll_interval = float(poll_interval)
         self.max_consecutive_errors = int(max_consecutive_errors)
         self.deadline = deadline
+        self.deadlines = {b: float(d) for b, d in (deadlines or {}).items() if d is not None}
         self.wake_at = wake_at
         self.failures: dict[str, int] = {}
 
+    def deadline_of(self, batch_id: str) -> float | None:
+        return self.deadlines.get(batch_id, self.deadline)
+
     def before_round(self, now: float) -> Step | None:
         """The event that ends the wait before polling (a deadline passed, a wake-up due), else None."""
-        if self.deadline is not None and now > self.deadline and self.batch_ids:
-            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.deadline))
-            which = f"batch {self.batch_ids[0]} has" if len(self.batch_ids) == 1 else (
-                f"batches {', '.join(self.batch_ids)} have")  # fmt: skip
-            message = f"{which} not ended by the deadline ({when}, the expiry plus a margin); stopped waiting"
-            return Step(self._error(self.batch_ids[0], message))
+        late = []
+        for batch_id in self.batch_ids:
+            deadline = self.deadline_of(batch_id)
+            if deadline is not None and now > deadline:
+                when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(deadline))
+                late.append(self._failure(batch_id, (
+                    f"batch {batch_id} has not ended by its deadline ({when}, its expiry plus a margin); "
+                    "stopped waiting for it")))  # fmt: skip
+        if late:
+            return Step(self._done([], late))
         if self.wake_at is not None and now >= self.wake_at:
             return Step({"status": "wake"})
         return None
 
     def after_round(self, now: float, polled: list[dict[str, Any]], errors: list[PollError]) -> Step:
         """What the round's ``polled`` summaries and ``errors`` mean."""
-        for error in errors:
-            if not error.transient:
-                return Step(
-                    self._error(error.batch_id, f"polling batch {error.batch_id} failed: {error.text}")
-                )
-        ended = [s for s in polled if BatchStatus.ended(s.get("status"))]
-        if ended:
-            return Step({"status": "done", "ended": ended})
+        failed = [
+            self._failure(e.batch_id, f"polling batch {e.batch_id} failed: {e.text}")
+            for e in errors
+            if not e.transient
+        ]
         for summary in polled:
             self.failures.pop(summary.get("id"), None)
         worst = 0
-        for error in errors:
+        for error in (e for e in errors if e.transient):
             count = self.failures[error.batch_id] = self.failures.get(error.batch_id, 0) + 1
             if count >= self.max_consecutive_errors:
-                return Step(self._error(error.batch_id, (
+                failed.append(self._failure(error.batch_id, (
                     f"gave up waiting for batch {error.batch_id} after {count} consecutive polling errors; "
                     f"last: {error.text}")))  # fmt: skip
             worst = max(worst, count)
-        sleep = min(self.poll_interval * 2 ** (worst - 1), self.MAX_BACKOFF) if worst else self.poll_interval
+        ended = [s for s in polled if BatchStatus.ended(s.get("status"))]
+        if ended or failed:
+            return Step(self._done(ended, failed))
+        if worst:
+            sleep = min(self.poll_interval * 2 ** (worst - 1), max(self.MAX_BACKOFF, self.poll_interval))
+        else:
+            sleep = self.poll_interval
         if self.wake_at is not None:
             sleep = max(min(sleep, self.wake_at - now), 0.0)
         return Step(sleep=sleep)
 
     @staticmethod
+    def _done(ended: list[dict[str, Any]], failed: list[dict[str, str]]) -> dict[str, Any]:
+        return {"status": "done", "ended": ended, "failed": failed}
+
+    @staticmethod
+    def _failure(batch_id: str, message: str) -> dict[str, str]:
+        return {"batch_id": batch_id, "message": message}
+
+    @staticmethod
     def _error(batch_id: str, message: str) -> dict[str, Any]:
+        """The wait could not start at all (no client): the operator's task fails and its retry resumes."""
         return {"status": "error", "batch_id": batch_id, "message": message}
 
 
@@ -175,18 +202,20 @@ class OpenAIBatchTrigger(BaseTrigger):
     finish or be cancelled closes it. The batches are polled one after another in each round.
 
     Yields exactly one event (see :class:`BatchPoller`): ``done`` with the summaries
-    (:func:`batch_summary`) of the batches that ended, ``wake`` at ``wake_at``, or ``error`` (a permanent
-    API error at once, e.g. 401/404; transient ones, 429, 5xx, connection errors and timeouts, only after
-    ``max_consecutive_errors`` failed polls of a batch in a row, with backoff between; a passed deadline).
+    (:func:`batch_summary`) of the batches that ended and the batches that can no longer be followed (a
+    permanent API error, e.g. 401/404; transient ones, 429, 5xx, connection errors and timeouts, only after
+    ``max_consecutive_errors`` failed polls of a batch in a row, with backoff between; a passed deadline),
+    ``wake`` at ``wake_at``, or ``error`` when no client can be built from the connection.
 
     :param batch_ids: the batches to wait for (may be empty while ``wake_at`` is set).
     :param conn_id: Airflow connection of type ``openai`` (its host may be any OpenAI-compatible
         base URL).
     :param poll_interval: seconds between rounds of polls.
     :param max_consecutive_errors: transient polling failures of one batch in a row that end the wait.
-    :param deadline: Unix time after which the wait ends with an error. The operator sets it from the
-        batches' own ``expires_at`` plus a margin, so a restarted triggerer keeps the same deadline (it is
-        part of the serialized trigger, not measured from the trigger's start).
+    :param deadline: Unix time after which a batch without an entry in ``deadlines`` is given up on.
+    :param deadlines: per batch id, the Unix time after which it is given up on. The operator sets them
+        from each batch's own ``expires_at`` plus a margin, so a restarted triggerer keeps the same
+        deadlines (they are part of the serialized trigger, not measured from the trigger's start).
     :param cancel_on_kill: cancel the batches when a user kills, clears or marks the waiting task
         (Airflow calls :meth:`on_kill` then; not on triggerer restarts or redistribution).
     :param wake_at: Unix time at which to end the wait with a ``wake`` event even though no batch ended.
@@ -201,6 +230,7 @@ class OpenAIBatchTrigger(BaseTrigger):
         deadline: float | None = None,
         cancel_on_kill: bool = True,
         wake_at: float | None = None,
+        deadlines: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         if isinstance(batch_ids, str):  # one id is a list of one, not a list of characters
@@ -212,6 +242,7 @@ class OpenAIBatchTrigger(BaseTrigger):
         self.deadline = float(deadline) if deadline is not None else None
         self.cancel_on_kill = bool(cancel_on_kill)
         self.wake_at = float(wake_at) if wake_at is not None else None
+        self.deadlines = {str(b): float(d) for b, d in (deadlines or {}).items() if d is not None}
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -224,6 +255,7 @@ class OpenAIBatchTrigger(BaseTrigger):
                 "deadline": self.deadline,
                 "cancel_on_kill": self.cancel_on_kill,
                 "wake_at": self.wake_at,
+                "deadlines": dict(self.deadlines),
             },
         )
 
@@ -235,16 +267,11 @@ class OpenAIBatchTrigger(BaseTrigger):
 
     def poller(self) -> BatchPoller:
         return BatchPoller(self.batch_ids, self.poll_interval, self.max_consecutive_errors, self.deadline,
-                           self.wake_at)  # fmt: skip
+                           self.wake_at, self.deadlines)  # fmt: skip
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         import openai
 
-        transient = (
-            openai.APIConnectionError,  # includes APITimeoutError
-            openai.RateLimitError,
-            openai.InternalServerError,
-        )
         poller = self.poller()
         if self.batch_ids:
             try:
@@ -264,18 +291,16 @@ class OpenAIBatchTrigger(BaseTrigger):
                 for batch_id in self.batch_ids:
                     try:
                         summary = batch_summary(await self.hook.aretrieve(batch_id))
-                    except transient as exc:
-                        errors.append(PollError(batch_id, _describe(exc), True))
-                        self.log.warning("polling batch %s failed (%d/%d in a row): %s", batch_id,
-                                         poller.failures.get(batch_id, 0) + 1, self.max_consecutive_errors,
-                                         _describe(exc))  # fmt: skip
+                    except openai.APIError as exc:  # refused (401, 404, ...): at once; else after a few
+                        errors.append(PollError(batch_id, _describe(exc), not refused(exc)))
+                        if not refused(exc):
+                            count = poller.failures.get(batch_id, 0) + 1
+                            self.log.warning("polling batch %s failed (%d/%d in a row): %s", batch_id, count,
+                                             self.max_consecutive_errors, _describe(exc))  # fmt: skip
                         continue
-                    except openai.APIError as exc:
-                        errors.append(PollError(batch_id, _describe(exc), False))
-                        break
                     polled.append(summary)
                     self.log.info(progress_line(summary))
-                    if note := unknown_status_note(summary, self.deadline):
+                    if note := unknown_status_note(summary, poller.deadline_of(batch_id)):
                         self.log.warning(note)
                 step = poller.after_round(time.time(), polled, errors)
                 if step.event is not None:
@@ -287,19 +312,24 @@ class OpenAIBatchTrigger(BaseTrigger):
 
     async def on_kill(self) -> None:
         """The waiting task was killed, cleared or marked by a user: cancel the batches (billing stops; what
-        they finished is kept by the service). Never raises."""
-        for batch_id in self.batch_ids:
-            if not self.cancel_on_kill:
-                self.log.info("batch %s left running (cancel_on_kill is off)", batch_id)
-                continue
-            try:
-                batch = await self.hook.acancel(batch_id)
-            except Exception as exc:  # never raises: the task is going away whatever the service says
+        they finished is kept by the service), all at once through one client, so a big group is cancelled
+        within the triggerer's time for ``on_kill``. Never raises."""
+        if not self.cancel_on_kill:
+            self.log.info("batch(es) %s left running (cancel_on_kill is off)", ", ".join(self.batch_ids))
+            return
+        try:
+            outcomes = await self.hook.acancel_all(self.batch_ids)
+        except Exception as exc:  # never raises: the task is going away whatever the service says
+            self.log.error("could not cancel batch(es) %s after the waiting task was stopped: %s",
+                           ", ".join(self.batch_ids), _describe(exc))  # fmt: skip
+            return
+        for batch_id, outcome in outcomes.items():
+            if isinstance(outcome, BaseException):
                 self.log.error("could not cancel batch %s after the waiting task was stopped: %s", batch_id,
-                               _describe(exc))  # fmt: skip
-                continue
-            self.log.warning("waiting task was stopped by a user: cancelled batch %s (%s)", batch_id,
-                             batch.status)  # fmt: skip
+                               _describe(outcome))  # fmt: skip
+            else:
+                self.log.warning("waiting task was stopped by a user: cancelled batch %s (%s)", batch_id,
+                                 outcome.status)  # fmt: skip
 
 
 def _describe(exc: BaseException) -> str:
