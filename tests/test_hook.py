@@ -217,6 +217,30 @@ def test_the_async_side_retrieves_and_cancels(hook, server, tmp_path):
     assert hook.retrieve(batch.id).status in ("cancelling", "cancelled")
 
 
+def test_a_poll_that_hangs_is_given_up_within_its_timeout(hook, server, tmp_path, monkeypatch):
+    import time as clock
+
+    from openai_batch_airflow import hooks
+
+    batch = submit(hook, tmp_path)
+    monkeypatch.setattr(hooks, "POLL_TIMEOUT_SECONDS", 0.3)
+    server.set_config({"latency_seconds": 5})
+
+    async def poll():
+        try:
+            return await hook.aretrieve(batch.id)
+        finally:
+            await hook.aclose()
+
+    started = clock.monotonic()
+    try:
+        with pytest.raises(openai.APITimeoutError):
+            asyncio.run(poll())
+    finally:
+        server.set_config({"latency_seconds": 0})
+    assert clock.monotonic() - started < 4  # the client's retries included, far under one hung call
+
+
 def test_cancelling_many_batches_goes_out_concurrently(hook, server, tmp_path):
     import time as clock
 

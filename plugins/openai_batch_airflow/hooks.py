@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 #: Downloads of a batch's result files before a broken download is accepted as it is (and named).
 DOWNLOAD_ATTEMPTS = 3
+#: Seconds one poll of a batch may take (the client's default is 600): a trigger polls its batches one
+#: after another, so a hung call must not stall the others for long.
+POLL_TIMEOUT_SECONDS = 30.0
 #: How far back the listings look for this pipeline's batches: nothing older can still be running (24 h
 #: completion window plus a margin).
 ACTIVE_WINDOW_SECONDS = 26 * 3600
@@ -165,10 +168,11 @@ class OpenAIBatchHook(OpenAIHook):
 
     # -- batches ----------------------------------------------------------------------------------
     def retrieve(self, batch_id: str) -> Any:
-        return self.conn.batches.retrieve(batch_id)
+        return self.conn.batches.retrieve(batch_id, timeout=POLL_TIMEOUT_SECONDS)
 
     async def aretrieve(self, batch_id: str) -> Any:
-        return await (await self.aconn()).batches.retrieve(batch_id)
+        """One poll, given up after :data:`POLL_TIMEOUT_SECONDS` (a timeout is a transient poll error)."""
+        return await (await self.aconn()).batches.retrieve(batch_id, timeout=POLL_TIMEOUT_SECONDS)
 
     def cancel(self, batch_id: str) -> Any:
         return self.conn.batches.cancel(batch_id)
