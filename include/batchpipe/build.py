@@ -40,6 +40,7 @@ from .images import (
     is_store_url,
 )
 from .options import BuildOptions
+from .schema import SCHEMA_NAME, check_columns
 
 T = TypeVar("T")
 
@@ -199,6 +200,16 @@ def make_body(opts: BuildOptions, prompt: str, image_url: str | None) -> dict[st
             body[key] = opts.max_tokens
         if opts.temperature is not None:
             body["temperature"] = opts.temperature
+    checked = opts.checked_schema if opts.response_schema is not None else None
+    if checked is not None and opts.endpoint == "/v1/responses":
+        body["text"] = {
+            "format": {"type": "json_schema", "name": SCHEMA_NAME, "strict": True, "schema": checked.schema}
+        }
+    elif checked is not None:
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": SCHEMA_NAME, "strict": True, "schema": checked.schema},
+        }
     if opts.extra_body:
         body.update(opts.extra_body)
     return body
@@ -295,6 +306,10 @@ def _prepare(
             f"{path}: the input already has column(s) {', '.join(repr(c) for c in clashes)}, which the "
             f"merged results add (output columns: {', '.join(OUTPUT_COLUMNS)}); rename them first"
         )
+    if opts.checked_schema is not None:
+        check_columns(
+            opts.checked_schema, header, OUTPUT_COLUMNS, opts.output_prefix, f"{path}: response_schema"
+        )
     if is_store_url(opts.image_base_dir):
         base_dir: Path | str = opts.image_base_dir.rstrip("/")
     else:
@@ -355,7 +370,9 @@ def validate_csv(
     size, magic bytes) but not encoded. ``allowed_roots``: folders the CSV and image files must be in
     (None: anywhere; default: ``OPENAI_BATCH_ALLOWED_ROOTS``, read now). Returns ``{"file", "columns",
     "rows_in_file", "rows_selected", "valid", "invalid", "first_invalid": [{"row", "line", "column",
-    "error"}, ... up to 10]}`` (``row`` 0-based, ``line`` the row's first physical line of the file).
+    "error"}, ... up to 10], "answer_columns", "schema_notes"}`` (``row`` 0-based, ``line`` the row's first
+    physical line of the file; ``answer_columns``: the columns a ``response_schema`` adds, ``schema_notes``:
+    what was added to it, e.g. ``additionalProperties: false``).
     """
     plan = _prepare(csv_path, opts, allowed_roots, url_fs)
     o = plan.opts
@@ -381,6 +398,7 @@ def validate_csv(
         valid += 1
     if selected == 0:
         raise csvio.no_rows_error(plan.path, o.start_row, o.end_row, rows_in_file)
+    checked = o.checked_schema
     return {
         "file": plan.path,
         "columns": plan.header,
@@ -389,6 +407,8 @@ def validate_csv(
         "valid": valid,
         "invalid": invalid,
         "first_invalid": examples,
+        "answer_columns": checked.columns(o.output_prefix) if checked else [],
+        "schema_notes": list(checked.notes) if checked else [],
     }
 
 

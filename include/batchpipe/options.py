@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 from .errors import InputError
 from .paths import clip
+
+if TYPE_CHECKING:
+    from .schema import CheckedSchema
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/responses", "/v1/embeddings")
 IMAGE_DETAILS = ("auto", "low", "high")
@@ -28,6 +32,8 @@ OWNED_BODY_FIELDS = {
 _INT_FIELDS = ("start_row", "end_row", "max_requests_per_batch", "max_batch_bytes", "max_tokens")
 _FLOAT_FIELDS = ("temperature", "max_image_mb")
 _OPTIONAL_STR_FIELDS = ("prompt_template", "system_prompt", "image_column", "id_column", "image_base_dir")
+#: Request-body fields a ``response_schema`` sets, by endpoint: ``extra_body`` may not set them too.
+SCHEMA_BODY_FIELDS = {"/v1/chat/completions": "response_format", "/v1/responses": "text"}
 
 
 @dataclass
@@ -50,6 +56,11 @@ class BuildOptions:
     max_image_mb: float = 20.0
     #: Folder that relative image paths resolve against; None = the CSV's own folder.
     image_base_dir: str | None = None
+    #: A JSON Schema (an object with properties) every answer must follow (strict structured outputs);
+    #: each top-level property becomes a results column. None = free text.
+    response_schema: dict | None = field(default=None)
+    #: Put before each answer column's name (``answer_`` → ``answer_sentiment``).
+    output_prefix: str = ""
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> BuildOptions:
@@ -69,14 +80,16 @@ class BuildOptions:
                 value = None
             elif key in _INT_FIELDS or key in _FLOAT_FIELDS:
                 value = _coerce_number(key, value, float if key in _FLOAT_FIELDS else int)
-            elif key == "extra_body" and isinstance(value, str):
+            elif key in ("extra_body", "response_schema") and isinstance(value, str):
                 if value.strip() == "":
                     value = None
                 else:
                     try:
                         value = json.loads(value)
                     except json.JSONDecodeError as exc:
-                        raise InputError(f"option extra_body: not valid JSON ({exc})") from None
+                        raise InputError(f"option {key}: not valid JSON ({exc})") from None
+            elif key == "response_schema" and value == {}:
+                value = None  # an empty form field
             kwargs[key] = value
         return cls(**kwargs)
 
@@ -85,6 +98,16 @@ class BuildOptions:
         if d["extra_body"] is not None:
             d["extra_body"] = dict(d["extra_body"])
         return d
+
+    @cached_property
+    def checked_schema(self) -> CheckedSchema | None:
+        """``response_schema`` checked against strict structured outputs, as it is sent (None: none);
+        :class:`InputError` naming the offending place. Read once: set the options before asking."""
+        if self.response_schema is None:
+            return None
+        from .schema import check_response_schema
+
+        return check_response_schema(self.response_schema, "option response_schema")
 
     def validate(self) -> BuildOptions:
         """Raise InputError for a bad value. Returns self so calls can be chained."""
@@ -142,6 +165,23 @@ class BuildOptions:
             if self.extra_body and key in self.extra_body:
                 use = OWNED_BODY_FIELDS[key]
                 raise InputError(f"option extra_body may not set {key!r}: the pipeline sets it; use {use}")
+        if not isinstance(self.output_prefix, str) or any(
+            ord(c) < 32 or ord(c) == 127 for c in self.output_prefix
+        ):
+            raise bad("output_prefix", "must be text without control characters")
+        if self.response_schema is not None:
+            if self.endpoint == "/v1/embeddings":
+                raise bad(
+                    "response_schema", "embeddings have no answer to shape; leave it empty for /v1/embeddings"
+                )
+            if not isinstance(self.response_schema, dict):
+                raise bad("response_schema", "must be a JSON object (a JSON Schema)")
+            owned = SCHEMA_BODY_FIELDS[self.endpoint]
+            if self.extra_body and owned in self.extra_body:
+                raise InputError(
+                    f"option extra_body may not set {owned!r} with a response_schema: the schema sets it"
+                )
+            self.checked_schema  # noqa: B018 (checked now: InputError before anything is read)
         return self
 
 

@@ -1,0 +1,231 @@
+"""batchpipe.schema: a response schema is refused before anything is sent when strict structured outputs
+would refuse it, naming the place; what is sent has additionalProperties: false everywhere."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from batchpipe import InputError
+from batchpipe.build import OUTPUT_COLUMNS
+from batchpipe.schema import MAX_DEPTH, check_columns, check_response_schema
+
+REVIEW = {
+    "type": "object",
+    "properties": {
+        "sentiment": {"type": "string", "enum": ["positive", "neutral", "negative"]},
+        "score": {"type": "number", "minimum": 0, "maximum": 1},
+        "topics": {"type": "array", "items": {"type": "string"}, "maxItems": 5},
+        "spam": {"type": "boolean"},
+        "product": {
+            "type": ["object", "null"],
+            "properties": {"name": {"type": "string"}, "price": {"type": ["number", "null"]}},
+            "required": ["name", "price"],
+        },
+    },
+    "required": ["sentiment", "score", "topics", "spam", "product"],
+}
+
+
+def test_a_good_schema_is_sent_with_additional_properties_false_everywhere_and_says_so():
+    given = copy.deepcopy(REVIEW)
+    checked = check_response_schema(given)
+    assert given == REVIEW  # the caller's schema is not changed
+    assert checked.properties == ("sentiment", "score", "topics", "spam", "product")
+    assert checked.columns("answer_") == [f"answer_{p}" for p in checked.properties]
+    assert checked.schema["additionalProperties"] is False
+    assert checked.schema["properties"]["product"]["additionalProperties"] is False
+    assert checked.notes == (
+        '$: added "additionalProperties": false (strict mode needs it)',
+        '$.properties.product: added "additionalProperties": false (strict mode needs it)',
+    )
+    assert check_response_schema(json.dumps(REVIEW)).schema == checked.schema  # JSON text from a form or CLI
+    again = check_response_schema(checked.schema)
+    assert again.schema == checked.schema and again.notes == ()
+
+
+def with_(path: list, value, base=REVIEW) -> dict:
+    schema = copy.deepcopy(base)
+    node = schema
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return schema
+
+
+@pytest.mark.parametrize(
+    ("schema", "message"),
+    [
+        ([1, 2], "must be a JSON object"),
+        ("{not json", "not valid JSON"),
+        ({"type": "array", "items": {"type": "string"}}, 'the root must have "type": "object"'),
+        ({"anyOf": [{"type": "object", "properties": {}}]}, "the root may not be anyOf"),
+        ({"type": "object", "properties": {}}, 'needs "properties": at least one'),
+        (with_(["properties", "score", "type"], 5), "not a valid JSON Schema at $.properties.score.type"),
+        (
+            with_(["properties", "score", "type"], "decimal"),
+            "at $.properties.score.type: 'decimal' is not valid",
+        ),
+        (with_(["properties", "spam", "default"], False), "$.properties.spam: 'default' is not allowed"),
+        (
+            with_(["properties", "sentiment", "minLength"], 2),
+            "$.properties.sentiment: 'minLength' is not supported",
+        ),
+        (with_(["properties", "spam", "pattern"], "x"), "'pattern' does not apply to type 'boolean'"),
+        (with_(["properties", "sentiment", "format"], "iso-4217"), "format 'iso-4217' is not one of"),
+        (with_(["allOf"], [{"type": "object"}]), "$: 'allOf' is not allowed"),
+        (with_(["required"], ["sentiment", "score"]), "missing: 'topics', 'spam', 'product'"),
+        (with_(["required"], [*REVIEW["required"], "ghost"]), "\"required\" names 'ghost'"),
+        (with_(["additionalProperties"], True), '"additionalProperties" must be false'),
+        (
+            with_(["properties", "product", "additionalProperties"], {"type": "string"}),
+            '$.properties.product: "additionalProperties" must be false',
+        ),
+        (with_(["properties", "topics"], {"type": "array"}), '$.properties.topics: an array needs "items"'),
+        (with_(["properties", "tag"], {"$ref": "#/$defs/tag"}), "names no definition"),
+        (with_(["properties", "tag"], {"$ref": "https://example.com/s.json"}), "must point into this schema"),
+        (with_(["properties", "x"], {"description": "anything"}), "$.properties.x: needs a type"),
+        (with_(["properties", "bad\nname"], {"type": "string"}), "cannot be a column name"),
+    ],
+)
+def test_a_schema_strict_mode_would_refuse_is_refused_naming_the_place(schema, message):
+    if isinstance(schema, dict) and "properties" in schema and schema is not REVIEW:
+        schema["required"] = schema.get("required", [])
+        for name in schema["properties"]:
+            if name not in schema["required"] and "missing:" not in message:
+                schema["required"].append(name)
+    with pytest.raises(InputError) as exc:
+        check_response_schema(schema)
+    assert str(exc.value).startswith("response_schema: ") and message in str(exc.value), str(exc.value)
+
+
+def test_definitions_and_references_are_checked_too():
+    schema = with_(["properties", "tag"], {"$ref": "#/$defs/tag"})
+    schema["required"].append("tag")
+    schema["$defs"] = {
+        "tag": {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]}
+    }
+    checked = check_response_schema(schema)
+    assert checked.schema["$defs"]["tag"]["additionalProperties"] is False
+    schema["$defs"]["tag"]["properties"]["label"]["default"] = ""
+    with pytest.raises(InputError, match=r"\$\.\$defs\.tag\.properties\.label: 'default' is not allowed"):
+        check_response_schema(schema)
+
+
+def nested(levels: int) -> dict:
+    node: dict = {"type": "string"}
+    for _ in range(levels):
+        node = {"type": "object", "properties": {"x": node}, "required": ["x"]}
+    return node
+
+
+def test_the_limits_of_strict_mode():
+    check_response_schema(nested(MAX_DEPTH))
+    with pytest.raises(InputError, match=f"nest {MAX_DEPTH + 1} levels deep"):
+        check_response_schema(nested(MAX_DEPTH + 1))
+    many = {f"p{i}": {"type": "string"} for i in range(5_001)}
+    with pytest.raises(InputError, match="5,001 object properties in all; strict mode allows 5,000"):
+        check_response_schema({"type": "object", "properties": many, "required": list(many)})
+    enums = {f"e{i}": {"type": "string", "enum": [str(j) for j in range(101)]} for i in range(10)}
+    with pytest.raises(InputError, match="1,010 enum values in all"):
+        check_response_schema({"type": "object", "properties": enums, "required": list(enums)})
+    big = {"type": "string", "enum": [f"{j:060d}" for j in range(260)]}
+    with pytest.raises(
+        InputError, match="an enum of 260 strings may hold 15,000 characters in all, not 15,600"
+    ):
+        check_response_schema({"type": "object", "properties": {"big": big}, "required": ["big"]})
+
+
+def test_an_answer_column_may_not_collide_with_an_input_or_output_column():
+    checked = check_response_schema(REVIEW)
+    header = ["id", "prompt", "score"]
+    with pytest.raises(
+        InputError, match="property 'score' would land in column 'score', which the input CSV"
+    ):
+        check_columns(checked, header, OUTPUT_COLUMNS)
+    assert check_columns(checked, header, OUTPUT_COLUMNS, prefix="a_")[1] == "a_score"
+    clash = with_(["properties", "error"], {"type": "string"})
+    clash["required"].append("error")
+    with pytest.raises(InputError, match="column 'error', which the results use for their own"):
+        check_columns(check_response_schema(clash), ["id", "prompt"], OUTPUT_COLUMNS)
+
+
+# -- carried by the options, the validation and every request -------------------------------------------
+def sample_csv(tmp_path, header=("id", "review")):
+    path = tmp_path / "reviews.csv"
+    path.write_text(",".join(header) + "\n001,Great value\n002,Broke after a day\n", encoding="utf-8")
+    return path
+
+
+def test_requests_carry_the_schema_as_each_endpoint_wants_it(tmp_path):
+    from batchpipe import BuildOptions, build_jsonl
+
+    sent = check_response_schema(REVIEW).schema
+    chat = BuildOptions(prompt_column="review", response_schema=REVIEW)
+    out = build_jsonl(sample_csv(tmp_path), chat, tmp_path / "chat")
+    lines = [json.loads(x) for x in open(out["shards"][0]["path"], encoding="utf-8")]
+    assert [x["body"]["messages"][-1]["content"] for x in lines] == ["Great value", "Broke after a day"]
+    assert all(
+        x["body"]["response_format"]
+        == {"type": "json_schema", "json_schema": {"name": "row_answer", "strict": True, "schema": sent}}
+        for x in lines
+    )
+    responses = BuildOptions(
+        prompt_column="review", endpoint="/v1/responses", response_schema=json.dumps(REVIEW)
+    )
+    out = build_jsonl(
+        sample_csv(tmp_path), BuildOptions.from_dict(responses.to_dict()), tmp_path / "responses"
+    )
+    (line, _) = [json.loads(x) for x in open(out["shards"][0]["path"], encoding="utf-8")]
+    assert line["body"]["text"] == {
+        "format": {"type": "json_schema", "name": "row_answer", "strict": True, "schema": sent}
+    }
+    assert "response_format" not in line["body"]
+
+
+def test_validation_names_the_answer_columns_and_what_was_added(tmp_path):
+    from batchpipe import BuildOptions, validate_csv
+
+    summary = validate_csv(sample_csv(tmp_path), BuildOptions(prompt_column="review", response_schema=REVIEW,
+                                                              output_prefix="a_"))  # fmt: skip
+    assert summary["answer_columns"] == ["a_sentiment", "a_score", "a_topics", "a_spam", "a_product"]
+    assert len(summary["schema_notes"]) == 2
+    plain = validate_csv(sample_csv(tmp_path), BuildOptions(prompt_column="review"))
+    assert plain["answer_columns"] == [] and plain["schema_notes"] == []
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"endpoint": "/v1/embeddings"}, "embeddings have no answer to shape"),
+        (
+            {"extra_body": {"response_format": {"type": "json_object"}}},
+            "may not set 'response_format' with a response_schema",
+        ),
+        (
+            {"endpoint": "/v1/responses", "extra_body": {"text": {}}},
+            "may not set 'text' with a response_schema",
+        ),
+        ({"response_schema": "[1"}, "option response_schema: not valid JSON"),
+        ({"response_schema": {"type": "object", "properties": {"a": {"type": "string"}}}}, "missing: 'a'"),
+        ({"output_prefix": "a\tb"}, "output_prefix"),
+    ],
+)
+def test_options_refuse_a_schema_that_cannot_be_sent_before_reading_the_csv(tmp_path, options, message):
+    from batchpipe import BuildOptions, validate_csv
+
+    with pytest.raises(InputError, match=message):
+        opts = BuildOptions.from_dict({"prompt_column": "review", "response_schema": REVIEW, **options})
+        validate_csv(tmp_path / "never-read.csv", opts)
+
+
+def test_a_property_named_like_an_input_column_fails_naming_the_file_and_both(tmp_path):
+    from batchpipe import BuildOptions, validate_csv
+
+    path = sample_csv(tmp_path, header=("spam", "review"))
+    with pytest.raises(InputError) as exc:
+        validate_csv(path, BuildOptions(prompt_column="review", response_schema=REVIEW))
+    assert str(exc.value).startswith(f"{path}: response_schema: property 'spam' would land in column 'spam'")
+    validate_csv(path, BuildOptions(prompt_column="review", response_schema=REVIEW, output_prefix="answer_"))
