@@ -229,3 +229,81 @@ def test_a_property_named_like_an_input_column_fails_naming_the_file_and_both(tm
         validate_csv(path, BuildOptions(prompt_column="review", response_schema=REVIEW))
     assert str(exc.value).startswith(f"{path}: response_schema: property 'spam' would land in column 'spam'")
     validate_csv(path, BuildOptions(prompt_column="review", response_schema=REVIEW, output_prefix="answer_"))
+
+
+# -- answers into typed columns ---------------------------------------------------------------------------
+def answer_line(cid: str, content: str, finish: str = "stop", refusal: str | None = None) -> dict:
+    message = {"role": "assistant", "content": None if refusal else content, "refusal": refusal}
+    body = {"choices": [{"index": 0, "message": message, "finish_reason": finish}],
+            "usage": {"prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25}}  # fmt: skip
+    return {"id": f"r-{cid}", "custom_id": cid, "response": {"status_code": 200, "body": body}, "error": None}
+
+
+def test_answers_become_typed_columns_and_the_others_say_why_not(tmp_path):
+    import csv
+
+    from batchpipe import BuildOptions, build_jsonl, merge_results
+
+    rows = ["Great value", "=cmd|' /C calc'!A0", "not json", "wrong type", "cut off", "refused", "007"]
+    src = tmp_path / "reviews.csv"
+    src.write_text("id,review\n" + "".join(f'{i:03d},"{r}"\n' for i, r in enumerate(rows)), encoding="utf-8")
+    schema = with_(["properties", "note"], {"type": ["string", "null"]})
+    schema["required"].append("note")
+    opts = BuildOptions(prompt_column="review", response_schema=schema, output_prefix="a_")
+    built = build_jsonl(src, opts, tmp_path / "build")
+    good = {"sentiment": "positive", "score": 0.9, "topics": ["price", "größe"], "spam": False,
+            "product": {"name": "Kettle", "price": None}, "note": None}  # fmt: skip
+    lines = [
+        answer_line("row-0", json.dumps(good)),
+        answer_line(
+            "row-1",
+            json.dumps({**good, "sentiment": "negative", "product": None, "topics": ['=HYPERLINK("x")']}),
+        ),  # fmt: skip
+        answer_line("row-2", "Sure! Here is the JSON you asked for"),
+        answer_line("row-3", json.dumps({**good, "score": "high"})),
+        answer_line("row-4", json.dumps(good)[:30], finish="length"),
+        answer_line("row-5", "", refusal="I can't help with that."),
+        answer_line("row-6", json.dumps({**good, "score": 1, "spam": True, "note": "=1+1"})),
+    ]
+    results = tmp_path / "out.jsonl"
+    results.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    report = merge_results(built["manifest"], [results], tmp_path / "results.csv")
+    with open(tmp_path / "results.csv", newline="", encoding="utf-8") as fh:
+        reader = csv.reader(fh)
+        header = next(reader)
+        out = [dict(zip(header, r, strict=True)) for r in reader]
+    answer = ["a_sentiment", "a_score", "a_topics", "a_spam", "a_product", "a_note"]
+    assert header == ["id", "review", *answer, *OUTPUT_COLUMNS]
+    assert [r["id"] for r in out] == [f"{i:03d}" for i in range(7)]  # every row once, in order, 007 stays
+    first = ["positive", "0.9", '["price","größe"]', "false", '{"name":"Kettle","price":null}', ""]
+    assert [out[0][c] for c in answer] == first
+    assert out[0]["response"] == json.dumps(good) and out[0]["error"] == ""
+    assert out[1]["a_product"] == "" and out[1]["a_topics"] == '["=HYPERLINK(\\"x\\")"]'
+    assert out[6]["a_note"] == "'=1+1" and out[6]["a_score"] == "1" and out[6]["a_spam"] == "true"
+    whys = [(2, "schema_mismatch: the answer is not JSON"), (3, "schema_mismatch: at $.score: 'high' is not"),
+            (4, "truncated: the answer was cut off"), (5, "refusal: I can't help with that.")]  # fmt: skip
+    for i, why in whys:
+        assert all(out[i][c] == "" for c in answer) and out[i]["error"].startswith(why), out[i]
+    assert out[2]["response"] == "Sure! Here is the JSON you asked for"  # the raw text is kept
+    assert out[4]["response"] == json.dumps(good)[:30] and out[4]["total_tokens"] == "25"
+    assert report["structured"] == {"columns": answer, "parsed": 3, "not_parsed": 3}
+    assert report["answered"] == 3 and report["failed"] == 4
+    assert report["errors_by_code"] == {"refusal": 1, "schema_mismatch": 2, "truncated": 1}
+
+
+def test_an_answer_cut_off_at_the_token_limit_is_marked_on_every_endpoint():
+    from batchpipe.results import TRUNCATED, parse_result_line
+
+    text = {"type": "message", "content": [{"type": "output_text", "text": '{"sentiment": "pos'}]}
+    for status, note in (("incomplete", TRUNCATED), ("completed", None)):
+        body = {
+            "status": status,
+            "output": [text],
+            "usage": {"input_tokens": 3, "output_tokens": 9, "total_tokens": 12},
+        }
+        line = {"custom_id": "row-0", "response": {"status_code": 200, "body": body}, "error": None}
+        o = parse_result_line(line, "/v1/responses")
+        assert o.ok and o.response == '{"sentiment": "pos' and o.error_code == note
+    chat = answer_line("row-0", "{", finish="length")
+    assert parse_result_line(chat, "/v1/chat/completions").error_code == TRUNCATED
+    assert parse_result_line(answer_line("row-0", "{}"), "/v1/chat/completions").error_code is None

@@ -21,7 +21,8 @@ from . import csvio, paths
 from .build import INVALID_NAME, MANIFEST_NAME, OUTPUT_COLUMNS, RowDigest
 from .errors import InputError
 from .options import BuildOptions
-from .results import parse_result_line
+from .results import TRUNCATED, parse_result_line
+from .schema import AnswerColumns, cell
 
 NO_RESULT = "no result returned for this request"
 REPORT_NAME = "report.json"
@@ -81,7 +82,7 @@ def merge_results(
     formula_escape: bool = True,
     write_report: bool = True,
 ) -> dict[str, Any]:
-    """Write ``out_csv`` (input columns + response, error, prompt/completion/total_tokens) and
+    """Write ``out_csv`` (input columns, answer columns, response, error, prompt/completion/total_tokens) and
     ``report.json`` beside it (``write_report=False``: not written; the caller finishes it with
     :func:`batchpipe.report.finish_report`, as the pipeline and ``batchpipe merge`` do). Returns the
     report: ``{"rows", "answered", "failed", "invalid", "errors_by_code", "tokens": {"prompt",
@@ -96,6 +97,13 @@ def merge_results(
     A line that is not JSON, or has no custom_id, counts in ``malformed_lines`` and is named in
     ``broken_lines`` (file, line, and the custom_id when it can still be read from the text: that row
     then gets a ``broken_result_line`` error rather than "no result").
+
+    With a ``response_schema`` (in the manifest's options), each answer is parsed and checked against it
+    (:class:`batchpipe.schema.AnswerColumns`): its top-level properties fill the answer columns (named after
+    them, with ``output_prefix``; :func:`batchpipe.schema.cell`), the raw text stays in ``response``. An
+    answer that is not JSON, does not follow the schema or was cut off at the token limit leaves them
+    empty and says why in ``error`` (``schema_mismatch: …`` / ``truncated: …``); the report's
+    ``structured`` counts ``parsed`` and ``not_parsed`` answers.
 
     The selected rows must be those the build read: their digest (``rows_sha256`` in the manifest) is
     checked while they are merged, and a CSV whose rows changed since the build fails with InputError
@@ -130,6 +138,11 @@ def merge_results(
     clashes = [c for c in OUTPUT_COLUMNS if c in header]
     if clashes:
         raise InputError(f"{csv_path}: the input already has column(s) {', '.join(clashes)}")
+    checked = opts.checked_schema
+    answers = AnswerColumns(checked) if checked is not None else None
+    answer_columns = checked.columns(opts.output_prefix) if checked is not None else []
+    blanks = [""] * len(answer_columns)
+    structured = Counter()
 
     out = Path(out_csv)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -200,7 +213,7 @@ def merge_results(
             # CRLF (RFC 4180): the writer then quotes a cell holding a lone CR, which with "\n" it writes
             # bare, and every reader splits the row there (an answer or input cell with "\r" in it)
             w = csv.writer(fh, quoting=csv.QUOTE_MINIMAL, lineterminator="\r\n")
-            w.writerow(header + list(OUTPUT_COLUMNS))
+            w.writerow(header + answer_columns + list(OUTPUT_COLUMNS))
             chunk: list[tuple[int, list[str]]] = []
 
             def flush() -> None:
@@ -231,30 +244,44 @@ def merge_results(
                 for (index, row), key in zip(chunk, keys, strict=True):
                     if invalid and index in invalid:
                         n_invalid += 1
-                        append(row + ["", invalid[index], "", "", ""])
+                        append(row + blanks + ["", invalid[index], "", "", ""])
                         continue
                     rec = found.get(key)
                     if rec is None:
                         n_missing += 1
-                        append(row + ["", no_result, "", "", ""])
+                        append(row + blanks + ["", no_result, "", "", ""])
                         continue
                     response, error, code, p, c, t = rec
                     sum_p += p or 0
                     sum_c += c or 0
                     sum_t += t or 0
+                    cells = blanks
+                    if error is None and answers is not None:
+                        values, code, error = answers.values(response, code)
+                        if values is None:
+                            structured["not_parsed"] += 1
+                        else:
+                            structured["parsed"] += 1
+                            cells = [cell(v) for v in values]
+                            error = None
+                            if formula_escape:
+                                for i, v in enumerate(values):
+                                    if isinstance(v, str) and v.startswith(FORMULA_START):
+                                        cells[i] = "'" + v
+                                        escaped += 1
+                    if formula_escape and response and response.startswith(FORMULA_START):
+                        response = "'" + response
+                        escaped += 1
                     if error is None:
                         n_answered += 1
-                        if formula_escape and response and response.startswith(FORMULA_START):
-                            response = "'" + response
-                            escaped += 1
-                        append(row + [response or "", "", _fmt(p), _fmt(c), _fmt(t)])
+                        append(row + cells + [response or "", "", _fmt(p), _fmt(c), _fmt(t)])
                     else:
                         n_failed += 1
                         codes[code or "error"] += 1
                         if formula_escape and error.startswith(FORMULA_START):
                             error = "'" + error
                             escaped += 1
-                        append(row + ["", error, _fmt(p), _fmt(c), _fmt(t)])
+                        append(row + cells + [response or "", error, _fmt(p), _fmt(c), _fmt(t)])
                 w.writerows(out_rows)
                 counts["rows"] += len(chunk)
                 counts["invalid"] += n_invalid
@@ -322,6 +349,12 @@ def merge_results(
         "formula_cells_escaped": escaped,
         "problems": [],
     }
+    if checked is not None:
+        report["structured"] = {
+            "columns": answer_columns,
+            "parsed": structured["parsed"],
+            "not_parsed": structured["not_parsed"],
+        }
     if codes.get("no_result"):  # sent, paid for perhaps, and no line came back: never a quiet success
         report["problems"].append(
             f"{codes['no_result']} request(s) were sent but no result line came back for them (rows marked "
@@ -429,10 +462,12 @@ def _iter_records(paths: list, endpoint: str, broken: _Broken) -> Iterator[tuple
                     if type(cid) is str and type(response) is dict and response.get("status_code") == 200:
                         body = response.get("body")
                         try:
-                            content = body["choices"][0]["message"]["content"]
+                            choice = body["choices"][0]
+                            content = choice["message"]["content"]
                         except (TypeError, KeyError, IndexError):
                             content = None
                         if type(content) is str and type(body) is dict:
+                            note = TRUNCATED if choice.get("finish_reason") == "length" else None
                             usage = body.get("usage")
                             if type(usage) is dict:
                                 p = usage.get("prompt_tokens")
@@ -443,7 +478,7 @@ def _iter_records(paths: list, endpoint: str, broken: _Broken) -> Iterator[tuple
                                     (
                                         content,
                                         None,
-                                        None,
+                                        note,
                                         p if type(p) is int else None,
                                         c if type(c) is int else None,
                                         t if type(t) is int else None,
@@ -451,7 +486,7 @@ def _iter_records(paths: list, endpoint: str, broken: _Broken) -> Iterator[tuple
                                     ),
                                 )
                             else:
-                                yield cid, (content, None, None, None, None, None, f)
+                                yield cid, (content, None, note, None, None, None, f)
                             continue
                 o = parse_result_line(obj, endpoint)
                 if o.custom_id is None:

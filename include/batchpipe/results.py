@@ -13,6 +13,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
+#: ``error_code`` of an answer (``error`` None) that was cut off at the token limit: the text is kept; a
+#: structured run cannot parse it.
+TRUNCATED = "truncated"
+
 
 @dataclass
 class Outcome:
@@ -22,7 +26,8 @@ class Outcome:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
-    error_code: str | None = None  # short key for report counts, e.g. "invalid_request", "batch_expired"
+    #: short key for report counts, e.g. "invalid_request", "batch_expired"; on an answer: TRUNCATED or None
+    error_code: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -178,7 +183,17 @@ def parse_result_line(line: Any, endpoint: str) -> Outcome:
         if code == "malformed_result":
             msg = f"malformed result: {msg}"
         return Outcome(cid, error=msg, prompt_tokens=p, completion_tokens=c, total_tokens=t, error_code=code)
-    return Outcome(cid, response=text, prompt_tokens=p, completion_tokens=c, total_tokens=t)
+    return Outcome(cid, response=text, prompt_tokens=p, completion_tokens=c, total_tokens=t,
+                   error_code=TRUNCATED if _cut_off(body, endpoint) else None)  # fmt: skip
+
+
+def _cut_off(body: dict, endpoint: str) -> bool:
+    """The answer stopped at the token limit: chat ``finish_reason: "length"``, responses ``status:
+    "incomplete"``."""
+    if endpoint == "/v1/responses":
+        return body.get("status") == "incomplete"
+    choices = body.get("choices")
+    return endpoint != "/v1/embeddings" and bool(choices) and choices[0].get("finish_reason") == "length"
 
 
 def iter_outcomes(paths: Iterable[str | os.PathLike], endpoint: str) -> Iterator[Outcome]:

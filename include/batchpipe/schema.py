@@ -24,6 +24,7 @@ The schema must also be valid JSON Schema (draft 2020-12), checked with ``jsonsc
 from __future__ import annotations
 
 import copy
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -87,8 +88,6 @@ def check_response_schema(schema: Any, what: str = "response_schema") -> Checked
     """Check ``schema`` against what strict structured outputs accept (see the module); return it as it
     is sent, or raise :class:`InputError` naming the offending place under ``what``."""
     if isinstance(schema, str):
-        import json
-
         try:
             schema = json.loads(schema)
         except ValueError as exc:
@@ -273,3 +272,52 @@ class _Walk:
         if self.chars > MAX_SCHEMA_CHARS:
             what = "characters of property names, definition names, enum and const values"
             raise self.fail("$", f"{self.chars:,} {what}; strict mode allows {MAX_SCHEMA_CHARS:,}")
+
+
+class AnswerColumns:
+    """Each answer of a structured run as its columns: the answer's JSON checked against the schema (with
+    ``jsonschema``), then one cell per top-level property, in schema order (:func:`cell`)."""
+
+    def __init__(self, checked: CheckedSchema) -> None:
+        from jsonschema import Draft202012Validator
+
+        self.properties = checked.properties
+        self.validator = Draft202012Validator(checked.schema)
+
+    def values(self, text: str | None, note: str | None = None) -> tuple[list[Any] | None, str | None, str]:
+        """``(values, None, "")`` for an answer that follows the schema (one value per top-level property,
+        in schema order; :func:`cell` makes each a CSV cell), else ``(None, code, message)``: code
+        ``truncated`` (``note`` says the answer was cut off) or ``schema_mismatch`` (not JSON, or not what
+        the schema says, naming where)."""
+        from jsonschema.exceptions import best_match
+
+        if note == "truncated":
+            return (
+                None,
+                "truncated",
+                "truncated: the answer was cut off at the token limit before its JSON ended",
+            )
+        try:
+            value = json.loads(text or "")
+        except ValueError as exc:
+            why = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+            return None, "schema_mismatch", f"schema_mismatch: the answer is not JSON ({why})"
+        error = best_match(self.validator.iter_errors(value))
+        if error is not None:
+            where = "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+            return None, "schema_mismatch", f"schema_mismatch: at {where}: {clip(error.message, 200)}"
+        return [value[name] for name in self.properties], None, ""
+
+
+def cell(value: Any) -> str:
+    """A JSON value as a CSV cell: strings as they are, numbers as JSON numbers, ``true``/``false``, null
+    empty, arrays and objects as compact JSON."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return ""
+    if value is True or value is False:
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return json.dumps(value)
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
