@@ -13,11 +13,11 @@ measured alone.
 Measured per mode: the triggerer's peak RSS (its process tree, sampled every 0.5 s), its CPU % over a
 steady window of polling, the event loop's worst lag (the probe's latest wake-up, while starting and while
 steady), polls per second (progress lines the triggers logged in the window: one per successful poll),
-then the batches are let finish together and every batch's end must be recorded (its task instance out of
-``deferred`` with a ``done`` event) within two poll intervals of its ``completed_at`` on the server
-(whole seconds, so a latency may read up to 1 s long). Exits 1 if that fails in a mode with the shared
-client.
-Not part of the test suite.
+then the batches are let finish together and every wait must end (its task instance out of ``deferred``
+with a ``done`` event naming the batch) within two poll intervals of the ``completed_at`` on the server
+of its batch (of a group: the first of its batches to end; the operator then waits again for the rest, a
+worker step not run here); whole seconds, so a latency may read up to 1 s long. Exits 1 if that fails in
+a mode with the shared client. Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import argparse
 import io
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -153,7 +154,11 @@ def polls_logged(home: Path) -> int:
 
 
 def polled_batches(home: Path) -> int:
-    return sum(1 for p in log_files(home) if b"status=" in p.read_bytes())
+    """Distinct batches whose progress a trigger logged (a trigger may poll several)."""
+    seen: set[bytes] = set()
+    for p in log_files(home):
+        seen.update(re.findall(rb"batch (\S+): status=", p.read_bytes()))
+    return len(seen)
 
 
 def db_rows(db: Path, sql: str, *args) -> list[tuple]:
@@ -242,15 +247,20 @@ def run_mode(stack, server, mode: str, n: int, file_id: str, steady: float, work
     ended = {b.id: b for b in client.batches.list(limit=100) if b.id in set(batch_ids)}
     query = "select map_index, state, updated_at, next_kwargs from task_instance where dag_id=? and run_id=? "
     rows = db_rows(stack.db, query + "and task_id='wait'", DAG_ID, run_id)
+    # A trigger ends with the first round that sees an end: with one batch per trigger that is the batch's
+    # end; for a group, the first of its batches to end (the operator then settles it and waits again for
+    # the rest, in a new trigger: a worker step this benchmark does not run). So an end is "seen" when the
+    # trigger's event names its batch, and for a group the latency is from its first batch's end.
     latencies, missing = [], []
     for map_index, state, updated_at, next_kwargs in rows:
-        for batch in (ended[b] for b in groups[map_index]):
-            # its end is in the trigger's event (a group's event names every batch that ended in the round)
-            seen = state != "deferred" and batch.status == "completed" and batch.id in str(next_kwargs)
-            if not seen:
-                missing.append(batch.id)
-                continue
-            latencies.append(parse_time(updated_at) - batch.completed_at)
+        batches = [ended[b] for b in groups[map_index]]
+        named = [
+            b for b in batches if state != "deferred" and b.status == "completed" and b.id in str(next_kwargs)
+        ]
+        if not named:
+            missing.append(groups[map_index][0])
+            continue
+        latencies.append(parse_time(updated_at) - min(b.completed_at for b in named))
     lags = json.loads(probe_out.read_text()) if probe_out.exists() else []
     start_lag = max((lag for t, lag in lags if t < all_polling + 2 * POLL), default=float("nan"))
     steady_lag = max((lag for t, lag in lags if t0 <= t <= t1), default=float("nan"))
@@ -268,6 +278,7 @@ def run_mode(stack, server, mode: str, n: int, file_id: str, steady: float, work
         "worst_lag_start_s": round(start_lag, 3),
         "worst_lag_steady_s": round(steady_lag, 3),
         "worst_lag_end_s": round(end_lag, 3),
+        "waits": len(groups),
         "ends_seen": len(latencies),
         "ends_missing": len(missing),
         "worst_end_latency_s": round(max(latencies, default=float("nan")), 1),
@@ -332,7 +343,9 @@ def main() -> int:
         Path(args.json).write_text(json.dumps(results, indent=2))
     # the goal holds for the shipped modes (shared client); one client per trigger is the comparison
     shipped = [r for r in results if r["mode"] != "per_trigger"]
-    ok = all(r["ends_missing"] == 0 and r["ends_within_2_polls"] == r["batches"] for r in shipped)
+    ok = all(
+        r["ends_missing"] == 0 and r["ends_within_2_polls"] == r.get("waits", r["batches"]) for r in shipped
+    )
     print("every end seen within two poll intervals (shared client, one trigger each or grouped):",
           "ok" if ok else "NO")  # fmt: skip
     return 0 if ok else 1
@@ -352,7 +365,7 @@ def print_table(results: list[dict]) -> None:
         "worst lag start s",
         "worst lag steady s",
         "worst lag at the end s",
-        "ends seen ≤ 2 polls",
+        "waits ended ≤ 2 polls",
         "worst end latency s",
     )
     print("| " + " | ".join(head) + " |")
@@ -369,7 +382,7 @@ def print_table(results: list[dict]) -> None:
             "worst_lag_steady_s",
             "worst_lag_end_s",
         )
-        ends = f"{r['ends_within_2_polls']} / {r['batches']}"
+        ends = f"{r['ends_within_2_polls']} / {r.get('waits', r['batches'])}"
         cells = (
             r["batches"],
             r.get("triggers", r["batches"]),

@@ -443,11 +443,13 @@ def test_finish_report_writes_the_cost_once_into_report_json_and_the_page(run):
     assert full["batches"] == BATCHES  # the API's errors and metadata are not the report's
     assert full["batch_ids"] == [] and full["problems"] == ["batch batch_b: expired"]
     # the counts are merge's, unchanged
-    assert {k: full[k] for k in run["report"] if k not in ("results_csv", "report", "problems")} == {
-        k: v for k, v in run["report"].items() if k not in ("results_csv", "report", "problems")
+    paths = ("results_csv", "results_parquet", "report", "problems")
+    assert {k: full[k] for k in run["report"] if k not in paths} == {
+        k: v for k, v in run["report"].items() if k not in paths
     }
-    assert (full["results_csv"], full["report"]) == (
+    assert (full["results_csv"], full["results_parquet"], full["report"]) == (
         "s3://bucket/out/run 1/results.csv",
+        "s3://bucket/out/run 1/results.parquet",
         "s3://bucket/out/run 1/report.json",
     )
     page = (run["csv"].parent / "report.html").read_text(encoding="utf-8")
@@ -509,7 +511,8 @@ def test_a_write_cut_short_leaves_no_partial_report(run, which):
     assert run["report_json"].read_bytes() == before
     json.loads(before)
     assert sorted(p.name for p in run["csv"].parent.iterdir()) == sorted(
-        ["results.csv", "report.json"] + (["report.html"] if which == "report.json" else [])
+        ["results.csv", "results.parquet", "report.json"]
+        + (["report.html"] if which == "report.json" else [])
     )
 
 

@@ -307,3 +307,131 @@ def test_an_answer_cut_off_at_the_token_limit_is_marked_on_every_endpoint():
     chat = answer_line("row-0", "{", finish="length")
     assert parse_result_line(chat, "/v1/chat/completions").error_code == TRUNCATED
     assert parse_result_line(answer_line("row-0", "{}"), "/v1/chat/completions").error_code is None
+
+
+def test_the_cli_takes_a_schema_from_a_file_or_as_json_and_refuses_a_bad_one(tmp_path, capsys):
+    from batchpipe.cli import main
+
+    src = sample_csv(tmp_path)
+    (tmp_path / "schema.json").write_text(json.dumps(REVIEW), encoding="utf-8")
+    schema_file = str(tmp_path / "schema.json")
+    args = [
+        "validate",
+        str(src),
+        "--prompt-column",
+        "review",
+        "--response-schema",
+        schema_file,
+        "--output-prefix",
+        "a_",
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "answer columns: a_sentiment, a_score, a_topics, a_spam, a_product" in out
+    assert 'response schema: $: added "additionalProperties": false' in out
+    bad = json.dumps(
+        {"type": "object", "properties": {"x": {"type": "string", "default": ""}}, "required": ["x"]}
+    )
+    assert main(["validate", str(src), "--prompt-column", "review", "--response-schema", bad]) == 2
+    assert "$.properties.x: 'default' is not allowed" in capsys.readouterr().err
+    assert main(["validate", str(src), "--prompt-column", "review", "--response-schema", "nope.json"]) == 2
+    assert "--response-schema nope.json: no such file" in capsys.readouterr().err
+
+
+def test_the_estimate_counts_the_schema_in_every_request(tmp_path):
+    from batchpipe import BuildOptions, build_jsonl
+    from batchpipe.estimate import estimate_build
+    from batchpipe.tokens import count_text_tokens
+
+    src = sample_csv(tmp_path)
+    plain = build_jsonl(src, BuildOptions(prompt_column="review"), tmp_path / "plain")
+    opts = BuildOptions(prompt_column="review", response_schema=REVIEW)
+    shaped = build_jsonl(src, opts, tmp_path / "shaped")
+    sent = {"name": "row_answer", "strict": True, "schema": check_response_schema(REVIEW).schema}
+    per_request = count_text_tokens(json.dumps(sent, separators=(",", ":")), "gpt-4o")
+    before, after = estimate_build(plain["manifest"]), estimate_build(shaped["manifest"])
+    assert after["prompt_tokens"] - before["prompt_tokens"] == 2 * per_request > 100
+
+
+# -- results.parquet -------------------------------------------------------------------------------------
+def test_results_parquet_has_the_types_of_the_schema_and_the_csv_cells_as_they_are(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from batchpipe import BuildOptions, build_jsonl, merge_results
+    from batchpipe import parquet as typed
+
+    monkeypatch.setattr(typed, "ROW_GROUP_ROWS", 2)  # several row groups
+    src = tmp_path / "reviews.csv"
+    src.write_text(
+        'id,review,zip\n001,Great,007\n002,"=bad",\n003,,12\n004,Fine,x\n005,Meh,\n', encoding="utf-8"
+    )
+    schema = with_(["properties", "count"], {"type": ["integer", "null"]})
+    schema["required"].append("count")
+    built = build_jsonl(src, BuildOptions(prompt_column="review", response_schema=schema), tmp_path / "build")
+    good = {"sentiment": "positive", "score": 1, "topics": ["a"], "spam": True,
+            "product": {"name": "Kettle", "price": 12.5}, "count": 3}  # fmt: skip
+    empty = {**good, "product": None, "count": None, "topics": []}
+    lines = [
+        answer_line("row-0", json.dumps(good)),
+        answer_line("row-1", "nope"),
+        answer_line("row-3", json.dumps(empty)),
+    ]
+    results = tmp_path / "out.jsonl"
+    results.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    report = merge_results(built["manifest"], [results], tmp_path / "results.csv")
+    table = pq.read_table(tmp_path / "results.parquet")
+    assert report["results_parquet"] == str((tmp_path / "results.parquet").resolve())
+    assert pq.ParquetFile(tmp_path / "results.parquet").num_row_groups == 3
+    types = {f.name: f.type for f in table.schema}
+    assert types == {
+        "id": pa.string(), "review": pa.string(), "zip": pa.string(),
+        "sentiment": pa.string(), "score": pa.float64(), "topics": pa.list_(pa.string()), "spam": pa.bool_(),
+        "product": pa.struct([pa.field("name", pa.string()), pa.field("price", pa.float64())]),
+        "count": pa.int64(), "response": pa.string(), "error": pa.string(),
+        "prompt_tokens": pa.int64(), "completion_tokens": pa.int64(), "total_tokens": pa.int64(),
+    }  # fmt: skip
+    rows = table.to_pylist()
+    assert [r["zip"] for r in rows] == ["007", "", "12", "x", ""]  # text as in the CSV, empty never null
+    assert rows[0] | {"response": None} == {
+        "id": "001", "review": "Great", "zip": "007", "sentiment": "positive", "score": 1.0, "topics": ["a"],
+        "spam": True, "product": {"name": "Kettle", "price": 12.5}, "count": 3, "response": None,
+        "error": "", "prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25,
+    }  # fmt: skip
+    assert rows[1]["sentiment"] is None and rows[1]["response"] == "nope"
+    assert rows[1]["review"] == "=bad"  # nothing escaped: a program reads it
+    assert rows[1]["error"].startswith("schema_mismatch: the answer is not JSON")
+    assert (
+        rows[2]["error"].startswith("not sent: ") and rows[2]["response"] is None and rows[2]["score"] is None
+    )
+    assert rows[3]["product"] is None and rows[3]["count"] is None and rows[3]["topics"] == []
+    assert rows[4]["error"] == "no result returned for this request" and rows[4]["total_tokens"] is None
+
+
+def test_results_parquet_without_a_schema_and_embeddings_as_float_vectors(tmp_path):
+    import base64
+    import struct
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from batchpipe import BuildOptions, build_jsonl, merge_results
+
+    src = sample_csv(tmp_path)
+    built = build_jsonl(
+        src, BuildOptions(prompt_column="review", endpoint="/v1/embeddings"), tmp_path / "build"
+    )
+    packed = base64.b64encode(struct.pack("<3f", 0.5, -1.0, 2.0)).decode()
+    lines = []
+    for cid, vector in (("row-0", [0.25, -0.5]), ("row-1", packed)):
+        data = [{"object": "embedding", "index": 0, "embedding": vector}]
+        usage = {"prompt_tokens": 2, "total_tokens": 2}
+        body = {"object": "list", "data": data, "model": "text-embedding-3-small", "usage": usage}
+        lines.append({"custom_id": cid, "response": {"status_code": 200, "body": body}, "error": None})
+    results = tmp_path / "out.jsonl"
+    results.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    merge_results(built["manifest"], [results], tmp_path / "results.csv")
+    table = pq.read_table(tmp_path / "results.parquet")
+    assert table.schema.field("response").type == pa.list_(pa.float32())
+    assert table.column("response").to_pylist() == [[0.25, -0.5], [0.5, -1.0, 2.0]]
+    assert table.column_names == ["id", "review", "response", "error", *OUTPUT_COLUMNS[2:]]

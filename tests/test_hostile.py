@@ -89,7 +89,8 @@ def test_work_dir_equal_to_output_dir_keeps_the_results(dag, server, tmp_path, s
     assert dr.state == "success", states
     (folder,) = (out / "questions").iterdir()
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["estimate.json", "estimate.md", "report.html", "report.json", "results.csv"], names
+    assert names == ["estimate.json", "estimate.md", "report.html", "report.json", "results.csv",
+                     "results.parquet"], names  # fmt: skip
     rows = read_rows(folder / "results.csv")
     assert len(rows) == 30 and sum(1 for r in rows if r["response"]) == 27
     assert json.loads((folder / "report.json").read_text())["answered"] == 27

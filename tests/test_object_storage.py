@@ -139,7 +139,7 @@ def test_s3_input_work_and_output_every_row_back_once(dag, srv, s3, scratch, tmp
     folder = csv_key.rsplit("/", 1)[0]
     assert folder.startswith("results/many/")
     assert landed == [f"{folder}/{n}" for n in ("estimate.json", "estimate.md", "report.html", "report.json",
-                                                "results.csv")]  # fmt: skip
+                                                "results.csv", "results.parquet")]  # fmt: skip
     out = csv_rows(get(s3, csv_key))
     assert [[r["id"], r["prompt"], r["zip"], r["note"]] for r in out] == rows  # 007 stays 007, "" stays ""
     assert all(r["response"] == f"ECHO: {r['prompt']}" and r["error"] == "" for r in out)

@@ -15,7 +15,7 @@ from conftest import REPO, local_openai
 
 #: The only fields that differ: where the files were written (each names its own results.csv and
 #: report.json; the CLI wrote elsewhere on purpose, so that both reports can be compared).
-PATH_FIELDS = ("results_csv", "report")
+PATH_FIELDS = ("results_csv", "results_parquet", "report")
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,11 @@ def test_batchpipe_merge_writes_the_report_the_dag_wrote(dag, server, tmp_path, 
         str(out.with_name("report.json").resolve()),
     )
     assert out.read_bytes() == (folder / "results.csv").read_bytes()
+    assert dag_report["results_parquet"] == str(folder / "results.parquet")
+    assert cli_report["results_parquet"] == str(out.with_suffix(".parquet").resolve())
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(out.with_suffix(".parquet")).equals(pq.read_table(folder / "results.parquet"))
     # the page too: the same but for where results.csv is
     dag_page = (folder / "report.html").read_text(encoding="utf-8")
     cli_page = out.with_name("report.html").read_text(encoding="utf-8")

@@ -45,6 +45,13 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--temperature", type=float)
     p.add_argument("--extra-body", help="JSON object merged into every request body")
+    p.add_argument(
+        "--response-schema",
+        metavar="FILE|JSON",
+        help="JSON Schema every answer follows (a file, or the JSON itself); each top-level property becomes "
+        "a results column",
+    )
+    p.add_argument("--output-prefix", default=d.output_prefix, help="put before each answer column's name")
     p.add_argument("--start-row", type=int, default=d.start_row, help="first data row, 0-based (inclusive)")
     p.add_argument("--end-row", type=int, help="end data row, 0-based (exclusive); default: to the end")
     p.add_argument("--max-requests-per-batch", type=int, default=d.max_requests_per_batch)
@@ -55,10 +62,23 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
 
 def _options(args: argparse.Namespace) -> BuildOptions:
     # The argparse destinations are named like the option fields; from_dict ignores the rest.
-    d = vars(args)
+    d = dict(vars(args))
+    d["response_schema"] = _json_or_file(d.get("response_schema"), "--response-schema")
     opts = BuildOptions.from_dict(d)
     opts.validate()
     return opts
+
+
+def _json_or_file(value: str | None, flag: str) -> Any:
+    """``value`` as JSON text, or the JSON in the file it names (None stays None)."""
+    if value is None or value.lstrip().startswith(("{", "[")):
+        return value
+    try:
+        return json.loads(Path(value).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{flag} {value}: no such file (give a file or the JSON itself)") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{flag} {value}: cannot read it as JSON ({exc})") from None
 
 
 def _print_invalid(examples: list[dict[str, Any]], total: int) -> None:
@@ -78,6 +98,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     print(f"columns: {', '.join(summary['columns'])}")
     print(f"rows in file: {summary['rows_in_file']}, selected: {summary['rows_selected']}")
     print(f"valid: {summary['valid']}, invalid: {summary['invalid']}")
+    if summary["answer_columns"]:
+        print(f"answer columns: {', '.join(summary['answer_columns'])}")
+    for note in summary["schema_notes"]:
+        print(f"response schema: {note}")
     _print_invalid(summary["first_invalid"], summary["invalid"])
     return 0
 

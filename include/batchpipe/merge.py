@@ -81,6 +81,7 @@ def merge_results(
     allowed_roots: list[Path] | None = paths.FROM_ENV,
     formula_escape: bool = True,
     write_report: bool = True,
+    parquet: bool = True,
 ) -> dict[str, Any]:
     """Write ``out_csv`` (input columns, answer columns, response, error, prompt/completion/total_tokens) and
     ``report.json`` beside it (``write_report=False``: not written; the caller finishes it with
@@ -149,6 +150,9 @@ def merge_results(
     fd, dbfile = tempfile.mkstemp(prefix=".merge-", suffix=".sqlite", dir=out.parent)
     os.close(fd)
     tmp_csv = out.with_name(f".{out.name}.tmp")
+    out_parquet = out.with_suffix(".parquet")
+    tmp_parquet = out_parquet.with_name(f".{out_parquet.name}.tmp")
+    typed = None
     db = sqlite3.connect(dbfile)
     id_column = opts.id_column
     try:
@@ -209,6 +213,11 @@ def merge_results(
             )
         escaped = 0
 
+        if parquet:
+            from .parquet import ParquetRows
+
+            typed = ParquetRows(tmp_parquet, header, checked, answer_columns, opts.endpoint)
+        nothing = (None, None, None)
         with open(tmp_csv, "w", encoding="utf-8", newline="") as fh:
             # CRLF (RFC 4180): the writer then quotes a cell holding a lone CR, which with "\n" it writes
             # bare, and every reader splits the row there (an answer or input cell with "\r" in it)
@@ -245,13 +254,18 @@ def merge_results(
                     if invalid and index in invalid:
                         n_invalid += 1
                         append(row + blanks + ["", invalid[index], "", "", ""])
+                        if typed:
+                            typed.add(row, None, None, invalid[index], nothing)
                         continue
                     rec = found.get(key)
                     if rec is None:
                         n_missing += 1
                         append(row + blanks + ["", no_result, "", "", ""])
+                        if typed:
+                            typed.add(row, None, None, no_result, nothing)
                         continue
                     response, error, code, p, c, t = rec
+                    values = None
                     sum_p += p or 0
                     sum_c += c or 0
                     sum_t += t or 0
@@ -269,6 +283,8 @@ def merge_results(
                                     if isinstance(v, str) and v.startswith(FORMULA_START):
                                         cells[i] = "'" + v
                                         escaped += 1
+                    if typed:  # as answered: a program reads it, nothing is escaped
+                        typed.add(row, values, response, error or "", (p, c, t))
                     if formula_escape and response and response.startswith(FORMULA_START):
                         response = "'" + response
                         escaped += 1
@@ -324,11 +340,19 @@ def merge_results(
         named = f"WHERE d > 0 ORDER BY 1 LIMIT {MAX_NAMED}"
         duplicate_ids = [f"row-{n}" for (n,) in db.execute(f"SELECT row FROM by_row {named}")]
         duplicate_ids += [cid for (cid,) in db.execute(f"SELECT custom_id FROM outcome {named}")]
+        if typed:
+            typed.close()
+            os.replace(tmp_parquet, out_parquet)
         os.replace(tmp_csv, out)
+    except BaseException:
+        if typed:
+            typed.abort()
+        raise
     finally:
         db.close()
         Path(dbfile).unlink(missing_ok=True)
         tmp_csv.unlink(missing_ok=True)
+        tmp_parquet.unlink(missing_ok=True)
 
     report = {
         "rows": counts["rows"],
@@ -339,6 +363,7 @@ def merge_results(
         "tokens": tokens,
         "batch_ids": list(batch_ids or []),
         "results_csv": str(out.resolve()),
+        "results_parquet": str(out_parquet.resolve()) if parquet else None,
         "report": str((out.parent / REPORT_NAME).resolve()),
         "unmatched_results": total_outcomes - matched,
         "malformed_lines": broken.count,

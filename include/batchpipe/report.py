@@ -587,6 +587,8 @@ def finish_report(
     full["problems"] = list(problems) + list(report.get("problems") or [])
     if shown:
         full["results_csv"], full["report"] = f"{shown}/{results_csv.name}", f"{shown}/{REPORT_NAME}"
+        if full.get("results_parquet"):
+            full["results_parquet"] = f"{shown}/{Path(full['results_parquet']).name}"
     write_report_html(
         results_csv, full, results_csv.with_name("report.html"), estimate=estimate, batches=full["batches"],
         model=model, shown=full["results_csv"], cost=cost,

@@ -68,6 +68,16 @@ their ids joined with spaces))::
      "choices": [{"index", "text", "logprobs": null, "finish_reason"}],
      "usage": {"prompt_tokens", "completion_tokens", "total_tokens"}}
 
+Structured outputs: a chat request with ``response_format: {"type": "json_schema", "json_schema":
+{"schema"}}`` or a responses request with ``text: {"format": {"type": "json_schema", "schema"}}`` is
+answered with compact JSON that follows the schema (:func:`schema_answer`), derived from the echo text
+above: strings are the echo text (a ``format`` gets a fixed value of that format), an ``enum`` / numbers
+/ integers / booleans are picked by a hash of the echo text and the property's path (numbers within
+``minimum`` / ``maximum``), arrays hold ``max(1, minItems)`` items, a null union takes its other type,
+``anyOf`` its first branch, ``$ref`` its definition. ``max_tokens`` cuts that JSON as it cuts text (then
+it is no longer JSON, ``finish_reason`` "length"). A last user message containing :data:`NOT_JSON_MARKER`
+is answered with the plain echo text instead. The responses body echoes the request's ``text`` format.
+
 A body without a string ``model`` gets a 400 ``missing_required_parameter`` error line. Ids are
 derived from sha256(batch id + custom_id), so they are stable for a given batch.
 """
@@ -77,6 +87,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import re
 import time
 import urllib.parse
@@ -91,6 +102,13 @@ from batchpipe.tokens import (
 )
 
 IMAGE_TOKENS = 85
+#: In a structured request's prompt: answer with the plain echo text, not JSON (to test the error path).
+NOT_JSON_MARKER = "[[not json]]"
+FORMAT_VALUES = {
+    "date-time": "2026-01-02T03:04:05Z", "time": "03:04:05", "date": "2026-01-02", "duration": "P1D",
+    "email": "row@example.com", "hostname": "example.com", "ipv4": "192.0.2.1", "ipv6": "2001:db8::1",
+    "uuid": "00000000-0000-4000-8000-000000000000",
+}  # fmt: skip
 TEXT_PART_TYPES = {"text", "input_text", "output_text"}
 IMAGE_PART_TYPES = {"image_url", "input_image"}
 
@@ -231,7 +249,7 @@ def chat_completion(body: dict[str, Any], seed: str = "") -> dict[str, Any]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty array.", param="messages")
-    content = _echo(messages)
+    content = _shaped(_echo(messages), _chat_schema(body))
     limit = body.get("max_completion_tokens")
     if limit is None:
         limit = body.get("max_tokens")
@@ -268,6 +286,84 @@ def chat_completion(body: dict[str, Any], seed: str = "") -> dict[str, Any]:
     }
 
 
+def _chat_schema(body: dict[str, Any]) -> Any:
+    fmt = body.get("response_format")
+    if (
+        isinstance(fmt, dict)
+        and fmt.get("type") == "json_schema"
+        and isinstance(fmt.get("json_schema"), dict)
+    ):
+        return fmt["json_schema"].get("schema")
+    return None
+
+
+def _responses_schema(body: dict[str, Any]) -> Any:
+    text = body.get("text")
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        return fmt.get("schema")
+    return None
+
+
+def _shaped(echo: str, schema: Any) -> str:
+    """The answer text: ``echo``, or with a schema the JSON that follows it (see the module docstring)."""
+    if not isinstance(schema, dict) or NOT_JSON_MARKER in echo:
+        return echo
+    return json.dumps(schema_answer(schema, echo), ensure_ascii=False, separators=(",", ":"))
+
+
+def schema_answer(schema: dict[str, Any], echo: str) -> Any:
+    """A value that follows ``schema``, derived from ``echo`` (deterministic)."""
+
+    def pick(path: str, n: int) -> int:
+        return int(hashlib.sha256(f"{echo}\x00{path}".encode()).hexdigest()[:8], 16) % max(n, 1)
+
+    def fill(node: Any, path: str, depth: int) -> Any:
+        if not isinstance(node, dict) or depth > 12:
+            return None
+        if isinstance(node.get("$ref"), str):
+            section, _, name = node["$ref"][2:].partition("/")
+            return fill(
+                (schema.get(section) or {}).get(name) if node["$ref"] != "#" else schema, path, depth + 1
+            )
+        if "const" in node:
+            return node["const"]
+        if isinstance(node.get("enum"), list) and node["enum"]:
+            return node["enum"][pick(path, len(node["enum"]))]
+        if isinstance(node.get("anyOf"), list) and node["anyOf"]:
+            branches = [b for b in node["anyOf"] if not (isinstance(b, dict) and b.get("type") == "null")]
+            return fill((branches or node["anyOf"])[0], path, depth)
+        kinds = node.get("type")
+        kinds = [kinds] if isinstance(kinds, str) else [k for k in (kinds or []) if isinstance(k, str)]
+        kind = next((k for k in kinds if k != "null"), "null")
+        if kind == "object":
+            props = node.get("properties") if isinstance(node.get("properties"), dict) else {}
+            return {name: fill(sub, f"{path}.{name}", depth + 1) for name, sub in props.items()}
+        if kind == "array":
+            low = node.get("minItems") if isinstance(node.get("minItems"), int) else 1
+            return [fill(node.get("items"), f"{path}[{i}]", depth + 1) for i in range(max(low, 1))]
+        if kind == "string":
+            return FORMAT_VALUES.get(node.get("format"), echo)
+        if kind in ("integer", "number"):
+            return number(node, path, kind == "integer")
+        if kind == "boolean":
+            return pick(path, 2) == 0
+        return None
+
+    def number(node: dict[str, Any], path: str, whole: bool) -> float | int:
+        low, high = node.get("minimum"), node.get("maximum")
+        above, below = node.get("exclusiveMinimum"), node.get("exclusiveMaximum")
+        if whole:
+            lo = int(low) if low is not None else (int(above) + 1 if above is not None else 0)
+            hi = int(high) if high is not None else (int(below) - 1 if below is not None else lo + 99)
+            return lo + pick(path, hi - lo + 1) if hi >= lo else lo
+        lo = low if low is not None else (above if above is not None else 0)
+        hi = high if high is not None else (below if below is not None else lo + 100)
+        return round(lo + (pick(path, 999) + 1) / 1000 * (hi - lo), 3)
+
+    return fill(schema, "$", 0)
+
+
 def _number(value: Any, low: float, high: float, default: float) -> float:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
     return value if ok else default
@@ -293,7 +389,8 @@ def response(body: dict[str, Any], seed: str = "") -> dict[str, Any]:
     if not isinstance(instructions, (str, list)):
         instructions = None
     limit = body.get("max_output_tokens")
-    text, truncated = _truncate(_echo(messages), limit, model)
+    text_format = body.get("text") if isinstance(body.get("text"), dict) else {"format": {"type": "text"}}
+    text, truncated = _truncate(_shaped(_echo(messages), _responses_schema(body)), limit, model)
     input_tokens = prompt_tokens(body, "/v1/responses", model)
     output_tokens = count_text_tokens(text, model)
     status = "incomplete" if truncated else "completed"
@@ -326,7 +423,7 @@ def response(body: dict[str, Any], seed: str = "") -> dict[str, Any]:
         "metadata": _metadata(body.get("metadata")),
         "temperature": _number(body.get("temperature"), 0, 2, 1.0),
         "top_p": _number(body.get("top_p"), 0, 1, 1.0),
-        "text": {"format": {"type": "text"}},
+        "text": text_format,
         "tool_choice": "auto",
         "tools": [],
         "truncation": "disabled",

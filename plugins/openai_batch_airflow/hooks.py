@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 
 #: Downloads of a batch's result files before a broken download is accepted as it is (and named).
 DOWNLOAD_ATTEMPTS = 3
-#: Seconds one poll of a batch may take (the client's default is 600): a trigger polls its batches one
-#: after another, so a hung call must not stall the others for long.
+#: Seconds one poll of a batch may take (the client's default is 600): a trigger's round of polls ends
+#: when its slowest poll does, so a hung call must not hold the others for long.
 POLL_TIMEOUT_SECONDS = 30.0
 #: How far back the listings look for this pipeline's batches: nothing older can still be running (24 h
 #: completion window plus a margin).

@@ -174,6 +174,18 @@ _PARAMS = {
         "(the params own them).",
         section=MODEL,
     ),
+    "response_schema": Param(
+        None,
+        type=_nullable("object"),
+        title="Answer schema (JSON Schema)",
+        description="Optional. Every answer is JSON following this schema (strict structured outputs) and "
+        "each top-level property becomes a results column, e.g. "
+        '{"type": "object", "properties": {"sentiment": {"type": "string", "enum": ["positive", "neutral", '
+        '"negative"]}, "score": {"type": "number"}}, "required": ["sentiment", "score"]}. Every property '
+        'must be listed in "required" (allow null for an optional one); "additionalProperties": false is '
+        "added where missing. Checked before anything is uploaded. Not for /v1/embeddings.",
+        section=MODEL,
+    ),
     # -- batching -------------------------------------------------------------------------------
     "completion_window": Param(
         "24h",
@@ -321,13 +333,22 @@ _PARAMS = {
         description="Keep the JSONL request files and downloaded batch files after a successful merge.",
         section=OUTPUT,
     ),
+    "output_prefix": Param(
+        _BUILD.output_prefix,
+        type="string",
+        pattern="^[^\\u0000-\\u001f\\u007f]*$",
+        title="Answer column prefix",
+        description="Put before each answer schema column's name (answer_ makes sentiment answer_sentiment), "
+        "e.g. when the CSV already has a column of that name.",
+        section=OUTPUT,
+    ),
     "csv_formula_escape": Param(
         True,
         type="boolean",
         title="Escape formulas in answers",
-        description="Put a ' before a response or error cell that starts with = + - @ tab or CR, so that "
-        "Excel and other spreadsheets do not run it as a formula (OWASP CSV injection). Input columns are "
-        "never changed. Turn off when a program, not a person, reads results.csv.",
+        description="Put a ' before a response, error or text answer cell that starts with = + - @ tab or "
+        "CR, so that Excel and other spreadsheets do not run it as a formula (OWASP CSV injection). Input "
+        "columns are never changed. Turn off when a program, not a person, reads results.csv.",
         section=OUTPUT,
     ),
 }

@@ -80,6 +80,10 @@ def validate(
         summary["valid"],
         summary["invalid"],
     )
+    if summary["answer_columns"]:
+        log.info("answers follow the response schema; columns: %s", ", ".join(summary["answer_columns"]))
+    for note in summary["schema_notes"]:
+        log.info("response schema: %s", note)
     problems = [describe_problem(example) for example in summary.get("first_invalid") or []]
     for problem in problems:
         log.warning("invalid %s", problem)
@@ -414,6 +418,7 @@ def merge(
 
         context["outlet_events"][RESULTS_ASSET].extra = {
             "results_csv": results_csv,
+            "results_parquet": storage.shown(folder / "results.parquet"),
             "report_json": storage.shown(folder / "report.json"),
             "input_csv": storage.shown(cfg.input_csv),
             "run_id": run_id,

@@ -199,7 +199,8 @@ class OpenAIBatchTrigger(BaseTrigger):
     """Poll one or more batches with the async OpenAI client until one of them reaches a terminal status
     (decisions: :class:`BatchPoller`). The triggers of one connection in a triggerer poll through one
     shared client (see :class:`~openai_batch_airflow.hooks.SharedAsyncClients`); the last one to end,
-    finish or be cancelled closes it. The batches are polled one after another in each round.
+    finish or be cancelled closes it. The batches of a round are polled together
+    (:attr:`ROUND_CONCURRENCY` at a time).
 
     Yields exactly one event (see :class:`BatchPoller`): ``done`` with the summaries
     (:func:`batch_summary`) of the batches that ended and the batches that can no longer be followed (a
@@ -288,19 +289,19 @@ class OpenAIBatchTrigger(BaseTrigger):
                     return
                 polled: list[dict[str, Any]] = []
                 errors: list[PollError] = []
-                for batch_id in self.batch_ids:
-                    try:
-                        summary = batch_summary(await self.hook.aretrieve(batch_id))
-                    except openai.APIError as exc:  # refused (401, 404, ...): at once; else after a few
-                        errors.append(PollError(batch_id, _describe(exc), not refused(exc)))
-                        if not refused(exc):
+                for batch_id, outcome in await self._poll_round():
+                    if isinstance(
+                        outcome, openai.APIError
+                    ):  # refused (401, 404, ...): at once; else after a few
+                        errors.append(PollError(batch_id, _describe(outcome), not refused(outcome)))
+                        if not refused(outcome):
                             count = poller.failures.get(batch_id, 0) + 1
                             self.log.warning("polling batch %s failed (%d/%d in a row): %s", batch_id, count,
-                                             self.max_consecutive_errors, _describe(exc))  # fmt: skip
+                                             self.max_consecutive_errors, _describe(outcome))  # fmt: skip
                         continue
-                    polled.append(summary)
-                    self.log.info(progress_line(summary))
-                    if note := unknown_status_note(summary, poller.deadline_of(batch_id)):
+                    polled.append(outcome)
+                    self.log.info(progress_line(outcome))
+                    if note := unknown_status_note(outcome, poller.deadline_of(batch_id)):
                         self.log.warning(note)
                 step = poller.after_round(time.time(), polled, errors)
                 if step.event is not None:
@@ -309,6 +310,25 @@ class OpenAIBatchTrigger(BaseTrigger):
                 await asyncio.sleep(step.sleep)
         finally:
             await self.hook.aclose()
+
+    #: Polls of one round in flight at once (a group's batches are polled together, not one by one).
+    ROUND_CONCURRENCY = 8
+
+    async def _poll_round(self) -> list[tuple[str, Any]]:
+        """``[(batch_id, summary or the openai.APIError its poll raised)]`` for every batch, in order;
+        at most :attr:`ROUND_CONCURRENCY` polls at a time through the trigger's client."""
+        import openai
+
+        gate = asyncio.Semaphore(self.ROUND_CONCURRENCY)
+
+        async def one(batch_id: str) -> tuple[str, Any]:
+            async with gate:
+                try:
+                    return batch_id, batch_summary(await self.hook.aretrieve(batch_id))
+                except openai.APIError as exc:
+                    return batch_id, exc
+
+        return list(await asyncio.gather(*(one(b) for b in self.batch_ids)))
 
     async def on_kill(self) -> None:
         """The waiting task was killed, cleared or marked by a user: cancel the batches (billing stops; what
