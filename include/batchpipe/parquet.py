@@ -13,8 +13,9 @@ Columns, in the order of ``results.csv``:
 * ``error``: string (``""`` when answered); ``prompt_tokens``, ``completion_tokens``, ``total_tokens``:
   ``int64``, null when unknown.
 
-Rows are buffered and written in row groups of :data:`ROW_GROUP_ROWS`, so memory does not grow with the
-input. The file is written to a temporary name and renamed by the caller when the merge succeeds.
+Rows are kept as they come and written in row groups of :data:`ROW_GROUP_ROWS`, so memory does not grow
+with the input (pyarrow itself takes about 65 MB). The file is written to a temporary name and renamed by
+the caller when the merge succeeds.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import Any
 
 from .schema import CheckedSchema
 
-ROW_GROUP_ROWS = 50_000
+ROW_GROUP_ROWS = 20_000
 TOKEN_COLUMNS = ("prompt_tokens", "completion_tokens", "total_tokens")
 _SCALARS = {"string": "string", "number": "float64", "integer": "int64", "boolean": "bool_"}
 
@@ -69,6 +70,13 @@ def converter(node: Any) -> tuple[Any, Callable[[Any], Any]]:
     return pa.string(), _json_text
 
 
+def _vector(text: str | None) -> list[float] | None:
+    try:
+        return embedding(text)
+    except (ValueError, TypeError):  # not a vector after all: kept as text in results.csv
+        return None
+
+
 def embedding(text: str | None) -> list[float] | None:
     """An embeddings answer as floats: the JSON list the merge keeps as text, or base64 float32."""
     if not text:
@@ -107,7 +115,7 @@ class ParquetRows:
         fields.append(pa.field("error", pa.string(), nullable=False))
         fields += [pa.field(name, pa.int64()) for name in TOKEN_COLUMNS]
         self.schema = pa.schema(fields)
-        self.columns: list[list[Any]] = [[] for _ in fields]
+        self.buffer: list[tuple[Any, ...]] = []
         self.rows = 0
         self.writer = pq.ParquetWriter(self.path, self.schema, compression="zstd")
 
@@ -120,38 +128,31 @@ class ParquetRows:
         tokens: tuple[int | None, int | None, int | None],
     ) -> None:
         """One row: its input cells, its parsed answer values (None: not parsed), the raw answer, the
-        error (``""``: none) and the token counts."""
-        cols = self.columns
-        for i, cell in enumerate(row):
-            cols[i].append(cell)
-        at = len(row)
-        for j, (_, convert) in enumerate(self.converters):
-            cols[at + j].append(None if values is None else convert(values[j]))
-        at += len(self.converters)
-        if self.vectors:
-            try:
-                cols[at].append(embedding(response) if not error else None)
-            except (ValueError, TypeError):  # not a vector after all: kept in results.csv
-                cols[at].append(None)
-        else:
-            cols[at].append(response)
-        cols[at + 1].append(error)
-        for k, value in enumerate(tokens):
-            cols[at + 2 + k].append(value if isinstance(value, int) else None)
-        self.rows += 1
-        if self.rows % ROW_GROUP_ROWS == 0:
+        error (``""``: none) and the token counts. Kept as it is until the row group is written."""
+        self.buffer.append((row, values, response, error, tokens))
+        if len(self.buffer) >= ROW_GROUP_ROWS:
             self._flush()
 
     def _flush(self) -> None:
         import pyarrow as pa
 
-        if not self.columns or not self.columns[0]:
+        if not self.buffer:
             return
-        arrays = [
-            pa.array(col, type=field.type) for col, field in zip(self.columns, self.schema, strict=True)
-        ]
+        rows, values, responses, errors, tokens = zip(*self.buffer, strict=True)
+        columns: list[Any] = list(zip(*rows, strict=True)) if self.header else []
+        for j, (_, convert) in enumerate(self.converters):
+            columns.append([None if v is None else convert(v[j]) for v in values])
+        if self.vectors:
+            columns.append([_vector(r) if not e else None for r, e in zip(responses, errors, strict=True)])
+        else:
+            columns.append(responses)
+        columns.append(errors)
+        for k in range(len(TOKEN_COLUMNS)):
+            columns.append([t[k] if isinstance(t[k], int) else None for t in tokens])
+        arrays = [pa.array(col, type=field.type) for col, field in zip(columns, self.schema, strict=True)]
         self.writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
-        self.columns = [[] for _ in self.schema]
+        self.rows += len(self.buffer)
+        self.buffer = []
 
     def close(self) -> None:
         self._flush()
