@@ -102,6 +102,7 @@ def test_sample_csv_every_row_back_once_in_order(dag, server, tmp_path):
         "report.html",
         "report.json",
         "results.csv",
+        "results.parquet",
     ]
 
 

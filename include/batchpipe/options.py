@@ -90,6 +90,8 @@ class BuildOptions:
                         raise InputError(f"option {key}: not valid JSON ({exc})") from None
             elif key == "response_schema" and value == {}:
                 value = None  # an empty form field
+            elif key == "output_prefix" and value is None:
+                value = ""  # an empty form field
             kwargs[key] = value
         return cls(**kwargs)
 

@@ -334,8 +334,8 @@ _PARAMS = {
         section=OUTPUT,
     ),
     "output_prefix": Param(
-        _BUILD.output_prefix,
-        type="string",
+        None,
+        type=_nullable("string"),
         pattern="^[^\\u0000-\\u001f\\u007f]*$",
         title="Answer column prefix",
         description="Put before each answer schema column's name (answer_ makes sentiment answer_sentiment), "
