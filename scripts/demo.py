@@ -169,6 +169,7 @@ def main() -> int:
             if mode == "offline":
                 say("  (offline, the local server counts tokens as the estimate does, but its answers echo")
                 say("   the prompt: a real model's are longer, closer to the estimate's 200 tokens each)")
+        say(f"  the same rows typed for programs: {results.parent / 'results.parquet'}")
         say(f"  report: {results.parent / 'report.html'} (open it in a browser) and report.json")
         say(f"  estimate made before upload: {results.parent / 'estimate.md'}")
         say()

@@ -435,3 +435,21 @@ def test_results_parquet_without_a_schema_and_embeddings_as_float_vectors(tmp_pa
     assert table.schema.field("response").type == pa.list_(pa.float32())
     assert table.column("response").to_pylist() == [[0.25, -0.5], [0.5, -1.0, 2.0]]
     assert table.column_names == ["id", "review", "response", "error", *OUTPUT_COLUMNS[2:]]
+
+
+def test_report_html_shows_the_structured_counts_with_the_column_names_escaped(tmp_path):
+    from batchpipe import BuildOptions, build_jsonl, merge_results
+    from batchpipe.report import write_report_html
+
+    schema = {"type": "object", "properties": {"<b>tag</b>": {"type": "string"}}, "required": ["<b>tag</b>"]}
+    built = build_jsonl(sample_csv(tmp_path), BuildOptions(prompt_column="review", response_schema=schema),
+                        tmp_path / "build")  # fmt: skip
+    results = tmp_path / "out.jsonl"
+    lines = [answer_line("row-0", json.dumps({"<b>tag</b>": "x"})), answer_line("row-1", "{")]
+    results.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    report = merge_results(built["manifest"], [results], tmp_path / "results.csv")
+    page = write_report_html(tmp_path / "results.csv", report, tmp_path / "report.html").read_text(
+        encoding="utf-8"
+    )
+    assert '<table class="structured">' in page and "<td>1</td><td>1</td>" in page
+    assert "&lt;b&gt;tag&lt;/b&gt;" in page and "<b>tag</b>" not in page

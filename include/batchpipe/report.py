@@ -664,6 +664,13 @@ def write_report_html(
         rows = [[_e(c), f"{n:,}"] for c, n in sorted(codes.items(), key=lambda x: -x[1])]
         p.append(_table(["code", "rows"], rows, "codes"))
 
+    structured = (report or {}).get("structured")
+    if structured:
+        p.append("<h3>Structured answers</h3>")
+        rows = [[_e(", ".join(structured.get("columns") or [])), f"{structured.get('parsed', 0):,}",
+                 f"{structured.get('not_parsed', 0):,}"]]  # fmt: skip
+        p.append(_table(["answer columns", "parsed", "not parsed"], rows, "structured"))
+
     p.extend(_problems_html(report or {}))
 
     p.append("<h2>Tokens and cost</h2>")
