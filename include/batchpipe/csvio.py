@@ -280,6 +280,46 @@ def _iter_lists(path, start_row: int = 0, end_row: int | None = None, with_lines
                 yield (index, header, row, line) if with_lines else (index, header, row)
 
 
+def iter_chunks(
+    path: str | os.PathLike, start_row: int = 0, end_row: int | None = None, size: int = 20_000
+) -> Iterator[list[list[str]]]:
+    """The selected rows (data rows ``[start_row, end_row)``, as :func:`_iter_lists` reads them: blank
+    lines skipped, short rows padded with ``""``) in lists of up to ``size`` consecutive rows, read in one
+    tight loop. A row the fast loop does not take as it is (a CSV error, more fields than the header, not
+    UTF-8) sends the file through :func:`_iter_lists`, which raises the same InputError it always does."""
+    with _open(path) as fh:
+        reader = _Reader(path, fh)
+        width = len(reader.read_header())
+        index = 0
+        chunk: list[list[str]] = []
+        try:
+            for row in reader.reader:
+                if len(row) != width:
+                    if not row:  # blank line
+                        continue
+                    if len(row) > width:
+                        raise _Irregular
+                    row += [""] * (width - len(row))
+                if index >= start_row:
+                    if end_row is not None and index >= end_row:
+                        break
+                    chunk.append(row)
+                    if len(chunk) >= size:
+                        yield chunk
+                        chunk = []
+                index += 1
+        except (csv.Error, UnicodeDecodeError, _Irregular):
+            for _ in _iter_lists(path, start_row, end_row):
+                pass
+            raise InputError(f"{paths.quote_path(path)}: cannot read the CSV") from None  # not reached
+        if chunk:
+            yield chunk
+
+
+class _Irregular(Exception):
+    """A row :func:`iter_chunks` leaves to the careful reader."""
+
+
 def line_of_row(path: str | os.PathLike, index: int) -> int | None:
     """The first physical line of data row ``index`` (a second pass, for messages); None if unknown."""
     try:

@@ -1,15 +1,20 @@
 """Merge Batch API results back into the input CSV.
 
-Results are staged in a temporary SQLite file keyed by ``custom_id`` so memory stays flat for large
-runs; the CSV is then re-read in input order and every row written exactly once.
+Result lines are decoded once (msgspec; the standard library for the rare line msgspec refuses) and
+staged on disk so memory stays flat for large runs: outcomes for the build's own ``row-N`` ids go to one
+file per range of rows (:class:`_RowRanges`), any other custom_id (an id column's values) to a temporary
+SQLite table. The CSV is then re-read in input order, one range of rows at a time, and every row written
+exactly once to ``results.csv`` and ``results.parquet``.
 """
 
 from __future__ import annotations
 
-import csv
+import gc
 import json
 import os
+import pickle
 import re
+import shutil
 import sqlite3
 import tempfile
 from collections import Counter
@@ -17,22 +22,25 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from . import csvio, paths
 from .build import INVALID_NAME, MANIFEST_NAME, OUTPUT_COLUMNS, RowDigest
 from .errors import InputError
 from .options import BuildOptions
+from .parquet import ResultFiles
 from .results import TRUNCATED, parse_result_line
-from .schema import AnswerColumns, cell
+from .schema import AnswerColumns
 
 NO_RESULT = "no result returned for this request"
 REPORT_NAME = "report.json"
-CHUNK_ROWS = 5000  # CSV rows looked up and written per step
-INSERT_BATCH = 20_000  # result records per executemany
+CHUNK_ROWS = 20_000  # at most this many CSV rows looked up and written per step (one range of rows)
+CHUNK_BYTES = 16 << 20  # ... and about this many bytes of CSV and result lines per range
+INSERT_BATCH = 20_000  # result records held before they are written out (per executemany / spill)
+HIST_BINS = 20  # bins of the tokens-per-row histogram
 OUTCOME_FIELDS = "response, error, code, p, c, t"
 MAX_NAMED = 20  # ids / lines named in the report
 
-#: OWASP: a cell starting with one of these is a formula to Excel / LibreOffice / Sheets.
-FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 BROKEN_LINE = "broken_result_line"
 _CUSTOM_ID_IN_TEXT = re.compile(r'"custom_id"\s*:\s*"((?:[^"\\]|\\.){1,512})"')
 
@@ -68,10 +76,6 @@ def load_manifest(manifest_path: str | os.PathLike) -> tuple[Path, dict[str, Any
         raise InputError(f"{p}: cannot read the build manifest ({exc})") from None
 
 
-def _fmt(v: int | None) -> str:
-    return "" if v is None else str(v)
-
-
 def merge_results(
     manifest_path: str | os.PathLike,
     result_paths: list[str | os.PathLike],
@@ -87,10 +91,13 @@ def merge_results(
     ``report.json`` beside it (``write_report=False``: not written; the caller finishes it with
     :func:`batchpipe.report.finish_report`, as the pipeline and ``batchpipe merge`` do). Returns the
     report: ``{"rows", "answered", "failed", "invalid", "errors_by_code", "tokens": {"prompt",
-    "completion", "total"}, "batch_ids", "results_csv", "report", "unmatched_results", "malformed_lines",
+    "completion", "total"}, "rows_with_usage", "tokens_per_row": {"min", "max"}, "tokens_histogram",
+    "batch_ids", "results_csv", "results_parquet", "report", "unmatched_results", "malformed_lines",
     "broken_lines", "duplicate_results", "duplicate_ids", "csv_formula_escape", "formula_cells_escaped",
     "problems"}``. ``problems`` names what does not add up for the rows themselves: requests sent without
-    a result line.
+    a result line. Tokens count the rows with usage; a row's total is ``total_tokens``, or prompt +
+    completion where the service gave no total; ``tokens_histogram`` (:func:`token_histogram`) is what
+    report.html draws.
 
     Several lines for one custom_id: the later line wins (resubmissions come in later files), except that
     an error never replaces an answer (HTTP 200). A line for an id that already had an answer, or that
@@ -118,6 +125,37 @@ def merge_results(
     default: ``OPENAI_BATCH_ALLOWED_ROOTS``, read now); outside → InputError before it is read.
     ``out_csv`` and the result files are not checked against any root.
     """
+    # The merge holds a range of rows and their records at a time, and makes no reference cycles: the
+    # cyclic garbage collector would only walk those objects over and over (about a fifth of the time).
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return _merge(
+            manifest_path,
+            result_paths,
+            out_csv,
+            batch_ids,
+            allowed_roots=allowed_roots,
+            formula_escape=formula_escape,
+            write_report=write_report,
+            parquet=parquet,
+        )
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _merge(
+    manifest_path: str | os.PathLike,
+    result_paths: list[str | os.PathLike],
+    out_csv: str | os.PathLike,
+    batch_ids: list[str] | None,
+    *,
+    allowed_roots: list[Path] | None,
+    formula_escape: bool,
+    write_report: bool,
+    parquet: bool,
+) -> dict[str, Any]:
     mpath, manifest = load_manifest(manifest_path)
     opts = BuildOptions.from_dict(manifest.get("options") or {})
     csv_path = manifest.get("csv")
@@ -142,54 +180,48 @@ def merge_results(
     checked = opts.checked_schema
     answers = AnswerColumns(checked) if checked is not None else None
     answer_columns = checked.columns(opts.output_prefix) if checked is not None else []
-    blanks = [""] * len(answer_columns)
     structured = Counter()
 
     out = Path(out_csv)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, dbfile = tempfile.mkstemp(prefix=".merge-", suffix=".sqlite", dir=out.parent)
-    os.close(fd)
+    work = Path(tempfile.mkdtemp(prefix=".merge-", dir=out.parent))
     tmp_csv = out.with_name(f".{out.name}.tmp")
     out_parquet = out.with_suffix(".parquet")
     tmp_parquet = out_parquet.with_name(f".{out_parquet.name}.tmp")
-    typed = None
-    db = sqlite3.connect(dbfile)
+    files = None
+    db = sqlite3.connect(work / "outcomes.sqlite")
     id_column = opts.id_column
+    start = opts.start_row
+    selected = manifest.get("rows")
+    span = _span(csv_path, selected, result_paths)
+    ranges = _RowRanges(work, start, start + selected if selected is not None else opts.end_row, span)
     try:
         db.execute("PRAGMA journal_mode=OFF")
         db.execute("PRAGMA synchronous=OFF")
         db.execute("PRAGMA temp_store=FILE")
-        # Outcomes whose custom_id is the default ``row-N`` of row N (no id column) are keyed by N, so
-        # each chunk of the CSV is one range scan; any other custom_id goes to the text-keyed table.
-        db.execute(
-            "CREATE TABLE by_row (row INTEGER PRIMARY KEY, response TEXT, error TEXT, code TEXT, p, c, t,"
-            " f INTEGER, d INTEGER)"
-        )
+        # A custom_id that is the build's ``row-N`` for a selected row N (no id column) goes to its range
+        # of rows; any other (an id column's values, or ids no row has) to this text-keyed table.
         db.execute(
             "CREATE TABLE outcome (custom_id TEXT PRIMARY KEY, response TEXT, error TEXT, code TEXT,"
             " p INTEGER, c INTEGER, t INTEGER, f INTEGER, d INTEGER)"
         )
         db.execute("CREATE TABLE invalid (row INTEGER PRIMARY KEY, error TEXT)")
         broken = _Broken()
-        by_row: list[tuple] = []
         by_id: list[tuple] = []
-        insert_row = _upsert("by_row", "row")
         insert_id = _upsert("outcome", "custom_id")
+        add_row = ranges.add
         for cid, rec in _iter_records(result_paths, opts.endpoint, broken):
-            n = _row_number(cid) if id_column is None else None
-            if n is None:
-                by_id.append((cid, *rec))
-                if len(by_id) >= INSERT_BATCH:
-                    db.executemany(insert_id, by_id)
-                    by_id.clear()
-            else:
-                by_row.append((n, *rec))
-                if len(by_row) >= INSERT_BATCH:
-                    db.executemany(insert_row, by_row)
-                    by_row.clear()
-        db.executemany(insert_row, by_row)
+            if id_column is None:
+                n = _row_number(cid)
+                if n is not None and add_row(n, rec):
+                    continue
+            by_id.append((cid, *rec))
+            if len(by_id) >= INSERT_BATCH:
+                db.executemany(insert_id, by_id)
+                by_id.clear()
+        ranges.spill()
         db.executemany(insert_id, by_id)
-        del by_row, by_id
+        del by_id
 
         inv_path = mpath.parent / INVALID_NAME
         if inv_path.is_file():
@@ -204,6 +236,7 @@ def merge_results(
         counts = Counter()
         codes: Counter[str] = Counter()
         tokens = {"prompt": 0, "completion": 0, "total": 0}
+        row_totals: dict[int, int] = {}  # total tokens of a row -> rows (the report's histogram)
         matched = 0
         id_i = header.index(id_column) if id_column else -1
         no_result = NO_RESULT
@@ -211,114 +244,90 @@ def merge_results(
             no_result += (
                 f" ({broken.anonymous} result line(s) could not be read: this row's answer may be among them)"
             )
-        escaped = 0
+        files = ResultFiles(
+            tmp_csv, tmp_parquet if parquet else None, header, checked, answer_columns, opts.endpoint,
+            formula_escape=formula_escape,
+        )  # fmt: skip
 
-        if parquet:
-            from .parquet import ParquetRows
-
-            typed = ParquetRows(tmp_parquet, header, checked, answer_columns, opts.endpoint)
-        nothing = (None, None, None)
-        with open(tmp_csv, "w", encoding="utf-8", newline="") as fh:
-            # CRLF (RFC 4180): the writer then quotes a cell holding a lone CR, which with "\n" it writes
-            # bare, and every reader splits the row there (an answer or input cell with "\r" in it)
-            w = csv.writer(fh, quoting=csv.QUOTE_MINIMAL, lineterminator="\r\n")
-            w.writerow(header + answer_columns + list(OUTPUT_COLUMNS))
-            chunk: list[tuple[int, list[str]]] = []
-
-            def flush() -> None:
-                nonlocal matched, escaped
-                if not chunk:
-                    return
-                lo, hi = chunk[0][0], chunk[-1][0]
-                invalid = dict(
-                    db.execute("SELECT row, error FROM invalid WHERE row BETWEEN ? AND ?", (lo, hi))
-                )
-                if id_i < 0:
-                    sql = f"SELECT row, {OUTCOME_FIELDS} FROM by_row WHERE row BETWEEN ? AND ?"
-                    found = {rec[0]: rec[1:] for rec in db.execute(sql, (lo, hi))}
-                    keys = [index for index, _ in chunk]
-                else:
-                    keys = [row[id_i] for _, row in chunk]
-                    found = {}
-                    for k in range(0, len(keys), 500):  # stay below SQLite's bound-parameter limit
-                        part = keys[k : k + 500]
-                        marks = ",".join("?" * len(part))
-                        sql = f"SELECT custom_id, {OUTCOME_FIELDS} FROM outcome WHERE custom_id IN ({marks})"
-                        for rec in db.execute(sql, part):
-                            found[rec[0]] = rec[1:]
-                out_rows = []
-                append = out_rows.append
-                n_invalid = n_missing = n_answered = n_failed = 0
-                sum_p = sum_c = sum_t = 0
-                for (index, row), key in zip(chunk, keys, strict=True):
-                    if invalid and index in invalid:
-                        n_invalid += 1
-                        append(row + blanks + ["", invalid[index], "", "", ""])
-                        if typed:
-                            typed.add(row, None, None, invalid[index], nothing)
-                        continue
-                    rec = found.get(key)
-                    if rec is None:
-                        n_missing += 1
-                        append(row + blanks + ["", no_result, "", "", ""])
-                        if typed:
-                            typed.add(row, None, None, no_result, nothing)
-                        continue
-                    response, error, code, p, c, t = rec
-                    values = None
+        def flush(chunk: list[list[str]], lo: int) -> None:
+            """Merge and write the rows ``chunk``, data rows ``lo`` onwards (one range of rows)."""
+            nonlocal matched
+            n = len(chunk)
+            hi = lo + n - 1
+            invalid = dict(db.execute("SELECT row, error FROM invalid WHERE row BETWEEN ? AND ?", (lo, hi)))
+            if id_i < 0:
+                found = ranges.load((lo - start) // span)
+                keys: Any = range(lo, hi + 1)
+            else:
+                keys = [row[id_i] for row in chunk]
+                found = {}
+                for k in range(0, len(keys), 500):  # stay below SQLite's bound-parameter limit
+                    part = keys[k : k + 500]
+                    marks = ",".join("?" * len(part))
+                    sql = f"SELECT custom_id, {OUTCOME_FIELDS} FROM outcome WHERE custom_id IN ({marks})"
+                    for rec in db.execute(sql, part):
+                        found[rec[0]] = rec[1:]
+            # the chunk's columns, as answered (results.csv escapes formulas when it writes them)
+            responses: list[str | None] = [None] * n
+            errors = [""] * n
+            ps: list[int | None] = [None] * n
+            cs: list[int | None] = [None] * n
+            ts: list[int | None] = [None] * n
+            values: list[Any] | None = [None] * n if answers is not None else None
+            n_invalid = n_missing = n_answered = 0
+            sum_p = sum_c = sum_t = 0
+            for i, key in enumerate(keys):
+                if invalid and lo + i in invalid:
+                    n_invalid += 1
+                    errors[i] = invalid[lo + i]
+                    continue
+                rec = found.get(key)
+                if rec is None:
+                    n_missing += 1
+                    errors[i] = no_result
+                    continue
+                response, error, code, p, c, t = rec[:6]
+                responses[i] = response
+                if p is not None or c is not None or t is not None:
+                    total = t if t is not None else (p or 0) + (c or 0)  # as the CSV's reader
                     sum_p += p or 0
                     sum_c += c or 0
-                    sum_t += t or 0
-                    cells = blanks
-                    if error is None and answers is not None:
-                        values, code, error = answers.values(response, code)
-                        if values is None:
-                            structured["not_parsed"] += 1
-                        else:
-                            structured["parsed"] += 1
-                            cells = [cell(v) for v in values]
-                            error = None
-                            if formula_escape:
-                                for i, v in enumerate(values):
-                                    if isinstance(v, str) and v.startswith(FORMULA_START):
-                                        cells[i] = "'" + v
-                                        escaped += 1
-                    if typed:  # as answered: a program reads it, nothing is escaped
-                        typed.add(row, values, response, error or "", (p, c, t))
-                    if formula_escape and response and response.startswith(FORMULA_START):
-                        response = "'" + response
-                        escaped += 1
-                    if error is None:
-                        n_answered += 1
-                        append(row + cells + [response or "", "", _fmt(p), _fmt(c), _fmt(t)])
+                    sum_t += total
+                    row_totals[total] = row_totals.get(total, 0) + 1
+                    ps[i], cs[i], ts[i] = p, c, t
+                if error is None and values is not None:
+                    parsed, code, error = answers.values(response, code)
+                    if parsed is None:
+                        structured["not_parsed"] += 1
                     else:
-                        n_failed += 1
-                        codes[code or "error"] += 1
-                        if formula_escape and error.startswith(FORMULA_START):
-                            error = "'" + error
-                            escaped += 1
-                        append(row + cells + [response or "", error, _fmt(p), _fmt(c), _fmt(t)])
-                w.writerows(out_rows)
-                counts["rows"] += len(chunk)
-                counts["invalid"] += n_invalid
-                counts["answered"] += n_answered
-                counts["failed"] += n_failed + n_missing
-                if n_invalid:
-                    codes["invalid_input"] += n_invalid
-                if n_missing:
-                    codes["no_result"] += n_missing
-                matched += len(chunk) - n_invalid - n_missing
-                tokens["prompt"] += sum_p
-                tokens["completion"] += sum_c
-                tokens["total"] += sum_t
-                chunk.clear()
+                        structured["parsed"] += 1
+                        values[i] = parsed
+                        error = None
+                if error is None:
+                    n_answered += 1
+                else:
+                    codes[code or "error"] += 1
+                    errors[i] = error
+            files.write(chunk, values, responses, errors, (ps, cs, ts))
+            counts["rows"] += n
+            counts["invalid"] += n_invalid
+            counts["answered"] += n_answered
+            counts["failed"] += n - n_invalid - n_answered
+            if n_invalid:
+                codes["invalid_input"] += n_invalid
+            if n_missing:
+                codes["no_result"] += n_missing
+            matched += n - n_invalid - n_missing
+            tokens["prompt"] += sum_p
+            tokens["completion"] += sum_c
+            tokens["total"] += sum_t
 
-            digest = RowDigest()
-            for index, _, row in digest.rows(csvio._iter_lists(csv_path, opts.start_row, opts.end_row)):
-                chunk.append((index, row))
-                if len(chunk) >= CHUNK_ROWS:
-                    flush()
-            flush()
+        digest = RowDigest()
+        first = start
+        for chunk in csvio.iter_chunks(csv_path, opts.start_row, opts.end_row, span):
+            digest.add_rows(chunk)
+            flush(chunk, first)
+            first += len(chunk)
         if manifest.get("rows") is not None and counts["rows"] != manifest["rows"]:
             raise InputError(
                 f"{csv_path}: has {counts['rows']} rows in range now, {manifest['rows']} at build time; "
@@ -330,27 +339,27 @@ def merge_results(
                 "content: rows edited, swapped or replaced); answers are joined to rows by position or id, "
                 "so nothing was merged. Restore the file the build read, or run the pipeline again"
             )
-        total_outcomes = sum(
-            db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0] for table in ("by_row", "outcome")
-        )
-        duplicates = sum(
-            db.execute(f"SELECT COALESCE(SUM(d), 0) FROM {table}").fetchone()[0]
-            for table in ("by_row", "outcome")
-        )
-        named = f"WHERE d > 0 ORDER BY 1 LIMIT {MAX_NAMED}"
-        duplicate_ids = [f"row-{n}" for (n,) in db.execute(f"SELECT row FROM by_row {named}")]
-        duplicate_ids += [cid for (cid,) in db.execute(f"SELECT custom_id FROM outcome {named}")]
-        if typed:
-            typed.close()
+        ranges.load_rest()
+        total_outcomes = ranges.distinct + db.execute("SELECT COUNT(*) FROM outcome").fetchone()[0]
+        duplicates = ranges.duplicates + db.execute("SELECT COALESCE(SUM(d), 0) FROM outcome").fetchone()[0]
+        duplicate_ids = [f"row-{n}" for n in sorted(ranges.duplicate_rows)[:MAX_NAMED]]
+        duplicate_ids += [
+            cid
+            for (cid,) in db.execute(
+                f"SELECT custom_id FROM outcome WHERE d > 0 ORDER BY 1 LIMIT {MAX_NAMED}"
+            )
+        ]
+        files.close()
+        if parquet:
             os.replace(tmp_parquet, out_parquet)
         os.replace(tmp_csv, out)
     except BaseException:
-        if typed:
-            typed.abort()
+        if files is not None:
+            files.abort()
         raise
     finally:
         db.close()
-        Path(dbfile).unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
         tmp_csv.unlink(missing_ok=True)
         tmp_parquet.unlink(missing_ok=True)
 
@@ -361,6 +370,9 @@ def merge_results(
         "invalid": counts["invalid"],
         "errors_by_code": dict(sorted(codes.items())),
         "tokens": tokens,
+        "rows_with_usage": sum(row_totals.values()),
+        "tokens_per_row": {"min": min(row_totals, default=None), "max": max(row_totals, default=None)},
+        "tokens_histogram": token_histogram(row_totals),
         "batch_ids": list(batch_ids or []),
         "results_csv": str(out.resolve()),
         "results_parquet": str(out_parquet.resolve()) if parquet else None,
@@ -371,7 +383,7 @@ def merge_results(
         "duplicate_results": duplicates,
         "duplicate_ids": duplicate_ids[:MAX_NAMED],
         "csv_formula_escape": formula_escape,
-        "formula_cells_escaped": escaped,
+        "formula_cells_escaped": files.escaped,
         "problems": [],
     }
     if checked is not None:
@@ -391,6 +403,113 @@ def merge_results(
         tmp_report.write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
         os.replace(tmp_report, report_path)
     return report
+
+
+def token_histogram(row_totals: Counter[int] | dict[int, int], nbins: int = HIST_BINS) -> list[list[int]]:
+    """``[[low, high, rows], ...]``: rows per range of total tokens, ``nbins`` integer ranges over the
+    smallest to the largest total (fewer when that span is narrower); ``[]`` without usage."""
+    if not row_totals:
+        return []
+    lo, hi = min(row_totals), max(row_totals)
+    width = max(1, -(-(hi - lo + 1) // nbins))
+    n = -(-(hi - lo + 1) // width)
+    counts = [0] * n
+    for total, rows in row_totals.items():
+        counts[min((total - lo) // width, n - 1)] += rows
+    return [[lo + i * width, min(lo + (i + 1) * width - 1, hi), k] for i, k in enumerate(counts)]
+
+
+def _span(csv_path: str | os.PathLike, selected: int | None, result_paths: list) -> int:
+    """Rows per range: :data:`CHUNK_ROWS`, fewer when the CSV's and the results' bytes per row would make
+    one range hold much more than :data:`CHUNK_BYTES` (long prompts, embeddings)."""
+    size = os.path.getsize(csv_path) + sum(os.path.getsize(rp) for rp in result_paths)
+    per_row = size // max(1, selected or 0) if selected else 0
+    return max(1, min(CHUNK_ROWS, max(256, CHUNK_BYTES // max(1, per_row))))
+
+
+class _RowRanges:
+    """Outcomes of the ``row-N`` custom_ids of the selected rows ``[start, stop)`` (``stop`` None: no end),
+    kept on disk in one file per range of ``span`` rows: :meth:`add` buffers a record in its range and
+    :meth:`spill` appends the buffers (pickled lists, in arrival order) to the range files; :meth:`load`
+    reads one range back and settles repeated ids as the text-keyed table does (see :func:`_upsert`)."""
+
+    def __init__(self, folder: Path, start: int, stop: int | None, span: int) -> None:
+        self.folder, self.start, self.stop, self.span = folder, start, stop, span
+        self.pending: dict[int, list[tuple]] = {}
+        self.held = 0
+        self.on_disk: set[int] = set()
+        self.distinct = 0  # ids loaded so far
+        self.duplicates = 0
+        self.duplicate_rows: list[int] = []  # the first MAX_NAMED, in row order
+
+    def add(self, n: int, rec: tuple) -> bool:
+        """Hold ``rec`` (``(response, error, code, p, c, t, file index)``) for row ``n``; False when ``n``
+        is not a selected row (the caller keeps it with the other ids)."""
+        if n < self.start or (self.stop is not None and n >= self.stop):
+            return False
+        key = (n - self.start) // self.span
+        held = self.pending.get(key)
+        if held is None:
+            self.pending[key] = held = []
+        held.append((n, *rec))
+        self.held += 1
+        if self.held >= INSERT_BATCH:
+            self.spill()
+        return True
+
+    def _file(self, key: int) -> Path:
+        return self.folder / f"rows-{key}.pickle"
+
+    def spill(self) -> None:
+        for key, held in self.pending.items():
+            with open(self._file(key), "ab") as fh:
+                pickle.dump(held, fh, protocol=pickle.HIGHEST_PROTOCOL)
+            self.on_disk.add(key)
+        self.pending.clear()
+        self.held = 0
+
+    def load(self, key: int) -> dict[int, tuple]:
+        """Row number → ``(response, error, code, p, c, t, file index)`` of range ``key``; the range file is
+        removed. For a row with several lines the later one wins, except that an error never replaces an
+        answer; a line after an answer, or repeating the id within one file, is a duplicate (broken lines
+        are not)."""
+        found: dict[int, tuple] = {}
+        if key not in self.on_disk:
+            return found
+        self.on_disk.discard(key)
+        path = self._file(key)
+        dups: list[int] = []
+        get = found.get
+        with open(path, "rb") as fh:
+            while True:
+                try:
+                    part = pickle.load(fh)
+                except EOFError:
+                    break
+                for n, *rec in part:
+                    old = get(n)
+                    if old is None:
+                        found[n] = rec
+                        continue
+                    if (
+                        (old[1] is None or old[6] == rec[6])
+                        and rec[2] != BROKEN_LINE
+                        and old[2] != BROKEN_LINE
+                    ):
+                        dups.append(n)
+                    if not (old[1] is None and rec[1] is not None):
+                        found[n] = rec
+        path.unlink()
+        self.distinct += len(found)
+        self.duplicates += len(dups)
+        if dups and len(self.duplicate_rows) < MAX_NAMED:
+            self.duplicate_rows = sorted(set(self.duplicate_rows) | set(dups))[:MAX_NAMED]
+        return found
+
+    def load_rest(self) -> None:
+        """Load (to count them) the ranges the CSV pass did not reach: ids of rows past the file's end."""
+        for key in sorted(self.on_disk):
+            self.load(key)
 
 
 def _row_number(custom_id: str) -> int | None:
@@ -455,64 +574,109 @@ def _custom_id_in_text(raw: str) -> str | None:
     return cid if isinstance(cid, str) and cid.strip() else None
 
 
+class _Message(msgspec.Struct):
+    content: Any = None
+
+
+class _Choice(msgspec.Struct):
+    message: _Message | None = None
+    finish_reason: Any = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: Any = None
+    completion_tokens: Any = None
+    total_tokens: Any = None
+
+
+class _Body(msgspec.Struct):
+    choices: list[_Choice] | None = None
+    usage: _Usage | None = None
+
+
+class _Response(msgspec.Struct):
+    status_code: Any = None
+    body: _Body | None = None
+
+
+class _ChatLine(msgspec.Struct):
+    """The parts of a chat completion's output line the merge reads; msgspec skips the rest unread."""
+
+    custom_id: Any = None
+    response: _Response | None = None
+
+
+_decode_chat = msgspec.json.Decoder(_ChatLine).decode
+_decode_any = msgspec.json.Decoder().decode
+
+
 def _iter_records(paths: list, endpoint: str, broken: _Broken) -> Iterator[tuple[str, tuple]]:
     """``(custom_id, (response, error, code, p, c, t, file index))`` per result line, in file order.
 
-    Same values as :func:`results.iter_outcomes`; the common case (a 200 chat completion with text
-    content) is decoded inline, everything else goes through :func:`results.parse_result_line`. A line
-    that is not JSON, or has no custom_id, is added to ``broken``; when its custom_id can still be read
-    from the text, that id gets a ``broken_result_line`` error record.
+    Same values as :func:`results.iter_outcomes`. Lines are decoded with msgspec: the common case (a 200
+    chat completion with text content) straight into :class:`_ChatLine`, anything else as plain JSON into
+    :func:`results.parse_result_line`. A line msgspec refuses goes to the standard library's decoder,
+    which the reference reader uses (it also takes ``NaN``, numbers out of range and lone UTF-16
+    surrogates; those are kept as their ``\\udXXX`` escape). A line that is not JSON, or has no custom_id,
+    is added to ``broken``; when its custom_id can still be read from the text, that id gets a
+    ``broken_result_line`` error record.
     """
-    loads = json.loads
     chat = endpoint not in ("/v1/responses", "/v1/embeddings")
+    decode_chat, decode_any, refused = _decode_chat, _decode_any, msgspec.MsgspecError
     for f, path in enumerate(paths):
         with open(path, "rb") as fh:
             for lineno, raw in enumerate(fh, 1):
                 if not raw.strip():
                     continue
+                if chat:
+                    try:
+                        line = decode_chat(raw)
+                    except refused:
+                        line = None
+                    if line is not None:
+                        cid = line.custom_id
+                        response = line.response
+                        if type(cid) is str and response is not None and response.status_code == 200:
+                            body = response.body
+                            choices = body.choices if body is not None else None
+                            choice = choices[0] if choices else None
+                            message = choice.message if choice is not None else None
+                            content = message.content if message is not None else None
+                            if type(content) is str:
+                                note = TRUNCATED if choice.finish_reason == "length" else None
+                                usage = body.usage
+                                if usage is None:
+                                    yield cid, (content, None, note, None, None, None, f)
+                                else:
+                                    p = usage.prompt_tokens
+                                    c = usage.completion_tokens
+                                    t = usage.total_tokens
+                                    yield (
+                                        cid,
+                                        (
+                                            content,
+                                            None,
+                                            note,
+                                            p if type(p) is int else None,
+                                            c if type(c) is int else None,
+                                            t if type(t) is int else None,
+                                            f,
+                                        ),
+                                    )
+                                continue
                 try:
-                    obj = loads(raw)  # bytes: invalid UTF-8 raises, it is not replaced by U+FFFD
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    cid = _custom_id_in_text(raw.decode("utf-8", "replace"))
-                    error = broken.add(path, lineno, cid)
-                    if cid is not None:
-                        yield cid, (None, error, BROKEN_LINE, None, None, None, f)
-                    continue
-                if (b"\\u" in raw or b"\xed" in raw) and _LONE_SURROGATE.search(raw):
-                    obj = _without_lone_surrogates(obj)
-                # Fast path, same result as parse_result_line: HTTP 200 chat completion with text.
-                if chat and type(obj) is dict:
-                    cid = obj.get("custom_id")
-                    response = obj.get("response")
-                    if type(cid) is str and type(response) is dict and response.get("status_code") == 200:
-                        body = response.get("body")
-                        try:
-                            choice = body["choices"][0]
-                            content = choice["message"]["content"]
-                        except (TypeError, KeyError, IndexError):
-                            content = None
-                        if type(content) is str and type(body) is dict:
-                            note = TRUNCATED if choice.get("finish_reason") == "length" else None
-                            usage = body.get("usage")
-                            if type(usage) is dict:
-                                p = usage.get("prompt_tokens")
-                                c = usage.get("completion_tokens")
-                                t = usage.get("total_tokens")
-                                yield (
-                                    cid,
-                                    (
-                                        content,
-                                        None,
-                                        note,
-                                        p if type(p) is int else None,
-                                        c if type(c) is int else None,
-                                        t if type(t) is int else None,
-                                        f,
-                                    ),
-                                )
-                            else:
-                                yield cid, (content, None, note, None, None, None, f)
-                            continue
+                    obj = decode_any(raw)
+                except refused:
+                    try:
+                        obj = json.loads(raw)  # bytes: invalid UTF-8 raises, it is not replaced by U+FFFD
+                    except (json.JSONDecodeError, UnicodeDecodeError):
+                        cid = _custom_id_in_text(raw.decode("utf-8", "replace"))
+                        error = broken.add(path, lineno, cid)
+                        if cid is not None:
+                            yield cid, (None, error, BROKEN_LINE, None, None, None, f)
+                        continue
+                    if (b"\\u" in raw or b"\xed" in raw) and _LONE_SURROGATE.search(raw):
+                        obj = _without_lone_surrogates(obj)
                 o = parse_result_line(obj, endpoint)
                 if o.custom_id is None:
                     broken.add(path, lineno, None)

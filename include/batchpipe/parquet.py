@@ -1,6 +1,11 @@
-"""``results.parquet``: the merged rows with types, written with pyarrow in row groups as the merge goes.
+"""``results.csv`` and ``results.parquet``: the merged rows, written with pyarrow as the merge goes
+(:class:`ResultFiles`), from the same Arrow arrays.
 
-Columns, in the order of ``results.csv``:
+``results.csv`` (Arrow's CSV writer): RFC 4180 with CRLF line ends; every text cell is quoted (so a cell
+holding a comma, quote, CR or LF always reads back whole), numbers (token counts) are not, and a cell with
+no value is empty. An answer column holds :func:`batchpipe.schema.cell` text; ``response`` and ``error``
+get a leading ``'`` where they start like a formula (``formula_escape``). ``results.parquet`` keeps what
+came, unescaped and typed. Its columns, in the order of ``results.csv``:
 
 * the input's own columns as strings, as in the CSV (``007`` stays ``007``, an empty cell is ``""``, never
   null);
@@ -13,9 +18,10 @@ Columns, in the order of ``results.csv``:
 * ``error``: string (``""`` when answered); ``prompt_tokens``, ``completion_tokens``, ``total_tokens``:
   ``int64``, null when unknown.
 
-Rows are kept as they come and written in row groups of :data:`ROW_GROUP_ROWS`, so memory does not grow
-with the input (pyarrow itself takes about 65 MB). The file is written to a temporary name and renamed by
-the caller when the merge succeeds.
+The merge hands over one chunk of rows at a time (a range of the CSV) and each is written at once (in
+Parquet row groups of at most :data:`ROW_GROUP_ROWS`), so memory does not grow with the input (pyarrow
+itself takes about 65 MB). The files are written to temporary names and renamed by the caller when the
+merge succeeds.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .schema import CheckedSchema
+from .schema import cell as _cell
 
 ROW_GROUP_ROWS = 20_000
 TOKEN_COLUMNS = ("prompt_tokens", "completion_tokens", "total_tokens")
@@ -87,79 +94,143 @@ def embedding(text: str | None) -> list[float] | None:
     return list(struct.unpack(f"<{len(raw) // 4}f", raw[: len(raw) // 4 * 4]))
 
 
-class ParquetRows:
-    """Write merged rows to ``path`` (see the module): :meth:`add` each row, :meth:`close` at the end
-    (:meth:`abort` on failure: the partial file is removed)."""
+#: OWASP: a cell starting with one of these is a formula to Excel / LibreOffice / Sheets.
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _escaped(texts: list[str | None]) -> tuple[list[str | None], int]:
+    """``texts`` with a ``'`` before each that starts like a formula, and how many got one."""
+    hits = [i for i, x in enumerate(texts) if x and x.startswith(FORMULA_START)]
+    if not hits:
+        return texts, 0
+    out = list(texts)
+    for i in hits:
+        out[i] = "'" + out[i]
+    return out, len(hits)
+
+
+class ResultFiles:
+    """Write the merged rows to ``csv_path`` and (unless None) ``parquet_path`` (see the module):
+    :meth:`write` each chunk of rows, :meth:`close` at the end (:meth:`abort` on failure: partial files are
+    removed)."""
 
     def __init__(
         self,
-        path: str | Path,
+        csv_path: str | Path,
+        parquet_path: str | Path | None,
         header: list[str],
         checked: CheckedSchema | None,
         answer_columns: list[str],
         endpoint: str,
+        *,
+        formula_escape: bool = True,
     ) -> None:
         import pyarrow as pa
+        import pyarrow.csv as pcsv
         import pyarrow.parquet as pq
 
-        self.path = Path(path)
+        self.csv_path = Path(csv_path)
+        self.parquet_path = Path(parquet_path) if parquet_path is not None else None
         self.header = list(header)
+        self.formula_escape = formula_escape
         nodes = [checked.schema["properties"][name] for name in checked.properties] if checked else []
         self.converters = [converter(node) for node in nodes]
         self.vectors = endpoint == "/v1/embeddings"
-        fields = [pa.field(name, pa.string(), nullable=False) for name in self.header]
-        fields += [
-            pa.field(name, kind) for name, (kind, _) in zip(answer_columns, self.converters, strict=True)
-        ]
-        fields.append(pa.field("response", pa.list_(pa.float32()) if self.vectors else pa.string()))
-        fields.append(pa.field("error", pa.string(), nullable=False))
-        fields += [pa.field(name, pa.int64()) for name in TOKEN_COLUMNS]
-        self.schema = pa.schema(fields)
-        self.buffer: list[tuple[Any, ...]] = []
+        inputs = [pa.field(name, pa.string(), nullable=False) for name in self.header]
+        tokens = [pa.field(name, pa.int64()) for name in TOKEN_COLUMNS]
+        self.schema = pa.schema(
+            inputs
+            + [pa.field(name, kind) for name, (kind, _) in zip(answer_columns, self.converters, strict=True)]
+            + [pa.field("response", pa.list_(pa.float32()) if self.vectors else pa.string())]
+            + [pa.field("error", pa.string(), nullable=False)]
+            + tokens
+        )
+        self.csv_schema = pa.schema(
+            inputs
+            + [pa.field(name, pa.string()) for name in answer_columns]
+            + [pa.field("response", pa.string()), pa.field("error", pa.string())]
+            + tokens
+        )
         self.rows = 0
-        self.writer = pq.ParquetWriter(self.path, self.schema, compression="zstd")
+        self.escaped = 0  # cells that got a leading ' in results.csv
+        self.parquet = self.csv = None
+        try:
+            self.csv = pcsv.CSVWriter(
+                str(self.csv_path), self.csv_schema, write_options=pcsv.WriteOptions(eol="\r\n")
+            )
+            if self.parquet_path is not None:
+                self.parquet = pq.ParquetWriter(self.parquet_path, self.schema, compression="zstd")
+        except BaseException:
+            self.abort()
+            raise
 
-    def add(
+    def write(
         self,
-        row: list[str],
-        values: list[Any] | None,
-        response: str | None,
-        error: str,
-        tokens: tuple[int | None, int | None, int | None],
+        rows: list[list[str]],
+        values: list[list[Any] | None] | None,
+        responses: list[str | None],
+        errors: list[str],
+        usage: tuple[list[int | None], list[int | None], list[int | None]],
     ) -> None:
-        """One row: its input cells, its parsed answer values (None: not parsed), the raw answer, the
-        error (``""``: none) and the token counts. Kept as it is until the row group is written."""
-        self.buffer.append((row, values, response, error, tokens))
-        if len(self.buffer) >= ROW_GROUP_ROWS:
-            self._flush()
-
-    def _flush(self) -> None:
+        """A chunk of rows, one entry per row in each list: the input cells; the parsed answer values (one
+        per answer column; None: not parsed; ``values`` None without a schema); the raw answer (None:
+        none); the error (``""``: none); and the prompt, completion and total token counts."""
         import pyarrow as pa
 
-        if not self.buffer:
+        if not rows:
             return
-        rows, values, responses, errors, tokens = zip(*self.buffer, strict=True)
-        columns: list[Any] = list(zip(*rows, strict=True)) if self.header else []
-        for j, (_, convert) in enumerate(self.converters):
-            columns.append([None if v is None else convert(v[j]) for v in values])
-        if self.vectors:
-            columns.append([_vector(r) if not e else None for r, e in zip(responses, errors, strict=True)])
-        else:
-            columns.append(responses)
-        columns.append(errors)
-        for k in range(len(TOKEN_COLUMNS)):
-            columns.append([t[k] if isinstance(t[k], int) else None for t in tokens])
-        arrays = [pa.array(col, type=field.type) for col, field in zip(columns, self.schema, strict=True)]
-        self.writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
-        self.rows += len(self.buffer)
-        self.buffer = []
+        n = len(rows)
+        inputs = [pa.array(col, pa.string()) for col in zip(*rows, strict=True)] if self.header else []
+        typed, cells = [], []
+        for j, (kind, convert) in enumerate(self.converters):
+            column = [None if v is None else v[j] for v in values]
+            typed.append(pa.array([None if v is None else convert(v) for v in column], kind))
+            text = [None if v is None else _cell(v) for v in column]
+            if self.formula_escape:  # text answers only: a negative number is a number
+                hits = [i for i, v in enumerate(column) if isinstance(v, str) and v.startswith(FORMULA_START)]
+                for i in hits:
+                    text[i] = "'" + text[i]
+                self.escaped += len(hits)
+            cells.append(pa.array(text, pa.string()))
+        counts = [pa.array([v if type(v) is int else None for v in col], pa.int64()) for col in usage]
+        csv_errors: list[str | None] = [e or None for e in errors]
+        csv_responses = responses
+        if self.formula_escape:
+            csv_responses, k = _escaped(responses)
+            csv_errors, m = _escaped(csv_errors)
+            self.escaped += k + m
+        text_response = pa.array(csv_responses, pa.string())
+        self.csv.write_table(
+            pa.Table.from_arrays(
+                inputs + cells + [text_response, pa.array(csv_errors, pa.string())] + counts,
+                schema=self.csv_schema,
+            )
+        )
+        if self.parquet is not None:
+            if self.vectors:
+                vectors = [_vector(r) if not e else None for r, e in zip(responses, errors, strict=True)]
+                response = pa.array(vectors, self.schema.field("response").type)
+            elif csv_responses is responses:
+                response = text_response
+            else:
+                response = pa.array(responses, pa.string())
+            error = pa.array(errors, pa.string())
+            table = pa.Table.from_arrays(inputs + typed + [response, error] + counts, schema=self.schema)
+            self.parquet.write_table(table, row_group_size=ROW_GROUP_ROWS)
+        self.rows += n
 
     def close(self) -> None:
-        self._flush()
-        self.writer.close()
+        self.csv.close()
+        if self.parquet is not None:
+            self.parquet.close()
 
     def abort(self) -> None:
-        try:
-            self.writer.close()
-        finally:
-            self.path.unlink(missing_ok=True)
+        for writer in (self.csv, self.parquet):
+            if writer is not None:
+                try:
+                    writer.close()
+                except Exception:  # noqa: BLE001 - a failed write's writer; the file goes anyway
+                    pass
+        self.csv_path.unlink(missing_ok=True)
+        if self.parquet_path is not None:
+            self.parquet_path.unlink(missing_ok=True)

@@ -28,10 +28,12 @@ from typing import Any
 from urllib.parse import quote
 
 from .estimate import load_prices, price_for, token_cost
-from .merge import REPORT_NAME
+from .merge import REPORT_NAME, token_histogram
 from .results import parse_result_line
 
 HIST_BINS = 20
+#: What merge's report holds of the rows' usage, so the page need not read results.csv again.
+_MERGE_USAGE = ("rows_with_usage", "tokens_per_row", "tokens_histogram")
 STATUS_COLORS = {"answered": "#2e7d32", "failed": "#c62828", "invalid": "#9e9e9e"}
 PHASE_COLORS = {
     "validating": "#90a4ae",
@@ -448,15 +450,12 @@ def _histogram(
     path: str | os.PathLike, lo: int, hi: int, nbins: int = HIST_BINS
 ) -> list[tuple[int, int, int]]:
     """Second pass over results.csv: counts of tokens per row in ``nbins`` integer bins over lo..hi."""
-    width = max(1, -(-(hi - lo + 1) // nbins))
-    n = -(-(hi - lo + 1) // width)
-    counts = [0] * n
+    totals: Counter[int] = Counter()
     for _status, _code, _resp, p, c, t in _iter_csv_rows(path):
         if p is None and c is None and t is None:
             continue
-        total = t if t is not None else (p or 0) + (c or 0)
-        counts[min((total - lo) // width, n - 1)] += 1
-    return [(lo + i * width, min(lo + (i + 1) * width - 1, hi), k) for i, k in enumerate(counts)]
+        totals[t if t is not None else (p or 0) + (c or 0)] += 1
+    return [tuple(b) for b in token_histogram(totals, nbins)]
 
 
 def _pct_diff(actual: float | None, estimate: float | None) -> str:
@@ -613,7 +612,9 @@ def write_report_html(
 ) -> Path:
     """Write a self-contained HTML report of a run and return its path.
 
-    ``results_csv``: the merged CSV (streamed twice: counts and token sums, then the histogram).
+    ``results_csv``: the merged CSV, streamed twice (counts and token sums, then the histogram) unless
+    ``report_json`` holds merge's usage counts (``rows_with_usage``, ``tokens_per_row``,
+    ``tokens_histogram``: merge counts them as it writes the rows), which are then shown as they are.
     ``report_json``: merge's report (path or dict) — its counts and error codes are shown; None: they are
     derived from the CSV. ``estimate``: ``estimate_build``'s dict (or estimate.json) to compare tokens and
     cost with. ``batches``: batch summaries (``id``, ``status``, ``round``, ``request_counts``, ``*_at``
@@ -626,16 +627,22 @@ def write_report_html(
     """
     report = _load_json(report_json) if report_json is not None else None
     estimate = _load_json(estimate)
-    stats = _Stats()
-    for rec in _iter_csv_rows(results_csv):
-        stats.add(*rec)
-    a = stats.result()
+    if report is not None and all(k in report for k in _MERGE_USAGE):
+        # merge counted the usage while it wrote the rows: the file is not read again
+        a = {k: report[k] for k in ("rows", "answered", "failed", "invalid", "errors_by_code", "tokens")}
+        a.update({k: report[k] for k in _MERGE_USAGE})
+        bins = [tuple(b) for b in report["tokens_histogram"]]
+    else:
+        stats = _Stats()
+        for rec in _iter_csv_rows(results_csv):
+            stats.add(*rec)
+        a = stats.result()
+        bins = []
+        if a["tokens_per_row"]["min"] is not None:
+            bins = _histogram(results_csv, a["tokens_per_row"]["min"], a["tokens_per_row"]["max"])
     counts = {k: (report or a).get(k, a[k]) for k in ("rows", "answered", "failed", "invalid")}
     codes = (report or {}).get("errors_by_code", a["errors_by_code"])
     tokens = a["tokens"]
-    bins = []
-    if a["tokens_per_row"]["min"] is not None:
-        bins = _histogram(results_csv, a["tokens_per_row"]["min"], a["tokens_per_row"]["max"])
 
     model = model or (estimate or {}).get("model")
     if cost is None:
