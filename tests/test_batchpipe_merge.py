@@ -362,3 +362,112 @@ def test_an_unfinished_file_is_whole_or_absent_and_names_each_request_once(tmp_p
     with pytest.raises(FileNotFoundError):
         write_unfinished(tmp_path / "missing.jsonl", tmp_path / "out" / "v.jsonl", "c", "m")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["u.jsonl"]  # no half-written file
+
+
+# -- the two ways merge reads the CSV ---------------------------------------------------------------------
+# Arrow's reader is the fast way; it is used only when the rows' digest proves it read what the build read
+# (the csv module's reading), else the csv module reads and decides. Both must give the same files.
+TRICKY = (
+    "\ufeffid,prompt,zip,note\r\n"
+    '001,"quotes ""inside"", commas",007,\r\n'
+    '002,"line one\nline two\r\nline three",,"=SUM(A1)"\r\n'
+    "\r\n"  # a blank line between rows: not a row
+    "003,日本語 🚀 \u2028 naïve,0,tab\there\r\n"
+    '004,"lone\rcr",,\r\n'
+    "005,  spaces  ,00,\r\n"
+)
+
+
+def _merge_both_ways(tmp_path, monkeypatch, text, options=None, answers=None):
+    import pyarrow as pa
+
+    from batchpipe import csvio
+
+    src = tmp_path / "in.csv"
+    src.write_bytes(text.encode("utf-8"))
+    b = build_jsonl(src, options or BuildOptions(prompt_column="prompt"), tmp_path / "b", allowed_roots=None)
+    res = write_jsonl(tmp_path / "o.jsonl", fake_results(b, answer=answers or (lambda cid, body: f"-{cid}")))
+    read = []
+    real, careful = csvio.arrow_chunks, csvio.iter_chunks
+
+    def spy(*a, **k):
+        read.append("arrow")
+        return real(*a, **k)
+
+    def spy_careful(*a, **k):
+        read.append("csv module")
+        return careful(*a, **k)
+
+    monkeypatch.setattr(csvio, "arrow_chunks", spy)
+    monkeypatch.setattr(csvio, "iter_chunks", spy_careful)
+    fast = merge_results(b["manifest"], [res], tmp_path / "fast" / "results.csv", allowed_roots=None)
+
+    def refuse(*a, **k):
+        read.append("refused")
+        raise pa.ArrowInvalid("as if Arrow could not read it")
+        yield
+
+    monkeypatch.setattr(csvio, "arrow_chunks", refuse)
+    slow = merge_results(b["manifest"], [res], tmp_path / "slow" / "results.csv", allowed_roots=None)
+    return b, fast, slow, read
+
+
+def _same_files(tmp_path):
+    import pyarrow.parquet as pq
+
+    assert (tmp_path / "fast" / "results.csv").read_bytes() == (
+        tmp_path / "slow" / "results.csv"
+    ).read_bytes()
+    fast = pq.read_table(tmp_path / "fast" / "results.parquet")
+    assert fast.equals(pq.read_table(tmp_path / "slow" / "results.parquet"))
+    return fast
+
+
+def test_arrow_and_csv_module_reading_give_the_same_files(tmp_path, monkeypatch):
+    b, fast, slow, read = _merge_both_ways(tmp_path, monkeypatch, TRICKY)
+    assert read == ["arrow", "refused", "csv module"]
+    drop = ("results_csv", "results_parquet", "report")
+    assert {k: v for k, v in fast.items() if k not in drop} == {
+        k: v for k, v in slow.items() if k not in drop
+    }
+    table = _same_files(tmp_path)
+    rows = read_csv(tmp_path / "fast" / "results.csv")
+    assert [r["zip"] for r in rows] == ["007", "", "0", "", "00"]
+    assert rows[1]["prompt"] == "line one\nline two\r\nline three" and rows[3]["prompt"] == "lone\rcr"
+    assert rows[4]["prompt"] == "  spaces  " and rows[1]["note"] == "=SUM(A1)"  # input cells as they are
+    assert [r["response"] for r in rows] == [f"'-row-{i}" for i in range(5)]  # escaped in the CSV only
+    assert table.column("response").to_pylist() == [f"-row-{i}" for i in range(5)]
+    assert table.column("note").to_pylist() == ["", "=SUM(A1)", "tab\there", "", ""]
+
+
+@pytest.mark.parametrize(
+    ("text", "first"),
+    [
+        # a short row: the csv module pads it, Arrow refuses it
+        ("id,prompt,zip\r\n1,a,007\r\n2,b\r\n3,c,\r\n", ["arrow", "csv module"]),
+        # a blank line before the header: Arrow takes the header for a row (the digest differs)
+        ("\r\nid,prompt,zip\r\n1,a,007\r\n2,b,x\r\n", ["arrow", "csv module"]),
+        # the digest's separators inside cells: Arrow's cells are hashed row by row, and used
+        ('id,prompt,zip\r\n1,"a\x1fb",007\r\n2,"c\x1ed",\r\n', ["arrow"]),
+    ],
+    ids=["short-row", "blank-before-header", "digest-separators"],
+)
+def test_a_csv_arrow_reads_otherwise_is_read_by_the_csv_module(tmp_path, monkeypatch, text, first):
+    b, fast, slow, read = _merge_both_ways(tmp_path, monkeypatch, text)
+    assert read == first + ["refused", "csv module"]
+    assert fast["answered"] == slow["answered"] == b["valid"]
+    _same_files(tmp_path)
+    rows = read_csv(tmp_path / "fast" / "results.csv")
+    assert [r["id"] for r in rows] == [str(i + 1) for i in range(len(rows))]
+    assert rows[0]["zip"] == "007"
+
+
+def test_arrow_reading_with_an_id_column_and_a_row_range(tmp_path, monkeypatch):
+    text = "id,prompt\r\n" + "".join(f'k{i:03d},"p {i}\nx"\r\n' for i in range(50))
+    opts = BuildOptions(prompt_column="prompt", id_column="id", start_row=7, end_row=43)
+    b, fast, slow, read = _merge_both_ways(tmp_path, monkeypatch, text, opts)
+    assert read == ["arrow", "refused", "csv module"] and fast["rows"] == slow["rows"] == 36
+    _same_files(tmp_path)
+    rows = read_csv(tmp_path / "fast" / "results.csv")
+    assert [r["id"] for r in rows] == [f"k{i:03d}" for i in range(7, 43)]
+    assert [r["response"] for r in rows] == [f"'-k{i:03d}" for i in range(7, 43)]

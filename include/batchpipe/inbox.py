@@ -17,8 +17,10 @@ modification time; in object storage size and ETag) across two looks at the fold
 
 A sidecar ``<name>.json`` next to ``<name>.csv`` holds settings for that file, with the same keys as
 the pipeline's params. It travels only with its CSV, and only when both were in the same look. A
-sidecar that does not parse, or names an unknown setting, fails its own file: the CSV and sidecar
-go to ``failed/<claim>/`` with a reason file, and the other files are claimed as usual. A sidecar
+sidecar that does not parse, names an unknown setting, or holds a ``response_schema`` that strict
+structured outputs refuse (:func:`batchpipe.schema.check_response_schema`, the run's own check), fails
+its own file: the CSV and sidecar go to ``failed/<claim>/`` with a reason file, no pipeline run is
+started for it, and the other files are claimed as usual. Settings are passed on as written. A sidecar
 found with no CSV of its name (e.g. written after its CSV was claimed) is an orphan: logged while
 younger than ``min_age_seconds`` (its CSV may be on its way), then moved to ``failed/<claim>/``
 with a reason file, so it can never be applied to an unrelated later file of the same name.
@@ -287,7 +289,22 @@ def parse_sidecar(text: str, path: str, allowed: set[str] | None = None) -> dict
         raise InputError(
             f"{path}: unknown settings {column_list(unknown)}" + (f" ({'; '.join(hints)})" if hints else "")
         )
+    _check_response_schema(data.get("response_schema"), path)
     return data
+
+
+def _check_response_schema(schema: Any, path: str) -> None:
+    """A sidecar's ``response_schema`` checked as the run would check it (None, "" and {} are an empty
+    field: no schema); :class:`InputError` naming the sidecar and the offending place. The sidecar's value
+    is left as written: the run adds what strict mode needs itself."""
+    if schema is None or schema == {} or (isinstance(schema, str) and not schema.strip()):
+        return
+    from .schema import check_response_schema
+
+    try:
+        check_response_schema(schema, "response_schema")
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
 
 
 def settle(

@@ -180,8 +180,6 @@ def _merge(
     checked = opts.checked_schema
     answers = AnswerColumns(checked) if checked is not None else None
     answer_columns = checked.columns(opts.output_prefix) if checked is not None else []
-    structured = Counter()
-
     out = Path(out_csv)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".merge-", dir=out.parent))
@@ -233,107 +231,153 @@ def _merge(
                 )
         db.commit()
 
-        counts = Counter()
-        codes: Counter[str] = Counter()
-        tokens = {"prompt": 0, "completion": 0, "total": 0}
-        row_totals: dict[int, int] = {}  # total tokens of a row -> rows (the report's histogram)
-        matched = 0
         id_i = header.index(id_column) if id_column else -1
         no_result = NO_RESULT
         if broken.anonymous:
             no_result += (
                 f" ({broken.anonymous} result line(s) could not be read: this row's answer may be among them)"
             )
-        files = ResultFiles(
-            tmp_csv, tmp_parquet if parquet else None, header, checked, answer_columns, opts.endpoint,
-            formula_escape=formula_escape,
-        )  # fmt: skip
+        expected = manifest.get("rows_sha256")
 
-        def flush(chunk: list[list[str]], lo: int) -> None:
-            """Merge and write the rows ``chunk``, data rows ``lo`` onwards (one range of rows)."""
-            nonlocal matched
-            n = len(chunk)
-            hi = lo + n - 1
-            invalid = dict(db.execute("SELECT row, error FROM invalid WHERE row BETWEEN ? AND ?", (lo, hi)))
-            if id_i < 0:
-                found = ranges.load((lo - start) // span)
-                keys: Any = range(lo, hi + 1)
+        def write_rows(arrow: bool) -> dict[str, Any]:
+            """One pass over the selected rows, writing them merged; the pass's counts. ``arrow``: read the
+            CSV with Arrow's reader (each chunk's cells stay Arrow arrays), else with the csv module."""
+            tally: dict[str, Any] = {
+                "counts": Counter(),
+                "codes": Counter(),
+                "tokens": {"prompt": 0, "completion": 0, "total": 0},
+                "row_totals": {},  # total tokens of a row -> rows (the report's histogram)
+                "structured": Counter(),
+                "matched": 0,
+                "digest": RowDigest(),
+            }
+            files = tally["files"] = ResultFiles(
+                tmp_csv, tmp_parquet if parquet else None, header, checked, answer_columns, opts.endpoint,
+                formula_escape=formula_escape,
+            )  # fmt: skip
+            try:
+                return _rows(tally, files, arrow)
+            except BaseException:
+                files.abort()
+                raise
+
+        def _rows(tally: dict[str, Any], files: ResultFiles, arrow: bool) -> dict[str, Any]:
+            counts, codes, tokens, row_totals = (
+                tally[k] for k in ("counts", "codes", "tokens", "row_totals")
+            )
+            structured, digest = tally["structured"], tally["digest"]
+            ranges.reset()
+            lo = start
+            if arrow:
+                chunks: Any = csvio.arrow_chunks(csv_path, header, opts.start_row, opts.end_row, span)
             else:
-                keys = [row[id_i] for row in chunk]
-                found = {}
-                for k in range(0, len(keys), 500):  # stay below SQLite's bound-parameter limit
-                    part = keys[k : k + 500]
-                    marks = ",".join("?" * len(part))
-                    sql = f"SELECT custom_id, {OUTCOME_FIELDS} FROM outcome WHERE custom_id IN ({marks})"
-                    for rec in db.execute(sql, part):
-                        found[rec[0]] = rec[1:]
-            # the chunk's columns, as answered (results.csv escapes formulas when it writes them)
-            responses: list[str | None] = [None] * n
-            errors = [""] * n
-            ps: list[int | None] = [None] * n
-            cs: list[int | None] = [None] * n
-            ts: list[int | None] = [None] * n
-            values: list[Any] | None = [None] * n if answers is not None else None
-            n_invalid = n_missing = n_answered = 0
-            sum_p = sum_c = sum_t = 0
-            for i, key in enumerate(keys):
-                if invalid and lo + i in invalid:
-                    n_invalid += 1
-                    errors[i] = invalid[lo + i]
-                    continue
-                rec = found.get(key)
-                if rec is None:
-                    n_missing += 1
-                    errors[i] = no_result
-                    continue
-                response, error, code, p, c, t = rec[:6]
-                responses[i] = response
-                if p is not None or c is not None or t is not None:
-                    total = t if t is not None else (p or 0) + (c or 0)  # as the CSV's reader
-                    sum_p += p or 0
-                    sum_c += c or 0
-                    sum_t += total
-                    row_totals[total] = row_totals.get(total, 0) + 1
-                    ps[i], cs[i], ts[i] = p, c, t
-                if error is None and values is not None:
-                    parsed, code, error = answers.values(response, code)
-                    if parsed is None:
-                        structured["not_parsed"] += 1
-                    else:
-                        structured["parsed"] += 1
-                        values[i] = parsed
-                        error = None
-                if error is None:
-                    n_answered += 1
+                chunks = csvio.iter_chunks(csv_path, opts.start_row, opts.end_row, span)
+            for chunk in chunks:
+                if arrow:
+                    n = chunk.num_rows
+                    digest.add_table(chunk)
+                    ids = chunk.column(id_i).to_pylist() if id_i >= 0 else None
                 else:
-                    codes[code or "error"] += 1
-                    errors[i] = error
-            files.write(chunk, values, responses, errors, (ps, cs, ts))
-            counts["rows"] += n
-            counts["invalid"] += n_invalid
-            counts["answered"] += n_answered
-            counts["failed"] += n - n_invalid - n_answered
-            if n_invalid:
-                codes["invalid_input"] += n_invalid
-            if n_missing:
-                codes["no_result"] += n_missing
-            matched += n - n_invalid - n_missing
-            tokens["prompt"] += sum_p
-            tokens["completion"] += sum_c
-            tokens["total"] += sum_t
+                    n = len(chunk)
+                    digest.add_rows(chunk)
+                    ids = [row[id_i] for row in chunk] if id_i >= 0 else None
+                hi = lo + n - 1
+                invalid = dict(
+                    db.execute("SELECT row, error FROM invalid WHERE row BETWEEN ? AND ?", (lo, hi))
+                )
+                if ids is None:
+                    found = ranges.load((lo - start) // span)
+                    keys: Any = range(lo, hi + 1)
+                else:
+                    keys = ids
+                    found = {}
+                    for k in range(0, len(keys), 500):  # stay below SQLite's bound-parameter limit
+                        part = keys[k : k + 500]
+                        marks = ",".join("?" * len(part))
+                        sql = f"SELECT custom_id, {OUTCOME_FIELDS} FROM outcome WHERE custom_id IN ({marks})"
+                        for rec in db.execute(sql, part):
+                            found[rec[0]] = rec[1:]
+                # the chunk's columns, as answered (results.csv escapes formulas when it writes them)
+                responses: list[str | None] = [None] * n
+                errors = [""] * n
+                ps: list[int | None] = [None] * n
+                cs: list[int | None] = [None] * n
+                ts: list[int | None] = [None] * n
+                values: list[Any] | None = [None] * n if answers is not None else None
+                n_invalid = n_missing = n_answered = 0
+                sum_p = sum_c = sum_t = 0
+                for i, key in enumerate(keys):
+                    if invalid and lo + i in invalid:
+                        n_invalid += 1
+                        errors[i] = invalid[lo + i]
+                        continue
+                    rec = found.get(key)
+                    if rec is None:
+                        n_missing += 1
+                        errors[i] = no_result
+                        continue
+                    response, error, code, p, c, t = rec[:6]
+                    responses[i] = response
+                    if p is not None or c is not None or t is not None:
+                        total = t if t is not None else (p or 0) + (c or 0)  # as the CSV's reader
+                        sum_p += p or 0
+                        sum_c += c or 0
+                        sum_t += total
+                        row_totals[total] = row_totals.get(total, 0) + 1
+                        ps[i], cs[i], ts[i] = p, c, t
+                    if error is None and values is not None:
+                        parsed, code, error = answers.values(response, code)
+                        if parsed is None:
+                            structured["not_parsed"] += 1
+                        else:
+                            structured["parsed"] += 1
+                            values[i] = parsed
+                            error = None
+                    if error is None:
+                        n_answered += 1
+                    else:
+                        codes[code or "error"] += 1
+                        errors[i] = error
+                inputs = chunk.columns if arrow else chunk
+                files.write(inputs, n, values, responses, errors, (ps, cs, ts), arrays=arrow)
+                counts["rows"] += n
+                counts["invalid"] += n_invalid
+                counts["answered"] += n_answered
+                counts["failed"] += n - n_invalid - n_answered
+                if n_invalid:
+                    codes["invalid_input"] += n_invalid
+                if n_missing:
+                    codes["no_result"] += n_missing
+                tally["matched"] += n - n_invalid - n_missing
+                tokens["prompt"] += sum_p
+                tokens["completion"] += sum_c
+                tokens["total"] += sum_t
+                lo += n
+            return tally
 
-        digest = RowDigest()
-        first = start
-        for chunk in csvio.iter_chunks(csv_path, opts.start_row, opts.end_row, span):
-            digest.add_rows(chunk)
-            flush(chunk, first)
-            first += len(chunk)
-        if manifest.get("rows") is not None and counts["rows"] != manifest["rows"]:
+        tally = None
+        if expected:  # Arrow's reader, where the rows' digest can prove it read what the build read
+            import pyarrow as pa
+
+            try:
+                tally = write_rows(arrow=True)
+            except pa.ArrowException:  # a CSV Arrow reads otherwise than the csv module: that one decides
+                tally = None
+            else:
+                if tally["digest"].hexdigest() != expected or _rows_differ(tally, manifest):
+                    tally["files"].abort()
+                    tally = None  # the csv module's reading decides (and names what changed)
+        if tally is None:
+            tally = write_rows(arrow=False)
+        files = tally["files"]
+        counts, codes, tokens = tally["counts"], tally["codes"], tally["tokens"]
+        row_totals, structured, matched = tally["row_totals"], tally["structured"], tally["matched"]
+        if _rows_differ(tally, manifest):
             raise InputError(
                 f"{csv_path}: has {counts['rows']} rows in range now, {manifest['rows']} at build time; "
                 "the file changed since the build"
             )
-        if manifest.get("rows_sha256") not in (None, digest.hexdigest()):
+        if expected not in (None, tally["digest"].hexdigest()):
             raise InputError(
                 f"{csv_path}: the selected rows changed since the build (same size and row count, other "
                 "content: rows edited, swapped or replaced); answers are joined to rows by position or id, "
@@ -438,6 +482,11 @@ class _RowRanges:
         self.pending: dict[int, list[tuple]] = {}
         self.held = 0
         self.on_disk: set[int] = set()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget what was loaded (a new pass over the rows)."""
+        self.loaded: set[int] = set()
         self.distinct = 0  # ids loaded so far
         self.duplicates = 0
         self.duplicate_rows: list[int] = []  # the first MAX_NAMED, in row order
@@ -469,14 +518,14 @@ class _RowRanges:
         self.held = 0
 
     def load(self, key: int) -> dict[int, tuple]:
-        """Row number → ``(response, error, code, p, c, t, file index)`` of range ``key``; the range file is
-        removed. For a row with several lines the later one wins, except that an error never replaces an
-        answer; a line after an answer, or repeating the id within one file, is a duplicate (broken lines
-        are not)."""
+        """Row number → ``(response, error, code, p, c, t, file index)`` of range ``key`` (empty when it
+        was loaded already in this pass). For a row with several lines the later one wins, except that an
+        error never replaces an answer; a line after an answer, or repeating the id within one file, is a
+        duplicate (broken lines are not)."""
         found: dict[int, tuple] = {}
-        if key not in self.on_disk:
+        if key not in self.on_disk or key in self.loaded:
             return found
-        self.on_disk.discard(key)
+        self.loaded.add(key)
         path = self._file(key)
         dups: list[int] = []
         get = found.get
@@ -499,7 +548,6 @@ class _RowRanges:
                         dups.append(n)
                     if not (old[1] is None and rec[1] is not None):
                         found[n] = rec
-        path.unlink()
         self.distinct += len(found)
         self.duplicates += len(dups)
         if dups and len(self.duplicate_rows) < MAX_NAMED:
@@ -508,8 +556,13 @@ class _RowRanges:
 
     def load_rest(self) -> None:
         """Load (to count them) the ranges the CSV pass did not reach: ids of rows past the file's end."""
-        for key in sorted(self.on_disk):
+        for key in sorted(self.on_disk - self.loaded):
             self.load(key)
+
+
+def _rows_differ(tally: dict[str, Any], manifest: dict[str, Any]) -> bool:
+    """The pass read another number of selected rows than the build did."""
+    return manifest.get("rows") is not None and tally["counts"]["rows"] != manifest["rows"]
 
 
 def _row_number(custom_id: str) -> int | None:

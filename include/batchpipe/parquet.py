@@ -166,21 +166,26 @@ class ResultFiles:
 
     def write(
         self,
-        rows: list[list[str]],
+        inputs: list[Any],
+        n: int,
         values: list[list[Any] | None] | None,
         responses: list[str | None],
         errors: list[str],
         usage: tuple[list[int | None], list[int | None], list[int | None]],
+        *,
+        arrays: bool = False,
     ) -> None:
-        """A chunk of rows, one entry per row in each list: the input cells; the parsed answer values (one
-        per answer column; None: not parsed; ``values`` None without a schema); the raw answer (None:
-        none); the error (``""``: none); and the prompt, completion and total token counts."""
+        """A chunk of ``n`` rows: ``inputs``, the rows' input cells (lists of strings; ``arrays``: one
+        pyarrow string array per input column instead); and one entry per row in each list: the parsed
+        answer values (one per answer column; None: not parsed; ``values`` None without a schema); the raw
+        answer (None: none); the error (``""``: none); and the prompt, completion and total token
+        counts."""
         import pyarrow as pa
 
-        if not rows:
+        if not n:
             return
-        n = len(rows)
-        inputs = [pa.array(col, pa.string()) for col in zip(*rows, strict=True)] if self.header else []
+        if not arrays:
+            inputs = [pa.array(col, pa.string()) for col in zip(*inputs, strict=True)] if self.header else []
         typed, cells = [], []
         for j, (kind, convert) in enumerate(self.converters):
             column = [None if v is None else v[j] for v in values]
