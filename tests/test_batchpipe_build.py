@@ -267,12 +267,12 @@ def test_max_tokens_key(model, key):
 
 
 def test_responses_body():
-    o = BuildOptions(endpoint="/v1/responses", system_prompt="sys", max_tokens=10, image_detail="high")
+    o = BuildOptions(endpoint="/v1/responses", system_prompt="sys", max_tokens=16, image_detail="high")
     assert make_body(o, "hi", None) == {
         "model": "gpt-4o",
         "input": "hi",
         "instructions": "sys",
-        "max_output_tokens": 10,
+        "max_output_tokens": 16,
     }
     b = make_body(o, "look", "https://x/y.png")
     assert b["input"] == [

@@ -389,3 +389,49 @@ def test_the_wait_log_survives_far_times_and_hostile_names(tmp_path, caplog):
     assert claim_new_files(tmp_path, "r", min_age_seconds=1e12) == []  # centuries: no crash
     (said,) = [r.getMessage() for r in caplog.records if "wait for a later run" in r.getMessage()]
     assert "past the year 9999" in said and "\n" not in said and "\x1b" not in said
+
+
+REVIEW_SCHEMA = {  # no additionalProperties: the run adds them; the inbox passes the schema on as dropped
+    "type": "object",
+    "properties": {
+        "sentiment": {"type": "string", "enum": ["positive", "negative", "mixed"]},
+        "score": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+    },
+    "required": ["sentiment", "score"],
+}
+
+
+def test_a_sidecar_response_schema_travels_unchanged_and_a_bad_one_fails_only_its_own_file(box):
+    """A sidecar may shape one file's answers (``response_schema``, ``output_prefix``): its settings, the
+    run conf of that file, are the sidecar's exactly. A schema strict structured outputs refuse fails
+    only its own file, at claim (no pipeline run), with the reason the run's own check would give."""
+    good = {"response_schema": REVIEW_SCHEMA, "output_prefix": "answer_", "model": "gpt-4o-mini"}
+    as_text = {"response_schema": json.dumps(REVIEW_SCHEMA)}  # the form and the CLI send JSON text
+    drop(box.root, "good.csv", good)
+    drop(box.root, "text.csv", as_text)
+    drop(box.root, "none.csv", {"response_schema": None, "output_prefix": ""})  # empty form fields
+    drop(box.root, "array.csv", {"response_schema": {"type": "array", "items": {"type": "string"}}})
+    drop(box.root, "loose.csv", {"response_schema": {**REVIEW_SCHEMA, "required": ["sentiment"]}})
+    drop(box.root, "broken.csv", {"response_schema": "{not json"})
+    allowed = {"model", "response_schema", "output_prefix"}
+    by_name = {c["name"]: c for c in box.claim("c1", allowed=allowed)}
+    for name, sidecar in (("good.csv", good), ("text.csv", as_text)):
+        assert by_name[name]["error"] is None and by_name[name]["settings"] == sidecar
+        assert by_name[name]["csv"] == f"processing/c1/{name}"
+    assert "additionalProperties" not in by_name["good.csv"]["settings"]["response_schema"]  # as dropped
+    assert by_name["none.csv"]["error"] is None
+    assert by_name["none.csv"]["settings"] == {"response_schema": None, "output_prefix": ""}
+    why = {name: by_name[name]["error"] for name in ("array.csv", "loose.csv", "broken.csv")}
+    root = 'array.json: response_schema: the root must have "type": "object" (got \'array\')'
+    assert why["array.csv"].endswith(root)
+    assert 'loose.json: response_schema: $: every property must be listed in "required"' in why["loose.csv"]
+    assert "'score'" in why["loose.csv"]
+    assert "broken.json: response_schema: not valid JSON" in why["broken.csv"]
+    for name in why:
+        assert by_name[name]["csv"] == f"failed/c1/{name}"
+        assert by_name[name]["sidecar"] == f"failed/c1/{name[: -len('.csv')]}.json"
+        assert (box.root / f"failed/c1/{name}.error.txt").read_text() == why[name] + "\n"
+    assert sorted(f for f in box.files() if f.startswith("processing/c1/")) == [
+        "processing/c1/good.csv", "processing/c1/good.json", "processing/c1/none.csv",
+        "processing/c1/none.json", "processing/c1/text.csv", "processing/c1/text.json",
+    ]  # fmt: skip

@@ -135,7 +135,7 @@ def test_shards_cut_by_count_and_bytes_together(tmp_path):
     [
         BuildOptions(),
         BuildOptions(system_prompt='Be "brief"\n✓', max_tokens=5, temperature=0.5, model="o3-mini"),
-        BuildOptions(endpoint="/v1/responses", system_prompt="sys", max_tokens=9, temperature=1),
+        BuildOptions(endpoint="/v1/responses", system_prompt="sys", max_tokens=19, temperature=1),
         BuildOptions(endpoint="/v1/embeddings", model="text-embedding-3-small"),
         BuildOptions(extra_body={"seed": 1, "metadata": {"k": "ü"}}),
         BuildOptions(extra_body={"messages": [{"role": "user", "content": "fixed"}]}),  # prompt not in body

@@ -10,11 +10,15 @@ the Trigger dialog and checks what the params render as:
 * ``enum`` params are dropdowns (react-select comboboxes) listing the enum values;
 * ``format="multiline"`` strings are ``<textarea rows=6>``;
 * a string with ``examples`` (the model) is a text input with a ``<datalist>`` of suggestions;
-* the required ``input_csv`` (no default) blocks the Trigger button until it is filled.
+* the required ``input_csv`` (no default) blocks the Trigger button until it is filled;
+* the ``type: object`` param ``response_schema`` is a JSON code editor (Monaco), not a textbox.
 
-It then fills the form (input CSV, image column, image detail, check interval 1 s, output
-folder, run id), saves screenshots to ``test-artifacts/``, submits, and waits for the run to
-succeed and ``results.csv`` to land.
+It then fills the form (input CSV, image column, image detail, an answer schema pasted into the
+``response_schema`` editor, check interval 1 s, output folder, run id), saves screenshots to
+``test-artifacts/``, submits, checks the stored conf (the schema arrives as a JSON object), and
+waits for the run to succeed and ``results.csv`` to land: the schema's properties are columns
+(in schema order, between the input columns and ``response``) filled on every answered row, and
+``results.parquet`` beside it has them typed (string, double, bool, list<string>).
 
 Note: in Airflow 3.3 the labels of text inputs/textareas are not tied to the widget (the input's
 id ``element_<param>`` overrides the id the label points to), so ``get_by_label`` finds only the
@@ -56,6 +60,21 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = REPO / "test-artifacts"
 SECTIONS = ["Input", "Model and request", "Batching", "Cost", "Output"]
+INPUT_COLUMNS = ["id", "prompt", "image", "zip"]  # data/sample/questions.csv
+SENTIMENTS = ["positive", "negative", "neutral"]
+# pasted into the form's "Answer schema (JSON Schema)" editor: one answer column per property
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "sentiment": {"type": "string", "enum": SENTIMENTS},
+        "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+        "needs_follow_up": {"type": "boolean"},
+        "keywords": {"type": "array", "items": {"type": "string"}},
+    },
+    "required": ["sentiment", "confidence", "needs_follow_up", "keywords"],
+    "additionalProperties": False,
+}
+ANSWER_COLUMNS = list(SCHEMA["properties"])
 
 
 @pytest.fixture(scope="module")
@@ -259,6 +278,35 @@ def test_trigger_form_renders_params_and_runs_the_pipeline(env, page):
             "textbox",
         )
         assert system_prompt.evaluate("el => el.tagName") == "TEXTAREA"
+        # a JSON object param is a Monaco code editor; paste the schema into it as a user would
+        check_row(
+            dialog,
+            "Answer schema (JSON Schema)",
+            "Optional. Every answer is JSON following this schema (strict structured outputs) and each "
+            'top-level property becomes a results column, e.g. {"type": "object", "properties": '
+            '{"sentiment": {"type": "string", "enum": ["positive", "neutral", "negative"]}, "score": '
+            '{"type": "number"}}, "required": ["sentiment", "score"]}. Every property must be listed in '
+            '"required" (allow null for an optional one); "additionalProperties": false is added where '
+            "missing. Checked before anything is uploaded. Not for /v1/embeddings.",
+            "textbox",
+        )
+        editor = field(dialog, "Answer schema (JSON Schema)").locator(".monaco-editor")
+        expect(editor).to_be_visible()
+        expect(editor.locator(".view-lines")).to_have_text("{}")  # an unset (null) object shows {}
+        # A real paste (clipboard, Ctrl+V). Not keyboard.insert_text: Monaco takes that as typing, one
+        # character at a time, and typing { or " over a selection wraps the selection ("surround
+        # selection") instead of replacing it, which leaves a stray "} behind.
+        page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=base)
+        page.evaluate("text => navigator.clipboard.writeText(text)", json.dumps(SCHEMA))
+        editor.locator(".view-lines").click()
+        page.keyboard.press("ControlOrMeta+a")
+        page.keyboard.press("ControlOrMeta+v")
+        # parsed, the value is shown again pretty-printed: the one pasted line becomes many
+        expect(
+            editor.locator(".view-line").filter(has_text=re.compile(r'^\s*"type":\s*"object",$'))
+        ).to_have_count(1)
+        expect(field(dialog, "Answer schema (JSON Schema)").get_by_text("SyntaxError")).to_have_count(0)
+        expect(submit).to_be_enabled()
         page.screenshot(path=str(ARTIFACTS / "trigger-form-model.png"))
 
         # -- Batching: number input for check_interval ---------------------------------------------
@@ -327,6 +375,7 @@ def test_trigger_form_renders_params_and_runs_the_pipeline(env, page):
         "output_dir": str(out_dir),
     }, conf
     assert conf["endpoint"] == "/v1/chat/completions" and conf["system_prompt"] is None
+    assert conf["response_schema"] == SCHEMA, conf  # a JSON object, not the pasted text
 
     try:
         state = stack.wait_run(DAG_ID, RUN_ID, timeout=300)
@@ -345,8 +394,36 @@ def test_trigger_form_renders_params_and_runs_the_pipeline(env, page):
     results = out_dir / "questions" / RUN_ID / "results.csv"
     assert results.is_file(), sorted(str(p) for p in out_dir.rglob("*"))
     with open(results, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    assert len(rows) == 30 and sum(1 for r in rows if r["response"]) == 27
+        reader = csv.DictReader(fh)
+        header = list(reader.fieldnames or [])
+        rows = list(reader)
+    # the answer columns, in schema order, right after the input columns
+    leading = [*INPUT_COLUMNS, *ANSWER_COLUMNS, "response"]
+    assert header[: len(leading)] == leading, header
+    answered = [r for r in rows if r["response"]]
+    assert len(rows) == 30 and len(answered) == 27
+    for r in answered:  # every answer followed the schema, so every answered row has typed-looking cells
+        assert r["error"] == "" and json.loads(r["response"])["sentiment"] == r["sentiment"], r
+        assert r["sentiment"] in SENTIMENTS and r["needs_follow_up"] in ("true", "false"), r
+        assert re.fullmatch(r"-?\d+(\.\d+)?([eE][-+]?\d+)?", r["confidence"]), r
+        assert 0 <= float(r["confidence"]) <= 1, r
+        keywords = json.loads(r["keywords"])
+        assert isinstance(keywords, list) and keywords and all(isinstance(k, str) for k in keywords), r
+    assert all(r[c] == "" for r in rows if not r["response"] for c in ANSWER_COLUMNS)
+    # results.parquet beside it: the same rows, the answer columns typed from the schema
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(results.with_name("results.parquet"))
+    assert table.column_names == header and table.num_rows == 30
+    kinds = {c: table.schema.field(c).type for c in ANSWER_COLUMNS}
+    assert kinds == {"sentiment": pa.string(), "confidence": pa.float64(), "needs_follow_up": pa.bool_(),
+                     "keywords": pa.list_(pa.string())}  # fmt: skip
+    for r, typed in zip(rows, table.to_pylist(), strict=True):
+        assert typed["id"] == r["id"] and typed["sentiment"] == (r["sentiment"] or None)
+        assert typed["confidence"] == (float(r["confidence"]) if r["confidence"] else None)
+        assert typed["needs_follow_up"] == ({"true": True, "false": False}.get(r["needs_follow_up"]))
+        assert typed["keywords"] == (json.loads(r["keywords"]) if r["keywords"] else None)
     assert stack.xcom(DAG_ID, RUN_ID, "merge") == str(results)
     total = time.monotonic() - started
     print(f"form filled and submitted in {form_seconds:.0f}s; run succeeded {total:.0f}s after login")

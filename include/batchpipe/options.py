@@ -157,6 +157,9 @@ class BuildOptions:
             raise bad("max_image_mb", "must be a number > 0")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise bad("max_tokens", "must be an integer >= 1 or None")
+        if self.max_tokens is not None and self.endpoint == "/v1/responses" and self.max_tokens < 16:
+            # sent as max_output_tokens, which the Responses API (CreateResponse) takes from 16 on
+            raise bad("max_tokens", "must be at least 16 for /v1/responses (its max_output_tokens minimum)")
         if self.temperature is not None and (
             not _is_number(self.temperature) or not (0 <= self.temperature <= 2)
         ):
