@@ -453,3 +453,42 @@ def test_report_html_shows_the_structured_counts_with_the_column_names_escaped(t
     )
     assert '<table class="structured">' in page and "<td>1</td><td>1</td>" in page
     assert "&lt;b&gt;tag&lt;/b&gt;" in page and "<b>tag</b>" not in page
+
+
+# -- AnswerColumns: each answer decoded, checked and cut into values ----------------------------------------
+def _answers():
+    from batchpipe.schema import AnswerColumns
+
+    return AnswerColumns(check_response_schema(REVIEW))
+
+
+GOOD = {"sentiment": "positive", "score": 0.5, "topics": ["a"], "spam": False, "product": None}
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        ({**GOOD, "sentiment": "great"}, "at $.sentiment: 'great' is not one of"),
+        ({**GOOD, "score": 2}, "at $.score: 2 is greater than the maximum of 1"),
+        ({**GOOD, "topics": [1]}, "at $.topics[0]: 1 is not of type 'string'"),
+        ({**GOOD, "extra": 1}, "Additional properties are not allowed ('extra' was unexpected)"),
+        ({k: v for k, v in GOOD.items() if k != "spam"}, "at $: 'spam' is a required property"),
+        ({**GOOD, "product": {"name": "x", "price": 1, "colour": "red"}}, "at $.product: Additional"),
+        ({**GOOD, "score": float("nan")}, "the answer is not JSON (NaN is not a JSON number)"),
+    ],
+)
+def test_an_answer_is_checked_against_the_schema_and_the_reason_named(answer, why):
+    values, code, message = _answers().values(json.dumps(answer))
+    assert (values, code) == (None, "schema_mismatch")
+    assert message.startswith("schema_mismatch: ") and why in message, message
+
+
+def test_an_answer_with_lone_surrogates_keeps_them_as_escapes_and_can_be_written():
+    text = json.dumps({**GOOD, "topics": ["\ud800 half", "ok"]})  # ensure_ascii: "\\ud800" in the text
+    values, code, message = _answers().values(text)
+    assert code is None and values[2] == ["\\ud800 half", "ok"]
+    "".join(values[2]).encode("utf-8")  # writable as UTF-8
+    assert _answers().values(json.dumps(GOOD))[0] == ["positive", 0.5, ["a"], False, None]
+    assert (
+        "1e999 is out of a number's range" in _answers().values(json.dumps(GOOD).replace("0.5", "1e999"))[2]
+    )

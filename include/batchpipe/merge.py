@@ -29,7 +29,7 @@ from .build import INVALID_NAME, MANIFEST_NAME, OUTPUT_COLUMNS, RowDigest
 from .errors import InputError
 from .options import BuildOptions
 from .parquet import ResultFiles
-from .results import TRUNCATED, parse_result_line
+from .results import LONE_SURROGATE, TRUNCATED, parse_result_line, without_lone_surrogates
 from .schema import AnswerColumns
 
 NO_RESULT = "no result returned for this request"
@@ -599,22 +599,6 @@ class _Broken:
         )
 
 
-#: A JSON escape or (CESU-8) bytes of a UTF-16 surrogate: json.loads lets those through as lone surrogates
-#: when they are not paired, and a lone surrogate cannot be written as UTF-8.
-_LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}|\xed[\xa0-\xbf]")
-
-
-def _without_lone_surrogates(obj: Any) -> Any:
-    """``obj`` with every lone surrogate in its strings written as its ``\\udXXX`` escape (text kept)."""
-    if isinstance(obj, str):
-        return obj.encode("utf-8", "backslashreplace").decode("utf-8")
-    if isinstance(obj, list):
-        return [_without_lone_surrogates(x) for x in obj]
-    if isinstance(obj, dict):
-        return {_without_lone_surrogates(k): _without_lone_surrogates(v) for k, v in obj.items()}
-    return obj
-
-
 def _custom_id_in_text(raw: str) -> str | None:
     """The custom_id still legible in a line that is not JSON (e.g. cut off mid-way), else None."""
     m = _CUSTOM_ID_IN_TEXT.search(raw)
@@ -728,8 +712,8 @@ def _iter_records(paths: list, endpoint: str, broken: _Broken) -> Iterator[tuple
                         if cid is not None:
                             yield cid, (None, error, BROKEN_LINE, None, None, None, f)
                         continue
-                    if (b"\\u" in raw or b"\xed" in raw) and _LONE_SURROGATE.search(raw):
-                        obj = _without_lone_surrogates(obj)
+                    if (b"\\u" in raw or b"\xed" in raw) and LONE_SURROGATE.search(raw):
+                        obj = without_lone_surrogates(obj)
                 o = parse_result_line(obj, endpoint)
                 if o.custom_id is None:
                     broken.add(path, lineno, None)

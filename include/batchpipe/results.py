@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -216,3 +217,19 @@ def iter_outcomes(paths: Iterable[str | os.PathLike], endpoint: str) -> Iterator
                     )
                     continue
                 yield parse_result_line(obj, endpoint)
+
+
+#: A JSON escape or (CESU-8) bytes of a UTF-16 surrogate: json.loads lets those through as lone surrogates
+#: when they are not paired, and a lone surrogate cannot be written as UTF-8.
+LONE_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}|\xed[\xa0-\xbf]")
+
+
+def without_lone_surrogates(obj: Any) -> Any:
+    """``obj`` with every lone surrogate in its strings written as its ``\\udXXX`` escape (text kept)."""
+    if isinstance(obj, str):
+        return obj.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(obj, list):
+        return [without_lone_surrogates(x) for x in obj]
+    if isinstance(obj, dict):
+        return {without_lone_surrogates(k): without_lone_surrogates(v) for k, v in obj.items()}
+    return obj

@@ -275,22 +275,31 @@ class _Walk:
 
 
 class AnswerColumns:
-    """Each answer of a structured run as its columns: the answer's JSON checked against the schema (with
-    ``jsonschema``), then one cell per top-level property, in schema order (:func:`cell`)."""
+    """Each answer of a structured run as its columns: the answer's JSON checked against the schema, then
+    one cell per top-level property, in schema order (:func:`cell`).
+
+    The answer is decoded with msgspec (the standard library's decoder for what msgspec refuses: its
+    message names the problem, and it takes lone surrogates, kept as their ``\\udXXX`` escape; ``NaN``,
+    ``Infinity`` and numbers out of a double's range are not JSON numbers) and checked with jsonschema-rs
+    (Draft 2020-12, formats not asserted, nothing fetched); an answer it refuses is described by
+    ``jsonschema``'s most relevant error."""
 
     def __init__(self, checked: CheckedSchema) -> None:
+        import jsonschema_rs
+        import msgspec
         from jsonschema import Draft202012Validator
 
         self.properties = checked.properties
+        self.fast = jsonschema_rs.Draft202012Validator(checked.schema, validate_formats=False)
         self.validator = Draft202012Validator(checked.schema)
+        self._decode = msgspec.json.Decoder().decode
+        self._refused = msgspec.MsgspecError
 
     def values(self, text: str | None, note: str | None = None) -> tuple[list[Any] | None, str | None, str]:
         """``(values, None, "")`` for an answer that follows the schema (one value per top-level property,
         in schema order; :func:`cell` makes each a CSV cell), else ``(None, code, message)``: code
         ``truncated`` (``note`` says the answer was cut off) or ``schema_mismatch`` (not JSON, or not what
         the schema says, naming where)."""
-        from jsonschema.exceptions import best_match
-
         if note == "truncated":
             return (
                 None,
@@ -298,15 +307,44 @@ class AnswerColumns:
                 "truncated: the answer was cut off at the token limit before its JSON ended",
             )
         try:
-            value = json.loads(text or "")
-        except ValueError as exc:
-            why = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
-            return None, "schema_mismatch", f"schema_mismatch: the answer is not JSON ({why})"
+            value = self._decode(text or "")
+        except self._refused:
+            from .results import without_lone_surrogates
+
+            try:
+                value = without_lone_surrogates(
+                    json.loads(text or "", parse_constant=_not_a_number, parse_float=_finite)
+                )
+            except ValueError as exc:
+                why = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+                return None, "schema_mismatch", f"schema_mismatch: the answer is not JSON ({why})"
+        if not self.fast.is_valid(value):
+            return None, "schema_mismatch", f"schema_mismatch: {self._why(value)}"
+        return [value[name] for name in self.properties], None, ""
+
+    def _why(self, value: Any) -> str:
+        """Where and why ``value`` does not follow the schema (``jsonschema``'s most relevant error)."""
+        from jsonschema.exceptions import best_match
+
         error = best_match(self.validator.iter_errors(value))
         if error is not None:
-            where = "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
-            return None, "schema_mismatch", f"schema_mismatch: at {where}: {clip(error.message, 200)}"
-        return [value[name] for name in self.properties], None, ""
+            path, message = list(error.absolute_path), error.message
+        else:  # the two validators disagree: jsonschema-rs's own words
+            first = next(iter(self.fast.iter_errors(value)), None)
+            path, message = (list(first.instance_path), first.message) if first else ([], "refused")
+        where = "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
+        return f"at {where}: {clip(message, 200)}"
+
+
+def _not_a_number(word: str) -> float:
+    raise ValueError(f"{word} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{clip(text, 40)} is out of a number's range")
+    return value
 
 
 def cell(value: Any) -> str:
