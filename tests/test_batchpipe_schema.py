@@ -280,7 +280,7 @@ def test_answers_become_typed_columns_and_the_others_say_why_not(tmp_path):
     assert out[0]["response"] == json.dumps(good) and out[0]["error"] == ""
     assert out[1]["a_product"] == "" and out[1]["a_topics"] == '["=HYPERLINK(\\"x\\")"]'
     assert out[6]["a_note"] == "'=1+1" and out[6]["a_score"] == "1" and out[6]["a_spam"] == "true"
-    whys = [(2, "schema_mismatch: the answer is not JSON"), (3, "schema_mismatch: at $.score: 'high' is not"),
+    whys = [(2, "schema_mismatch: the answer is not JSON"), (3, 'schema_mismatch: at $.score: "high" is not'),
             (4, "truncated: the answer was cut off"), (5, "refusal: I can't help with that.")]  # fmt: skip
     for i, why in whys:
         assert all(out[i][c] == "" for c in answer) and out[i]["error"].startswith(why), out[i]
@@ -468,11 +468,11 @@ GOOD = {"sentiment": "positive", "score": 0.5, "topics": ["a"], "spam": False, "
 @pytest.mark.parametrize(
     ("answer", "why"),
     [
-        ({**GOOD, "sentiment": "great"}, "at $.sentiment: 'great' is not one of"),
+        ({**GOOD, "sentiment": "great"}, 'at $.sentiment: "great" is not one of'),
         ({**GOOD, "score": 2}, "at $.score: 2 is greater than the maximum of 1"),
-        ({**GOOD, "topics": [1]}, "at $.topics[0]: 1 is not of type 'string'"),
+        ({**GOOD, "topics": [1]}, 'at $.topics[0]: 1 is not of type "string"'),
         ({**GOOD, "extra": 1}, "Additional properties are not allowed ('extra' was unexpected)"),
-        ({k: v for k, v in GOOD.items() if k != "spam"}, "at $: 'spam' is a required property"),
+        ({k: v for k, v in GOOD.items() if k != "spam"}, 'at $: "spam" is a required property'),
         ({**GOOD, "product": {"name": "x", "price": 1, "colour": "red"}}, "at $.product: Additional"),
         ({**GOOD, "score": float("nan")}, "the answer is not JSON (NaN is not a JSON number)"),
     ],

@@ -194,6 +194,7 @@ def test_text_build_starts_no_thread_pool(tmp_path, monkeypatch):
 def test_merge_order_and_completeness_over_many_chunks(tmp_path, monkeypatch, id_column):
     monkeypatch.setattr(merge_mod, "CHUNK_ROWS", 37)
     monkeypatch.setattr(merge_mod, "INSERT_BATCH", 11)
+    monkeypatch.setattr(merge_mod, "CHUNK_BYTES", 300)  # answers spilled by size too
     n = 1000
     rows = [[f"{i:05d}", f"prompt {i}" if i % 97 else "  ", f"{i % 1000:03d}"] for i in range(n)]
     csv_path = write_rows(tmp_path / "in.csv", ["id", "prompt", "zip"], rows)

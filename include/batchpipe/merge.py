@@ -36,7 +36,7 @@ NO_RESULT = "no result returned for this request"
 REPORT_NAME = "report.json"
 CHUNK_ROWS = 20_000  # at most this many CSV rows looked up and written per step (one range of rows)
 CHUNK_BYTES = 16 << 20  # ... and about this many bytes of CSV and result lines per range
-INSERT_BATCH = 20_000  # result records held before they are written out (per executemany / spill)
+INSERT_BATCH = 20_000  # result records held (at most CHUNK_BYTES of answers) before they are written out
 HIST_BINS = 20  # bins of the tokens-per-row histogram
 OUTCOME_FIELDS = "response, error, code, p, c, t"
 MAX_NAMED = 20  # ids / lines named in the report
@@ -206,6 +206,7 @@ def _merge(
         db.execute("CREATE TABLE invalid (row INTEGER PRIMARY KEY, error TEXT)")
         broken = _Broken()
         by_id: list[tuple] = []
+        held = 0  # characters of the answers in by_id
         insert_id = _upsert("outcome", "custom_id")
         add_row = ranges.add
         for cid, rec in _iter_records(result_paths, opts.endpoint, broken):
@@ -214,9 +215,11 @@ def _merge(
                 if n is not None and add_row(n, rec):
                     continue
             by_id.append((cid, *rec))
-            if len(by_id) >= INSERT_BATCH:
+            held += len(rec[0]) if rec[0] is not None else 0
+            if len(by_id) >= INSERT_BATCH or held >= CHUNK_BYTES:
                 db.executemany(insert_id, by_id)
                 by_id.clear()
+                held = 0
         ranges.spill()
         db.executemany(insert_id, by_id)
         del by_id
@@ -304,7 +307,7 @@ def _merge(
                 cs: list[int | None] = [None] * n
                 ts: list[int | None] = [None] * n
                 values: list[Any] | None = [None] * n if answers is not None else None
-                n_invalid = n_missing = n_answered = 0
+                n_invalid = n_missing = n_answered = n_not_parsed = 0
                 sum_p = sum_c = sum_t = 0
                 for i, key in enumerate(keys):
                     if invalid and lo + i in invalid:
@@ -328,9 +331,8 @@ def _merge(
                     if error is None and values is not None:
                         parsed, code, error = answers.values(response, code)
                         if parsed is None:
-                            structured["not_parsed"] += 1
+                            n_not_parsed += 1
                         else:
-                            structured["parsed"] += 1
                             values[i] = parsed
                             error = None
                     if error is None:
@@ -340,6 +342,9 @@ def _merge(
                         errors[i] = error
                 inputs = chunk.columns if arrow else chunk
                 files.write(inputs, n, values, responses, errors, (ps, cs, ts), arrays=arrow)
+                if values is not None:
+                    structured["not_parsed"] += n_not_parsed
+                    structured["parsed"] += n_answered  # with a schema, answered means parsed
                 counts["rows"] += n
                 counts["invalid"] += n_invalid
                 counts["answered"] += n_answered
@@ -480,7 +485,7 @@ class _RowRanges:
     def __init__(self, folder: Path, start: int, stop: int | None, span: int) -> None:
         self.folder, self.start, self.stop, self.span = folder, start, stop, span
         self.pending: dict[int, list[tuple]] = {}
-        self.held = 0
+        self.held = self.held_bytes = 0  # records and characters of answers not yet spilled
         self.on_disk: set[int] = set()
         self.reset()
 
@@ -502,7 +507,9 @@ class _RowRanges:
             self.pending[key] = held = []
         held.append((n, *rec))
         self.held += 1
-        if self.held >= INSERT_BATCH:
+        if rec[0] is not None:
+            self.held_bytes += len(rec[0])
+        if self.held >= INSERT_BATCH or self.held_bytes >= CHUNK_BYTES:  # embeddings are large
             self.spill()
         return True
 
@@ -515,7 +522,7 @@ class _RowRanges:
                 pickle.dump(held, fh, protocol=pickle.HIGHEST_PROTOCOL)
             self.on_disk.add(key)
         self.pending.clear()
-        self.held = 0
+        self.held = self.held_bytes = 0
 
     def load(self, key: int) -> dict[int, tuple]:
         """Row number → ``(response, error, code, p, c, t, file index)`` of range ``key`` (empty when it

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .schema import CheckedSchema
+from .schema import CheckedSchema, compact_json
 from .schema import cell as _cell
 
 ROW_GROUP_ROWS = 20_000
@@ -42,7 +42,7 @@ _SCALARS = {"string": "string", "number": "float64", "integer": "int64", "boolea
 
 
 def _json_text(value: Any) -> str | None:
-    return None if value is None else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return None if value is None else compact_json(value)
 
 
 def _same(value: Any) -> Any:
@@ -50,7 +50,18 @@ def _same(value: Any) -> Any:
 
 
 def _float(value: Any) -> float | None:
-    return None if value is None else float(value)
+    """A JSON number as a double; None for an integer beyond a double's range (the CSV keeps it)."""
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
+
+
+def _int64(value: Any) -> int | None:
+    """A JSON integer as int64; None beyond its range (the CSV keeps it)."""
+    return value if value is None or -(2**63) <= value < 2**63 else None
 
 
 def converter(node: Any) -> tuple[Any, Callable[[Any], Any]]:
@@ -66,9 +77,11 @@ def converter(node: Any) -> tuple[Any, Callable[[Any], Any]]:
     kinds = [k for k in kinds if k != "null"]
     kind = kinds[0] if len(kinds) == 1 else None
     if kind in _SCALARS:
-        return getattr(pa, _SCALARS[kind])(), _float if kind == "number" else _same
+        return getattr(pa, _SCALARS[kind])(), {"number": _float, "integer": _int64}.get(kind, _same)
     if kind == "array":
         item_type, item = converter(node.get("items"))
+        if item is _same:  # strings, booleans: the list as it is
+            return pa.list_(item_type), _same
         return pa.list_(item_type), lambda v: None if v is None else [item(x) for x in v]
     if kind == "object" and node.get("properties"):
         parts = {name: converter(sub) for name, sub in node["properties"].items()}
@@ -187,15 +200,25 @@ class ResultFiles:
         if not arrays:
             inputs = [pa.array(col, pa.string()) for col in zip(*inputs, strict=True)] if self.header else []
         typed, cells = [], []
-        for j, (kind, convert) in enumerate(self.converters):
-            column = [None if v is None else v[j] for v in values]
-            typed.append(pa.array([None if v is None else convert(v) for v in column], kind))
-            text = [None if v is None else _cell(v) for v in column]
-            if self.formula_escape:  # text answers only: a negative number is a number
-                hits = [i for i, v in enumerate(column) if isinstance(v, str) and v.startswith(FORMULA_START)]
-                for i in hits:
-                    text[i] = "'" + text[i]
-                self.escaped += len(hits)
+        if self.converters:  # one list per answer column (None where the row has no parsed answer)
+            nothing = [None] * len(self.converters)
+            columns = list(zip(*[nothing if v is None else v for v in values], strict=True))
+        for (kind, convert), column in zip(self.converters, columns if self.converters else (), strict=True):
+            if convert is _same:
+                typed.append(pa.array(column, kind))
+            else:
+                typed.append(pa.array([None if v is None else convert(v) for v in column], kind))
+            if convert is _same and pa.types.is_string(kind):  # the answers' own text
+                text = column
+            else:
+                text = [None if v is None else _cell(v) for v in column]
+            if self.formula_escape and pa.types.is_string(kind):  # text only: a negative number is a number
+                hits = [i for i, v in enumerate(column) if type(v) is str and v.startswith(FORMULA_START)]
+                if hits:
+                    text = list(text)
+                    for i in hits:
+                        text[i] = "'" + text[i]
+                    self.escaped += len(hits)
             cells.append(pa.array(text, pa.string()))
         counts = [pa.array([v if type(v) is int else None for v in col], pa.int64()) for col in usage]
         csv_errors: list[str | None] = [e or None for e in errors]

@@ -281,17 +281,14 @@ class AnswerColumns:
     The answer is decoded with msgspec (the standard library's decoder for what msgspec refuses: its
     message names the problem, and it takes lone surrogates, kept as their ``\\udXXX`` escape; ``NaN``,
     ``Infinity`` and numbers out of a double's range are not JSON numbers) and checked with jsonschema-rs
-    (Draft 2020-12, formats not asserted, nothing fetched); an answer it refuses is described by
-    ``jsonschema``'s most relevant error."""
+    (Draft 2020-12, formats not asserted, nothing fetched), whose first error names where and why."""
 
     def __init__(self, checked: CheckedSchema) -> None:
         import jsonschema_rs
         import msgspec
-        from jsonschema import Draft202012Validator
 
         self.properties = checked.properties
-        self.fast = jsonschema_rs.Draft202012Validator(checked.schema, validate_formats=False)
-        self.validator = Draft202012Validator(checked.schema)
+        self.validator = jsonschema_rs.Draft202012Validator(checked.schema, validate_formats=False)
         self._decode = msgspec.json.Decoder().decode
         self._refused = msgspec.MsgspecError
 
@@ -318,22 +315,11 @@ class AnswerColumns:
             except ValueError as exc:
                 why = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
                 return None, "schema_mismatch", f"schema_mismatch: the answer is not JSON ({why})"
-        if not self.fast.is_valid(value):
-            return None, "schema_mismatch", f"schema_mismatch: {self._why(value)}"
+        if not self.validator.is_valid(value):
+            error = next(iter(self.validator.iter_errors(value)))
+            where = "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.instance_path)
+            return None, "schema_mismatch", f"schema_mismatch: at {where}: {clip(error.message, 200)}"
         return [value[name] for name in self.properties], None, ""
-
-    def _why(self, value: Any) -> str:
-        """Where and why ``value`` does not follow the schema (``jsonschema``'s most relevant error)."""
-        from jsonschema.exceptions import best_match
-
-        error = best_match(self.validator.iter_errors(value))
-        if error is not None:
-            path, message = list(error.absolute_path), error.message
-        else:  # the two validators disagree: jsonschema-rs's own words
-            first = next(iter(self.fast.iter_errors(value)), None)
-            path, message = (list(first.instance_path), first.message) if first else ([], "refused")
-        where = "$" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
-        return f"at {where}: {clip(message, 200)}"
 
 
 def _not_a_number(word: str) -> float:
@@ -347,15 +333,28 @@ def _finite(text: str) -> float:
     return value
 
 
+_ENCODER = None
+
+
+def compact_json(value: Any) -> str:
+    """``value`` as compact JSON text (msgspec: no spaces, UTF-8 as it is; what ``json.dumps(value,
+    ensure_ascii=False, separators=(",", ":"))`` writes, except that a float's exponent has no ``+``)."""
+    global _ENCODER
+    if _ENCODER is None:
+        import msgspec
+
+        _ENCODER = msgspec.json.Encoder()
+    return _ENCODER.encode(value).decode("utf-8")
+
+
 def cell(value: Any) -> str:
-    """A JSON value as a CSV cell: strings as they are, numbers as JSON numbers, ``true``/``false``, null
-    empty, arrays and objects as compact JSON."""
-    if isinstance(value, str):
+    """A JSON value as a CSV cell: strings as they are, null empty, ``true``/``false``, numbers, arrays and
+    objects as compact JSON (:func:`compact_json`)."""
+    kind = type(value)
+    if kind is str:
         return value
     if value is None:
         return ""
-    if value is True or value is False:
+    if kind is bool:
         return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return json.dumps(value)
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return compact_json(value)

@@ -153,7 +153,7 @@ _PARAMS = {
         type=_nullable("integer"),
         minimum=1,
         title="Max output tokens",
-        description="Optional cap on each answer's length.",
+        description="Optional cap on each answer's length (at least 16 for /v1/responses).",
         section=MODEL,
     ),
     "temperature": Param(
