@@ -4,6 +4,7 @@ would refuse it, naming the place; what is sent has additionalProperties: false 
 from __future__ import annotations
 
 import copy
+import csv
 import json
 
 import pytest
@@ -492,3 +493,32 @@ def test_an_answer_with_lone_surrogates_keeps_them_as_escapes_and_can_be_written
     assert (
         "1e999 is out of a number's range" in _answers().values(json.dumps(GOOD).replace("0.5", "1e999"))[2]
     )
+
+
+def test_numbers_beyond_int64_or_a_double_stay_in_the_csv_and_are_null_in_parquet(tmp_path):
+    import pyarrow.parquet as pq
+
+    from batchpipe import BuildOptions, build_jsonl, merge_results
+
+    src = tmp_path / "in.csv"
+    src.write_text("review\nfine\nhuge\n", encoding="utf-8")
+    schema = {
+        "type": "object",
+        "properties": {"count": {"type": "integer"}, "score": {"type": "number"}},
+        "required": ["count", "score"],
+    }
+    built = build_jsonl(src, BuildOptions(prompt_column="review", response_schema=schema), tmp_path / "b")
+    huge = "1" + "0" * 400
+    lines = [
+        answer_line("row-0", '{"count": 3, "score": 0.5}'),
+        answer_line("row-1", f'{{"count": {huge}, "score": {huge}}}'),
+    ]
+    results = tmp_path / "out.jsonl"
+    results.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    report = merge_results(built["manifest"], [results], tmp_path / "results.csv")
+    assert report["answered"] == 2
+    with open(tmp_path / "results.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["count"], r["score"]) for r in rows] == [("3", "0.5"), (huge, huge)]  # the CSV keeps them
+    table = pq.read_table(tmp_path / "results.parquet").to_pylist()
+    assert [(r["count"], r["score"]) for r in table] == [(3, 0.5), (None, None)]  # beyond int64 / a double
