@@ -143,12 +143,16 @@ class OpenAIBatchWaitOperator(BaseOperator):
         if store is not None:
             store.set(self.STATE_KEY, {**state, "generation": generation(context)})
 
-    def _load(self, context: Any, passed: dict[str, Any] | None) -> dict[str, Any] | None:
+    def _load(
+        self, context: Any, passed: dict[str, Any] | None, *, cleared: bool = False
+    ) -> dict[str, Any] | None:
+        """The wait's state: ``passed`` (the deferral's kwargs), else this generation's saved state
+        (``cleared``: the saved state of an earlier generation, before the task was cleared)."""
         if passed:
             return passed
         store = context.get("task_state_store")
         saved = store.get(self.STATE_KEY) if store is not None else None
-        if isinstance(saved, dict) and saved.get("generation") == generation(context):
+        if isinstance(saved, dict) and (saved.get("generation") == generation(context)) != cleared:
             return {k: v for k, v in saved.items() if k != "generation"}
         return None
 
@@ -165,11 +169,34 @@ class OpenAIBatchWaitOperator(BaseOperator):
                     f"shard {s['index']} round {s['round']} batch {s['batch_id']}" for s in state["shards"]
                 ),
             )
+        elif (earlier := self._load(context, None, cleared=True)) and earlier.get("origin") == origin:
+            state = self._reopen(earlier)
         else:
             state = {"origin": origin, "shards": [self._start(m) for m in shards]}
         self._current = self._running(state)
         active = [sh for sh in state["shards"] if not sh["done"] and sh["batch_id"]]
         return self._advance(context, state, [], look=active)
+
+    def _reopen(self, state: dict[str, Any]) -> dict[str, Any]:
+        """The wait of a cleared task goes on from where the last one stopped: what was resubmitted is
+        not submitted (and paid for) again, a shard that ended stays ended, and a shard whose batch could
+        no longer be polled (``wait_stopped``) has that batch polled again."""
+        for sh in state["shards"]:
+            stopped = sh.get("unfinished") or {}
+            if sh["done"] and stopped.get("code") == "wait_stopped" and sh["batch_id"]:
+                sh["done"], sh["unfinished"] = False, None
+                problem = f"shard {sh['index']}: {stopped.get('message')}"
+                sh["problems"] = [p for p in sh["problems"] if p != problem]
+                self.log.info("shard %s: waiting again for batch %s", sh["index"], sh["batch_id"])
+        self.log.info(
+            "the task was cleared: the wait goes on from where it stopped (%s); nothing is submitted twice",
+            ", ".join(
+                f"shard {sh['index']} round {sh['round']} batch {sh['batch_id']}"
+                + (" (ended)" if sh["done"] else "")
+                for sh in state["shards"]
+            ),
+        )
+        return state
 
     def _check(self, shards: list[dict[str, Any]]) -> None:
         """A group the operator can wait for: distinct shard indices, each shard with a batch or the reason
@@ -284,6 +311,7 @@ class OpenAIBatchWaitOperator(BaseOperator):
                 break
         waiting = [sh for sh in state["shards"] if not sh["done"]]
         if not waiting:
+            self._save(context, state)  # a clear goes on from here (see _reopen)
             return self._result(state)
         running = [sh for sh in waiting if sh["batch_id"]]
         self._current = [sh["batch_id"] for sh in running]
