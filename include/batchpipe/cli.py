@@ -8,6 +8,8 @@
                        [--max-cost-usd X] [--out-dir DIR] [--json]
     batchpipe analyze RESULTS.csv|OUTPUT.jsonl... [--json] [--html OUT.html [--estimate estimate.json]
                       [--batches batches.json] [--model M] [--prices FILE_OR_JSON]]
+    batchpipe cache stats CACHE_DIR [--json]
+    batchpipe cache prune CACHE_DIR --older-than DAYS
 
 Fatal input problems print the message on stderr and exit with code 2; ``estimate`` exits with code 3
 when the estimate exceeds ``--max-cost-usd``; output cut off by its reader (``| head``) ends quietly
@@ -334,6 +336,37 @@ def _run_page(results: str, out: Path, estimate: Any, batches: Any, model: str |
         return write_report_html(results, None, out, model=model, prices=prices)
 
 
+def _cmd_cache(args: argparse.Namespace) -> int:
+    """``cache stats``: entries, bytes, oldest and newest of an answer cache; ``cache prune``: remove the
+    entries kept more than ``--older-than`` days ago."""
+    import time
+
+    from .cache import CACHE_FILE, AnswerCache
+
+    if not (Path(args.cache_dir) / CACHE_FILE).is_file():
+        raise InputError(f"{args.cache_dir}: no answer cache here (no {CACHE_FILE})")
+    with AnswerCache(args.cache_dir, mode="read_only") as cache:
+        if args.action == "prune":
+            if args.older_than is None or args.older_than < 0:
+                raise InputError("cache prune: --older-than DAYS (0 or more) is required")
+            removed = cache.prune(args.older_than * 86400)
+            what = "entry" if removed == 1 else "entries"
+            print(f"removed {removed:,} {what} kept more than {args.older_than:g} days ago")
+        stats = cache.stats()
+    if args.json:
+        print(json.dumps(stats, indent=2))
+        return 0
+
+    def when(t: float | None) -> str:
+        return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+    print(f"cache: {stats['path']}")
+    print(f"  entries: {stats['entries']:,}  answers: {stats['bytes']:,} bytes", end="")
+    print(f"  file: {stats['file_bytes']:,} bytes")
+    print(f"  oldest: {when(stats['oldest'])}  newest: {when(stats['newest'])}")
+    return 0
+
+
 def _read_json_arg(path: str, option: str) -> Any:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
@@ -412,6 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model for the actual cost (default: the estimate's)")
     p.add_argument("--prices", help="price override: a JSON file or string (for --html)")
     p.set_defaults(func=_cmd_analyze)
+
+    p = sub.add_parser("cache", help="look after an answer cache: stats, prune")
+    p.add_argument("action", choices=("stats", "prune"))
+    p.add_argument("cache_dir", metavar="CACHE_DIR", help="the cache's folder (holds answers.sqlite)")
+    p.add_argument("--older-than", type=float, metavar="DAYS", help="prune: entries kept more than DAYS ago")
+    p.add_argument("--json", action="store_true", help="print the stats as JSON")
+    p.set_defaults(func=_cmd_cache)
     for command in (parser, *sub.choices.values()):
         command.allow_abbrev = False  # --max-tok is a typo, not silently --max-tokens
         command.set_defaults(parser=command)
