@@ -105,6 +105,7 @@ def test_merge_order_completeness_and_report(built):
         "note",
         "response",
         "error",
+        "answered_from",
         "prompt_tokens",
         "completion_tokens",
         "total_tokens",

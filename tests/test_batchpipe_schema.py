@@ -389,7 +389,7 @@ def test_results_parquet_has_the_types_of_the_schema_and_the_csv_cells_as_they_a
         "id": pa.string(), "review": pa.string(), "zip": pa.string(),
         "sentiment": pa.string(), "score": pa.float64(), "topics": pa.list_(pa.string()), "spam": pa.bool_(),
         "product": pa.struct([pa.field("name", pa.string()), pa.field("price", pa.float64())]),
-        "count": pa.int64(), "response": pa.string(), "error": pa.string(),
+        "count": pa.int64(), "response": pa.string(), "error": pa.string(), "answered_from": pa.string(),
         "prompt_tokens": pa.int64(), "completion_tokens": pa.int64(), "total_tokens": pa.int64(),
     }  # fmt: skip
     rows = table.to_pylist()
@@ -397,7 +397,7 @@ def test_results_parquet_has_the_types_of_the_schema_and_the_csv_cells_as_they_a
     assert rows[0] | {"response": None} == {
         "id": "001", "review": "Great", "zip": "007", "sentiment": "positive", "score": 1.0, "topics": ["a"],
         "spam": True, "product": {"name": "Kettle", "price": 12.5}, "count": 3, "response": None,
-        "error": "", "prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25,
+        "error": "", "answered_from": "batch", "prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25,
     }  # fmt: skip
     assert rows[1]["sentiment"] is None and rows[1]["response"] == "nope"
     assert rows[1]["review"] == "=bad"  # nothing escaped: a program reads it

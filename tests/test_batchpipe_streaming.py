@@ -84,7 +84,7 @@ def test_shards_cut_by_count_exactly(tmp_path):
 
 def test_shards_cut_by_bytes_exactly(tmp_path):
     rnd = random.Random(5)
-    prompts = [[("x" * rnd.randint(1, 80)) + "é" * rnd.randint(0, 5)] for _ in range(60)]
+    prompts = [[f"{i}" + ("x" * rnd.randint(1, 80)) + "é" * rnd.randint(0, 5)] for i in range(60)]
     csv_path = write_rows(tmp_path / "in.csv", ["prompt"], prompts)
     whole = build_jsonl(csv_path, BuildOptions(), tmp_path / "whole", allowed_roots=None)
     (lines,) = shard_lines(whole)

@@ -60,8 +60,11 @@ def run(dag, conf: dict):
     return dr, {(ti.task_id, ti.map_index): ti for ti in dr.get_task_instances()}
 
 
-def put_text_csv(s3, key: str, n: int) -> list[list[str]]:
+def put_text_csv(s3, key: str, n: int, repeat: dict[int, int] | None = None) -> list[list[str]]:
+    """``n`` rows; ``repeat``: row -> an earlier row whose prompt it asks again."""
     rows = [[f"q{i:03d}", f"question number {i}", f"{i:03d}", "" if i % 3 else "x"] for i in range(n)]
+    for row, earlier in (repeat or {}).items():
+        rows[row][1] = rows[earlier][1]
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["id", "prompt", "zip", "note"])
@@ -115,7 +118,7 @@ def test_work_clean_up_in_s3_removes_only_what_the_run_wrote(s3, tmp_path):
 
 
 def test_s3_input_work_and_output_every_row_back_once(dag, srv, s3, scratch, tmp_path):
-    rows = put_text_csv(s3, "inbox/many.csv", 23)
+    rows = put_text_csv(s3, "inbox/many.csv", 24, repeat={20: 2})  # row 20 asks row 2's question again
     before = {b.id for b in srv.client().batches.list(limit=100).data}
     dr, tis = run(
         dag,
@@ -143,8 +146,12 @@ def test_s3_input_work_and_output_every_row_back_once(dag, srv, s3, scratch, tmp
     out = csv_rows(get(s3, csv_key))
     assert [[r["id"], r["prompt"], r["zip"], r["note"]] for r in out] == rows  # 007 stays 007, "" stays ""
     assert all(r["response"] == f"ECHO: {r['prompt']}" and r["error"] == "" for r in out)
+    assert [(i, r["answered_from"]) for i, r in enumerate(out) if r["answered_from"] != "batch"] == [
+        (20, "row 2")
+    ]
     report = json.loads(get(s3, f"{folder}/report.json"))
-    assert report["answered"] == 23 and sorted(report["batch_ids"]) == sorted(b.id for b in new)
+    assert report["answered"] == 24 and sorted(report["batch_ids"]) == sorted(b.id for b in new)
+    assert report["answered_from_rows"] == 1  # sent once: duplicates.jsonl went through S3 to the merge
     url = f"s3://s3_test@{s3.bucket}/{folder}"
     assert (report["results_csv"], report["report"]) == (f"{url}/results.csv", f"{url}/report.json")
     html = get(s3, f"{folder}/report.html").decode()

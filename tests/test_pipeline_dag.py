@@ -198,3 +198,41 @@ def test_no_sendable_request_still_lands_every_row_with_its_error(dag, server, t
     rows = read_csv(results_path(tmp_path / "out", "huge"))
     assert len(rows) == 1 and rows[0]["response"] == "" and "1000" in rows[0]["error"]
     assert len(server.client().batches.list(limit=100).data) == batches_before
+
+
+def test_25_rows_of_which_2_repeat_earlier_rows_send_23_requests(dag, server, tmp_path):
+    # Each distinct request is sent once (dedupe, on by default): rows 10 and 20 repeat rows 3 and 7
+    # exactly (prompt and image); row 21 has row 3's prompt with another image: another request.
+    # (The same image bytes under another file name are the same request: test_dedupe.py.)
+    data = tmp_path / "in"
+    shutil.copytree(SAMPLE / "images", data / "images")
+    pics = ["images/red_circle.png", "images/green_triangle.jpg", "images/blue_square.png", ""]
+    rows = [[f"r{i:02d}", f"What is in picture {i}?", pics[i % 4]] for i in range(25)]
+    rows[10][1:] = rows[3][1:]
+    rows[20][1:] = rows[7][1:]
+    rows[21][1:] = [rows[3][1], "images/yellow_star.jpg"]
+    src = data / "pictures.csv"
+    with open(src, "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows([["id", "prompt", "image"], *rows])
+    out = tmp_path / "out"
+    before = {b.id for b in server.client().batches.list(limit=100).data}
+    dr, states = run(
+        dag, {"input_csv": str(src), "output_dir": str(out), "image_column": "image", "check_interval": 1}
+    )
+    assert dr.state == "success", states
+    new = [b for b in server.client().batches.list(limit=100).data if b.id not in before]
+    assert [b.request_counts.total for b in new] == [23]  # 25 rows, 2 of them repeats
+    got = read_csv(results_path(out, "pictures"))
+    assert [r["id"] for r in got] == [r[0] for r in rows]
+    copies = {10: 3, 20: 7}
+    for i, (row, (_, prompt, pic)) in enumerate(zip(got, rows, strict=True)):
+        assert row["response"].startswith(f"ECHO: {prompt}"), (i, row)  # its own answer, to its own request
+        if pic:
+            assert f"sha256={sha16(data / pic)}]" in row["response"], (i, row)
+        assert row["answered_from"] == (f"row {copies[i]}" if i in copies else "batch")
+        assert (row["total_tokens"] == "") == (i in copies)  # billed once, on the row that sent it
+    assert got[10]["response"] == got[3]["response"] and got[21]["response"] != got[3]["response"]
+    report = json.loads((results_path(out, "pictures").parent / "report.json").read_text())
+    assert report["answered"] == 25 and report["answered_from_rows"] == 2
+    estimate = json.loads((results_path(out, "pictures").parent / "estimate.json").read_text())
+    assert estimate["requests"] == 23 and estimate["duplicates"]["rows"] == 2

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import sqlite3
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,10 +45,11 @@ from .schema import SCHEMA_NAME, check_columns
 
 T = TypeVar("T")
 
-OUTPUT_COLUMNS = ("response", "error", "prompt_tokens", "completion_tokens", "total_tokens")
+OUTPUT_COLUMNS = ("response", "error", "answered_from", "prompt_tokens", "completion_tokens", "total_tokens")
 MAX_CUSTOM_ID_LEN = 512
 MAX_EXAMPLES = 10
 MANIFEST_NAME = "build_manifest.json"
+DUPLICATES_NAME = "duplicates.jsonl"
 INVALID_NAME = "invalid.jsonl"
 SHARD_GLOB = "shard-*.jsonl"
 MANIFEST_VERSION = 1
@@ -629,7 +631,8 @@ def _encode_ordered(
 #: Every file the pipeline writes into a work folder (shards, follow-up shards, downloaded result files,
 #: invalid rows, the build manifest, and their temporary names while being written).
 _WORK_FILE = re.compile(
-    r"\.?(shard-\d{5}[^/\\]*\.jsonl|invalid\.jsonl|build_manifest\.json)(\.(tmp|part)(-\d+)?)?"
+    r"\.?(shard-\d{5}[^/\\]*\.jsonl|invalid\.jsonl|duplicates\.jsonl|build_manifest\.json|keys\.sqlite)"
+    r"(\.(tmp|part)(-\d+)?)?"
 )
 
 
@@ -676,6 +679,74 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+class _SendOnce:
+    """Each distinct request sent once: a request line whose key (:func:`batchpipe.cache.request_key`)
+    was seen on an earlier row is not written; the row is recorded in ``duplicates.jsonl`` as answered
+    by that row (``{"row", "custom_id", "of_row", "of"}``). Keys live in a SQLite file in the work folder
+    and are looked up a block of lines at a time, so memory stays flat; lines keep their order."""
+
+    BLOCK_LINES = 2000
+    BLOCK_BYTES = 16 << 20
+
+    def __init__(self, work_dir: Path, write: Callable[[bytes, int], None]) -> None:
+        self.write = write
+        self.db_path = work_dir / ".keys.sqlite"
+        self.db_path.unlink(missing_ok=True)
+        self.db = sqlite3.connect(self.db_path)
+        self.db.execute("PRAGMA journal_mode=OFF")
+        self.db.execute("PRAGMA synchronous=OFF")
+        self.db.execute("CREATE TABLE keys (key BLOB PRIMARY KEY, row INTEGER, cid TEXT) WITHOUT ROWID")
+        self.out_path = work_dir / DUPLICATES_NAME
+        self.out = open(str(self.out_path) + ".tmp", "w", encoding="utf-8", newline="\n")
+        self.block: list[tuple[bytes, bytes, int, str]] = []
+        self.held = 0
+        self.duplicates = 0
+
+    def add(self, line: bytes, index: int, custom_id: str) -> None:
+        from .cache import request_key
+
+        self.block.append((bytes.fromhex(request_key(line)), line, index, custom_id))
+        self.held += len(line)
+        if len(self.block) >= self.BLOCK_LINES or self.held >= self.BLOCK_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.block:
+            return
+        keys = list({key for key, *_ in self.block})
+        first: dict[bytes, tuple[int, str]] = {}
+        for k in range(0, len(keys), 500):
+            part = keys[k : k + 500]
+            sql = f"SELECT key, row, cid FROM keys WHERE key IN ({','.join('?' * len(part))})"
+            first.update((key, (row, cid)) for key, row, cid in self.db.execute(sql, part))
+        new = []
+        for key, line, index, custom_id in self.block:
+            seen = first.get(key)
+            if seen is None:
+                first[key] = (index, custom_id)
+                new.append((key, index, custom_id))
+                self.write(line, index)
+            else:
+                self.duplicates += 1
+                rec = {"row": index, "custom_id": custom_id, "of_row": seen[0], "of": seen[1]}
+                self.out.write(dumps_line(rec) + "\n")
+        self.db.executemany("INSERT INTO keys VALUES (?,?,?)", new)
+        self.block, self.held = [], 0
+
+    def close(self) -> None:
+        self.flush()
+        self.out.close()
+        self.db.close()
+        self.db_path.unlink(missing_ok=True)
+        os.replace(str(self.out_path) + ".tmp", self.out_path)
+
+    def abort(self) -> None:
+        self.out.close()
+        self.db.close()
+        self.db_path.unlink(missing_ok=True)
+        Path(str(self.out_path) + ".tmp").unlink(missing_ok=True)
+
+
 def build_jsonl(
     csv_path: str | os.PathLike,
     opts: BuildOptions,
@@ -689,8 +760,12 @@ def build_jsonl(
     ``allowed_roots`` as for :func:`validate_csv`. ``work_dir`` is not checked against any root.
 
     Returns a small dict: ``{"csv", "work_dir", "manifest", "rows", "valid", "invalid", "invalid_path",
-    "first_invalid", "shards": [{"index", "path", "requests", "bytes", "first_row", "last_row"}]}``.
-    ``shards`` is ``[]`` when no row is valid.
+    "first_invalid", "duplicates", "shards": [{"index", "path", "requests", "bytes", "first_row",
+    "last_row"}]}``. ``shards`` is ``[]`` when no row is valid.
+
+    With ``opts.dedupe`` (the default) a valid row whose request repeats an earlier row's exactly (same
+    body; images by their bytes) is not written: ``duplicates.jsonl`` names the row it is answered by
+    (``duplicates`` counts them; ``valid`` counts them too, as rows with a request).
     """
     plan = _prepare(csv_path, opts, allowed_roots, url_fs)
     o = plan.opts
@@ -700,6 +775,14 @@ def build_jsonl(
 
     ids = _IdTracker(plan)
     writer = _ShardWriter(wd, o.max_requests_per_batch, o.max_batch_bytes)
+    once = _SendOnce(wd, writer.add) if o.dedupe else None
+    if once is not None:
+        send = once.add
+    else:
+
+        def send(line: bytes, index: int, custom_id: str) -> None:
+            writer.add(line, index)
+
     invalid_path = wd / INVALID_NAME
     rows = valid = invalid = 0
     examples: list[dict[str, Any]] = []
@@ -740,7 +823,6 @@ def build_jsonl(
         with open(str(invalid_path) + ".tmp", "w", encoding="utf-8", newline="\n") as inv:
             if image_i < 0:
                 # Text only: no pool; the line is the pre-serialised template around two JSON strings.
-                add = writer.add
                 enc = encode_basestring
                 if template is not None:
                     head, middle, tail = template
@@ -769,7 +851,7 @@ def build_jsonl(
                     except RowError as exc:
                         fail(inv, index, custom_id, exc, line)
                         continue
-                    add(request, index)
+                    send(request, index, custom_id)
                     valid += 1
             else:
 
@@ -801,12 +883,16 @@ def build_jsonl(
                     except RowError as exc:
                         fail(inv, index, custom_id, exc, line)
                         continue
-                    writer.add(request, index)
+                    send(request, index, custom_id)
                     valid += 1
+        if once is not None:
+            once.close()
         shards = writer.close()
     except BaseException:
         if images is not None:
             images.close()  # stops the pool
+        if once is not None:
+            once.abort()
         writer.abort()
         Path(str(invalid_path) + ".tmp").unlink(missing_ok=True)
         _clean_work_dir(wd)  # never leave a partial set of shards behind
@@ -831,6 +917,7 @@ def build_jsonl(
         "valid": valid,
         "invalid": invalid,
         "invalid_path": str(invalid_path),
+        "duplicates": once.duplicates if once is not None else 0,
         "shards": shards,
     }
     _write_json_atomic(manifest_path, manifest)
@@ -843,5 +930,6 @@ def build_jsonl(
         "invalid": invalid,
         "invalid_path": str(invalid_path),
         "first_invalid": examples,
+        "duplicates": once.duplicates if once is not None else 0,
         "shards": shards,
     }

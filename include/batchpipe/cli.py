@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .build import build_jsonl, describe_problem, validate_csv
+from .build import DUPLICATES_NAME, build_jsonl, describe_problem, validate_csv
 from .errors import InputError
 from .options import ENDPOINTS, IMAGE_DETAILS, BuildOptions
 
@@ -59,6 +59,13 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-requests-per-batch", type=int, default=d.max_requests_per_batch)
     p.add_argument("--max-batch-bytes", type=int, default=d.max_batch_bytes)
     p.add_argument("--max-image-mb", type=float, default=d.max_image_mb)
+    p.add_argument(
+        "--no-dedupe",
+        dest="dedupe",
+        action="store_false",
+        help="send every row (default: a request repeating an earlier row's is sent once, and its answer "
+        "copied)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -114,6 +121,11 @@ def _cmd_build(args: argparse.Namespace) -> int:
         print(json.dumps(result, ensure_ascii=False, indent=2))
         return 0
     print(f"rows: {result['rows']}, valid: {result['valid']}, invalid: {result['invalid']}")
+    if result["duplicates"]:
+        print(
+            f"{result['duplicates']} row(s) repeat an earlier row's request: sent once, answered from it "
+            f"({DUPLICATES_NAME})"
+        )
     for s in result["shards"]:
         print(
             f"shard {s['index']}: {s['path']} ({s['requests']} requests, {s['bytes']} bytes, "

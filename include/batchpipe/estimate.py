@@ -166,6 +166,22 @@ def token_cost(
 # --------------------------------------------------------------------------- estimate
 
 
+def _copies(build_dir: Path) -> dict[str, int]:
+    """From the build's ``duplicates.jsonl``: for each sent request's custom_id, how many rows it also
+    answers (rows not sent because they repeat it)."""
+    from .build import DUPLICATES_NAME
+
+    path = build_dir / DUPLICATES_NAME
+    counts: dict[str, int] = {}
+    if path.is_file():
+        with open(path, encoding="utf-8") as fh:
+            for raw in fh:
+                if raw.strip():
+                    of = json.loads(raw).get("of")
+                    counts[of] = counts.get(of, 0) + 1
+    return counts
+
+
 def _request_max_tokens(body: dict[str, Any]) -> int | None:
     for key in _MAX_KEYS:
         v = body.get(key)
@@ -199,7 +215,9 @@ def estimate_build(
     "endpoint", "rows", "requests", "invalid", "prompt_tokens", "text_tokens", "image_tokens", "images",
     "output_tokens_expected", "expected_output_tokens_per_request", "output_tokens_max", "price"
     (see ``price_for``, or None), "cost": {"batch": {"expected", "max"}, "standard": {...}} (USD, max
-    None when unbounded) or None when the model's price is unknown, "notes": [...], "shards":
+    None when unbounded) or None when the model's price is unknown, "duplicates": {"rows",
+    "prompt_tokens", "output_tokens_expected", "batch_usd_expected"} (rows not sent because they repeat
+    an earlier row's request, and what sending them would have cost), "notes": [...], "shards":
     [{"index", "requests", "prompt_tokens", "image_tokens", "output_tokens_max"}]}``.
     """
     from .merge import load_manifest  # merge imports build; keep this module light to import
@@ -221,6 +239,8 @@ def estimate_build(
     price = price_for(prices, model)
 
     notes: list[str] = []
+    copies = _copies(mpath.parent)  # custom_id -> rows answered by that request (not sent)
+    saved_prompt = saved_out = 0
     requests = text_total = image_total = images = 0
     url_images = unknown_images = 0
     out_expected = 0
@@ -240,9 +260,11 @@ def estimate_build(
                 if not raw.strip():
                     continue
                 try:
-                    body = json.loads(raw)["body"]
+                    request = json.loads(raw)
+                    body = request["body"]
                 except (ValueError, KeyError, TypeError) as exc:
                     raise InputError(f"{path}: line {lineno}: not a request line ({exc})") from None
+                also = copies.get(request.get("custom_id"), 0) if copies else 0
                 imgs = iter_request_images(body, endpoint)
                 try:
                     text, image = request_token_breakdown(body, endpoint, model)
@@ -255,6 +277,7 @@ def estimate_build(
                 s_prompt += text + image
                 s_image += image
                 text_total += text
+                saved_prompt += (text + image) * also
                 if embeddings:
                     continue
                 mx = _request_max_tokens(body)
@@ -262,10 +285,12 @@ def estimate_build(
                     unbounded += 1
                     s_max = None
                     out_expected += per_request
+                    saved_out += per_request * also
                 else:
                     if s_max is not None:
                         s_max += mx
                     out_expected += min(per_request, mx)
+                    saved_out += min(per_request, mx) * also
         requests += s_req
         image_total += s_image
         if s_max is None or out_max is None:
@@ -332,6 +357,15 @@ def estimate_build(
         )
     if manifest.get("invalid"):
         notes.append(f"{manifest['invalid']} invalid rows are not sent and not counted.")
+    repeated = int(manifest.get("duplicates") or 0)
+    not_spent = token_cost(price, saved_prompt, saved_out, True) if price is not None and price_ok else None
+    if repeated:
+        notes.append(
+            f"{repeated} rows repeat an earlier row's request: sent once, answered from it, not counted "
+            f"({saved_prompt:,} prompt tokens"
+            + (f", about {_usd(not_spent)} at Batch prices" if not_spent is not None else "")
+            + " not spent)."
+        )
 
     return {
         "model": model,
@@ -348,6 +382,12 @@ def estimate_build(
         "output_tokens_max": 0 if embeddings else out_max,
         "price": price,
         "cost": cost,
+        "duplicates": {
+            "rows": repeated,
+            "prompt_tokens": saved_prompt,
+            "output_tokens_expected": saved_out,
+            "batch_usd_expected": not_spent,
+        },
         "notes": notes,
         "shards": shards_out,
     }
@@ -384,6 +424,14 @@ def format_estimate(estimate: dict[str, Any]) -> str:
         f"| output tokens, expected | {_n(e['output_tokens_expected'])} |",
         f"| output tokens, at most | {_n(e['output_tokens_max'])} |",
     ]
+    saved = e.get("duplicates") or {}
+    if saved.get("rows"):
+        usd = saved.get("batch_usd_expected")
+        lines.append(
+            f"| rows answered from a repeated request | {_n(saved['rows'])} (not sent"
+            + (f": about {_usd(usd)} not spent at Batch prices" if usd is not None else "")
+            + ") |"
+        )
     if cost is None:
         lines.append("| cost | unknown (no price for this model) |")
     else:

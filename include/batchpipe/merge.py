@@ -25,7 +25,7 @@ from typing import Any
 import msgspec
 
 from . import csvio, paths
-from .build import INVALID_NAME, MANIFEST_NAME, OUTPUT_COLUMNS, RowDigest
+from .build import DUPLICATES_NAME, INVALID_NAME, MANIFEST_NAME, OUTPUT_COLUMNS, RowDigest
 from .errors import InputError
 from .options import BuildOptions
 from .parquet import ResultFiles
@@ -87,17 +87,17 @@ def merge_results(
     write_report: bool = True,
     parquet: bool = True,
 ) -> dict[str, Any]:
-    """Write ``out_csv`` (input columns, answer columns, response, error, prompt/completion/total_tokens) and
-    ``report.json`` beside it (``write_report=False``: not written; the caller finishes it with
-    :func:`batchpipe.report.finish_report`, as the pipeline and ``batchpipe merge`` do). Returns the
-    report: ``{"rows", "answered", "failed", "invalid", "errors_by_code", "tokens": {"prompt",
-    "completion", "total"}, "rows_with_usage", "tokens_per_row": {"min", "max"}, "tokens_histogram",
-    "batch_ids", "results_csv", "results_parquet", "report", "unmatched_results", "malformed_lines",
-    "broken_lines", "duplicate_results", "duplicate_ids", "csv_formula_escape", "formula_cells_escaped",
-    "problems"}``. ``problems`` names what does not add up for the rows themselves: requests sent without
-    a result line. Tokens count the rows with usage; a row's total is ``total_tokens``, or prompt +
-    completion where the service gave no total; ``tokens_histogram`` (:func:`token_histogram`) is what
-    report.html draws.
+    """Write ``out_csv`` (input columns, answer columns, response, error, answered_from,
+    prompt/completion/total_tokens) and ``report.json`` beside it (``write_report=False``: not written;
+    the caller finishes it with :func:`batchpipe.report.finish_report`, as the pipeline and ``batchpipe
+    merge`` do). Returns the report: ``{"rows", "answered", "failed", "invalid", "errors_by_code",
+    "tokens": {"prompt", "completion", "total"}, "rows_with_usage", "tokens_per_row": {"min", "max"},
+    "tokens_histogram", "batch_ids", "results_csv", "results_parquet", "report", "unmatched_results",
+    "malformed_lines", "broken_lines", "answered_from_rows", "duplicate_results", "duplicate_ids",
+    "csv_formula_escape", "formula_cells_escaped", "problems"}``. ``problems`` names what does not add
+    up for the rows themselves: requests sent without a result line. Tokens count the rows with usage;
+    a row's total is ``total_tokens``, or prompt + completion where the service gave no total;
+    ``tokens_histogram`` (:func:`token_histogram`) is what report.html draws.
 
     Several lines for one custom_id: the later line wins (resubmissions come in later files), except that
     an error never replaces an answer (HTTP 200). A line for an id that already had an answer, or that
@@ -112,6 +112,11 @@ def merge_results(
     answer that is not JSON, does not follow the schema or was cut off at the token limit leaves them
     empty and says why in ``error`` (``schema_mismatch: …`` / ``truncated: …``); the report's
     ``structured`` counts ``parsed`` and ``not_parsed`` answers.
+
+    A row the build did not send because it repeats an earlier row's request (``duplicates.jsonl``) gets
+    that row's outcome, its ``answered_from`` says ``row N`` (others: ``batch``; a row not sent: empty)
+    and its token cells stay empty: the request was billed once, on the row that sent it
+    (``answered_from_rows`` counts them).
 
     The selected rows must be those the build read: their digest (``rows_sha256`` in the manifest) is
     checked while they are merged, and a CSV whose rows changed since the build fails with InputError
@@ -224,14 +229,22 @@ def _merge(
         db.executemany(insert_id, by_id)
         del by_id
 
-        inv_path = mpath.parent / INVALID_NAME
-        if inv_path.is_file():
-            with open(inv_path, encoding="utf-8") as fh:
-                recs = (json.loads(raw) for raw in fh if raw.strip())
-                db.executemany(
-                    "INSERT OR REPLACE INTO invalid VALUES (?,?)",
-                    ((int(r["row"]), _not_sent(r)) for r in recs),
-                )
+        _load_records(db, mpath.parent / INVALID_NAME, "invalid", 2, lambda r: (int(r["row"]), _not_sent(r)))
+        # rows not sent because an earlier row sends the same request: answered by that row
+        db.execute("CREATE TABLE dup (row INTEGER PRIMARY KEY, of_row INTEGER, of_cid TEXT)")
+        db.execute("CREATE INDEX dup_of ON dup (of_row)")
+        _load_records(
+            db,
+            mpath.parent / DUPLICATES_NAME,
+            "dup",
+            3,
+            lambda r: (int(r["row"]), int(r["of_row"]), r.get("of")),
+        )
+        # the outcome of each row answering later rows, kept as the pass goes (per pass)
+        db.execute(
+            "CREATE TABLE src (row INTEGER PRIMARY KEY, found INTEGER, response TEXT, error TEXT, code TEXT,"
+            " p INTEGER, c INTEGER, t INTEGER)"
+        )
         db.commit()
 
         id_i = header.index(id_column) if id_column else -1
@@ -252,6 +265,7 @@ def _merge(
                 "row_totals": {},  # total tokens of a row -> rows (the report's histogram)
                 "structured": Counter(),
                 "matched": 0,
+                "copied": 0,  # rows answered by an earlier row's request
                 "digest": RowDigest(),
             }
             files = tally["files"] = ResultFiles(
@@ -270,6 +284,7 @@ def _merge(
             )
             structured, digest = tally["structured"], tally["digest"]
             ranges.reset()
+            db.execute("DELETE FROM src")
             lo = start
             if arrow:
                 chunks: Any = csvio.arrow_chunks(csv_path, header, opts.start_row, opts.end_row, span)
@@ -300,7 +315,29 @@ def _merge(
                         sql = f"SELECT custom_id, {OUTCOME_FIELDS} FROM outcome WHERE custom_id IN ({marks})"
                         for rec in db.execute(sql, part):
                             found[rec[0]] = rec[1:]
+                dups = {
+                    row: (of_row, of_cid)
+                    for row, of_row, of_cid in db.execute(
+                        "SELECT row, of_row, of_cid FROM dup WHERE row BETWEEN ? AND ?", (lo, hi)
+                    )
+                }
+                earlier: dict[int, Any] = {}
+                if dups:
+                    before = sorted({of_row for of_row, _ in dups.values() if of_row < lo})
+                    for k in range(0, len(before), 500):
+                        part = before[k : k + 500]
+                        marks = ",".join("?" * len(part))
+                        sql = f"SELECT row, found, {OUTCOME_FIELDS} FROM src WHERE row IN ({marks})"
+                        for row, was_found, *rec in db.execute(sql, part):
+                            earlier[row] = tuple(rec) if was_found else None
+                sources = [
+                    r
+                    for (r,) in db.execute(
+                        "SELECT DISTINCT of_row FROM dup WHERE of_row BETWEEN ? AND ?", (lo, hi)
+                    )
+                ]
                 # the chunk's columns, as answered (results.csv escapes formulas when it writes them)
+                answered_from: list[str | None] = ["batch"] * n
                 responses: list[str | None] = [None] * n
                 errors = [""] * n
                 ps: list[int | None] = [None] * n
@@ -309,12 +346,27 @@ def _merge(
                 values: list[Any] | None = [None] * n if answers is not None else None
                 n_invalid = n_missing = n_answered = n_not_parsed = 0
                 sum_p = sum_c = sum_t = 0
+                n_copied = n_own = 0  # rows answered by another row's request; by a line of their own
                 for i, key in enumerate(keys):
                     if invalid and lo + i in invalid:
                         n_invalid += 1
                         errors[i] = invalid[lo + i]
+                        answered_from[i] = None
                         continue
-                    rec = found.get(key)
+                    copied = dups.get(lo + i) if dups else None
+                    if copied is None:
+                        rec = found.get(key)
+                        n_own += rec is not None
+                    else:  # the answer of the row that sent this request: not billed again
+                        of_row, of_cid = copied
+                        n_copied += 1
+                        answered_from[i] = f"row {of_row}"
+                        if of_row >= lo:
+                            rec = found.get(of_row if ids is None else of_cid)
+                        else:
+                            rec = earlier.get(of_row)
+                        if rec is not None:
+                            rec = (*rec[:3], None, None, None)
                     if rec is None:
                         n_missing += 1
                         errors[i] = no_result
@@ -340,8 +392,19 @@ def _merge(
                     else:
                         codes[code or "error"] += 1
                         errors[i] = error
+                if sources:
+                    kept = []
+                    for row in sources:
+                        rec = found.get(row if ids is None else ids[row - lo])
+                        kept.append(
+                            (row, 0, None, None, None, None, None, None)
+                            if rec is None
+                            else (row, 1, *rec[:6])
+                        )
+                    db.executemany("INSERT OR REPLACE INTO src VALUES (?,?,?,?,?,?,?,?)", kept)
                 inputs = chunk.columns if arrow else chunk
-                files.write(inputs, n, values, responses, errors, (ps, cs, ts), arrays=arrow)
+                files.write(inputs, n, values, responses, errors, answered_from, (ps, cs, ts), arrays=arrow)
+                tally["copied"] += n_copied
                 if values is not None:
                     structured["not_parsed"] += n_not_parsed
                     structured["parsed"] += n_answered  # with a schema, answered means parsed
@@ -353,7 +416,7 @@ def _merge(
                     codes["invalid_input"] += n_invalid
                 if n_missing:
                     codes["no_result"] += n_missing
-                tally["matched"] += n - n_invalid - n_missing
+                tally["matched"] += n_own
                 tokens["prompt"] += sum_p
                 tokens["completion"] += sum_c
                 tokens["total"] += sum_t
@@ -429,6 +492,7 @@ def _merge(
         "unmatched_results": total_outcomes - matched,
         "malformed_lines": broken.count,
         "broken_lines": broken.examples,
+        "answered_from_rows": tally["copied"],
         "duplicate_results": duplicates,
         "duplicate_ids": duplicate_ids[:MAX_NAMED],
         "csv_formula_escape": formula_escape,
@@ -565,6 +629,16 @@ class _RowRanges:
         """Load (to count them) the ranges the CSV pass did not reach: ids of rows past the file's end."""
         for key in sorted(self.on_disk - self.loaded):
             self.load(key)
+
+
+def _load_records(db: sqlite3.Connection, path: Path, table: str, width: int, values: Any) -> None:
+    """The JSON lines of the build's ``path`` (if there) into ``table`` (``width`` columns),
+    ``values(record)`` per line."""
+    if path.is_file():
+        with open(path, encoding="utf-8") as fh:
+            recs = (json.loads(raw) for raw in fh if raw.strip())
+            marks = ",".join("?" * width)
+            db.executemany(f"INSERT OR REPLACE INTO {table} VALUES ({marks})", (values(r) for r in recs))
 
 
 def _rows_differ(tally: dict[str, Any], manifest: dict[str, Any]) -> bool:

@@ -61,6 +61,9 @@ class BuildOptions:
     response_schema: dict | None = field(default=None)
     #: Put before each answer column's name (``answer_`` → ``answer_sentiment``).
     output_prefix: str = ""
+    #: Send each distinct request once: a row whose request (same body, images by their bytes) repeats
+    #: an earlier row's is not sent and gets that row's answer. False: every row is sent.
+    dedupe: bool = True
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> BuildOptions:
@@ -92,6 +95,8 @@ class BuildOptions:
                 value = None  # an empty form field
             elif key == "output_prefix" and value is None:
                 value = ""  # an empty form field
+            elif key == "dedupe" and isinstance(value, str) and value.strip().lower() in _BOOL_WORDS:
+                value = _BOOL_WORDS[value.strip().lower()]
             kwargs[key] = value
         return cls(**kwargs)
 
@@ -153,6 +158,8 @@ class BuildOptions:
             raise bad("max_requests_per_batch", f"must be an integer in 1..{MAX_REQUESTS_PER_FILE}")
         if not _is_int(self.max_batch_bytes) or not (1 <= self.max_batch_bytes <= MAX_FILE_BYTES):
             raise bad("max_batch_bytes", f"must be an integer in 1..{MAX_FILE_BYTES}")
+        if not isinstance(self.dedupe, bool):
+            raise bad("dedupe", "must be true or false")
         if not _is_number(self.max_image_mb) or self.max_image_mb <= 0:
             raise bad("max_image_mb", "must be a number > 0")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
@@ -188,6 +195,9 @@ class BuildOptions:
                 )
             self.checked_schema  # noqa: B018 (checked now: InputError before anything is read)
         return self
+
+
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def _is_int(v: Any) -> bool:

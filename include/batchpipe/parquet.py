@@ -15,8 +15,10 @@ came, unescaped and typed. Its columns, in the order of ``results.csv``:
   properties, a ``$ref``, mixed types); null where the row has no parsed answer;
 * ``response``: string, or ``list<float>`` (float32) for ``/v1/embeddings`` (the vector; the CSV keeps it
   as JSON text; a base64 answer is decoded as little-endian float32);
-* ``error``: string (``""`` when answered); ``prompt_tokens``, ``completion_tokens``, ``total_tokens``:
-  ``int64``, null when unknown.
+* ``error``: string (``""`` when answered); ``answered_from``: ``batch`` (its own request, sent in this
+  run), ``row N`` (the same request, sent once for data row N) or null (not sent); ``prompt_tokens``,
+  ``completion_tokens``, ``total_tokens``: ``int64``, null when unknown (and on a row answered by another
+  row's request: it was billed once, on that row).
 
 The merge hands over one chunk of rows at a time (a range of the CSV) and each is written at once (in
 Parquet row groups of at most :data:`ROW_GROUP_ROWS`), so memory does not grow with the input (pyarrow
@@ -155,13 +157,14 @@ class ResultFiles:
             inputs
             + [pa.field(name, kind) for name, (kind, _) in zip(answer_columns, self.converters, strict=True)]
             + [pa.field("response", pa.list_(pa.float32()) if self.vectors else pa.string())]
-            + [pa.field("error", pa.string(), nullable=False)]
+            + [pa.field("error", pa.string(), nullable=False), pa.field("answered_from", pa.string())]
             + tokens
         )
         self.csv_schema = pa.schema(
             inputs
             + [pa.field(name, pa.string()) for name in answer_columns]
             + [pa.field("response", pa.string()), pa.field("error", pa.string())]
+            + [pa.field("answered_from", pa.string())]
             + tokens
         )
         self.rows = 0
@@ -184,6 +187,7 @@ class ResultFiles:
         values: list[list[Any] | None] | None,
         responses: list[str | None],
         errors: list[str],
+        answered_from: list[str | None],
         usage: tuple[list[int | None], list[int | None], list[int | None]],
         *,
         arrays: bool = False,
@@ -191,8 +195,8 @@ class ResultFiles:
         """A chunk of ``n`` rows: ``inputs``, the rows' input cells (lists of strings; ``arrays``: one
         pyarrow string array per input column instead); and one entry per row in each list: the parsed
         answer values (one per answer column; None: not parsed; ``values`` None without a schema); the raw
-        answer (None: none); the error (``""``: none); and the prompt, completion and total token
-        counts."""
+        answer (None: none); the error (``""``: none); where the answer came from (``batch``, ``row N``;
+        None for a row not sent); and the prompt, completion and total token counts."""
         import pyarrow as pa
 
         if not n:
@@ -228,9 +232,10 @@ class ResultFiles:
             csv_errors, m = _escaped(csv_errors)
             self.escaped += k + m
         text_response = pa.array(csv_responses, pa.string())
+        source = pa.array(answered_from, pa.string())
         self.csv.write_table(
             pa.Table.from_arrays(
-                inputs + cells + [text_response, pa.array(csv_errors, pa.string())] + counts,
+                inputs + cells + [text_response, pa.array(csv_errors, pa.string()), source] + counts,
                 schema=self.csv_schema,
             )
         )
@@ -243,7 +248,9 @@ class ResultFiles:
             else:
                 response = pa.array(responses, pa.string())
             error = pa.array(errors, pa.string())
-            table = pa.Table.from_arrays(inputs + typed + [response, error] + counts, schema=self.schema)
+            table = pa.Table.from_arrays(
+                inputs + typed + [response, error, source] + counts, schema=self.schema
+            )
             self.parquet.write_table(table, row_group_size=ROW_GROUP_ROWS)
         self.rows += n
 

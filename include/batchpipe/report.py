@@ -666,6 +666,12 @@ def write_report_html(
     p.append("</div>")
     p.append("<h2>Outcomes</h2>")
     p.append(svg_status(counts))
+    copied = (report or {}).get("answered_from_rows") or 0
+    if copied:
+        p.append(
+            f'<p class="note" id="sent-once">{copied:,} row(s) repeat an earlier row\'s request: sent once, '
+            "answered from that row (<code>answered_from</code>), billed once.</p>"
+        )
     if codes:
         p.append("<h3>Errors by code</h3>")
         rows = [[_e(c), f"{n:,}"] for c, n in sorted(codes.items(), key=lambda x: -x[1])]

@@ -249,6 +249,15 @@ _PARAMS = {
         "else no limit.",
         section=BATCHING,
     ),
+    "dedupe": Param(
+        _BUILD.dedupe,
+        type="boolean",
+        title="Send each distinct request once",
+        description="A row whose request repeats an earlier row's exactly (same prompt, images by their "
+        "bytes, same settings) is not sent: it gets that row's answer, and answered_from says which row. "
+        "Off: every row is sent (several samples of one prompt).",
+        section=BATCHING,
+    ),
     "cancel_on_kill": Param(
         True,
         type="boolean",

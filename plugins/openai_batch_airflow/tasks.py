@@ -475,12 +475,14 @@ def log_result_problems(report: dict[str, Any]) -> None:
 
 
 def _local_build_manifest(work: storage.Location, tmp: Path, csv_path: str) -> Path:
-    """The build manifest as a local file (``invalid.jsonl`` beside it) for the merge, naming the input
-    CSV as this task reads it (``csv_path``: a local copy of a CSV in object storage, else the CSV itself).
+    """The build manifest as a local file (``invalid.jsonl`` and ``duplicates.jsonl`` beside it) for the
+    merge, naming the input CSV as this task reads it (``csv_path``: a local copy of a CSV in object
+    storage, else the CSV itself).
 
     Used in place when the work folder is local and the manifest already names ``csv_path``; otherwise
     a copy in ``tmp``, its ``csv`` entry pointing at ``csv_path``.
     """
+    from batchpipe.build import DUPLICATES_NAME
     from batchpipe.errors import InputError
     from batchpipe.merge import INVALID_NAME, MANIFEST_NAME
 
@@ -497,9 +499,10 @@ def _local_build_manifest(work: storage.Location, tmp: Path, csv_path: str) -> P
         local = tmp / "work" / MANIFEST_NAME
         local.parent.mkdir(parents=True, exist_ok=True)
         local.write_text(json.dumps(manifest), encoding="utf-8")
-    invalid = work / INVALID_NAME
-    if invalid.exists():  # beside the manifest used (nothing to do when that is the work folder)
-        storage.publish(storage.fetch(invalid, local.parent), local.parent / INVALID_NAME)
+    for name in (INVALID_NAME, DUPLICATES_NAME):  # beside the manifest used (the work folder: in place)
+        stored = work / name
+        if stored.exists():
+            storage.publish(storage.fetch(stored, local.parent), local.parent / name)
     return local
 
 
