@@ -40,13 +40,13 @@ def test_the_key_is_what_is_sent_never_the_row_or_the_image_path(tmp_path):
             "id,prompt,image\n1,What is this?,photo.png\n2,What is this?,photo.png\n3,Other,\n4,Other,\n",
             encoding="utf-8",
         )
-    opts = BuildOptions(image_column="image", id_column="id")
+    opts = BuildOptions(image_column="image", id_column="id", dedupe=False)  # every line, to compare keys
     a = [request_key(x) for x in lines_of(build_jsonl(tmp_path / "a" / "in.csv", opts, tmp_path / "wa"))]
     b = [request_key(x) for x in lines_of(build_jsonl(tmp_path / "b" / "in.csv", opts, tmp_path / "wb"))]
     assert a[0] == a[1] and a[2] == a[3]  # same request on two rows (other custom_ids): one key
     assert a[0] != b[0]  # same prompt, same image path, other image bytes: another request
     assert a[2] == b[2]  # same text-only request in another file and run: the same key
-    other_model = BuildOptions(image_column="image", id_column="id", model="gpt-4o-mini")
+    other_model = BuildOptions(image_column="image", id_column="id", model="gpt-4o-mini", dedupe=False)
     c = [
         request_key(x) for x in lines_of(build_jsonl(tmp_path / "a" / "in.csv", other_model, tmp_path / "wc"))
     ]

@@ -683,19 +683,23 @@ class _SendOnce:
     """Each distinct request sent once: a request line whose key (:func:`batchpipe.cache.request_key`)
     was seen on an earlier row is not written; the row is recorded in ``duplicates.jsonl`` as answered
     by that row (``{"row", "custom_id", "of_row", "of"}``). Keys live in a SQLite file in the work folder
-    and are looked up a block of lines at a time, so memory stays flat; lines keep their order."""
+    (indexed by their first 8 bytes, the whole key compared) and are looked up a block of lines at a
+    time, so memory stays flat; lines keep their order."""
 
     BLOCK_LINES = 2000
     BLOCK_BYTES = 16 << 20
 
     def __init__(self, work_dir: Path, write: Callable[[bytes, int], None]) -> None:
+        from .cache import request_digest
+
+        self.digest = request_digest
         self.write = write
         self.db_path = work_dir / ".keys.sqlite"
         self.db_path.unlink(missing_ok=True)
         self.db = sqlite3.connect(self.db_path)
         self.db.execute("PRAGMA journal_mode=OFF")
         self.db.execute("PRAGMA synchronous=OFF")
-        self.db.execute("CREATE TABLE keys (key BLOB PRIMARY KEY, row INTEGER, cid TEXT) WITHOUT ROWID")
+        self.db.execute("CREATE TABLE keys (k INTEGER PRIMARY KEY, key BLOB, row INTEGER, cid TEXT)")
         self.out_path = work_dir / DUPLICATES_NAME
         self.out = open(str(self.out_path) + ".tmp", "w", encoding="utf-8", newline="\n")
         self.block: list[tuple[bytes, bytes, int, str]] = []
@@ -703,9 +707,7 @@ class _SendOnce:
         self.duplicates = 0
 
     def add(self, line: bytes, index: int, custom_id: str) -> None:
-        from .cache import request_key
-
-        self.block.append((bytes.fromhex(request_key(line)), line, index, custom_id))
+        self.block.append((self.digest(line), line, index, custom_id))
         self.held += len(line)
         if len(self.block) >= self.BLOCK_LINES or self.held >= self.BLOCK_BYTES:
             self.flush()
@@ -713,24 +715,30 @@ class _SendOnce:
     def flush(self) -> None:
         if not self.block:
             return
-        keys = list({key for key, *_ in self.block})
+        short = list({int.from_bytes(key[:8], "big", signed=True) for key, *_ in self.block})
         first: dict[bytes, tuple[int, str]] = {}
-        for k in range(0, len(keys), 500):
-            part = keys[k : k + 500]
-            sql = f"SELECT key, row, cid FROM keys WHERE key IN ({','.join('?' * len(part))})"
-            first.update((key, (row, cid)) for key, row, cid in self.db.execute(sql, part))
+        taken: set[int] = set()  # short keys in the table (a different key with the same 8 bytes: sent)
+        for k in range(0, len(short), 500):
+            part = short[k : k + 500]
+            sql = f"SELECT k, key, row, cid FROM keys WHERE k IN ({','.join('?' * len(part))})"
+            for small, key, row, cid in self.db.execute(sql, part):
+                taken.add(small)
+                first[key] = (row, cid)
         new = []
         for key, line, index, custom_id in self.block:
             seen = first.get(key)
             if seen is None:
-                first[key] = (index, custom_id)
-                new.append((key, index, custom_id))
+                small = int.from_bytes(key[:8], "big", signed=True)
+                if small not in taken:
+                    taken.add(small)
+                    first[key] = (index, custom_id)
+                    new.append((small, key, index, custom_id))
                 self.write(line, index)
             else:
                 self.duplicates += 1
                 rec = {"row": index, "custom_id": custom_id, "of_row": seen[0], "of": seen[1]}
                 self.out.write(dumps_line(rec) + "\n")
-        self.db.executemany("INSERT INTO keys VALUES (?,?,?)", new)
+        self.db.executemany("INSERT INTO keys VALUES (?,?,?,?)", new)
         self.block, self.held = [], 0
 
     def close(self) -> None:

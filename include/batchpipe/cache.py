@@ -44,10 +44,15 @@ def request_key(line: bytes) -> str:
     """The request key (64 hex characters) of a request line as the build writes it (``{"custom_id": …,
     "method": …, "url": …, "body": …}``): SHA-256 of everything after the custom_id. The custom_id is a
     JSON string, inside which a ``"`` is always escaped, so the first ``,"method":`` ends it."""
+    return request_digest(line).hex()
+
+
+def request_digest(line: bytes) -> bytes:
+    """:func:`request_key` as its 32 bytes."""
     at = line.find(_METHOD)
-    if not line.startswith(b'{"custom_id":') or at < 0:
+    if at < 0 or not line.startswith(b'{"custom_id":'):
         raise ValueError("not a request line of the build (custom_id first, then method)")
-    return hashlib.sha256(line[at:].rstrip(b"\r\n")).hexdigest()
+    return hashlib.sha256(line[at:].rstrip(b"\r\n")).digest()
 
 
 class AnswerCache:
