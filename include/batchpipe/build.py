@@ -681,10 +681,10 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 
 class _SendOnce:
     """Each distinct request sent once: a request line whose key (:func:`batchpipe.cache.request_key`)
-    was seen on an earlier row is not written; the row is recorded in ``duplicates.jsonl`` as answered
-    by that row (``{"row", "custom_id", "of_row", "of"}``). Keys live in a SQLite file in the work folder
-    (indexed by their first 8 bytes, the whole key compared) and are looked up a block of lines at a
-    time, so memory stays flat; lines keep their order."""
+    was seen on an earlier row is not written; the row is recorded in ``duplicates.jsonl`` (written only
+    when a row repeats) as answered by that row (``{"row", "custom_id", "of_row", "of"}``). Keys live
+    in a SQLite file in the work folder (indexed by their first 8 bytes, the whole key compared) and
+    are looked up a block of lines at a time, so memory stays flat; lines keep their order."""
 
     BLOCK_LINES = 2000
     BLOCK_BYTES = 16 << 20
@@ -746,7 +746,10 @@ class _SendOnce:
         self.out.close()
         self.db.close()
         self.db_path.unlink(missing_ok=True)
-        os.replace(str(self.out_path) + ".tmp", self.out_path)
+        if self.duplicates:
+            os.replace(str(self.out_path) + ".tmp", self.out_path)
+        else:  # nothing repeated: no file
+            Path(str(self.out_path) + ".tmp").unlink()
 
     def abort(self) -> None:
         self.out.close()
