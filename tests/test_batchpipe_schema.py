@@ -397,7 +397,8 @@ def test_results_parquet_has_the_types_of_the_schema_and_the_csv_cells_as_they_a
     assert rows[0] | {"response": None} == {
         "id": "001", "review": "Great", "zip": "007", "sentiment": "positive", "score": 1.0, "topics": ["a"],
         "spam": True, "product": {"name": "Kettle", "price": 12.5}, "count": 3, "response": None,
-        "error": "", "answered_from": "batch", "prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25,
+        "error": "", "answered_from": "batch",
+        "prompt_tokens": 20, "completion_tokens": 5, "total_tokens": 25,
     }  # fmt: skip
     assert rows[1]["sentiment"] is None and rows[1]["response"] == "nope"
     assert rows[1]["review"] == "=bad"  # nothing escaped: a program reads it

@@ -43,8 +43,8 @@ def test_a_schema_run_with_images_lands_typed_columns_on_every_row(dag, srv, tmp
     dr, tis = run(dag, tmp_path, sample, id_column="id", response_schema=SCHEMA, keep_temp_files=True)
     header, rows, report = results(tmp_path)
     assert dr.state == "success", {k: ti.state for k, ti in tis.items()}
-    assert header == ["id", "prompt", "image", "zip", *ANSWER, "response", "error", "answered_from", "prompt_tokens",
-                      "completion_tokens", "total_tokens"]  # fmt: skip
+    assert header == ["id", "prompt", "image", "zip", *ANSWER, "response", "error", "answered_from",
+                      "prompt_tokens", "completion_tokens", "total_tokens"]  # fmt: skip
     assert [r["id"] for r in rows] == [g["id"] for g in given]  # every row once, in order
     assert [r["zip"] for r in rows] == [g["zip"] for g in given]  # 007 stays 007, empty stays empty
     parsed = [r for r in rows if r["sentiment"]]
