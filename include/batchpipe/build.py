@@ -691,8 +691,9 @@ class _SendOnce:
 
     def __init__(self, work_dir: Path, write: Callable[[bytes, int], None]) -> None:
         from .cache import request_digest
+        from .sql import select_in
 
-        self.digest = request_digest
+        self.digest, self.select_in = request_digest, select_in
         self.write = write
         self.db_path = work_dir / ".keys.sqlite"
         self.db_path.unlink(missing_ok=True)
@@ -718,12 +719,11 @@ class _SendOnce:
         short = list({int.from_bytes(key[:8], "big", signed=True) for key, *_ in self.block})
         first: dict[bytes, tuple[int, str]] = {}
         taken: set[int] = set()  # short keys in the table (a different key with the same 8 bytes: sent)
-        for k in range(0, len(short), 500):
-            part = short[k : k + 500]
-            sql = f"SELECT k, key, row, cid FROM keys WHERE k IN ({','.join('?' * len(part))})"
-            for small, key, row, cid in self.db.execute(sql, part):
-                taken.add(small)
-                first[key] = (row, cid)
+        for small, key, row, cid in self.select_in(
+            self.db, "SELECT k, key, row, cid FROM keys WHERE k IN ({marks})", short
+        ):
+            taken.add(small)
+            first[key] = (row, cid)
         new = []
         for key, line, index, custom_id in self.block:
             seen = first.get(key)

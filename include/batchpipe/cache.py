@@ -26,16 +26,16 @@ import hashlib
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .sql import select_in
 
 CACHE_FILE = "answers.sqlite"
 CACHE_MODES = ("read_write", "read_only", "refresh")
 SCHEMA_VERSION = 1
-LOOKUP_CHUNK = 500  # keys per SELECT: below SQLite's bound-parameter limit
 BUSY_TIMEOUT_MS = 60_000
 _METHOD = b',"method":'
 
@@ -115,20 +115,7 @@ class AnswerCache:
         """The kept result line of each key found (none in ``refresh`` mode)."""
         if self.mode == "refresh":
             return {}
-        found: dict[str, bytes] = {}
-        part: list[str] = []
-        for key in keys:
-            part.append(key)
-            if len(part) >= LOOKUP_CHUNK:
-                found.update(self._lookup(part))
-                part = []
-        if part:
-            found.update(self._lookup(part))
-        return found
-
-    def _lookup(self, keys: list[str]) -> Iterator[tuple[str, bytes]]:
-        marks = ",".join("?" * len(keys))
-        return iter(self.db.execute(f"SELECT key, line FROM answers WHERE key IN ({marks})", keys).fetchall())
+        return dict(select_in(self.db, "SELECT key, line FROM answers WHERE key IN ({marks})", list(keys)))
 
     def put_many(self, entries: Iterable[tuple[str, bytes, str | None, str | None]]) -> int:
         """Keep ``(key, result line, endpoint, model)`` entries in one transaction; how many were new or

@@ -31,6 +31,7 @@ from .options import BuildOptions
 from .parquet import ResultFiles
 from .results import LONE_SURROGATE, TRUNCATED, parse_result_line, without_lone_surrogates
 from .schema import AnswerColumns
+from .sql import select_in
 
 NO_RESULT = "no result returned for this request"
 REPORT_NAME = "report.json"
@@ -308,13 +309,8 @@ def _merge(
                     keys: Any = range(lo, hi + 1)
                 else:
                     keys = ids
-                    found = {}
-                    for k in range(0, len(keys), 500):  # stay below SQLite's bound-parameter limit
-                        part = keys[k : k + 500]
-                        marks = ",".join("?" * len(part))
-                        sql = f"SELECT custom_id, {OUTCOME_FIELDS} FROM outcome WHERE custom_id IN ({marks})"
-                        for rec in db.execute(sql, part):
-                            found[rec[0]] = rec[1:]
+                    sql = f"SELECT custom_id, {OUTCOME_FIELDS} FROM outcome WHERE custom_id IN ({{marks}})"
+                    found = {rec[0]: rec[1:] for rec in select_in(db, sql, keys)}
                 dups = {
                     row: (of_row, of_cid)
                     for row, of_row, of_cid in db.execute(
@@ -324,12 +320,9 @@ def _merge(
                 earlier: dict[int, Any] = {}
                 if dups:
                     before = sorted({of_row for of_row, _ in dups.values() if of_row < lo})
-                    for k in range(0, len(before), 500):
-                        part = before[k : k + 500]
-                        marks = ",".join("?" * len(part))
-                        sql = f"SELECT row, found, {OUTCOME_FIELDS} FROM src WHERE row IN ({marks})"
-                        for row, was_found, *rec in db.execute(sql, part):
-                            earlier[row] = tuple(rec) if was_found else None
+                    sql = f"SELECT row, found, {OUTCOME_FIELDS} FROM src WHERE row IN ({{marks}})"
+                    for row, was_found, *rec in select_in(db, sql, before):
+                        earlier[row] = tuple(rec) if was_found else None
                 sources = [
                     r
                     for (r,) in db.execute(
