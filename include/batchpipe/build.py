@@ -50,6 +50,7 @@ MAX_CUSTOM_ID_LEN = 512
 MAX_EXAMPLES = 10
 MANIFEST_NAME = "build_manifest.json"
 DUPLICATES_NAME = "duplicates.jsonl"
+CACHED_NAME = "cached.jsonl"
 INVALID_NAME = "invalid.jsonl"
 SHARD_GLOB = "shard-*.jsonl"
 MANIFEST_VERSION = 1
@@ -631,7 +632,7 @@ def _encode_ordered(
 #: Every file the pipeline writes into a work folder (shards, follow-up shards, downloaded result files,
 #: invalid rows, the build manifest, and their temporary names while being written).
 _WORK_FILE = re.compile(
-    r"\.?(shard-\d{5}[^/\\]*\.jsonl|invalid\.jsonl|duplicates\.jsonl|build_manifest\.json|keys\.sqlite)"
+    r"\.?(shard-\d{5}[^/\\]*\.jsonl|invalid\.jsonl|duplicates\.jsonl|cached\.jsonl|build_manifest\.json|keys\.sqlite)"
     r"(\.(tmp|part)(-\d+)?)?"
 )
 
@@ -669,7 +670,7 @@ def _clean_work_dir(work_dir: Path) -> None:
     """Remove outputs of an earlier build so stale shards are never picked up."""
     for p in list(work_dir.glob(SHARD_GLOB)) + list(work_dir.glob(SHARD_GLOB + ".tmp")):
         p.unlink()
-    for name in (INVALID_NAME, MANIFEST_NAME):
+    for name in (INVALID_NAME, MANIFEST_NAME, DUPLICATES_NAME, CACHED_NAME):
         (work_dir / name).unlink(missing_ok=True)
 
 
@@ -680,21 +681,31 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 
 
 class _SendOnce:
-    """Each distinct request sent once: a request line whose key (:func:`batchpipe.cache.request_key`)
-    was seen on an earlier row is not written; the row is recorded in ``duplicates.jsonl`` (written only
-    when a row repeats) as answered by that row (``{"row", "custom_id", "of_row", "of"}``). Keys live
-    in a SQLite file in the work folder (indexed by their first 8 bytes, the whole key compared) and
-    are looked up a block of lines at a time, so memory stays flat; lines keep their order."""
+    """Each distinct request sent once, and none whose answer is kept in the cache.
+
+    With ``dedupe``, a request line whose key (:func:`batchpipe.cache.request_key`) was seen on an earlier
+    row is not written; the row is recorded in ``duplicates.jsonl`` (written only when a row repeats) as
+    answered by that row (``{"row", "custom_id", "of_row", "of"}``). Keys live in a SQLite file in the
+    work folder (indexed by their first 8 bytes, the whole key compared) and are looked up a block of
+    lines at a time, so memory stays flat; lines keep their order.
+
+    With a ``cache``, a (first) request whose key is kept there is not written either: ``cached.jsonl``
+    (written only when some are) gives the row its kept result line (:func:`batchpipe.cache.cached_record`).
+    """
 
     BLOCK_LINES = 2000
     BLOCK_BYTES = 16 << 20
 
-    def __init__(self, work_dir: Path, write: Callable[[bytes, int], None]) -> None:
-        from .cache import request_digest
+    def __init__(
+        self, work_dir: Path, write: Callable[[bytes, int], None], dedupe: bool = True, cache: Any = None
+    ) -> None:
+        from .cache import cached_record, is_answer_line, request_digest
         from .sql import select_in
 
-        self.digest, self.select_in = request_digest, select_in
+        self.digest, self.select_in, self.record = request_digest, select_in, cached_record
+        self.usable = is_answer_line  # an entry that is not one whole answer line is a miss
         self.write = write
+        self.dedupe, self.cache = dedupe, cache
         self.db_path = work_dir / ".keys.sqlite"
         self.db_path.unlink(missing_ok=True)
         self.db = sqlite3.connect(self.db_path)
@@ -703,9 +714,12 @@ class _SendOnce:
         self.db.execute("CREATE TABLE keys (k INTEGER PRIMARY KEY, key BLOB, row INTEGER, cid TEXT)")
         self.out_path = work_dir / DUPLICATES_NAME
         self.out = open(str(self.out_path) + ".tmp", "w", encoding="utf-8", newline="\n")
+        self.cached_path = work_dir / CACHED_NAME
+        self.cached_out = open(str(self.cached_path) + ".tmp", "wb")
         self.block: list[tuple[bytes, bytes, int, str]] = []
         self.held = 0
         self.duplicates = 0
+        self.cached = 0
 
     def add(self, line: bytes, index: int, custom_id: str) -> None:
         self.block.append((self.digest(line), line, index, custom_id))
@@ -716,46 +730,61 @@ class _SendOnce:
     def flush(self) -> None:
         if not self.block:
             return
-        short = list({int.from_bytes(key[:8], "big", signed=True) for key, *_ in self.block})
         first: dict[bytes, tuple[int, str]] = {}
         taken: set[int] = set()  # short keys in the table (a different key with the same 8 bytes: sent)
-        for small, key, row, cid in self.select_in(
-            self.db, "SELECT k, key, row, cid FROM keys WHERE k IN ({marks})", short
-        ):
-            taken.add(small)
-            first[key] = (row, cid)
+        if self.dedupe:
+            short = list({int.from_bytes(key[:8], "big", signed=True) for key, *_ in self.block})
+            for small, key, row, cid in self.select_in(
+                self.db, "SELECT k, key, row, cid FROM keys WHERE k IN ({marks})", short
+            ):
+                taken.add(small)
+                first[key] = (row, cid)
+        kept: dict[str, bytes] = {}
+        if self.cache is not None:
+            kept = self.cache.get_many({key.hex() for key, *_ in self.block if key not in first})
         new = []
         for key, line, index, custom_id in self.block:
-            seen = first.get(key)
+            seen = first.get(key) if self.dedupe else None
             if seen is None:
-                small = int.from_bytes(key[:8], "big", signed=True)
-                if small not in taken:
-                    taken.add(small)
-                    first[key] = (index, custom_id)
-                    new.append((small, key, index, custom_id))
-                self.write(line, index)
+                if self.dedupe:
+                    small = int.from_bytes(key[:8], "big", signed=True)
+                    if small not in taken:
+                        taken.add(small)
+                        first[key] = (index, custom_id)
+                        new.append((small, key, index, custom_id))
+                answer = kept.get(key.hex()) if kept else None
+                if answer is not None and b"\n" not in answer and self.usable(answer):
+                    self.cached += 1
+                    self.cached_out.write(self.record(index, custom_id, answer))
+                else:
+                    self.write(line, index)
             else:
                 self.duplicates += 1
                 rec = {"row": index, "custom_id": custom_id, "of_row": seen[0], "of": seen[1]}
                 self.out.write(dumps_line(rec) + "\n")
-        self.db.executemany("INSERT INTO keys VALUES (?,?,?,?)", new)
+        if new:
+            self.db.executemany("INSERT INTO keys VALUES (?,?,?,?)", new)
         self.block, self.held = [], 0
 
     def close(self) -> None:
         self.flush()
         self.out.close()
+        self.cached_out.close()
         self.db.close()
         self.db_path.unlink(missing_ok=True)
-        if self.duplicates:
-            os.replace(str(self.out_path) + ".tmp", self.out_path)
-        else:  # nothing repeated: no file
-            Path(str(self.out_path) + ".tmp").unlink()
+        for count, path in ((self.duplicates, self.out_path), (self.cached, self.cached_path)):
+            if count:
+                os.replace(str(path) + ".tmp", path)
+            else:  # none: no file
+                Path(str(path) + ".tmp").unlink()
 
     def abort(self) -> None:
         self.out.close()
+        self.cached_out.close()
         self.db.close()
         self.db_path.unlink(missing_ok=True)
-        Path(str(self.out_path) + ".tmp").unlink(missing_ok=True)
+        for path in (self.out_path, self.cached_path):
+            Path(str(path) + ".tmp").unlink(missing_ok=True)
 
 
 def build_jsonl(
@@ -765,6 +794,7 @@ def build_jsonl(
     *,
     allowed_roots: list[Path] | None = paths.FROM_ENV,
     url_fs: UrlFs | None = None,
+    cache: Any = None,
 ) -> dict[str, Any]:
     """Write the request shards, ``invalid.jsonl`` and ``build_manifest.json`` into ``work_dir``.
 
@@ -772,11 +802,17 @@ def build_jsonl(
 
     Returns a small dict: ``{"csv", "work_dir", "manifest", "rows", "valid", "invalid", "invalid_path",
     "first_invalid", "duplicates", "shards": [{"index", "path", "requests", "bytes", "first_row",
-    "last_row"}]}``. ``shards`` is ``[]`` when no row is valid.
+    "last_row"}]}``. ``shards`` is ``[]`` when no row has a request to send (none valid, or every
+    one answered by the cache or an earlier row).
 
     With ``opts.dedupe`` (the default) a valid row whose request repeats an earlier row's exactly (same
     body; images by their bytes) is not written: ``duplicates.jsonl`` names the row it is answered by
     (``duplicates`` counts them; ``valid`` counts them too, as rows with a request).
+
+    ``cache``: an answer cache (:class:`batchpipe.cache.AnswerCache` or :class:`~batchpipe.cache.
+    ObjectAnswerCache`) looked up before a request is written: a row whose request is kept there is not
+    sent, ``cached.jsonl`` gives it the kept answer (``cached`` counts them; in ``refresh`` mode the cache
+    finds nothing).
     """
     plan = _prepare(csv_path, opts, allowed_roots, url_fs)
     o = plan.opts
@@ -786,7 +822,7 @@ def build_jsonl(
 
     ids = _IdTracker(plan)
     writer = _ShardWriter(wd, o.max_requests_per_batch, o.max_batch_bytes)
-    once = _SendOnce(wd, writer.add) if o.dedupe else None
+    once = _SendOnce(wd, writer.add, o.dedupe, cache) if o.dedupe or cache is not None else None
     if once is not None:
         send = once.add
     else:
@@ -929,6 +965,7 @@ def build_jsonl(
         "invalid": invalid,
         "invalid_path": str(invalid_path),
         "duplicates": once.duplicates if once is not None else 0,
+        "cached": once.cached if once is not None else 0,
         "shards": shards,
     }
     _write_json_atomic(manifest_path, manifest)
@@ -942,5 +979,6 @@ def build_jsonl(
         "invalid_path": str(invalid_path),
         "first_invalid": examples,
         "duplicates": once.duplicates if once is not None else 0,
+        "cached": once.cached if once is not None else 0,
         "shards": shards,
     }

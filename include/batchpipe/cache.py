@@ -15,26 +15,44 @@ wait for each other (busy timeout) instead of corrupting the file; lookups go by
 cache of millions of entries is never loaded into memory. Two runs writing the same key keep one entry.
 SQLite's locking needs a local disk: the folder must not be on a network file system.
 
-Only answers are kept (HTTP 200 lines); an error is never cached, so a failed request is sent again
-next time. Modes: ``read_write`` (look up, then add new answers), ``read_only`` (look up, add nothing),
-``refresh`` (look up nothing, add and overwrite).
+:class:`ObjectAnswerCache` keeps them in object storage instead (a cache shared by workers on several
+machines): one object per answer, named by its key under a URL prefix (``<prefix>/answers/<key[:2]>/<key>``).
+An object store writes an object whole or not at all, so two runs writing one key leave one whole
+answer and a writer killed mid-way leaves none; an entry is also checked when read (one JSON answer
+line, newline-ended), so a damaged object is a miss, never an answer. Old entries there are removed by
+the bucket's own lifecycle rules (``batchpipe cache prune`` works on local folders).
+
+Only answers are kept (HTTP 200 lines the merge counted as answered); an error is never cached, so a
+failed request is sent again next time. Modes: ``read_write`` (look up, then add new answers),
+``read_only`` (look up, add nothing), ``refresh`` (look up nothing, send everything, add and overwrite),
+``off`` (no cache, even when one is configured).
+
+:class:`NewAnswers` picks, after a merge, the result lines to keep: the answers the merge put on their own
+rows (never an error, never a copy, never an id the service answered twice), each under the key of the
+request line that asked it.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+import msgspec
 
 from .errors import InputError
 from .sql import select_in
 
 CACHE_FILE = "answers.sqlite"
 CACHE_MODES = ("read_write", "read_only", "refresh")
+#: The modes a run may ask for: :data:`CACHE_MODES`, or ``off``.
+RUN_CACHE_MODES = (*CACHE_MODES, "off")
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 60_000
 _METHOD = b',"method":'
@@ -173,3 +191,204 @@ class AnswerCache:
     def check(self) -> str:
         """SQLite's own integrity check of the file: ``"ok"`` when it is whole."""
         return self.db.execute("PRAGMA integrity_check").fetchone()[0]
+
+
+class Cache(Protocol):
+    """What the build and the merge need of a cache (:class:`AnswerCache`, :class:`ObjectAnswerCache`)."""
+
+    mode: str
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, bytes]: ...
+
+    def put_many(self, entries: Iterable[tuple[str, bytes, str | None, str | None]]) -> int: ...
+
+    def close(self) -> None: ...
+
+
+def is_answer_line(line: bytes) -> bool:
+    """Whether ``line`` (without its newline) is one whole result line with an HTTP 200 response: what a
+    cache entry must be to be used."""
+    try:
+        obj = _decode_status(line)
+    except msgspec.MsgspecError:
+        return False
+    return obj.response is not None and obj.response.status_code == 200 and obj.error is None
+
+
+class ObjectAnswerCache:
+    """The answers kept as objects under ``root`` (an ``ObjectStoragePath``, or any path-like object with
+    ``/``, ``read_bytes``, ``write_bytes`` and ``exists``): ``<root>/answers/<key[:2]>/<key>``, each the
+    result line and a newline. Lookups and writes go out ``workers`` at a time."""
+
+    WORKERS = 16
+
+    def __init__(self, root: Any, mode: str = "read_write", workers: int = WORKERS) -> None:
+        if mode not in CACHE_MODES:
+            raise InputError(f"cache_mode: {mode!r} is not one of {', '.join(CACHE_MODES)}")
+        self.root, self.mode, self.workers = root, mode, workers
+
+    def _path(self, key: str) -> Any:
+        if len(key) != 64 or not all(c in "0123456789abcdef" for c in key):
+            raise ValueError(f"not a request key: {key[:80]!r}")
+        return self.root / "answers" / key[:2] / key
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> ObjectAnswerCache:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _get(self, key: str) -> bytes | None:
+        try:
+            data = self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+        line = data[:-1]
+        if not data.endswith(b"\n") or b"\n" in line or not is_answer_line(line):
+            return None  # cut short or damaged: a miss, the request is sent
+        return line
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
+        if self.mode == "refresh":
+            return {}
+        keys = list(dict.fromkeys(keys))
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="batchpipe-cache") as pool:
+            found = pool.map(self._get, keys)
+            return {k: line for k, line in zip(keys, found, strict=True) if line is not None}
+
+    def _put(self, key: str, line: bytes) -> int:
+        path = self._path(key)
+        if self.mode == "read_write" and path.exists():
+            return 0
+        if isinstance(path, Path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(line.rstrip(b"\r\n") + b"\n")  # one PUT: the object is whole or absent
+        return 1
+
+    def put_many(self, entries: Iterable[tuple[str, bytes, str | None, str | None]]) -> int:
+        if self.mode == "read_only":
+            return 0
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="batchpipe-cache") as pool:
+            return sum(pool.map(lambda e: self._put(e[0], e[1]), entries))
+
+
+class _Status(msgspec.Struct):
+    status_code: Any = None
+
+
+class _Line(msgspec.Struct):
+    custom_id: Any = None
+    response: _Status | None = None
+    error: Any = None
+
+
+class _Request(msgspec.Struct):
+    custom_id: Any = None
+
+
+_decode_status = msgspec.json.Decoder(_Line).decode
+_decode_request = msgspec.json.Decoder(_Request).decode
+_BLOCK = 2000
+
+
+def _blocks(items: Iterable[Any], size: int = _BLOCK) -> Iterator[list[Any]]:
+    block: list[Any] = []
+    for item in items:
+        block.append(item)
+        if len(block) >= size:
+            yield block
+            block = []
+    if block:
+        yield block
+
+
+def _answer_lines(result_paths: Iterable[str | os.PathLike]) -> Iterator[tuple[str, bytes]]:
+    """``(custom_id, line)`` of each HTTP 200 line of the result files (lines that cannot be read are
+    skipped: the merge names them)."""
+    for path in result_paths:
+        with open(path, "rb") as fh:
+            for raw in fh:
+                line = raw.rstrip(b"\r\n")
+                if not line.strip():
+                    continue
+                try:
+                    obj = _decode_status(line)
+                except msgspec.MsgspecError:
+                    continue
+                if type(obj.custom_id) is str and obj.error is None and obj.response is not None:
+                    if obj.response.status_code == 200:
+                        yield obj.custom_id, line
+
+
+class NewAnswers:
+    """The answers a run paid for, to be kept in the cache once merged.
+
+    The merge names (:meth:`answered`) the custom_ids whose own result line it put on their row as an
+    answer; :meth:`keep` then keeps each such line under its request's key. Held in a SQLite file in
+    ``folder`` (removed by :meth:`close`), so a run of millions of rows keeps memory flat."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        self.path = Path(folder) / ".new-answers.sqlite"
+        self.path.unlink(missing_ok=True)
+        self.db = sqlite3.connect(self.path)
+        self.db.execute("PRAGMA journal_mode=OFF")
+        self.db.execute("PRAGMA synchronous=OFF")
+        self.db.execute("CREATE TABLE ok (cid TEXT PRIMARY KEY, key TEXT, n INTEGER DEFAULT 0) WITHOUT ROWID")
+
+    def answered(self, custom_ids: Iterable[str]) -> None:
+        self.db.executemany("INSERT OR IGNORE INTO ok (cid) VALUES (?)", ((c,) for c in custom_ids))
+
+    def keep(
+        self,
+        cache: Cache,
+        shard_paths: Iterable[str | os.PathLike],
+        result_paths: list[str | os.PathLike],
+        endpoint: str | None = None,
+        model: str | None = None,
+    ) -> int:
+        """Keep in ``cache`` the answered ids' result lines (from ``result_paths``) under the keys of
+        their request lines (in ``shard_paths``, the build's first shards). An id with more than one
+        answer line (a service repeating itself) is left out: which answer the merge kept is not the
+        cache's to guess. Returns how many entries were written."""
+        if cache.mode == "read_only":
+            return 0
+        db = self.db
+        for block in _blocks(cid for cid, _ in _answer_lines(result_paths)):
+            db.executemany("UPDATE ok SET n = n + 1 WHERE cid = ?", ((c,) for c in block))
+        for path in shard_paths:
+            with open(path, "rb") as fh:
+                for block in _blocks(fh):
+                    keyed = []
+                    for raw in block:
+                        line = raw.rstrip(b"\r\n")
+                        if line:
+                            keyed.append((request_key(line), _decode_request(line).custom_id))
+                    db.executemany("UPDATE ok SET key = ? WHERE cid = ? AND n = 1", keyed)
+        written = 0
+        for block in _blocks(_answer_lines(result_paths)):
+            lines = dict(block)
+            sql = "SELECT cid, key FROM ok WHERE n = 1 AND key IS NOT NULL AND cid IN ({marks})"
+            entries = [(key, lines[cid], endpoint, model) for cid, key in select_in(db, sql, list(lines))]
+            if entries:
+                written += cache.put_many(entries)
+        return written
+
+    def close(self) -> None:
+        self.db.close()
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> NewAnswers:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def cached_record(row: int, custom_id: str, line: bytes) -> bytes:
+    """A line of the build's ``cached.jsonl``: row ``row`` (custom_id ``custom_id``) is answered by the
+    kept result ``line``."""
+    return b'{"row":%d,"custom_id":%s,"line":%s}\n' % (row, json.dumps(custom_id).encode(), line)

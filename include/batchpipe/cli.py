@@ -1,11 +1,12 @@
 """``batchpipe`` command line: validate, build, merge (no Airflow needed).
 
     batchpipe validate INPUT.csv [options]
-    batchpipe build INPUT.csv --out-dir DIR [options]
+    batchpipe build INPUT.csv --out-dir DIR [options] [--cache-dir DIR [--cache-mode MODE]]
     batchpipe merge --build-dir DIR RESULT.jsonl... --out results.csv [--batch-id ID ...]
                     [--estimate estimate.json] [--batches batches.json] [--model M] [--prices FILE_OR_JSON]
+                    [--cache-dir DIR [--cache-mode MODE]]
     batchpipe estimate INPUT.csv [build options] [--expected-output-tokens N] [--prices FILE_OR_JSON]
-                       [--max-cost-usd X] [--out-dir DIR] [--json]
+                       [--max-cost-usd X] [--out-dir DIR] [--json] [--cache-dir DIR [--cache-mode MODE]]
     batchpipe analyze RESULTS.csv|OUTPUT.jsonl... [--json] [--html OUT.html [--estimate estimate.json]
                       [--batches batches.json] [--model M] [--prices FILE_OR_JSON]]
     batchpipe cache stats CACHE_DIR [--json]
@@ -26,7 +27,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .build import DUPLICATES_NAME, build_jsonl, describe_problem, validate_csv
+from .build import CACHED_NAME, DUPLICATES_NAME, build_jsonl, describe_problem, validate_csv
+from .cache import CACHE_MODES, AnswerCache, NewAnswers
 from .errors import InputError
 from .options import ENDPOINTS, IMAGE_DETAILS, BuildOptions
 
@@ -67,6 +69,33 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
         "copied)",
     )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _add_cache_options(p: argparse.ArgumentParser, merge: bool = False) -> None:
+    p.add_argument(
+        "--cache-dir",
+        help="answer cache folder: "
+        + ("keep the merged answers there" if merge else "rows whose request is kept there are not sent"),
+    )
+    p.add_argument(
+        "--cache-mode",
+        default="read_write",
+        choices=CACHE_MODES,
+        help="read_write (default): use and add; read_only: use, add nothing; refresh: send all, replace",
+    )
+
+
+def _open_cache(args: argparse.Namespace) -> AnswerCache | None:
+    return AnswerCache(args.cache_dir, args.cache_mode) if args.cache_dir else None
+
+
+def _build(args: argparse.Namespace, opts: BuildOptions, out_dir: str | os.PathLike) -> dict[str, Any]:
+    cache = _open_cache(args)
+    try:
+        return build_jsonl(args.input, opts, out_dir, cache=cache)
+    finally:
+        if cache is not None:
+            cache.close()
 
 
 def _options(args: argparse.Namespace) -> BuildOptions:
@@ -116,7 +145,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    result = build_jsonl(args.input, _options(args), args.out_dir)
+    result = _build(args, _options(args), args.out_dir)
     if args.json:
         print(json.dumps(result, ensure_ascii=False, indent=2))
         return 0
@@ -126,13 +155,15 @@ def _cmd_build(args: argparse.Namespace) -> int:
             f"{result['duplicates']} row(s) repeat an earlier row's request: sent once, answered from it "
             f"({DUPLICATES_NAME})"
         )
+    if result["cached"]:
+        print(f"{result['cached']} row(s) answered from the answer cache: not sent ({CACHED_NAME})")
     for s in result["shards"]:
         print(
             f"shard {s['index']}: {s['path']} ({s['requests']} requests, {s['bytes']} bytes, "
             f"data rows {s['first_row']}..{s['last_row']}, 0-based)"
         )
     if not result["shards"]:
-        print("no valid rows: nothing to submit")
+        print("nothing to submit: " + ("no valid rows" if not result["valid"] else "every row is answered"))
     _print_invalid(result["first_invalid"], result["invalid"])
     print(f"manifest: {result['manifest']}")
     return 0
@@ -143,16 +174,18 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     the same build, result files, estimate, batches, model and prices give the pipeline's report.
 
     Every report input is read and checked before the merge writes anything."""
-    from .estimate import load_prices
+    from .estimate import _shard_path, load_prices
     from .merge import load_manifest, merge_results
     from .report import finish_report
 
-    _, manifest = load_manifest(args.build_dir)
+    mpath, manifest = load_manifest(args.build_dir)
     model = args.model or BuildOptions.from_dict(manifest.get("options") or {}).model
     estimate = _merge_estimate(args)
     batches = _batches_arg(args.batches) if args.batches else []
     prices = load_prices(args.prices)
     batch_ids = args.batch_id if args.batch_id else [b["id"] for b in batches]
+    cache = _open_cache(args)
+    new = NewAnswers(Path(mpath).parent) if cache is not None and cache.mode != "read_only" else None
     report = merge_results(
         args.build_dir,
         args.results,
@@ -160,7 +193,17 @@ def _cmd_merge(args: argparse.Namespace) -> int:
         batch_ids=batch_ids,
         formula_escape=args.formula_escape,
         write_report=False,
+        answered=new.answered if new is not None else None,
     )
+    if cache is not None:
+        try:
+            shards = [_shard_path(s["path"], Path(mpath).parent) for s in manifest.get("shards") or ()]
+            opts = BuildOptions.from_dict(manifest.get("options") or {})
+            added = new.keep(cache, shards, args.results, opts.endpoint, opts.model)
+            report["cache"] = {"folder": str(cache.folder), "mode": cache.mode, "added": added}
+        finally:
+            new.close()
+            cache.close()
     report = finish_report(args.out, report, estimate=estimate, batches=batches, model=model, prices=prices)
     print(json.dumps(report, ensure_ascii=False, indent=2))
     return 0
@@ -207,12 +250,12 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     prices = load_prices(args.prices)
     opts = _options(args)
     if args.out_dir:
-        build_jsonl(args.input, opts, args.out_dir)
+        _build(args, opts, args.out_dir)
         estimate = estimate_build(args.out_dir, prices, args.expected_output_tokens)
         write_estimate(estimate, args.out_dir)
     else:
         with tempfile.TemporaryDirectory(prefix="batchpipe-estimate-") as tmp:
-            build_jsonl(args.input, opts, tmp)
+            _build(args, opts, tmp)
             estimate = estimate_build(tmp, prices, args.expected_output_tokens)
     over = exceeds_budget(estimate, args.max_cost_usd)
     if args.json:
@@ -401,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--out-dir", required=True, help="directory for shards, invalid.jsonl, build_manifest.json"
     )
+    _add_cache_options(p)
     p.set_defaults(func=_cmd_build)
 
     p = sub.add_parser("merge", help="merge downloaded output/error files into a results CSV")
@@ -430,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="write answers starting with = + - @ tab CR as they are (default: a leading ' so that "
         "spreadsheets do not run them as formulas)",
     )
+    _add_cache_options(p, merge=True)
     p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("estimate", help="build into a temporary folder and estimate tokens and cost")
@@ -442,6 +487,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prices", help="price override: a JSON file or string, e.g. '{\"models\": {...}}'")
     p.add_argument("--max-cost-usd", type=float, help="exit with code 3 when the Batch cost may exceed this")
     p.add_argument("--out-dir", help="keep the build and write estimate.json/estimate.md here")
+    _add_cache_options(p)
     p.set_defaults(func=_cmd_estimate)
 
     p = sub.add_parser("analyze", help="summarise results.csv or raw output/error .jsonl files")

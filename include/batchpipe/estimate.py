@@ -182,6 +182,27 @@ def _copies(build_dir: Path) -> dict[str, int]:
     return counts
 
 
+def _cached_usage(build_dir: Path, endpoint: str, copies: dict[str, int]) -> tuple[int, int, int, int]:
+    """From the build's ``cached.jsonl``: the prompt and completion tokens the kept answers cost when they
+    were paid for, then those of the rows repeating them (``copies``: rows per custom_id)."""
+    from .build import CACHED_NAME
+    from .results import parse_result_line
+
+    prompt = completion = copy_prompt = copy_completion = 0
+    path = build_dir / CACHED_NAME
+    if path.is_file():
+        with open(path, encoding="utf-8") as fh:
+            for raw in fh:
+                if raw.strip():
+                    record = json.loads(raw)
+                    o = parse_result_line(record.get("line"), endpoint)
+                    p, c = o.prompt_tokens or 0, o.completion_tokens or 0
+                    also = copies.get(record.get("custom_id"), 0)
+                    prompt, completion = prompt + p, completion + c
+                    copy_prompt, copy_completion = copy_prompt + p * also, copy_completion + c * also
+    return prompt, completion, copy_prompt, copy_completion
+
+
 def _request_max_tokens(body: dict[str, Any]) -> int | None:
     for key in _MAX_KEYS:
         v = body.get(key)
@@ -217,7 +238,10 @@ def estimate_build(
     (see ``price_for``, or None), "cost": {"batch": {"expected", "max"}, "standard": {...}} (USD, max
     None when unbounded) or None when the model's price is unknown, "duplicates": {"rows",
     "prompt_tokens", "output_tokens_expected", "batch_usd_expected"} (rows not sent because they repeat
-    an earlier row's request, and what sending them would have cost), "notes": [...], "shards":
+    an earlier row's request, and what sending them would have cost: estimated for a repeat of a sent
+    request, the kept answer's tokens for a repeat of a cached one), "cache": {"rows", "prompt_tokens",
+    "completion_tokens", "batch_usd"} (rows answered from the answer cache, and what their answers cost
+    when they were paid for: exact, from their usage), "notes": [...], "shards":
     [{"index", "requests", "prompt_tokens", "image_tokens", "output_tokens_max"}]}``.
     """
     from .merge import load_manifest  # merge imports build; keep this module light to import
@@ -358,7 +382,21 @@ def estimate_build(
     if manifest.get("invalid"):
         notes.append(f"{manifest['invalid']} invalid rows are not sent and not counted.")
     repeated = int(manifest.get("duplicates") or 0)
-    not_spent = token_cost(price, saved_prompt, saved_out, True) if price is not None and price_ok else None
+    from_cache = int(manifest.get("cached") or 0)
+    usage = _cached_usage(mpath.parent, endpoint, copies)
+    cache_prompt, cache_completion, copy_prompt, copy_completion = usage
+    saved_prompt += copy_prompt
+    saved_out += copy_completion
+    priced = price is not None and price_ok
+    not_spent = token_cost(price, saved_prompt, saved_out, True) if priced else None
+    cache_usd = token_cost(price, cache_prompt, cache_completion, True) if priced else None
+    if from_cache:
+        notes.append(
+            f"{from_cache} rows are answered from the answer cache: not sent, not counted "
+            f"({cache_prompt:,} prompt and {cache_completion:,} output tokens when they were paid for"
+            + (f", {_usd(cache_usd)} at Batch prices" if cache_usd is not None else "")
+            + " not spent again)."
+        )
     if repeated:
         notes.append(
             f"{repeated} rows repeat an earlier row's request: sent once, answered from it, not counted "
@@ -387,6 +425,12 @@ def estimate_build(
             "prompt_tokens": saved_prompt,
             "output_tokens_expected": saved_out,
             "batch_usd_expected": not_spent,
+        },
+        "cache": {
+            "rows": from_cache,
+            "prompt_tokens": cache_prompt,
+            "completion_tokens": cache_completion,
+            "batch_usd": cache_usd,
         },
         "notes": notes,
         "shards": shards_out,
@@ -424,14 +468,18 @@ def format_estimate(estimate: dict[str, Any]) -> str:
         f"| output tokens, expected | {_n(e['output_tokens_expected'])} |",
         f"| output tokens, at most | {_n(e['output_tokens_max'])} |",
     ]
-    saved = e.get("duplicates") or {}
-    if saved.get("rows"):
-        usd = saved.get("batch_usd_expected")
-        lines.append(
-            f"| rows answered from a repeated request | {_n(saved['rows'])} (not sent"
-            + (f": about {_usd(usd)} not spent at Batch prices" if usd is not None else "")
-            + ") |"
-        )
+    for part, label, usd_key, spent in (
+        ("duplicates", "from a repeated request", "batch_usd_expected", "about {} not spent"),
+        ("cache", "from the cache", "batch_usd", "{} not spent again"),
+    ):
+        saved = e.get(part) or {}
+        if saved.get("rows"):
+            usd = saved.get(usd_key)
+            lines.append(
+                f"| rows answered {label} | {_n(saved['rows'])} (not sent"
+                + (f": {spent.format(_usd(usd))} at Batch prices" if usd is not None else "")
+                + ") |"
+            )
     if cost is None:
         lines.append("| cost | unknown (no price for this model) |")
     else:

@@ -18,14 +18,14 @@ import shutil
 import sqlite3
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from . import csvio, paths
-from .build import DUPLICATES_NAME, INVALID_NAME, MANIFEST_NAME, OUTPUT_COLUMNS, RowDigest
+from .build import CACHED_NAME, DUPLICATES_NAME, INVALID_NAME, MANIFEST_NAME, OUTPUT_COLUMNS, RowDigest
 from .errors import InputError
 from .options import BuildOptions
 from .parquet import ResultFiles
@@ -87,6 +87,7 @@ def merge_results(
     formula_escape: bool = True,
     write_report: bool = True,
     parquet: bool = True,
+    answered: Callable[[list[str]], None] | None = None,
 ) -> dict[str, Any]:
     """Write ``out_csv`` (input columns, answer columns, response, error, answered_from,
     prompt/completion/total_tokens) and ``report.json`` beside it (``write_report=False``: not written;
@@ -119,6 +120,14 @@ def merge_results(
     and its token cells stay empty: the request was billed once, on the row that sent it
     (``answered_from_rows`` counts them).
 
+    A row answered from the answer cache (the build's ``cached.jsonl``) gets the kept answer, its
+    ``answered_from`` says ``cache`` and its token cells stay empty (not billed by this run;
+    ``answered_from_cache`` counts them). ``saved`` says what both did not cost: ``{"from_duplicates",
+    "from_cache"}``, each ``{"rows", "prompt", "completion"}`` (the tokens of the answers they reuse).
+
+    ``answered``: called with the custom_ids of the rows answered by their own result line in this run
+    (lists, as the pass goes): what may be kept in the cache (:class:`batchpipe.cache.NewAnswers`).
+
     The selected rows must be those the build read: their digest (``rows_sha256`` in the manifest) is
     checked while they are merged, and a CSV whose rows changed since the build fails with InputError
     (nothing is written), never merged by position into other rows.
@@ -145,6 +154,7 @@ def merge_results(
             formula_escape=formula_escape,
             write_report=write_report,
             parquet=parquet,
+            answered=answered,
         )
     finally:
         if paused:
@@ -161,6 +171,7 @@ def _merge(
     formula_escape: bool,
     write_report: bool,
     parquet: bool,
+    answered: Callable[[list[str]], None] | None = None,
 ) -> dict[str, Any]:
     mpath, manifest = load_manifest(manifest_path)
     opts = BuildOptions.from_dict(manifest.get("options") or {})
@@ -241,6 +252,9 @@ def _merge(
             3,
             lambda r: (int(r["row"]), int(r["of_row"]), r.get("of")),
         )
+        # rows answered from the answer cache: the kept result line
+        db.execute(f"CREATE TABLE cache (row INTEGER PRIMARY KEY, {OUTCOME_FIELDS})")
+        _load_records(db, mpath.parent / CACHED_NAME, "cache", 7, lambda r: _cached_outcome(r, opts.endpoint))
         # the outcome of each row answering later rows, kept as the pass goes (per pass)
         db.execute(
             "CREATE TABLE src (row INTEGER PRIMARY KEY, found INTEGER, response TEXT, error TEXT, code TEXT,"
@@ -267,6 +281,8 @@ def _merge(
                 "structured": Counter(),
                 "matched": 0,
                 "copied": 0,  # rows answered by an earlier row's request
+                "from_cache": 0,  # rows answered from the answer cache
+                "saved": {k: Counter() for k in ("from_duplicates", "from_cache")},
                 "digest": RowDigest(),
             }
             files = tally["files"] = ResultFiles(
@@ -317,6 +333,12 @@ def _merge(
                         "SELECT row, of_row, of_cid FROM dup WHERE row BETWEEN ? AND ?", (lo, hi)
                     )
                 }
+                cached = {
+                    row: tuple(rec)
+                    for row, *rec in db.execute(
+                        f"SELECT row, {OUTCOME_FIELDS} FROM cache WHERE row BETWEEN ? AND ?", (lo, hi)
+                    )
+                }
                 earlier: dict[int, Any] = {}
                 if dups:
                     before = sorted({of_row for of_row, _ in dups.values() if of_row < lo})
@@ -339,7 +361,10 @@ def _merge(
                 values: list[Any] | None = [None] * n if answers is not None else None
                 n_invalid = n_missing = n_answered = n_not_parsed = 0
                 sum_p = sum_c = sum_t = 0
-                n_copied = n_own = 0  # rows answered by another row's request; by a line of their own
+                n_copied = n_own = n_cached = 0  # rows answered by another row's request; by a line of
+                # their own; from the cache
+                saved_dup, saved_cache = tally["saved"]["from_duplicates"], tally["saved"]["from_cache"]
+                own_answers: list[str] = []
                 for i, key in enumerate(keys):
                     if invalid and lo + i in invalid:
                         n_invalid += 1
@@ -348,17 +373,31 @@ def _merge(
                         continue
                     copied = dups.get(lo + i) if dups else None
                     if copied is None:
-                        rec = found.get(key)
-                        n_own += rec is not None
+                        rec = cached.get(lo + i) if cached else None
+                        if rec is None:
+                            rec = found.get(key)
+                            n_own += rec is not None
+                        else:  # a kept answer: not billed by this run
+                            n_cached += 1
+                            answered_from[i] = "cache"
+                            saved_cache["rows"] += 1
+                            saved_cache["prompt"] += rec[3] or 0
+                            saved_cache["completion"] += rec[4] or 0
+                            rec = (*rec[:3], None, None, None)
                     else:  # the answer of the row that sent this request: not billed again
                         of_row, of_cid = copied
                         n_copied += 1
                         answered_from[i] = f"row {of_row}"
                         if of_row >= lo:
-                            rec = found.get(of_row if ids is None else of_cid)
+                            rec = cached.get(of_row) if cached else None
+                            if rec is None:
+                                rec = found.get(of_row if ids is None else of_cid)
                         else:
                             rec = earlier.get(of_row)
+                        saved_dup["rows"] += 1
                         if rec is not None:
+                            saved_dup["prompt"] += rec[3] or 0
+                            saved_dup["completion"] += rec[4] or 0
                             rec = (*rec[:3], None, None, None)
                     if rec is None:
                         n_missing += 1
@@ -382,13 +421,17 @@ def _merge(
                             error = None
                     if error is None:
                         n_answered += 1
+                        if answered is not None and answered_from[i] == "batch":
+                            own_answers.append(f"row-{key}" if ids is None else key)
                     else:
                         codes[code or "error"] += 1
                         errors[i] = error
                 if sources:
                     kept = []
                     for row in sources:
-                        rec = found.get(row if ids is None else ids[row - lo])
+                        rec = cached.get(row) if cached else None
+                        if rec is None:
+                            rec = found.get(row if ids is None else ids[row - lo])
                         kept.append(
                             (row, 0, None, None, None, None, None, None)
                             if rec is None
@@ -398,6 +441,9 @@ def _merge(
                 inputs = chunk.columns if arrow else chunk
                 files.write(inputs, n, values, responses, errors, answered_from, (ps, cs, ts), arrays=arrow)
                 tally["copied"] += n_copied
+                tally["from_cache"] += n_cached
+                if own_answers:
+                    answered(own_answers)
                 if values is not None:
                     structured["not_parsed"] += n_not_parsed
                     structured["parsed"] += n_answered  # with a schema, answered means parsed
@@ -486,6 +532,8 @@ def _merge(
         "malformed_lines": broken.count,
         "broken_lines": broken.examples,
         "answered_from_rows": tally["copied"],
+        "answered_from_cache": tally["from_cache"],
+        "saved": {k: dict({"rows": 0, "prompt": 0, "completion": 0}, **v) for k, v in tally["saved"].items()},
         "duplicate_results": duplicates,
         "duplicate_ids": duplicate_ids[:MAX_NAMED],
         "csv_formula_escape": formula_escape,
@@ -794,6 +842,14 @@ def _iter_records(paths: list, endpoint: str, broken: _Broken) -> Iterator[tuple
                     continue
                 tokens = (o.prompt_tokens, o.completion_tokens, o.total_tokens)
                 yield o.custom_id, (o.response, o.error, o.error_code, *tokens, f)
+
+
+def _cached_outcome(record: dict, endpoint: str) -> tuple:
+    """The cache table's row of a ``cached.jsonl`` record: ``(row, response, error, code, p, c, t)``."""
+    line = record.get("line")
+    o = parse_result_line(line, endpoint)
+    return (int(record["row"]), o.response, o.error, o.error_code, o.prompt_tokens, o.completion_tokens,
+            o.total_tokens)  # fmt: skip
 
 
 def _not_sent(record: dict) -> str:

@@ -543,6 +543,25 @@ def actual_cost(
     }
 
 
+def savings(saved: dict[str, Any] | None, price: dict[str, Any] | None) -> dict[str, Any]:
+    """What was not spent, from merge's ``saved`` (``{"from_duplicates", "from_cache"}``, each ``{"rows",
+    "prompt", "completion"}``: the tokens of the answers reused) at Batch prices of ``price`` (None:
+    dollars unknown): report.json's ``savings``, the same with ``batch_usd`` in each and in total."""
+    out: dict[str, Any] = {}
+    total: float | None = 0.0
+    for kind in ("from_duplicates", "from_cache"):
+        part = dict((saved or {}).get(kind) or {"rows": 0, "prompt": 0, "completion": 0})
+        usd = None
+        if price is not None:
+            usd = token_cost(price, part.get("prompt") or 0, part.get("completion") or 0, batch=True)
+        part["batch_usd"] = usd
+        total = None if usd is None or total is None else round(total + usd, 6)
+        out[kind] = part
+    out["rows"] = sum(out[k].get("rows") or 0 for k in ("from_duplicates", "from_cache"))
+    out["batch_usd"] = total
+    return out
+
+
 #: Keys of an API batch object that stay out of report.json (error lists and user metadata can be large,
 #: and ``files`` is the pipeline's own bookkeeping).
 BATCH_KEYS_LEFT_OUT = ("errors", "metadata", "files")
@@ -563,7 +582,8 @@ def finish_report(
     ``results_csv`` and write ``report.html`` then ``report.json`` beside it; return the finished report.
 
     Added: ``model`` (default: the estimate's), ``cost_usd`` (:func:`actual_cost` of the report's tokens
-    at ``prices``, default ``load_prices()``, computed here once and handed to the page), ``estimate``
+    at ``prices``, default ``load_prices()``, computed here once and handed to the page), ``savings``
+    (:func:`savings`: what rows answered by a repeated request or from the cache did not cost), ``estimate``
     (its ``prompt_tokens``, ``image_tokens``, ``output_tokens_max``; ``estimate`` is estimate.json's dict
     or path), ``batches`` (the batch summaries, without :data:`BATCH_KEYS_LEFT_OUT`); ``problems`` (what
     the run could not finish, e.g. a broken download) go before merge's own. ``shown``: the folder where
@@ -579,6 +599,7 @@ def finish_report(
     full = dict(report)
     full["model"] = model = model or (estimate or {}).get("model")
     full["cost_usd"] = cost = actual_cost(report["tokens"], model, prices, estimate)
+    full["savings"] = savings(report.get("saved"), cost.get("price"))
     full["estimate"] = {
         k: (estimate or {}).get(k) for k in ("prompt_tokens", "image_tokens", "output_tokens_max")
     }
@@ -672,6 +693,12 @@ def write_report_html(
             f'<p class="note" id="sent-once">{copied:,} row(s) repeat an earlier row\'s request: sent once, '
             "answered from that row (<code>answered_from</code>), billed once.</p>"
         )
+    from_cache = (report or {}).get("answered_from_cache") or 0
+    if from_cache:
+        p.append(
+            f'<p class="note" id="from-cache">{from_cache:,} row(s) answered from the answer cache '
+            "(<code>answered_from</code>: cache): not sent, not billed again.</p>"
+        )
     if codes:
         p.append("<h3>Errors by code</h3>")
         rows = [[_e(c), f"{n:,}"] for c, n in sorted(codes.items(), key=lambda x: -x[1])]
@@ -733,6 +760,25 @@ def write_report_html(
             f"{round((1 - price['batch_discount']) * 100, 2):g} % of that."
         )
     p.append(f'<p class="note">{note}</p>')
+    saved = (report or {}).get("savings")
+    if saved is None and (report or {}).get("saved"):
+        saved = savings(report["saved"], price)
+    if saved and saved.get("rows"):
+        p.append("<h3>Not spent</h3>")
+        rows = [
+            [label, f"{part.get('rows', 0):,}", _num(part.get("prompt")), _num(part.get("completion")),
+             _num(part.get("batch_usd"))]
+            for label, part in (("answered by a repeated request", saved["from_duplicates"]),
+                                ("answered from the cache", saved["from_cache"]))
+            if part.get("rows")
+        ]  # fmt: skip
+        rows.append(["total", f"{saved['rows']:,}", "", "", _num(saved.get("batch_usd"))])
+        heads = ["", "rows", "prompt tokens", "output tokens", "USD at Batch prices"]
+        p.append(_table(heads, rows, "savings"))
+        p.append(
+            '<p class="note">What these rows would have cost: the tokens of the answers they reuse, at '
+            "this run's Batch prices.</p>"
+        )
     p.append("<h3>Tokens per row</h3>")
     p.append(svg_histogram(bins))
 

@@ -19,6 +19,9 @@ from typing import Any
 
 from openai_batch_airflow import storage
 
+#: Airflow Variable and environment variable that give the answer cache when param ``cache_dir`` is empty.
+CACHE_DIR_VARIABLE = "openai_batch_cache_dir"
+CACHE_DIR_ENV = "OPENAI_BATCH_CACHE_DIR"
 #: Airflow Variable and environment variable that give the default output folder.
 OUTPUT_DIR_VARIABLE = "openai_batch_output_dir"
 OUTPUT_DIR_ENV = "OPENAI_BATCH_OUTPUT_DIR"
@@ -176,6 +179,19 @@ class RunConfig:
     max_cost_usd: float | None
     #: Mapped task instances the shards get at most (:func:`shard_groups`): more shards are grouped.
     shard_groups: int = 64
+    #: The answer cache's folder (a Path, or an ObjectStoragePath); None: no cache.
+    cache_dir: storage.Location | None = None
+    #: ``read_write``, ``read_only`` or ``refresh`` (:data:`batchpipe.cache.CACHE_MODES`).
+    cache_mode: str = "read_write"
+
+    def open_cache(self):
+        """The run's answer cache (:class:`batchpipe.cache.AnswerCache` for a local folder, else
+        :class:`~batchpipe.cache.ObjectAnswerCache`), None without one; a local cache that cannot be
+        opened fails the task (a retry cannot fix it)."""
+        if self.cache_dir is None:
+            return None
+        with fail_on_bad_input():
+            return storage.answer_cache(self.cache_dir, self.cache_mode)
 
     @property
     def model(self) -> str:
@@ -208,6 +224,12 @@ class RunConfig:
                 check_within(str(work_dir), roots, "work folder")
             else:
                 work_dir = run_dir / "work"
+            cache_mode = params.get("cache_mode") or "read_write"
+            cache_dir = None
+            where = params.get("cache_dir") or variable(CACHE_DIR_VARIABLE) or os.environ.get(CACHE_DIR_ENV)
+            if where and cache_mode != "off":
+                cache_dir = storage.location(where, conn)
+                check_within(str(cache_dir), roots, "cache folder")
         except (PathNotAllowed, ValueError) as exc:
             from airflow.sdk.exceptions import AirflowFailException
 
@@ -237,4 +259,6 @@ class RunConfig:
             expected_output_tokens=params.get("expected_output_tokens"),
             max_cost_usd=params.get("max_cost_usd"),
             shard_groups=groups,
+            cache_dir=cache_dir,
+            cache_mode=cache_mode,
         )

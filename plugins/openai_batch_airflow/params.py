@@ -14,6 +14,7 @@ from pathlib import Path
 from airflow.sdk import Param
 
 from batchpipe import options
+from batchpipe.cache import RUN_CACHE_MODES
 from batchpipe.options import ENDPOINTS, IMAGE_DETAILS, MAX_REQUESTS_PER_FILE, BuildOptions
 
 _BUILD = BuildOptions()  # the library's defaults
@@ -289,6 +290,26 @@ _PARAMS = {
         title="Budget (USD)",
         description="Optional. Stop before upload when the worst-case Batch cost exceeds this (the expected "
         "cost when max_tokens is unset, as the worst case is then unbounded).",
+        section=COST,
+    ),
+    "cache_dir": Param(
+        None,
+        type=_nullable("string"),
+        title="Answer cache",
+        description="Optional. A folder (local path, or a URL such as s3://bucket/cache) keeping the answers "
+        "paid for: a row whose exact request was answered before is answered from it and not sent again; "
+        "new answers are added after the merge (errors never). Empty: Variable openai_batch_cache_dir, else "
+        "env OPENAI_BATCH_CACHE_DIR, else no cache. A local folder is for one machine; several workers "
+        "share a URL.",
+        section=COST,
+    ),
+    "cache_mode": Param(
+        "read_write",
+        type="string",
+        enum=list(RUN_CACHE_MODES),
+        title="Answer cache mode",
+        description="read_write: use kept answers, add new ones. read_only: use them, add nothing. refresh: "
+        "send every row, replace the kept answers. off: no cache for this run, even when one is configured.",
         section=COST,
     ),
     "expected_output_tokens": Param(

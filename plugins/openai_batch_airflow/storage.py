@@ -263,6 +263,16 @@ def publish(local: Path, dst: Location) -> None:
     dst.fs.put(str(local), dst.path)
 
 
+def answer_cache(where: Location, mode: str):
+    """The answer cache at ``where``: :class:`batchpipe.cache.AnswerCache` (one SQLite file) in a local
+    folder, :class:`batchpipe.cache.ObjectAnswerCache` (an object per answer) under a remote prefix."""
+    from batchpipe.cache import AnswerCache, ObjectAnswerCache
+
+    if is_remote(where):
+        return ObjectAnswerCache(where, mode)
+    return AnswerCache(where, mode)
+
+
 def url_reader(conn_id: str | None):
     """The ``url_fs`` callable :mod:`batchpipe` takes to read images in object storage:
     URL -> (the Airflow-authenticated fsspec filesystem, path inside it)."""

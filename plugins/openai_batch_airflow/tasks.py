@@ -146,18 +146,30 @@ def build(params: dict[str, Any], run_id: str) -> list[dict[str, Any]]:
     with storage.scratch() as tmp:
         csv_path, roots = local_input_csv(cfg, tmp)
         with storage.staged(work, last=("build_manifest.json",)) as local_work:
-            with fail_on_bad_input():
-                manifest = build_jsonl(
-                    csv_path, cfg.build, local_work, allowed_roots=roots,
-                    url_fs=storage.url_reader(cfg.storage_conn_id),
-                )  # fmt: skip
+            cache = cfg.open_cache()
+            try:
+                with fail_on_bad_input():
+                    manifest = build_jsonl(
+                        csv_path, cfg.build, local_work, allowed_roots=roots,
+                        url_fs=storage.url_reader(cfg.storage_conn_id), cache=cache,
+                    )  # fmt: skip
+            finally:
+                if cache is not None:
+                    cache.close()
+            sent = manifest["valid"] - manifest["duplicates"] - manifest["cached"]
             log.info(
                 "built %d shard(s) with %d requests (%d invalid rows kept aside) in %s",
                 len(manifest["shards"]),
-                manifest["valid"],
+                sent,
                 manifest["invalid"],
                 storage.shown(work),
             )
+            if manifest["duplicates"]:
+                log.info("%d row(s) repeat an earlier row's request: not sent, answered by it",
+                         manifest["duplicates"])  # fmt: skip
+            if cfg.cache_dir is not None:
+                log.info("answer cache %s (%s): %d row(s) answered from it, not sent",
+                         storage.shown(cfg.cache_dir), cfg.cache_mode, manifest["cached"])  # fmt: skip
             estimate = estimate_cost(manifest["manifest"], cfg)
             if cfg.estimate_only and not cfg.keep_temp_files:
                 remove_work_files(local_work)  # nothing will be sent: nothing is kept, nothing stored
@@ -363,7 +375,7 @@ def merge(
         raise AirflowSkipException("estimate_only: nothing was sent, so there is nothing to merge")
     downloads = sorted((d for g in groups or [] for d in g["shards"]), key=lambda d: int(d["index"]))
     folder, work = cfg.run_dir, cfg.work_dir
-    with storage.scratch() as tmp:
+    with storage.scratch() as tmp, _NewAnswers(cfg, tmp) as new_answers:
         csv_path, roots = local_input_csv(cfg, tmp / "input")
         with fail_on_bad_input():
             manifest = _local_build_manifest(work, tmp, csv_path)
@@ -387,7 +399,9 @@ def merge(
                     allowed_roots=roots,
                     formula_escape=cfg.csv_formula_escape,
                     write_report=False,  # written once, finished, by write_reports
+                    answered=new_answers.answered,
                 )
+            report["cache"] = new_answers.keep(manifest, work, results)
             log_result_problems(report)
             log.info(
                 "results: %s rows, %s answered, %s failed, %s invalid -> %s",
@@ -425,6 +439,57 @@ def merge(
             **{k: report[k] for k in ("rows", "answered", "failed", "invalid")},
         }
     return results_csv
+
+
+class _NewAnswers:
+    """The merge's side of the answer cache: collects the answers the merge put on their rows
+    (:class:`batchpipe.cache.NewAnswers`, in the scratch folder ``tmp``) and keeps them in the run's
+    cache (:meth:`keep`). Nothing to do without a cache, or in ``read_only`` mode."""
+
+    def __init__(self, cfg: RunConfig, tmp: Path) -> None:
+        from batchpipe.cache import NewAnswers
+
+        self.cfg = cfg
+        writes = cfg.cache_dir is not None and cfg.cache_mode != "read_only"
+        self.new = NewAnswers(tmp) if writes else None
+
+    def __enter__(self) -> _NewAnswers:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.new is not None:
+            self.new.close()
+
+    @property
+    def answered(self):
+        return self.new.answered if self.new is not None else None
+
+    def keep(self, manifest: Path, work: storage.Location, results: list[Path]) -> dict[str, Any] | None:
+        """Keep the new answers; report.json's ``cache`` (``{"folder", "mode", "added"}``, ``added`` None
+        when writing failed: logged, the run's results stand), None without a cache."""
+        from batchpipe.paths import redact_text
+
+        cfg = self.cfg
+        if cfg.cache_dir is None:
+            return None
+        out: dict[str, Any] = {"folder": storage.shown(cfg.cache_dir), "mode": cfg.cache_mode, "added": 0}
+        if self.new is None:
+            return out
+        built = json.loads(manifest.read_text(encoding="utf-8"))
+        local = manifest.parent / "shards"
+        try:
+            shards = [storage.fetch(work / Path(s["path"]).name, local) for s in built.get("shards") or ()]
+            cache = cfg.open_cache()
+            try:
+                out["added"] = self.new.keep(cache, shards, results, cfg.endpoint, cfg.model)
+            finally:
+                cache.close()
+        except Exception as exc:  # the answers landed; only the next run pays for them again
+            log.warning("answer cache %s: new answers not kept: %s", out["folder"], redact_text(str(exc)))
+            out["added"] = None
+            return out
+        log.info("answer cache %s: %d new answer(s) kept", out["folder"], out["added"])
+        return out
 
 
 def remove_work_files(work: storage.Location) -> int:
@@ -482,7 +547,7 @@ def _local_build_manifest(work: storage.Location, tmp: Path, csv_path: str) -> P
     Used in place when the work folder is local and the manifest already names ``csv_path``; otherwise
     a copy in ``tmp``, its ``csv`` entry pointing at ``csv_path``.
     """
-    from batchpipe.build import DUPLICATES_NAME
+    from batchpipe.build import CACHED_NAME, DUPLICATES_NAME
     from batchpipe.errors import InputError
     from batchpipe.merge import INVALID_NAME, MANIFEST_NAME
 
@@ -499,7 +564,7 @@ def _local_build_manifest(work: storage.Location, tmp: Path, csv_path: str) -> P
         local = tmp / "work" / MANIFEST_NAME
         local.parent.mkdir(parents=True, exist_ok=True)
         local.write_text(json.dumps(manifest), encoding="utf-8")
-    for name in (INVALID_NAME, DUPLICATES_NAME):  # beside the manifest used (the work folder: in place)
+    for name in (INVALID_NAME, DUPLICATES_NAME, CACHED_NAME):  # beside the manifest used (in place if local)
         stored = work / name
         if stored.exists():
             storage.publish(storage.fetch(stored, local.parent), local.parent / name)
