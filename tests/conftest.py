@@ -34,7 +34,12 @@ os.environ.update(
 # A developer's real key must never be used by the tests.
 os.environ.pop("OPENAI_API_KEY", None)
 os.environ.pop("AIRFLOW_CONN_OPENAI_DEFAULT", None)
-for _var in ("OPENAI_BATCH_ALLOWED_ROOTS", "OPENAI_BATCH_OUTPUT_ROOTS", "OPENAI_BATCH_OUTPUT_DIR"):
+for _var in (
+    "OPENAI_BATCH_ALLOWED_ROOTS",
+    "OPENAI_BATCH_OUTPUT_ROOTS",
+    "OPENAI_BATCH_OUTPUT_DIR",
+    "OPENAI_BATCH_CACHE_DIR",
+):
     os.environ.pop(_var, None)
 
 _db_ready = False

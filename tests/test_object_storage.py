@@ -167,6 +167,37 @@ def test_s3_input_work_and_output_every_row_back_once(dag, srv, s3, scratch, tmp
     assert not (tmp_path / "out").exists()
 
 
+def test_s3_answer_cache_an_object_per_answer_and_a_second_run_sends_nothing(dag, srv, s3, scratch):
+    rows = put_text_csv(s3, "inbox/again.csv", 9, repeat={8: 1})
+    conf = {
+        "input_csv": f"s3://{s3.bucket}/inbox/again.csv",
+        "output_dir": f"s3://{s3.bucket}/results",
+        "work_dir": f"s3://{s3.bucket}/work",
+        "cache_dir": f"s3://{s3.bucket}/cache",
+        "storage_conn_id": "s3_test",
+        "id_column": "id",
+        "check_interval": 1,
+    }
+    before = {b.id for b in srv.client().batches.list(limit=100).data}
+    dr, tis = run(dag, conf)
+    assert dr.state == "success", {k: ti.state for k, ti in tis.items()}
+    entries = keys(s3, "cache/")
+    assert len(entries) == 8  # one object per distinct request answered
+    assert all(k.startswith("cache/answers/") and k.split("/")[3][:2] == k.split("/")[2] for k in entries)
+    assert all(json.loads(get(s3, k))["response"]["status_code"] == 200 for k in entries)
+    first = [k for k in keys(s3, "results/again/") if k.endswith("/results.csv")]
+
+    dr, tis = run(dag, conf)
+    assert dr.state == "success", {k: ti.state for k, ti in tis.items()}
+    assert [b for b in srv.client().batches.list(limit=100).data if b.id not in before][1:] == []  # one batch
+    (csv_key,) = [k for k in keys(s3, "results/again/") if k.endswith("/results.csv") and k not in first]
+    out = csv_rows(get(s3, csv_key))
+    assert [r["id"] for r in out] == [r[0] for r in rows]
+    assert all(r["response"] == f"ECHO: {r['prompt']}" for r in out)
+    assert [r["answered_from"] for r in out] == ["cache"] * 8 + ["row 1"]
+    assert keys(s3, "cache/") == entries and keys(s3, "work/") == []
+
+
 def test_s3_keep_temp_files_leaves_shards_and_downloads_in_the_work_folder(dag, srv, s3, scratch):
     put_text_csv(s3, "keep/k.csv", 5)
     dr, tis = run(

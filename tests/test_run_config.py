@@ -27,7 +27,7 @@ scratch = objects.scratch  # where scratch copies go; checked empty afterwards
 #: This module's own connection to its own server: Airflow keeps a connection's filesystem once made.
 CONN = "s3_seam"
 VARIABLES = ("OUTPUT_DIR", "ALLOWED_ROOTS", "OUTPUT_ROOTS", "PRICES", "MAX_ENQUEUED_TOKENS", "CHECK_MODEL",
-             "SHARD_GROUPS")  # fmt: skip
+             "SHARD_GROUPS", "CACHE_DIR")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +52,13 @@ def resolve(params: dict, run_id: str = "manual__1"):
     return RunConfig.resolve(params, run_id)
 
 
-def failure(params: dict) -> str:
+def failure(params: dict, open_cache: bool = False) -> str:
     from airflow.sdk.exceptions import AirflowFailException
 
     with pytest.raises(AirflowFailException) as caught:  # fails at once: a retry cannot fix it
-        resolve(params)
+        cfg = resolve(params)
+        if open_cache:
+            cfg.open_cache()
     return str(caught.value)
 
 
@@ -119,6 +121,35 @@ def test_variables_then_environment_then_params(tmp_path, monkeypatch):
     monkeypatch.delenv("AIRFLOW_VAR_OPENAI_BATCH_CHECK_MODEL")
     monkeypatch.setenv("OPENAI_BATCH_CHECK_MODEL", "no")
     assert resolve(params).check_model is False
+
+
+def test_the_answer_cache_from_param_variable_or_environment(tmp_path, monkeypatch):
+    from batchpipe.cache import AnswerCache, ObjectAnswerCache
+
+    params = {"input_csv": str(tmp_path / "q.csv"), "output_dir": str(tmp_path / "out")}
+    assert resolve(params).cache_dir is None and resolve(params).open_cache() is None
+    monkeypatch.setenv("OPENAI_BATCH_CACHE_DIR", str(tmp_path / "env-cache"))
+    assert resolve(params).cache_dir == tmp_path / "env-cache"
+    # the Variable wins (the inbox's nightly runs too)
+    monkeypatch.setenv("AIRFLOW_VAR_OPENAI_BATCH_CACHE_DIR", str(tmp_path / "var-cache"))
+    assert resolve(params).cache_dir == tmp_path / "var-cache"
+    cfg = resolve({**params, "cache_dir": str(tmp_path / "mine"), "cache_mode": "read_only"})
+    assert (cfg.cache_dir, cfg.cache_mode) == (tmp_path / "mine", "read_only")
+    with cfg.open_cache() as cache:
+        assert isinstance(cache, AnswerCache) and cache.mode == "read_only"
+    assert resolve({**params, "cache_mode": "off"}).cache_dir is None  # a configured cache, not used
+    remote = resolve({**params, "cache_dir": "s3://bucket/cache", "storage_conn_id": "nobody"})
+    assert isinstance(remote.open_cache(), ObjectAnswerCache)  # nothing is read until a lookup
+
+    monkeypatch.setenv("OPENAI_BATCH_OUTPUT_ROOTS", str(tmp_path / "out"))
+    message = failure(params)  # the Variable's cache lies outside the allowed output roots
+    assert f"cache folder {tmp_path / 'var-cache'}" in message and "outside the allowed roots" in message
+    message = failure({**params, "cache_dir": "s3://key:secret@bucket/cache"})
+    assert "must not carry credentials" in message and "secret" not in message
+    (tmp_path / "out" / "junk").mkdir(parents=True)
+    (tmp_path / "out" / "junk" / "answers.sqlite").write_text("not a database")
+    message = failure({**params, "cache_dir": str(tmp_path / "out" / "junk")}, open_cache=True)
+    assert "answers.sqlite cannot be used" in message
 
 
 def test_a_url_output_dir_and_input(monkeypatch):
