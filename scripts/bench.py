@@ -286,11 +286,14 @@ class Bench:
         self.run(label, tool, "build", n, argv)
         return out
 
-    def project_merge(self, label: str, build_dir: Path, results: list[Path], n: int) -> None:
+    def project_merge(
+        self, label: str, build_dir: Path, results: list[Path], n: int, extra: list[str] = (),
+        tool: str = "batchpipe",
+    ) -> None:  # fmt: skip
         out = self.work / "merged" / label / "results.csv"
         argv = [self.py, "-m", "batchpipe.cli", "merge", "--build-dir", str(build_dir)]
-        argv += [str(p) for p in results] + ["--out", str(out)]
-        self.run(label, "batchpipe", "merge", n, argv)
+        argv += [str(p) for p in results] + ["--out", str(out), *extra]
+        self.run(label, tool, "merge", n, argv)
 
     def naive(self, label: str, csv_path: Path, results: list[Path] | None, n: int) -> None:
         me = str(Path(__file__).resolve())
@@ -337,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work_dir) / ("quick" if args.quick else "full")
     inputs = work / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
-    for sub in ("build", "merged", "naive", "results"):
+    for sub in ("build", "merged", "naive", "results", "cache"):
         shutil.rmtree(work / sub, ignore_errors=True)
     print(f"machine: {machine()}")
     print(f"work dir: {work}")
@@ -358,6 +361,12 @@ def main(argv: list[str] | None = None) -> int:
             b.project_build(label, csv_path, n, ["--no-dedupe"], tool="no-dedupe")
         results = make_results(build_dir, work / "results" / label)  # untimed
         b.project_merge(label, build_dir, results, n)
+        if n == speed_n:  # the answer cache: a first run (every lookup misses, every answer kept), a rerun
+            cache = ["--cache-dir", str(work / "cache" / label)]
+            missed = b.project_build(label, csv_path, n, cache, tool="cache-new")
+            b.project_merge(label, missed, results, n, cache, tool="cache-new")
+            b.project_build(label, csv_path, n, cache, tool="cache-all")
+            shutil.rmtree(work / "cache", ignore_errors=True)
         if not (n == big_n and args.no_naive_1m):
             b.naive(label, csv_path, results, n)
         shutil.rmtree(work / "naive" / label, ignore_errors=True)
@@ -410,6 +419,11 @@ def report(b: Bench, speed_n: int, big_n: int, rss_small: int, rss_big: int, img
     db = b.get(s, "batchpipe", "build")
     cost = db["seconds"] / pb["seconds"] if db and pb else None
     goal(f"build time with dedupe / without at {s} (info)", cost, None, "-", ".2f")
+    for step, tool, what in (("build", "cache-new", "empty cache"), ("merge", "cache-new", "keeping answers"),
+                             ("build", "cache-all", "every row cached")):  # fmt: skip
+        plain, cached = b.get(s, "batchpipe", step), b.get(s, tool, step)
+        ratio = cached["seconds"] / plain["seconds"] if plain and cached else None
+        goal(f"cache, {what}: {step} / no cache (info)", ratio, None, "-", ".2f")
     pm, nm = b.get(s, "batchpipe", "merge"), b.get(s, "naive", "merge")
     mspeed = nm["seconds"] / pm["seconds"] if pm and nm else None
     goal(f"merge speed-up vs naive at {s}", mspeed, None if mspeed is None else mspeed >= 2, ">= 2x", ".1f")
