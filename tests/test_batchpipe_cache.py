@@ -62,20 +62,28 @@ def test_a_custom_id_cannot_fake_the_end_of_itself():
 
 
 # -- the store -------------------------------------------------------------------------------------------
+def ans(text: str) -> bytes:
+    """A minimal answer line (what the cache keeps)."""
+    return b'{"custom_id":"x","response":{"status_code":200,"body":{"t":"%s"}},"error":null}' % text.encode()
+
+
 def test_modes_keep_and_look_up_as_they_say(tmp_path):
+    one, other, two, new = ans("one"), ans("other"), ans("two"), ans("new")
     with AnswerCache(tmp_path / "c") as cache:
-        assert cache.put_many([("k1", b"one", "/v1/chat/completions", "gpt-4o")]) == 1
-        assert cache.put_many([("k1", b"other", None, None), ("k2", b"two", None, None)]) == 1  # k1 kept
-        assert cache.get_many(["k1", "k2", "k3"]) == {"k1": b"one", "k2": b"two"}
+        assert cache.put_many([("k1", one, "/v1/chat/completions", "gpt-4o")]) == 1
+        assert cache.put_many([("k1", other, None, None), ("k2", two, None, None)]) == 1  # k1 kept
+        assert cache.get_many(["k1", "k2", "k3"]) == {"k1": one, "k2": two}
+        cache.db.execute("UPDATE answers SET line = ? WHERE key = 'k2'", (two[:-9],))  # damaged
+        assert cache.put_many([("k2", two, None, None)]) == 1  # a damaged entry is replaced
     with AnswerCache(tmp_path / "c", mode="read_only") as cache:
-        assert cache.put_many([("k3", b"three", None, None)]) == 0
+        assert cache.put_many([("k3", ans("three"), None, None)]) == 0
         assert cache.get_many(["k3"]) == {}
     with AnswerCache(tmp_path / "c", mode="refresh") as cache:
         assert cache.get_many(["k1"]) == {}  # refresh: everything is sent again
-        assert cache.put_many([("k1", b"new", None, None)]) == 1
+        assert cache.put_many([("k1", new, None, None)]) == 1
     with AnswerCache(tmp_path / "c") as cache:
-        assert cache.get_many(["k1"]) == {"k1": b"new"}
-        assert cache.get_many(f"k{i}" for i in range(2000)) == {"k1": b"new", "k2": b"two"}  # in chunks
+        assert cache.get_many(["k1"]) == {"k1": new}
+        assert cache.get_many(f"k{i}" for i in range(2000)) == {"k1": new, "k2": two}  # in chunks
     with pytest.raises(InputError, match="cache_mode: 'sometimes' is not one of"):
         AnswerCache(tmp_path / "c", mode="sometimes")
 

@@ -193,7 +193,9 @@ def test_the_object_cache_names_entries_by_key_and_skips_what_is_cut_short(tmp_p
     b2, report2, rows = run(tmp_path, "2", src, opts, cache)
     assert [r["custom_id"] for r in sent(b2)] == ["row-1", "row-2"]
     assert [r["answered_from"] for r in rows] == ["cache", "batch", "batch"]
-    assert report2["added"] == 0  # read_write keeps what is there (even if damaged: it stays a miss)
+    assert report2["added"] == 2  # the damaged entries are replaced by the answers paid for again
+    b3, _, rows = run(tmp_path, "3", src, opts, cache)
+    assert b3["shards"] == [] and [r["answered_from"] for r in rows] == ["cache"] * 3
     with pytest.raises(ValueError):
         cache.get_many(["../../etc/passwd"])
 
@@ -220,3 +222,111 @@ def test_cli_build_estimate_and_merge_take_the_cache(tmp_path, capsys):
     assert main(["build", str(src), "--out-dir", str(tmp_path / "b3"), "--cache-dir", str(cache_dir),
                  "--cache-mode", "refresh", "--json"]) == 0  # fmt: skip
     assert json.loads(capsys.readouterr().out)["cached"] == 0
+
+
+def lines_of(build: dict) -> dict[str, dict]:
+    return {r["custom_id"]: line(r["custom_id"], {r["custom_id"]: r["body"]}) for r in sent(build)}
+
+
+def test_only_the_line_the_merge_took_is_kept_never_an_id_with_several_candidates(tmp_path):
+    # row-0: an empty 200 answer, then a 200 answer that also carries an error member (the merge takes the
+    # second); row-1: a line cut short that still names it, then an answer; row-2: one plain answer
+    src = write_csv(tmp_path / "in.csv", ["prompt"], [["a"], ["b"], ["c"]])
+
+    def lying(build, path):
+        by = lines_of(build)
+        empty = json.loads(json.dumps(by["row-0"]))
+        empty["response"]["body"]["choices"][0]["message"]["content"] = ""
+        also = {**by["row-0"], "error": {"code": "x", "message": "y"}}
+        out = [json.dumps(empty), json.dumps(also), json.dumps(by["row-1"])[:40], json.dumps(by["row-1"]),
+               json.dumps(by["row-2"])]  # fmt: skip
+        path.write_text("\n".join(out) + "\n", encoding="utf-8")
+        return path
+
+    with AnswerCache(tmp_path / "cache") as cache:
+        _, report, rows = run(tmp_path, "1", src, BuildOptions(), cache, results=lying)
+        assert report["added"] == 1 and cache.stats()["entries"] == 1
+        b, _, rows = run(tmp_path, "2", src, BuildOptions(), cache)
+    assert [r["custom_id"] for r in sent(b)] == ["row-0", "row-1"]
+    assert [r["answered_from"] for r in rows] == ["batch", "batch", "cache"]
+
+
+def test_a_cr_inside_an_answer_line_is_kept_as_one_ascii_line_and_read_back_the_same(tmp_path):
+    src = write_csv(tmp_path / "in.csv", ["prompt"], [["a"], ["b"]])
+
+    def with_cr(build, path):
+        by = lines_of(build)
+        by["row-0"]["response"]["body"]["choices"][0]["message"]["content"] = "caf\u00e9 \U0001f600 end"
+        text = json.dumps(by["row-0"], ensure_ascii=False).replace(', "error"', ',\r "error"')
+        path.write_text(text + "\n" + json.dumps(by["row-1"]) + "\n", encoding="utf-8", newline="")
+        return path
+
+    with AnswerCache(tmp_path / "cache") as cache:
+        _, report, first = run(tmp_path, "1", src, BuildOptions(), cache, results=with_cr)
+        assert report["added"] == 2
+        kept = cache.get_many(cache.db.execute("SELECT key FROM answers").fetchall()[0])
+        assert all(line.isascii() and b"\r" not in line for line in kept.values())
+        b, _, second = run(tmp_path, "2", src, BuildOptions(), cache)
+    assert b["shards"] == [] and estimate_build(b["manifest"])["cache"]["rows"] == 2
+    assert [r["response"] for r in second] == [r["response"] for r in first]
+    assert second[0]["response"] == "caf\u00e9 \U0001f600 end"
+
+
+def test_a_records_file_of_another_build_is_never_read(tmp_path):
+    from batchpipe.errors import InputError
+
+    src = write_csv(tmp_path / "in.csv", ["prompt"], [["a"], ["b"]])
+    with AnswerCache(tmp_path / "cache") as cache:
+        run(tmp_path, "1", src, BuildOptions(), cache)
+        b, _, _ = run(tmp_path, "2", src, BuildOptions(), cache)
+    stale = Path(b["work_dir"]) / "cached.jsonl"
+    assert b["cached"] == 2 and stale.is_file()
+    kept = stale.read_bytes()
+    # the CSV is edited and built again without the cache (a work folder in object storage keeps what an
+    # earlier build stored: the old cached.jsonl is still there)
+    write_csv(src, ["prompt"], [["new a"], ["new b"]])
+    b2 = build_jsonl(src, BuildOptions(), tmp_path / "3", allowed_roots=None)
+    (tmp_path / "3" / "cached.jsonl").write_bytes(kept)
+    res = answer_all(b2, tmp_path / "3" / "out.jsonl")
+    merge_results(b2["manifest"], [res], tmp_path / "3" / "results.csv", allowed_roots=None)
+    rows = read_csv(tmp_path / "3" / "results.csv")
+    assert [(r["response"], r["answered_from"]) for r in rows] == [("answer to new a", "batch"),
+                                                                   ("answer to new b", "batch")]  # fmt: skip
+    # a file holding other records than the manifest counts fails the merge
+    manifest = json.loads(Path(b2["manifest"]).read_text())
+    manifest["cached"] = 1
+    Path(b2["manifest"]).write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="the build manifest says 1"):
+        merge_results(b2["manifest"], [res], tmp_path / "3" / "again.csv", allowed_roots=None)
+
+
+def test_cli_merge_read_only_lands_the_rows_and_keeps_nothing(tmp_path, capsys):
+    from batchpipe.cli import main
+
+    src = write_csv(tmp_path / "in.csv", ["prompt"], [["a"]])
+    assert main(["build", str(src), "--out-dir", str(tmp_path / "b"), "--json"]) == 0
+    build = json.loads(capsys.readouterr().out)
+    res = answer_all(build, tmp_path / "out.jsonl")
+    argv = [
+        "merge",
+        "--build-dir",
+        str(tmp_path / "b"),
+        str(res),
+        "--out",
+        str(tmp_path / "r" / "results.csv"),
+    ]
+    assert main([*argv, "--cache-dir", str(tmp_path / "cache"), "--cache-mode", "read_only"]) == 0
+    assert json.loads(capsys.readouterr().out)["cache"]["added"] == 0
+    assert (tmp_path / "r" / "report.json").is_file() and list((tmp_path / "b").glob(".new-answers*")) == []
+
+
+def test_prune_gives_the_space_back(tmp_path):
+    big = (
+        b'{"custom_id":"x","response":{"status_code":200,"body":{"pad":"' + b"x" * 4000 + b'"}},"error":null}'
+    )
+    with AnswerCache(tmp_path / "c") as cache:
+        cache.put_many((f"{i:064x}", big, None, None) for i in range(2000))
+        cache.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        full = cache.stats()["file_bytes"]
+        assert cache.prune(0) == 2000
+        assert cache.stats()["file_bytes"] < full / 4

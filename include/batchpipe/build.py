@@ -753,7 +753,7 @@ class _SendOnce:
                         first[key] = (index, custom_id)
                         new.append((small, key, index, custom_id))
                 answer = kept.get(key.hex()) if kept else None
-                if answer is not None and b"\n" not in answer and self.usable(answer):
+                if answer is not None and self.usable(answer):
                     self.cached += 1
                     self.cached_out.write(self.record(index, custom_id, answer))
                 else:
@@ -763,6 +763,7 @@ class _SendOnce:
                 rec = {"row": index, "custom_id": custom_id, "of_row": seen[0], "of": seen[1]}
                 self.out.write(dumps_line(rec) + "\n")
         if new:
+            new.sort()  # in key order: neighbouring pages of the table
             self.db.executemany("INSERT INTO keys VALUES (?,?,?,?)", new)
         self.block, self.held = [], 0
 

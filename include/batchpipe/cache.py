@@ -91,6 +91,7 @@ class AnswerCache:
         try:
             self.db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
             self.db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            self.db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # on a new file: before WAL writes its header
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self._create()
@@ -100,7 +101,6 @@ class AnswerCache:
     def _create(self) -> None:
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            self.db.execute("PRAGMA auto_vacuum=INCREMENTAL")  # takes effect on a new, empty file
             self.db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
             self.db.execute(
                 "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, line BLOB NOT NULL,"
@@ -137,15 +137,20 @@ class AnswerCache:
 
     def put_many(self, entries: Iterable[tuple[str, bytes, str | None, str | None]]) -> int:
         """Keep ``(key, result line, endpoint, model)`` entries in one transaction; how many were new or
-        (``refresh``) replaced. Nothing is kept in ``read_only`` mode. A key kept already keeps its entry
-        (``refresh``: the new line replaces it)."""
+        replaced. Nothing is kept in ``read_only`` mode. A key kept already keeps its entry, unless that
+        entry is not a whole answer line (damaged: it would be a miss forever); ``refresh``: the new line
+        replaces it."""
         if self.mode == "read_only":
             return 0
-        verb = "INSERT OR REPLACE" if self.mode == "refresh" else "INSERT OR IGNORE"
-        sql = f"{verb} INTO answers (key, line, created, endpoint, model) VALUES (?,?,?,?,?)"
+        entries = list(entries)
+        sql = "INSERT OR REPLACE INTO answers (key, line, created, endpoint, model) VALUES (?,?,?,?,?)"
         now = time.time()
         self.db.execute("BEGIN IMMEDIATE")
         try:
+            if self.mode == "read_write":  # inside the transaction: what another writer kept stays
+                kept = dict(select_in(self.db, "SELECT key, line FROM answers WHERE key IN ({marks})",
+                                      [e[0] for e in entries]))  # fmt: skip
+                entries = [e for e in entries if e[0] not in kept or not is_answer_line(kept[e[0]])]
             before = self.db.total_changes
             self.db.executemany(sql, ((k, line, now, ep, model) for k, line, ep, model in entries))
             written = self.db.total_changes - before
@@ -184,7 +189,7 @@ class AnswerCache:
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
-        self.db.execute("PRAGMA incremental_vacuum")
+        self.db.executescript("PRAGMA incremental_vacuum;")  # run to the end (execute() frees one page)
         self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return removed
 
@@ -206,13 +211,34 @@ class Cache(Protocol):
 
 
 def is_answer_line(line: bytes) -> bool:
-    """Whether ``line`` (without its newline) is one whole result line with an HTTP 200 response: what a
-    cache entry must be to be used."""
-    try:
-        obj = _decode_status(line)
-    except msgspec.MsgspecError:
+    """Whether ``line`` is one whole result line with an HTTP 200 response and no error, on one line (no
+    CR or LF: a record of ``cached.jsonl`` embeds it): what a cache entry must be to be used."""
+    if b"\n" in line or b"\r" in line:
         return False
-    return obj.response is not None and obj.response.status_code == 200 and obj.error is None
+    obj = _decode(line)
+    if not isinstance(obj, dict):
+        return False
+    response = obj.get("response")
+    return isinstance(response, dict) and response.get("status_code") == 200 and obj.get("error") is None
+
+
+def _decode(line: bytes) -> Any:
+    """``line`` decoded as the merge decodes it (msgspec, else the standard library, which also takes
+    NaN and numbers out of range); None when it is not JSON."""
+    try:
+        return _decode_any(line)
+    except msgspec.MsgspecError:
+        try:
+            return json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            return None
+
+
+def entry_line(obj: dict[str, Any]) -> bytes:
+    """The cache entry of a decoded result line: compact JSON, every non-ASCII character escaped, so the
+    entry is ASCII on one line (a CR the service left inside the line is whitespace JSON may carry, but a
+    line-based reader would split the record there) and decodes to the same values."""
+    return json.dumps(obj, separators=(",", ":")).encode("ascii")
 
 
 class ObjectAnswerCache:
@@ -247,7 +273,7 @@ class ObjectAnswerCache:
         except FileNotFoundError:
             return None
         line = data[:-1]
-        if not data.endswith(b"\n") or b"\n" in line or not is_answer_line(line):
+        if not data.endswith(b"\n") or not is_answer_line(line):
             return None  # cut short or damaged: a miss, the request is sent
         return line
 
@@ -261,8 +287,8 @@ class ObjectAnswerCache:
 
     def _put(self, key: str, line: bytes) -> int:
         path = self._path(key)
-        if self.mode == "read_write" and path.exists():
-            return 0
+        if self.mode == "read_write" and path.exists() and self._get(key) is not None:
+            return 0  # kept (a damaged entry is replaced)
         if isinstance(path, Path):
             path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(line.rstrip(b"\r\n") + b"\n")  # one PUT: the object is whole or absent
@@ -275,21 +301,11 @@ class ObjectAnswerCache:
             return sum(pool.map(lambda e: self._put(e[0], e[1]), entries))
 
 
-class _Status(msgspec.Struct):
-    status_code: Any = None
-
-
-class _Line(msgspec.Struct):
-    custom_id: Any = None
-    response: _Status | None = None
-    error: Any = None
-
-
 class _Request(msgspec.Struct):
     custom_id: Any = None
 
 
-_decode_status = msgspec.json.Decoder(_Line).decode
+_decode_any = msgspec.json.Decoder().decode
 _decode_request = msgspec.json.Decoder(_Request).decode
 _BLOCK = 2000
 
@@ -305,22 +321,30 @@ def _blocks(items: Iterable[Any], size: int = _BLOCK) -> Iterator[list[Any]]:
         yield block
 
 
-def _answer_lines(result_paths: Iterable[str | os.PathLike]) -> Iterator[tuple[str, bytes]]:
-    """``(custom_id, line)`` of each HTTP 200 line of the result files (lines that cannot be read are
-    skipped: the merge names them)."""
+def _answer_candidates(result_paths: Iterable[str | os.PathLike]) -> Iterator[tuple[str, dict | None]]:
+    """``(custom_id, decoded line)`` of each result line that may be that id's answer, as the merge reads
+    them: an HTTP 200 line (whatever else it says), or a line that is not JSON but still names an id
+    (``None``: the merge may have taken another line of that id for its answer)."""
+    from .merge import _custom_id_in_text
+
     for path in result_paths:
         with open(path, "rb") as fh:
             for raw in fh:
-                line = raw.rstrip(b"\r\n")
-                if not line.strip():
+                if not raw.strip():
                     continue
-                try:
-                    obj = _decode_status(line)
-                except msgspec.MsgspecError:
+                obj = _decode(raw)
+                if not isinstance(obj, dict):
+                    if obj is None:
+                        cid = _custom_id_in_text(raw.decode("utf-8", "replace"))
+                        if cid is not None:
+                            yield cid, None
                     continue
-                if type(obj.custom_id) is str and obj.error is None and obj.response is not None:
-                    if obj.response.status_code == 200:
-                        yield obj.custom_id, line
+                cid = obj.get("custom_id")
+                if cid is None:
+                    continue
+                response = obj.get("response")
+                if isinstance(response, dict) and response.get("status_code") == 200:
+                    yield (cid if isinstance(cid, str) else str(cid)), obj
 
 
 class NewAnswers:
@@ -331,9 +355,12 @@ class NewAnswers:
     ``folder`` (removed by :meth:`close`), so a run of millions of rows keeps memory flat."""
 
     def __init__(self, folder: str | os.PathLike) -> None:
+        import tempfile
+
         Path(folder).mkdir(parents=True, exist_ok=True)
-        self.path = Path(folder) / ".new-answers.sqlite"
-        self.path.unlink(missing_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".new-answers-", suffix=".sqlite", dir=folder)
+        os.close(fd)
+        self.path = Path(name)
         self.db = sqlite3.connect(self.path)
         self.db.execute("PRAGMA journal_mode=OFF")
         self.db.execute("PRAGMA synchronous=OFF")
@@ -351,13 +378,15 @@ class NewAnswers:
         model: str | None = None,
     ) -> int:
         """Keep in ``cache`` the answered ids' result lines (from ``result_paths``) under the keys of
-        their request lines (in ``shard_paths``, the build's first shards). An id with more than one
-        answer line (a service repeating itself) is left out: which answer the merge kept is not the
-        cache's to guess. Returns how many entries were written."""
+        their request lines (in ``shard_paths``, the build's first shards). Only an id with exactly one
+        line that may be its answer (:func:`_answer_candidates`) is kept: that line is the one the merge
+        put on its row. With more (a service repeating itself, an unreadable line naming it), which one
+        the merge took is not the cache's to guess: the request is sent again next time. Each line is
+        kept as :func:`entry_line`. Returns how many entries were written."""
         if cache.mode == "read_only":
             return 0
         db = self.db
-        for block in _blocks(cid for cid, _ in _answer_lines(result_paths)):
+        for block in _blocks(cid for cid, _ in _answer_candidates(result_paths)):
             db.executemany("UPDATE ok SET n = n + 1 WHERE cid = ?", ((c,) for c in block))
         for path in shard_paths:
             with open(path, "rb") as fh:
@@ -369,10 +398,14 @@ class NewAnswers:
                             keyed.append((request_key(line), _decode_request(line).custom_id))
                     db.executemany("UPDATE ok SET key = ? WHERE cid = ? AND n = 1", keyed)
         written = 0
-        for block in _blocks(_answer_lines(result_paths)):
-            lines = dict(block)
+        for block in _blocks(_answer_candidates(result_paths)):
+            lines = {cid: obj for cid, obj in block if obj is not None}
             sql = "SELECT cid, key FROM ok WHERE n = 1 AND key IS NOT NULL AND cid IN ({marks})"
-            entries = [(key, lines[cid], endpoint, model) for cid, key in select_in(db, sql, list(lines))]
+            entries = []
+            for cid, key in select_in(db, sql, list(lines)):
+                line = entry_line(lines[cid])
+                if is_answer_line(line):
+                    entries.append((key, line, endpoint, model))
             if entries:
                 written += cache.put_many(entries)
         return written

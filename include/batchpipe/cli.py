@@ -20,6 +20,7 @@ with code 141 (128 + SIGPIPE).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -184,26 +185,29 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     batches = _batches_arg(args.batches) if args.batches else []
     prices = load_prices(args.prices)
     batch_ids = args.batch_id if args.batch_id else [b["id"] for b in batches]
-    cache = _open_cache(args)
-    new = NewAnswers(Path(mpath).parent) if cache is not None and cache.mode != "read_only" else None
-    report = merge_results(
-        args.build_dir,
-        args.results,
-        args.out,
-        batch_ids=batch_ids,
-        formula_escape=args.formula_escape,
-        write_report=False,
-        answered=new.answered if new is not None else None,
-    )
-    if cache is not None:
-        try:
-            shards = [_shard_path(s["path"], Path(mpath).parent) for s in manifest.get("shards") or ()]
-            opts = BuildOptions.from_dict(manifest.get("options") or {})
-            added = new.keep(cache, shards, args.results, opts.endpoint, opts.model)
+    with contextlib.ExitStack() as stack:
+        cache = _open_cache(args)
+        new = None
+        if cache is not None:
+            stack.callback(cache.close)
+            if cache.mode != "read_only":
+                new = stack.enter_context(NewAnswers(Path(mpath).parent))
+        report = merge_results(
+            args.build_dir,
+            args.results,
+            args.out,
+            batch_ids=batch_ids,
+            formula_escape=args.formula_escape,
+            write_report=False,
+            answered=new.answered if new is not None else None,
+        )
+        if cache is not None:
+            added = 0
+            if new is not None:
+                shards = [_shard_path(s["path"], Path(mpath).parent) for s in manifest.get("shards") or ()]
+                opts = BuildOptions.from_dict(manifest.get("options") or {})
+                added = new.keep(cache, shards, args.results, opts.endpoint, opts.model)
             report["cache"] = {"folder": str(cache.folder), "mode": cache.mode, "added": added}
-        finally:
-            new.close()
-            cache.close()
     report = finish_report(args.out, report, estimate=estimate, batches=batches, model=model, prices=prices)
     print(json.dumps(report, ensure_ascii=False, indent=2))
     return 0

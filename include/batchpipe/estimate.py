@@ -166,15 +166,16 @@ def token_cost(
 # --------------------------------------------------------------------------- estimate
 
 
-def _copies(build_dir: Path) -> dict[str, int]:
-    """From the build's ``duplicates.jsonl``: for each sent request's custom_id, how many rows it also
-    answers (rows not sent because they repeat it)."""
+def _copies(build_dir: Path, expected: int) -> dict[str, int]:
+    """From the build's ``duplicates.jsonl`` (read when the manifest counts ``expected`` > 0 of them): for
+    each sent request's custom_id, how many rows it also answers (rows not sent because they repeat
+    it)."""
     from .build import DUPLICATES_NAME
 
     path = build_dir / DUPLICATES_NAME
     counts: dict[str, int] = {}
-    if path.is_file():
-        with open(path, encoding="utf-8") as fh:
+    if expected and path.is_file():
+        with open(path, encoding="utf-8", newline="\n") as fh:
             for raw in fh:
                 if raw.strip():
                     of = json.loads(raw).get("of")
@@ -182,16 +183,19 @@ def _copies(build_dir: Path) -> dict[str, int]:
     return counts
 
 
-def _cached_usage(build_dir: Path, endpoint: str, copies: dict[str, int]) -> tuple[int, int, int, int]:
-    """From the build's ``cached.jsonl``: the prompt and completion tokens the kept answers cost when they
-    were paid for, then those of the rows repeating them (``copies``: rows per custom_id)."""
+def _cached_usage(
+    build_dir: Path, expected: int, endpoint: str, copies: dict[str, int]
+) -> tuple[int, int, int, int]:
+    """From the build's ``cached.jsonl`` (read when the manifest counts ``expected`` > 0 of them): the
+    prompt and completion tokens the kept answers cost when they were paid for, then those of the rows
+    repeating them (``copies``: rows per custom_id)."""
     from .build import CACHED_NAME
     from .results import parse_result_line
 
     prompt = completion = copy_prompt = copy_completion = 0
     path = build_dir / CACHED_NAME
-    if path.is_file():
-        with open(path, encoding="utf-8") as fh:
+    if expected and path.is_file():
+        with open(path, encoding="utf-8", newline="\n") as fh:
             for raw in fh:
                 if raw.strip():
                     record = json.loads(raw)
@@ -263,7 +267,9 @@ def estimate_build(
     price = price_for(prices, model)
 
     notes: list[str] = []
-    copies = _copies(mpath.parent)  # custom_id -> rows answered by that request (not sent)
+    repeated = int(manifest.get("duplicates") or 0)
+    from_cache = int(manifest.get("cached") or 0)
+    copies = _copies(mpath.parent, repeated)  # custom_id -> rows answered by that request (not sent)
     saved_prompt = saved_out = 0
     requests = text_total = image_total = images = 0
     url_images = unknown_images = 0
@@ -381,9 +387,7 @@ def estimate_build(
         )
     if manifest.get("invalid"):
         notes.append(f"{manifest['invalid']} invalid rows are not sent and not counted.")
-    repeated = int(manifest.get("duplicates") or 0)
-    from_cache = int(manifest.get("cached") or 0)
-    usage = _cached_usage(mpath.parent, endpoint, copies)
+    usage = _cached_usage(mpath.parent, from_cache, endpoint, copies)
     cache_prompt, cache_completion, copy_prompt, copy_completion = usage
     saved_prompt += copy_prompt
     saved_out += copy_completion

@@ -251,10 +251,12 @@ def _merge(
             "dup",
             3,
             lambda r: (int(r["row"]), int(r["of_row"]), r.get("of")),
+            expected=int(manifest.get("duplicates") or 0),
         )
         # rows answered from the answer cache: the kept result line
         db.execute(f"CREATE TABLE cache (row INTEGER PRIMARY KEY, {OUTCOME_FIELDS})")
-        _load_records(db, mpath.parent / CACHED_NAME, "cache", 7, lambda r: _cached_outcome(r, opts.endpoint))
+        _load_records(db, mpath.parent / CACHED_NAME, "cache", 7, lambda r: _cached_outcome(r, opts.endpoint),
+                      expected=int(manifest.get("cached") or 0))  # fmt: skip
         # the outcome of each row answering later rows, kept as the pass goes (per pass)
         db.execute(
             "CREATE TABLE src (row INTEGER PRIMARY KEY, found INTEGER, response TEXT, error TEXT, code TEXT,"
@@ -672,14 +674,31 @@ class _RowRanges:
             self.load(key)
 
 
-def _load_records(db: sqlite3.Connection, path: Path, table: str, width: int, values: Any) -> None:
-    """The JSON lines of the build's ``path`` (if there) into ``table`` (``width`` columns),
-    ``values(record)`` per line."""
-    if path.is_file():
-        with open(path, encoding="utf-8") as fh:
-            recs = (json.loads(raw) for raw in fh if raw.strip())
-            marks = ",".join("?" * width)
-            db.executemany(f"INSERT OR REPLACE INTO {table} VALUES ({marks})", (values(r) for r in recs))
+def _load_records(
+    db: sqlite3.Connection, path: Path, table: str, width: int, values: Any, expected: int | None = None
+) -> None:
+    """The JSON lines of the build's ``path`` into ``table`` (``width`` columns), ``values(record)`` per
+    line. ``expected``: how many records the manifest says the build wrote (None: the file is optional
+    and read when there). The build writes ``duplicates.jsonl`` and ``cached.jsonl`` only when it has
+    records for them, and a work folder in object storage keeps what an earlier build stored: a file
+    from another build is never read (0 expected), and one that does not hold the records expected
+    fails the merge instead of answering rows from it."""
+    if expected == 0 or (expected is None and not path.is_file()):
+        return
+    try:
+        with open(path, encoding="utf-8", newline="\n") as fh:
+            recs = [values(json.loads(raw)) for raw in fh if raw.strip()]
+    except FileNotFoundError:
+        recs = []
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: cannot read the build's records ({exc}); build again") from None
+    if expected is not None and len(recs) != expected:
+        raise InputError(
+            f"{path}: {len(recs)} records, the build manifest says {expected}: it is not this build's "
+            "file; build again"
+        )
+    marks = ",".join("?" * width)
+    db.executemany(f"INSERT OR REPLACE INTO {table} VALUES ({marks})", recs)
 
 
 def _rows_differ(tally: dict[str, Any], manifest: dict[str, Any]) -> bool:

@@ -401,7 +401,9 @@ def merge(
                     write_report=False,  # written once, finished, by write_reports
                     answered=new_answers.answered,
                 )
-            report["cache"] = new_answers.keep(manifest, work, results)
+            kept = new_answers.keep(manifest, work, results)
+            if kept is not None:
+                report["cache"] = kept
             log_result_problems(report)
             log.info(
                 "results: %s rows, %s answered, %s failed, %s invalid -> %s",
