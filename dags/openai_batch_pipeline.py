@@ -41,6 +41,7 @@ from datetime import timedelta
 from airflow.sdk import dag, get_current_context, task
 
 from openai_batch_airflow.assets import RESULTS_ASSET
+from openai_batch_airflow.links import BatchReportLink
 from openai_batch_airflow.notify import RunNotifier
 from openai_batch_airflow.operators import OpenAIBatchWaitOperator
 from openai_batch_airflow.params import pipeline_params
@@ -80,11 +81,13 @@ def openai_batch_pipeline():
     def validate_csv() -> dict:
         # the raw conf: Airflow merges unknown conf keys into the params, so only the conf tells them apart
         conf = get_current_context()["dag_run"].conf
-        return t.validate(_params(), _run_id(), conf=dict(conf or {}), known=PARAMS)
+        return t.validate(
+            _params(), _run_id(), conf=dict(conf or {}), known=PARAMS, context=get_current_context()
+        )
 
     @task
     def build_jsonl(summary: dict) -> list[dict]:
-        return t.build(_params(), _run_id())
+        return t.build(_params(), _run_id(), get_current_context())
 
     @task
     def upload(group: dict) -> dict:
@@ -117,7 +120,8 @@ def openai_batch_pipeline():
         cancel_on_kill="{{ params.cancel_on_kill }}",
         retries=3,
     ).expand(group=created)
-    merge(download.expand(group=waited.output))
+    merged = merge(download.expand(group=waited.output))
+    merged.operator.operator_extra_links = [BatchReportLink()]  # the run's report tab, one click away
 
 
 openai_batch_pipeline()

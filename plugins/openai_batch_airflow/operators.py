@@ -44,6 +44,7 @@ from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
 from openai_batch_airflow import storage
+from openai_batch_airflow.links import BatchReportLink
 from openai_batch_airflow.status import BatchStatus
 from openai_batch_airflow.submit import generation, intent, refused
 from openai_batch_airflow.triggers import (
@@ -73,6 +74,7 @@ class OpenAIBatchWaitOperator(BaseOperator):
     :param expiry_margin: seconds past a batch's ``expires_at`` before the wait gives up on it.
     """
 
+    operator_extra_links = (BatchReportLink(),)
     template_fields = (
         "group",
         "conn_id",

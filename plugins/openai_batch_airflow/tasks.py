@@ -20,6 +20,7 @@ from typing import Any
 
 from openai_batch_airflow import storage
 from openai_batch_airflow.config import RunConfig, fail_on_bad_input
+from openai_batch_airflow.records import ESTIMATE_XCOM, REPORT_XCOM, VALIDATION_XCOM
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,34 @@ MAX_XCOM_COLUMNS = 50
 
 
 def validate(
+    params: dict[str, Any],
+    run_id: str,
+    conf: dict[str, Any] | None = None,
+    known: Iterable[str] = (),
+    context: Any = None,
+) -> dict[str, Any]:
+    """The ``validate_csv`` task: :func:`check_run`; a failure that fails the run at once is also recorded
+    for the run's report tab (XCom :data:`VALIDATION_XCOM`: the message, redacted, and the first bad rows)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    try:
+        return check_run(params, run_id, conf, known)
+    except AirflowFailException as exc:
+        if context is not None:
+            from batchpipe.paths import redact_text
+
+            failure = {
+                "message": redact_text(str(exc))[:4000],
+                "first_invalid": getattr(exc, "first_invalid", []),
+            }
+            context["ti"].xcom_push(key=VALIDATION_XCOM, value=failure)
+        raise
+
+
+def check_run(
     params: dict[str, Any], run_id: str, conf: dict[str, Any] | None = None, known: Iterable[str] = ()
 ) -> dict[str, Any]:
-    """The ``validate_csv`` task: everything that can be checked before anything is uploaded or paid for.
+    """Everything that can be checked before anything is uploaded or paid for.
 
     Fails once (no retries) on: a key of the run's ``conf`` that is not among the ``known`` params (it
     would be silently ignored), bad options or settings (:meth:`RunConfig.resolve`: also an output or
@@ -56,7 +82,7 @@ def validate(
     Returns the CSV summary for XCom.
     """
     from batchpipe.build import describe_problem, validate_csv
-    from batchpipe.paths import clip
+    from batchpipe.paths import clip, redact_text
     from openai_batch_airflow import preflight
 
     if known:
@@ -90,10 +116,12 @@ def validate(
     if summary["valid"] == 0:
         from airflow.sdk.exceptions import AirflowFailException
 
-        raise AirflowFailException(
+        failure = AirflowFailException(
             f"{summary['file']}: none of the {summary['rows_selected']} selected rows can be sent; "
             f"first problems: {'; '.join(problems)}"
         )
+        failure.first_invalid = [redact_text(p)[:500] for p in problems]
+        raise failure
     check_model(cfg)
     for target in (cfg.run_dir, cfg.work_dir):
         try:  # a file in the way, no permission, a read-only disk; wrong credentials or a missing bucket
@@ -129,7 +157,7 @@ def check_model(cfg: RunConfig) -> None:
     check(api, cfg.model, cfg.conn_id)
 
 
-def build(params: dict[str, Any], run_id: str) -> list[dict[str, Any]]:
+def build(params: dict[str, Any], run_id: str, context: Any = None) -> list[dict[str, Any]]:
     """Write the shard file(s); return the groups the run maps over: ``{"group": n, "shards": [...]}``,
     one small manifest per shard, at most ``shard_groups`` groups (:func:`batchpipe.build.group_shards`:
     one shard per group while they fit, so shards go out in parallel; more are grouped, so any number of
@@ -170,7 +198,7 @@ def build(params: dict[str, Any], run_id: str) -> list[dict[str, Any]]:
             if cfg.cache_dir is not None:
                 log.info("answer cache %s (%s): %d row(s) answered from it, not sent",
                          storage.shown(cfg.cache_dir), cfg.cache_mode, manifest["cached"])  # fmt: skip
-            estimate = estimate_cost(manifest["manifest"], cfg)
+            estimate = estimate_cost(manifest["manifest"], cfg, context)
             if cfg.estimate_only and not cfg.keep_temp_files:
                 remove_work_files(local_work)  # nothing will be sent: nothing is kept, nothing stored
     if cfg.estimate_only:
@@ -192,9 +220,10 @@ def build(params: dict[str, Any], run_id: str) -> list[dict[str, Any]]:
     return [{"group": n, "shards": shards} for n, shards in enumerate(groups)]
 
 
-def estimate_cost(manifest_path: str, cfg: RunConfig) -> dict[str, Any]:
+def estimate_cost(manifest_path: str, cfg: RunConfig, context: Any = None) -> dict[str, Any]:
     """Estimate tokens and cost offline (``manifest_path`` is local), write estimate.json/.md into the
-    run folder, log it, and stop the run before anything is uploaded when the worst case exceeds
+    run folder, log it (and record it for the run's report tab: XCom :data:`ESTIMATE_XCOM`, the
+    Markdown summary), and stop the run before anything is uploaded when the worst case exceeds
     ``max_cost_usd``."""
     from batchpipe.estimate import estimate_build, exceeds_budget, format_estimate, write_estimate
 
@@ -205,6 +234,8 @@ def estimate_cost(manifest_path: str, cfg: RunConfig) -> dict[str, Any]:
     with storage.staged(folder) as local:
         write_estimate(estimate, local)
     log.info("cost estimate (written to %s):\n%s", folder / "estimate.md", format_estimate(estimate))
+    if context is not None:
+        context["ti"].xcom_push(key=ESTIMATE_XCOM, value={"markdown": format_estimate(estimate)[:20_000]})
     over = exceeds_budget(estimate, cfg.max_cost_usd)
     if over:
         from airflow.sdk.exceptions import AirflowFailException
@@ -418,6 +449,9 @@ def merge(
             report = write_reports(local_folder, out_csv, report, batches, cfg, estimate=estimate,
                                    shown=storage.shown(folder), problems=problems)  # fmt: skip
     results_csv = storage.shown(folder / "results.csv")
+    summary = run_summary(report, cfg)
+    if context is not None:  # the run's record in Airflow: the report tab and the spend page read it
+        context["ti"].xcom_push(key=REPORT_XCOM, value=summary)
     if report.get("problems"):  # landed, and visible: the run fails; the work files stay for a look
         from airflow.sdk.exceptions import AirflowFailException
 
@@ -439,8 +473,18 @@ def merge(
             "input_csv": storage.shown(cfg.input_csv),
             "run_id": run_id,
             **{k: report[k] for k in ("rows", "answered", "failed", "invalid")},
+            "summary": summary,
         }
     return results_csv
+
+
+def run_summary(report: dict[str, Any], cfg: RunConfig) -> dict[str, Any]:
+    """The run's spend summary (:func:`batchpipe.spend.run_summary`) for XCom and the Asset event."""
+    from batchpipe.spend import run_summary as summarize
+
+    summary = summarize(report, input_csv=storage.shown(cfg.input_csv), storage_conn_id=cfg.storage_conn_id)
+    summary["endpoint"] = cfg.endpoint
+    return summary
 
 
 class _NewAnswers:

@@ -1,0 +1,250 @@
+"""The plugin's pages inside a real Airflow api-server (its own AIRFLOW_HOME and SQLite DB), served under a
+base URL path (``/airflow``), with Airflow's own login: the "Batch report" tab of a finished run, of a
+run that failed validation, of another DAG's run; the spend page; the extra link; and what a request
+without a token, a user without access to the DAG, or a crafted run id gets.
+
+Runs are made with ``airflow dags test`` in the same home against the local batch server. The auth manager
+is the SimpleAuthManager with one change (it cannot deny a single DAG): user ``bob`` may not read the
+pipeline DAG (``config/per_dag_auth.py`` in the home, on Airflow's path)."""
+
+from __future__ import annotations
+
+import html
+import json
+import secrets
+import shutil
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from airflow_stack import AirflowStack, free_port
+from conftest import REPO
+from local_batch_server.testing import running_server
+
+pytestmark = pytest.mark.slow
+
+DAG_ID = "openai_batch_pipeline"
+AUTH_MANAGER = '''
+from airflow.api_fastapi.auth.managers.simple.simple_auth_manager import SimpleAuthManager
+
+DENY = {"bob": {"openai_batch_pipeline"}}
+
+
+class PerDagSimpleAuthManager(SimpleAuthManager):
+    """SimpleAuthManager, except that a user may be denied single DAGs."""
+
+    def is_authorized_dag(self, *, method, user, access_entity=None, details=None):
+        if details is not None and details.id in DENY.get(user.get_name(), set()):
+            return False
+        return super().is_authorized_dag(
+            method=method, user=user, access_entity=access_entity, details=details
+        )
+
+    def get_authorized_dag_ids(self, *, user, method="GET", session=None):
+        kwargs = {"session": session} if session is not None else {}
+        ids = super().get_authorized_dag_ids(user=user, method=method, **kwargs)
+        return set(ids) - DENY.get(user.get_name(), set())
+'''
+
+
+class Site:
+    def __init__(self, base: str, tokens: dict[str, str], runs: dict[str, str]):
+        self.base, self.tokens = base, tokens
+        self.good, self.bad = runs["good"], runs["bad"]  # run ids: a finished run, one failed in validation
+
+    def get(self, path: str, user: str | None = None, cookie: bool = False) -> tuple[int, str]:
+        request = urllib.request.Request(self.base + path)
+        if user is not None:
+            token = self.tokens[user]
+            if cookie:  # what the UI's iframe sends
+                request.add_header("Cookie", f"_token={token}")
+            else:
+                request.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=60) as resp:
+                return resp.status, resp.read().decode("utf-8")
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode("utf-8", "replace")
+
+
+def token(base: str, user: str, password: str) -> str:
+    body = json.dumps({"username": user, "password": password}).encode()
+    request = urllib.request.Request(f"{base}/auth/token", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as resp:
+        assert resp.status == 201
+        return json.load(resp)["access_token"]
+
+
+def report_path(dag_id: str, run_id: str) -> str:
+    return f"/openai-batch/report/{urllib.parse.quote(dag_id, safe='')}/{urllib.parse.quote(run_id, safe='')}"
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ui-plugin")
+    shutil.copytree(REPO / "data" / "sample", tmp / "in")
+    home = tmp / "airflow"
+    (home / "config").mkdir(parents=True)
+    (home / "config" / "per_dag_auth.py").write_text(AUTH_MANAGER)
+    passwords = {"admin": secrets.token_urlsafe(12), "bob": secrets.token_urlsafe(12)}
+    (tmp / "passwords.json").write_text(json.dumps(passwords))
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/airflow"
+    with running_server(tmp / "server", config={"in_progress_seconds": 0.2}) as server:
+        conn = {"conn_type": "openai", "host": server.base_url, "password": "sk-ui-plugin-test"}
+        stack = AirflowStack(
+            home,
+            api_port=port,
+            extra_env={
+                "AIRFLOW_CONN_OPENAI_DEFAULT": json.dumps(conn),
+                "AIRFLOW__API__BASE_URL": base,
+                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{base}/execution/",
+                "AIRFLOW__CORE__AUTH_MANAGER": "per_dag_auth.PerDagSimpleAuthManager",
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,bob:viewer",
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(tmp / "passwords.json"),
+                "OPENAI_BATCH_RETRY_DELAY_SECONDS": "1",
+            },
+        )
+        with stack:
+            stack.migrate()
+            out = tmp / "out"
+            common = {"output_dir": str(out), "check_interval": 1, "image_column": "image"}
+            confs = {
+                "good": {"input_csv": str(tmp / "in" / "questions.csv"), **common},
+                "bad": {"input_csv": str(tmp / "in" / "questions.csv"), **common, "image_column": "picture"},
+            }
+            runs = {}
+            for name, conf in confs.items():
+                done = stack.airflow("dags", "test", DAG_ID, "-c", json.dumps(conf), check=False, timeout=600)
+                ((run_id, state),) = stack._query(
+                    "SELECT run_id, state FROM dag_run WHERE dag_id = ? ORDER BY id DESC LIMIT 1", DAG_ID
+                )
+                assert state == ("success" if name == "good" else "failed"), (
+                    done.stdout[-3000:] + done.stderr[-3000:]
+                )
+                runs[name] = run_id
+            stack.start("api-server")
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{base}/api/v2/monitor/health", timeout=5):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise AssertionError(stack.log_tail("api-server")) from None
+                    time.sleep(1)
+            tokens = {user: token(base, user, pw) for user, pw in passwords.items()}
+            yield Site(base, tokens, runs), out
+
+
+def test_the_report_tab_of_a_finished_run_shows_its_report(site):
+    web, out = site
+    status, page = web.get(report_path(DAG_ID, web.good), "admin")
+    assert status == 200, page
+    assert page.startswith("<!DOCTYPE html>") and "Batch run report" in page
+    assert '<div id="count-rows"><b>30</b>rows</div>' in page
+    assert '<div id="count-answered"><b>27</b>answered</div>' in page
+    assert "cost at Batch prices (USD)" in page and "cdn" not in page.lower() and "<script" not in page
+    # the UI's iframe carries the _token cookie, not a header
+    status, same = web.get(report_path(DAG_ID, web.good), "admin", cookie=True)
+    assert status == 200 and same == page
+    (found,) = out.glob("questions/*/report.html")
+    assert found.read_text(encoding="utf-8") == page  # the file that landed, read through storage
+
+
+def test_a_run_that_failed_validation_shows_the_message_not_a_traceback(site):
+    web, _ = site
+    status, page = web.get(report_path(DAG_ID, web.bad), "admin")
+    assert status == 200, page
+    assert 'id="validation-message"' in page and html.escape("column 'picture' not found") in page
+    assert "Traceback" not in page and "Nothing was uploaded or paid for" in page
+
+
+def test_no_token_a_bad_token_and_a_user_without_the_dag_are_refused(site):
+    web, _ = site
+    for path in (report_path(DAG_ID, web.good), "/openai-batch/spend"):
+        status, body = web.get(path)
+        assert status == 401 and "Not authenticated" in body
+    web.tokens["forged"] = web.tokens["admin"][:-4] + "AAAA"
+    assert web.get(report_path(DAG_ID, web.good), "forged")[0] in (401, 403)
+    status, body = web.get(report_path(DAG_ID, web.good), "bob")
+    assert status == 403 and "27" not in body
+    status, body = web.get(report_path(DAG_ID, web.good), "bob", cookie=True)
+    assert status == 403
+    # bob may read other DAGs: their runs get the harmless note, not the pipeline's report
+    status, page = web.get("/openai-batch/spend", "bob")
+    assert status == 200 and 'id="no-runs"' in page and web.good not in page
+
+
+def test_crafted_ids_never_reach_a_file(site):
+    web, _ = site
+    for dag_id, run_id in (
+        (DAG_ID, "../../../../etc/passwd"),
+        (DAG_ID, web.good + "/../" + web.bad),
+        ("../openai_batch_pipeline", web.good),
+        (DAG_ID, "%2e%2e%2f%2e%2e%2fetc%2fpasswd"),
+    ):
+        status, body = web.get(report_path(dag_id, run_id), "admin")
+        assert status in (403, 404), (dag_id, run_id, status)
+        assert "root:" not in body
+    status, body = web.get("/openai-batch/report/" + DAG_ID + "/..%2F..%2Fetc%2Fpasswd", "admin")
+    assert status in (403, 404) and "root:" not in body
+    status, body = web.get("/openai-batch/spend?start=../../etc", "admin")
+    assert status in (400, 422) and "root:" not in body
+
+
+def test_another_dags_run_gets_a_note(site):
+    web, _ = site
+    status, page = web.get(report_path("openai_batch_inbox", web.good), "admin")
+    assert status == 404 and "No run" in page  # no such run of that DAG
+
+
+def test_the_spend_page_lists_the_run_with_its_cost(site):
+    web, _ = site
+    status, page = web.get("/openai-batch/spend", "admin")
+    assert status == 200, page
+    assert web.good in page and web.bad not in page  # a run that never merged spent nothing
+    assert 'id="total-runs"><b>1</b>' in page and 'id="daily"' in page
+    link = (
+        "../dags/openai_batch_pipeline/runs/" + urllib.parse.quote(web.good, safe="") + "/plugin/batch-report"
+    )
+    assert f'href="{link}"' in page
+    status, page = web.get("/openai-batch/spend?model=no-such-model&start=2020-01-01", "admin")
+    assert status == 200 and 'id="no-runs"' in page
+    status, page = web.get("/openai-batch/spend?input=questions", "admin")
+    assert status == 200 and web.good in page
+
+
+def test_views_and_extra_link_are_registered(site):
+    web, _ = site
+    status, body = web.get("/api/v2/plugins", "admin")
+    assert status == 200
+    views = [
+        v for p in json.loads(body)["plugins"] if p["name"] == "openai_batch" for v in p["external_views"]
+    ]
+    assert {(v["name"], v["destination"], v["href"]) for v in views} == {
+        ("Batch report", "dag_run", "openai-batch/report/{DAG_ID}/{RUN_ID}"),
+        ("Batch spend", "nav", "openai-batch/spend"),
+    }
+    run = urllib.parse.quote(web.good, safe="")
+    status, body = web.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run}/taskInstances/merge/links", "admin")
+    assert status == 200, body
+    links = json.loads(body)["extra_links"]
+    assert links == {"Batch report": f"dags/{DAG_ID}/runs/{run}/plugin/batch-report"}
+    # relative to the base URL: the link resolves under /airflow, where the tab is
+    assert urllib.parse.urljoin(web.base + "/", links["Batch report"]).startswith(web.base + "/dags/")
+
+
+def test_the_plugin_is_loaded_once_from_its_entry_point(site):
+    web, _ = site
+    status, body = web.get("/api/v2/importErrors", "admin")
+    assert status == 200 and json.loads(body)["total_entries"] == 0
+    status, body = web.get("/api/v2/plugins", "admin")
+    names = [p["name"] for p in json.loads(body)["plugins"]]
+    assert names.count("openai_batch") == 1
+    assert Path(REPO / "plugins" / ".airflowignore").read_text().count("openai_batch_airflow/") == 1
