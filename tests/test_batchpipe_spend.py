@@ -70,10 +70,10 @@ def test_the_page_escapes_what_runs_carry_and_links_relatively():
                   input="</td><script>x</script>")  # fmt: skip
     page = spend_html(spend([hostile]), {"dag_id": '"><i>x'}, {"dag_id": ["p"], "model": [hostile["model"]]})
     assert "<script" not in page and "<img" not in page and '"><i>x' not in page
-    assert 'href="../dags/p/runs/r%22%3E%3Cscript%3Ealert%281%29%3C%2Fscript%3E/plugin/batch-report"' in page
-    assert 'target="_top"' in page and "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert 'href="report/p/r%22%3E%3Cscript%3Ealert%281%29%3C%2Fscript%3E"' in page
+    assert "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
     assert report_link("a b", "manual__2026-12-01T00:00:00+00:00") == (
-        "../dags/a%20b/runs/manual__2026-12-01T00%3A00%3A00%2B00%3A00/plugin/batch-report"
+        "report/a%20b/manual__2026-12-01T00%3A00%3A00%2B00%3A00"
     )
     empty = spend_html(spend([]), {}, {})
     assert 'id="no-runs"' in empty and 'id="no-daily"' in empty

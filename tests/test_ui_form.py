@@ -427,3 +427,47 @@ def test_trigger_form_renders_params_and_runs_the_pipeline(env, page):
     assert stack.xcom(DAG_ID, RUN_ID, "merge") == str(results)
     total = time.monotonic() - started
     print(f"form filled and submitted in {form_seconds:.0f}s; run succeeded {total:.0f}s after login")
+
+
+def log_in(page, base: str, password: str) -> None:
+    page.goto(base + "/")
+    page.wait_for_url(re.compile(r"/auth/login"))
+    page.get_by_label("Username").fill("admin")
+    page.get_by_label("Password").fill(password)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(lambda url: "/auth/login" not in url)
+
+
+def test_the_run_report_tab_and_the_spend_page_inside_the_ui(env, page):
+    """After the form's run: its "Batch report" tab shows the report (counts, cost) inside Airflow, and the
+    "Batch spend" page lists the run with its cost (the plugin's pages in the UI's iframes)."""
+    tmp, stack, password = env
+    base = f"http://127.0.0.1:{stack.api_port}"
+    if stack.run_state(DAG_ID, RUN_ID) != "success":
+        pytest.skip("needs the run the form test triggers")
+    with artifacts_on_failure(page, stack, "report-tab"):
+        log_in(page, base, password)
+        page.goto(f"{base}/dags/{DAG_ID}/runs/{RUN_ID}")
+        page.get_by_role("link", name="Batch report").or_(
+            page.get_by_role("tab", name="Batch report")
+        ).first.click()
+        page.wait_for_url(re.compile(rf"/dags/{DAG_ID}/runs/{RUN_ID}/plugin/batch-report"))
+        report = page.frame_locator("iframe[title='Batch report']")
+        expect(report.locator("h1")).to_have_text("Batch run report")
+        expect(report.locator("#count-rows")).to_contain_text("30")
+        expect(report.locator("#count-answered")).to_contain_text("27")
+        expect(report.get_by_text("cost at Batch prices (USD)")).to_be_visible()
+        page.screenshot(path=str(ARTIFACTS / "report-tab.png"), full_page=True)
+
+    with artifacts_on_failure(page, stack, "spend-page"):
+        page.goto(f"{base}/plugin/batch-spend")
+        spend = page.frame_locator("iframe[title='Batch spend']")
+        expect(spend.locator("h1")).to_have_text("Batch spend")
+        expect(spend.locator("#runs")).to_contain_text(RUN_ID)
+        expect(spend.locator("#total-runs")).to_contain_text("1")
+        expect(spend.locator("#total-cost b")).to_have_text(re.compile(r"^\$\d"))
+        page.screenshot(path=str(ARTIFACTS / "spend-page.png"), full_page=True)
+        # the run's link opens its report in the page (a sandboxed iframe may not navigate the window)
+        spend.get_by_role("link", name=RUN_ID).click()
+        expect(spend.locator("h1")).to_have_text("Batch run report")
+        expect(spend.locator("#count-answered")).to_contain_text("27")

@@ -210,10 +210,9 @@ def test_the_spend_page_lists_the_run_with_its_cost(site):
     assert status == 200, page
     assert web.good in page and web.bad not in page  # a run that never merged spent nothing
     assert 'id="total-runs"><b>1</b>' in page and 'id="daily"' in page
-    link = (
-        "../dags/openai_batch_pipeline/runs/" + urllib.parse.quote(web.good, safe="") + "/plugin/batch-report"
-    )
+    link = "report/openai_batch_pipeline/" + urllib.parse.quote(web.good, safe="")
     assert f'href="{link}"' in page
+    assert web.get("/openai-batch/" + link, "admin")[0] == 200  # relative to the spend page
     status, page = web.get("/openai-batch/spend?model=no-such-model&start=2020-01-01", "admin")
     assert status == 200 and 'id="no-runs"' in page
     status, page = web.get("/openai-batch/spend?input=questions", "admin")

@@ -152,7 +152,7 @@ def svg_daily(daily: dict[str, dict[str, float]]) -> str:
     color = {m: _COLORS[i % len(_COLORS)] for i, m in enumerate(models)}
     top = max(sum(costs.values()) for costs in daily.values()) or 1.0
     bar, gap, height, left = 28, 8, 160, 70
-    width = left + len(days) * (bar + gap) + 10
+    width = max(left + len(days) * (bar + gap) + 10, left + len(models) * 150)  # bars, or the legend
     parts = [
         '<svg xmlns="http://www.w3.org/2000/svg" id="daily" role="img" '
         f'width="{width}" height="{height + 60}"'
@@ -181,16 +181,16 @@ def svg_daily(daily: dict[str, dict[str, float]]) -> str:
     return "".join(parts)
 
 
-def report_link(dag_id: str, run_id: str, root: str = "../") -> str:
-    """The run's "Batch report" tab, relative to a page at ``<base>/<prefix>/<page>`` (``root`` leads
-    back to the base)."""
-    return f"{root}dags/{quote(dag_id, safe='')}/runs/{quote(run_id, safe='')}/plugin/batch-report"
+def report_link(dag_id: str, run_id: str) -> str:
+    """The run's report page, relative to the spend page (both served by the plugin's app). Inside the UI
+    the page is in a sandboxed iframe that may not navigate the whole window, so the report opens there."""
+    return f"report/{quote(dag_id, safe='')}/{quote(run_id, safe='')}"
 
 
 def spend_html(data: dict[str, Any], filters: dict[str, Any], choices: dict[str, list[str]]) -> str:
     """The spend page for :func:`spend`'s ``data``: the filter form (``filters`` as given; ``choices``:
     the DAG ids and models to pick from), the totals, the daily chart, the totals per model and one row
-    per run linking to its report tab (which opens in the whole window)."""
+    per run linking to its report (:func:`report_link`)."""
     t = data["totals"]
     p = [
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Batch spend</title>',
@@ -244,7 +244,7 @@ def spend_html(data: dict[str, Any], filters: dict[str, Any], choices: dict[str,
         link = report_link(r["dag_id"], r["run_id"])
         rows.append(
             f'<tr><td class="l">{_e(r.get("date"))}</td><td class="l">{_e(r["dag_id"])}</td>'
-            f'<td class="l"><a target="_top" href="{_e(link)}">{_e(r["run_id"])}</a></td>'
+            f'<td class="l"><a href="{_e(link)}">{_e(r["run_id"])}</a></td>'
             f'<td class="l">{_e(r.get("state"))}</td><td class="l">{_e(r.get("model"))}</td>'
             f'<td class="l">{_e(r.get("input"))}</td>'
             + "".join(f"<td>{_n(r.get(k))}</td>" for k in ("rows", "answered", "failed", "invalid"))
