@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from airflow_stack import REPO, AirflowStack, free_port  # noqa: E402
+from openai_batch_airflow.links import report_tab  # noqa: E402
 
 DAG_ID = "openai_batch_pipeline"
 HOME = REPO / "airflow_home"
@@ -172,7 +173,9 @@ def main() -> int:
                 say("  (offline, the local server counts tokens as the estimate does, but its answers echo")
                 say("   the prompt: a real model's are longer, closer to the estimate's 200 tokens each)")
         say(f"  the same rows typed for programs: {results.parent / 'results.parquet'}")
-        say(f"  report: {results.parent / 'report.html'} (open it in a browser) and report.json")
+        say(f"  report: {results.parent / 'report.html'} and report.json; in Airflow, the run's report tab:")
+        say(f"    http://127.0.0.1:{api_port}/{report_tab(DAG_ID, run_id)}")
+        say(f"  spend of every run: http://127.0.0.1:{api_port}/plugin/batch-spend")
         say(f"  estimate made before upload: {results.parent / 'estimate.md'}")
         if mode == "offline" and not structured_run(stack, conf, timeout):
             return 1

@@ -117,7 +117,7 @@ def test_work_clean_up_in_s3_removes_only_what_the_run_wrote(s3, tmp_path):
 # -- whole runs -------------------------------------------------------------------------------------
 
 
-def test_s3_input_work_and_output_every_row_back_once(dag, srv, s3, scratch, tmp_path):
+def test_s3_input_work_and_output_every_row_back_once(dag, srv, s3, scratch, tmp_path, monkeypatch):
     rows = put_text_csv(s3, "inbox/many.csv", 24, repeat={20: 2})  # row 20 asks row 2's question again
     before = {b.id for b in srv.client().batches.list(limit=100).data}
     dr, tis = run(
@@ -155,6 +155,18 @@ def test_s3_input_work_and_output_every_row_back_once(dag, srv, s3, scratch, tmp
     url = f"s3://s3_test@{s3.bucket}/{folder}"
     assert (report["results_csv"], report["report"]) == (f"{url}/results.csv", f"{url}/report.json")
     html = get(s3, f"{folder}/report.html").decode()
+    # the run's report tab reads the page where it landed, through the run's storage connection
+    from openai_batch_airflow.ui import read_report_html
+
+    summary = tis[("merge", -1)].xcom_pull(task_ids="merge", key="batch_report")
+    assert summary["report_html"] == f"{url}/report.html" and summary["answered"] == 24
+    assert read_report_html(summary) == html
+    for elsewhere in (f"{url}/report.json", f"s3://s3_test@{s3.bucket}/inbox/many.csv", "/etc/passwd"):
+        with pytest.raises(ValueError, match="no report.html"):
+            read_report_html({**summary, "report_html": elsewhere})
+    monkeypatch.setenv("OPENAI_BATCH_OUTPUT_ROOTS", str(tmp_path))  # the bucket is no longer an output root
+    with pytest.raises(ValueError, match="outside the allowed roots"):
+        read_report_html(summary)
     assert f"results: {url}/results.csv" in html and "openai-batch-" not in html  # no scratch paths
     assert keys(s3, "work/") == []  # keep_temp_files off: the run's work folder is gone
     # the XCom manifests name S3 locations, never local files
