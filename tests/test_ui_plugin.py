@@ -24,6 +24,8 @@ import pytest
 from airflow_stack import AirflowStack, free_port
 from conftest import REPO
 from local_batch_server.testing import running_server
+from s3_local import client as s3_client
+from s3_local import local_s3
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +56,8 @@ class PerDagSimpleAuthManager(SimpleAuthManager):
 class Site:
     def __init__(self, base: str, tokens: dict[str, str], runs: dict[str, str]):
         self.base, self.tokens = base, tokens
-        self.good, self.bad = runs["good"], runs["bad"]  # run ids: a finished run, one failed in validation
+        # run ids: a finished run, one failed in validation, one whose results landed in S3
+        self.good, self.bad, self.s3 = runs["good"], runs["bad"], runs["s3"]
 
     def get(self, path: str, user: str | None = None, cookie: bool = False) -> tuple[int, str]:
         request = urllib.request.Request(self.base + path)
@@ -94,7 +97,10 @@ def site(tmp_path_factory):
     (tmp / "passwords.json").write_text(json.dumps(passwords))
     port = free_port()
     base = f"http://127.0.0.1:{port}/airflow"
-    with running_server(tmp / "server", config={"in_progress_seconds": 0.2}) as server:
+    with (
+        running_server(tmp / "server", config={"in_progress_seconds": 0.2}) as server,
+        local_s3(tmp) as (endpoint, bucket),  # its connection s3_test: in the stack's environment
+    ):
         conn = {"conn_type": "openai", "host": server.base_url, "password": "sk-ui-plugin-test"}
         stack = AirflowStack(
             home,
@@ -117,14 +123,16 @@ def site(tmp_path_factory):
             confs = {
                 "good": {"input_csv": str(tmp / "in" / "questions.csv"), **common},
                 "bad": {"input_csv": str(tmp / "in" / "questions.csv"), **common, "image_column": "picture"},
-            }
+                "s3": {"input_csv": str(tmp / "in" / "questions.csv"), **common, "end_row": 5,
+                       "output_dir": f"s3://{bucket}/results", "storage_conn_id": "s3_test"},
+            }  # fmt: skip
             runs = {}
             for name, conf in confs.items():
                 done = stack.airflow("dags", "test", DAG_ID, "-c", json.dumps(conf), check=False, timeout=600)
                 ((run_id, state),) = stack._query(
                     "SELECT run_id, state FROM dag_run WHERE dag_id = ? ORDER BY id DESC LIMIT 1", DAG_ID
                 )
-                assert state == ("success" if name == "good" else "failed"), (
+                assert state == ("failed" if name == "bad" else "success"), (
                     done.stdout[-3000:] + done.stderr[-3000:]
                 )
                 runs[name] = run_id
@@ -139,7 +147,9 @@ def site(tmp_path_factory):
                         raise AssertionError(stack.log_tail("api-server")) from None
                     time.sleep(1)
             tokens = {user: token(base, user, pw) for user, pw in passwords.items()}
-            yield Site(base, tokens, runs), out
+            web = Site(base, tokens, runs)
+            web.s3_client, web.bucket = s3_client(endpoint), bucket
+            yield web, out
 
 
 def test_the_report_tab_of_a_finished_run_shows_its_report(site):
@@ -155,6 +165,16 @@ def test_the_report_tab_of_a_finished_run_shows_its_report(site):
     assert status == 200 and same == page
     (found,) = out.glob("questions/*/report.html")
     assert found.read_text(encoding="utf-8") == page  # the file that landed, read through storage
+
+
+def test_a_run_with_results_in_s3_shows_its_report(site):
+    web, _ = site
+    status, page = web.get(report_path(DAG_ID, web.s3), "admin")
+    assert status == 200, page
+    listed = web.s3_client.list_objects_v2(Bucket=web.bucket, Prefix="results/")["Contents"]
+    (key,) = [o["Key"] for o in listed if o["Key"].endswith("/report.html")]
+    stored = web.s3_client.get_object(Bucket=web.bucket, Key=key)["Body"].read().decode()
+    assert page == stored and '<div id="count-rows"><b>5</b>rows</div>' in page
 
 
 def test_a_run_that_failed_validation_shows_the_message_not_a_traceback(site):
@@ -209,7 +229,7 @@ def test_the_spend_page_lists_the_run_with_its_cost(site):
     status, page = web.get("/openai-batch/spend", "admin")
     assert status == 200, page
     assert web.good in page and web.bad not in page  # a run that never merged spent nothing
-    assert 'id="total-runs"><b>1</b>' in page and 'id="daily"' in page
+    assert 'id="total-runs"><b>2</b>' in page and 'id="daily"' in page and web.s3 in page
     link = "report/openai_batch_pipeline/" + urllib.parse.quote(web.good, safe="")
     assert f'href="{link}"' in page
     assert web.get("/openai-batch/" + link, "admin")[0] == 200  # relative to the spend page
