@@ -160,13 +160,17 @@ def test_s3_input_work_and_output_every_row_back_once(dag, srv, s3, scratch, tmp
 
     summary = tis[("merge", -1)].xcom_pull(task_ids="merge", key="batch_report")
     assert summary["report_html"] == f"{url}/report.html" and summary["answered"] == 24
-    assert read_report_html(summary) == html
-    for elsewhere in (f"{url}/report.json", f"s3://s3_test@{s3.bucket}/inbox/many.csv", "/etc/passwd"):
+    conf = dict(dr.conf)
+    assert read_report_html(conf, dr.run_id, summary) == html
+    # a record naming another file, or the same file for another run, is refused
+    for elsewhere in (f"{url}/report.json", f"s3://s3_test@{s3.bucket}/inbox/report.html", "/etc/passwd"):
         with pytest.raises(ValueError, match="no report.html"):
-            read_report_html({**summary, "report_html": elsewhere})
+            read_report_html(conf, dr.run_id, {**summary, "report_html": elsewhere})
+    with pytest.raises(ValueError, match="no report.html"):
+        read_report_html(conf, "another_run", summary)
     monkeypatch.setenv("OPENAI_BATCH_OUTPUT_ROOTS", str(tmp_path))  # the bucket is no longer an output root
     with pytest.raises(ValueError, match="outside the allowed roots"):
-        read_report_html(summary)
+        read_report_html(conf, dr.run_id, summary)
     assert f"results: {url}/results.csv" in html and "openai-batch-" not in html  # no scratch paths
     assert keys(s3, "work/") == []  # keep_temp_files off: the run's work folder is gone
     # the XCom manifests name S3 locations, never local files

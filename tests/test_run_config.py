@@ -316,3 +316,25 @@ def test_task_bodies_resolve_params_only_through_the_run_config():
                  "read_roots", "prices", "max_enqueued_tokens", "storage_conn_id"}  # fmt: skip
     assert not defined & resolvers, defined & resolvers
     assert {"validate", "build", "merge", "create"} <= defined
+
+
+def test_read_capped_refuses_what_would_block_or_fill_memory(tmp_path):
+    from openai_batch_airflow.storage import read_capped
+
+    page = tmp_path / "report.html"
+    page.write_text("<html>ok</html>")
+    assert read_capped(page, 100) == "<html>ok</html>"
+    with pytest.raises(ValueError, match="larger than 10 bytes"):
+        read_capped(page, 10)
+    fifo = tmp_path / "fifo" / "report.html"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)  # a reader would wait forever
+    with pytest.raises(ValueError, match="not a regular file"):
+        read_capped(fifo, 100)
+    link = tmp_path / "link" / "report.html"
+    link.parent.mkdir()
+    link.symlink_to(page)
+    with pytest.raises(ValueError, match="not a regular file"):
+        read_capped(link, 100)
+    with pytest.raises(FileNotFoundError):
+        read_capped(tmp_path / "nowhere" / "report.html", 100)

@@ -13,6 +13,8 @@ import html
 import json
 import secrets
 import shutil
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -60,7 +62,17 @@ class Site:
         self.good, self.bad, self.s3 = runs["good"], runs["bad"], runs["s3"]
 
     def get(self, path: str, user: str | None = None, cookie: bool = False) -> tuple[int, str]:
-        request = urllib.request.Request(self.base + path)
+        status, body, _ = self.call("GET", path, user, cookie=cookie)
+        return status, body
+
+    def call(
+        self, method: str, path: str, user: str | None = None, body: object = None, cookie: bool = False
+    ):
+        """``(status, text, headers)``."""
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(self.base + path, data=data, method=method)
+        if data is not None:
+            request.add_header("Content-Type", "application/json")
         if user is not None:
             token = self.tokens[user]
             if cookie:  # what the UI's iframe sends
@@ -69,9 +81,9 @@ class Site:
                 request.add_header("Authorization", f"Bearer {token}")
         try:
             with urllib.request.urlopen(request, timeout=60) as resp:
-                return resp.status, resp.read().decode("utf-8")
+                return resp.status, resp.read().decode("utf-8"), resp.headers
         except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode("utf-8", "replace")
+            return exc.code, exc.read().decode("utf-8", "replace"), exc.headers
 
 
 def token(base: str, user: str, password: str) -> str:
@@ -93,7 +105,7 @@ def site(tmp_path_factory):
     home = tmp / "airflow"
     (home / "config").mkdir(parents=True)
     (home / "config" / "per_dag_auth.py").write_text(AUTH_MANAGER)
-    passwords = {"admin": secrets.token_urlsafe(12), "bob": secrets.token_urlsafe(12)}
+    passwords = {name: secrets.token_urlsafe(12) for name in ("admin", "bob", "ursula")}
     (tmp / "passwords.json").write_text(json.dumps(passwords))
     port = free_port()
     base = f"http://127.0.0.1:{port}/airflow"
@@ -110,7 +122,7 @@ def site(tmp_path_factory):
                 "AIRFLOW__API__BASE_URL": base,
                 "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{base}/execution/",
                 "AIRFLOW__CORE__AUTH_MANAGER": "per_dag_auth.PerDagSimpleAuthManager",
-                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,bob:viewer",
+                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,bob:viewer,ursula:user",
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(tmp / "passwords.json"),
                 "OPENAI_BATCH_RETRY_DELAY_SECONDS": "1",
@@ -149,6 +161,7 @@ def site(tmp_path_factory):
             tokens = {user: token(base, user, pw) for user, pw in passwords.items()}
             web = Site(base, tokens, runs)
             web.s3_client, web.bucket = s3_client(endpoint), bucket
+            web.stack, web.server, web.conf = stack, server, confs["good"]
             yield web, out
 
 
@@ -267,3 +280,69 @@ def test_the_plugin_is_loaded_once_from_its_entry_point(site):
     names = [p["name"] for p in json.loads(body)["plugins"]]
     assert names.count("openai_batch") == 1
     assert Path(REPO / "plugins" / ".airflowignore").read_text().count("openai_batch_airflow/") == 1
+
+
+def test_a_record_someone_else_wrote_never_serves_another_file(site, tmp_path):
+    # ursula (role "user") may write XComs: she plants a summary naming a page of her own, with a script
+    web, out = site
+    evil = out / "questions" / "evil" / "report.html"
+    evil.parent.mkdir(parents=True)
+    evil.write_text("<html><script>fetch('/api/v2/connections')</script>stolen</html>")
+    run = urllib.parse.quote(web.good, safe="")
+    entry = f"/api/v2/dags/{DAG_ID}/dagRuns/{run}/taskInstances/merge/xcomEntries/batch_report"
+    status, original, _ = web.call("GET", entry + "?deserialize=true", "admin")
+    assert status == 200, original
+    original = json.loads(original)["value"]
+    planted = {**original, "report_html": str(evil)}
+    status, body, _ = web.call("PATCH", entry, "ursula", {"value": planted, "map_index": -1})
+    assert status == 200, body
+    try:
+        status, page, headers = web.call("GET", report_path(DAG_ID, web.good), "admin")
+        assert status == 200 and 'id="unreadable"' in page and "stolen" not in page and "<script" not in page
+        assert str(out) not in page and "allowed roots" not in page  # the detail is in the server's log
+        assert (
+            "sandbox" in headers["Content-Security-Policy"] and headers["X-Content-Type-Options"] == "nosniff"
+        )
+        # numbers that are not numbers: the spend page still adds up the others
+        junk = {**original, "rows": "lots", "cost_usd": "x", "model": ["a"], "input": "y" * 5000}
+        assert web.call("PATCH", entry, "ursula", {"value": junk, "map_index": -1})[0] == 200
+        status, page = web.get("/openai-batch/spend", "admin")
+        assert status == 200 and "y" * 1001 not in page
+    finally:
+        assert web.call("PATCH", entry, "admin", {"value": original, "map_index": -1})[0] == 200
+    status, page, headers = web.call("GET", report_path(DAG_ID, web.good), "admin")
+    assert status == 200 and "Batch run report" in page and "sandbox" in headers["Content-Security-Policy"]
+
+
+def test_a_run_still_going_shows_its_batches_as_the_api_gives_them_now(site, tmp_path):
+    # (last in the module: it adds a run)
+    web, _ = site
+    stack = web.stack
+    web.server.set_config({"in_progress_seconds": 15})
+    conf = {**web.conf, "output_dir": str(tmp_path / "out")}
+    with open(tmp_path / "dags-test.log", "wb") as log:
+        command = [sys.executable, "-m", "airflow", "dags", "test", DAG_ID, "-c", json.dumps(conf)]
+        proc = subprocess.Popen(command, env=stack.env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline, page = time.monotonic() + 120, ""
+        while time.monotonic() < deadline:
+            rows = stack._query(
+                "SELECT run_id FROM dag_run WHERE dag_id = ? ORDER BY id DESC LIMIT 1", DAG_ID
+            )
+            run_id = rows[0][0]
+            if run_id not in (web.good, web.bad, web.s3):
+                status, page = web.get(report_path(DAG_ID, run_id), "admin")
+                if status == 200 and "<td>in_progress</td>" in page:
+                    break
+            time.sleep(0.5)
+        assert "<td>in_progress</td>" in page, page[-3000:]
+        assert "Batch report: run in progress" in page and 'id="run-state"' in page
+        assert "<td>28</td>" in page  # the batch's total, as the API gives it
+        assert 'id="estimate"' in page and "Cost estimate" in page
+        assert proc.wait(timeout=180) == 0, (tmp_path / "dags-test.log").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        web.server.set_config({"in_progress_seconds": 0.2})
+    status, page = web.get(report_path(DAG_ID, run_id), "admin")
+    assert status == 200 and "Batch run report" in page  # merged: the report itself

@@ -48,6 +48,34 @@ def run_summary(report: dict[str, Any], *, input_csv: str, storage_conn_id: str 
     }
 
 
+_NUMBERS = ("rows", "answered", "failed", "invalid", "prompt_tokens", "completion_tokens", "saved_rows",
+            "problems")  # fmt: skip
+_MONEY = ("cost_usd", "estimated_usd", "saved_usd")
+_TEXTS = ("model", "endpoint", "input", "results_csv", "report_html", "storage_conn_id")
+
+
+def clean_summary(value: Any) -> dict[str, Any] | None:
+    """A run summary as read back from a record someone else could have written: None unless a dict;
+    counts as whole numbers >= 0 (else 0), money as finite numbers >= 0 (else None: unknown), texts at most
+    1,000 characters (else None). The page and the sums never meet another type."""
+    import math
+
+    if not isinstance(value, dict):
+        return None
+    out: dict[str, Any] = {}
+    for k in _NUMBERS:
+        v = value.get(k)
+        out[k] = v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 10**15 else 0
+    for k in _MONEY:
+        v = value.get(k)
+        ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v < 1e12
+        out[k] = float(v) if ok else None
+    for k in _TEXTS:
+        v = value.get(k)
+        out[k] = v if isinstance(v, str) and len(v) <= 1000 else None
+    return out
+
+
 def _add(a: float | None, b: float | None) -> float | None:
     if a is None and b is None:
         return None

@@ -87,6 +87,15 @@ def run_folder_name(run_id: str) -> str:
     return unique_name(run_id)
 
 
+def run_location(params: Mapping[str, Any], run_id: str) -> storage.Location:
+    """The run folder, ``<output_dir>/<input file stem>/<run folder name>`` (``output_dir`` empty: the
+    default output folder), from the run's params (or its conf: ``input_csv``, ``output_dir``,
+    ``storage_conn_id``)."""
+    conn = params.get("storage_conn_id") or None
+    stem, folder = storage.input_stem(params["input_csv"]), run_folder_name(run_id)
+    return storage.location(params.get("output_dir") or default_output_dir(), conn) / stem / folder
+
+
 def build_options(params: Mapping[str, Any]):
     """The library's build options from the params, checked. A CSV in object storage with no image
     folder given: relative image paths resolve against the CSV's own folder in the store."""
@@ -217,7 +226,7 @@ class RunConfig:
         stem, folder = storage.input_stem(params["input_csv"]), run_folder_name(run_id)
         roots = output_roots(extra=variable(OUTPUT_ROOTS_VARIABLE))
         try:
-            run_dir = storage.location(params.get("output_dir") or default_output_dir(), conn) / stem / folder
+            run_dir = run_location(params, run_id)
             check_within(str(run_dir), roots, "output folder")
             if params.get("work_dir"):
                 work_dir = storage.location(params["work_dir"], conn) / stem / folder

@@ -292,6 +292,31 @@ def read_text(where: Location) -> str | None:
         return None
 
 
+def read_capped(where: Location, limit: int) -> str:
+    """The UTF-8 text of a regular file (or object) of at most ``limit`` bytes; ValueError otherwise (a
+    FIFO, a device or a folder would block or mislead a reader; a huge file would fill its memory),
+    FileNotFoundError when it is not there. Local files are checked by ``lstat`` (no link followed) and
+    read through the descriptor opened without blocking."""
+    import stat as st
+
+    if is_remote(where):
+        size = where.stat().st_size
+        if size > limit:
+            raise ValueError(f"larger than {limit:,} bytes")
+        with where.open("rb") as fh:
+            return fh.read(limit + 1)[:limit].decode("utf-8", "replace")
+    info = os.lstat(where)
+    if not st.S_ISREG(info.st_mode):
+        raise ValueError("not a regular file")
+    if info.st_size > limit:
+        raise ValueError(f"larger than {limit:,} bytes")
+    fd = os.open(where, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as fh:
+        if not st.S_ISREG(os.fstat(fh.fileno()).st_mode):  # replaced between the two looks
+            raise ValueError("not a regular file")
+        return fh.read(limit + 1)[:limit].decode("utf-8", "replace")
+
+
 def check_writable(folder: Location, local: Callable[[Path], None] | None = None) -> None:
     """Write and delete a small marker object under ``folder``: wrong credentials, a missing bucket or a
     read-only location fail here, before anything is uploaded or paid for. A local folder is checked by

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import html
 import logging
+import re
 from collections.abc import Iterator
 from datetime import date
 from typing import Annotated, Any
@@ -37,8 +38,31 @@ URL_PREFIX = "/openai-batch"
 SPEND_ROUTE = "batch-spend"
 #: Spend records read at most (the newest).
 MAX_RUNS = 5000
+#: Batches of a running run asked about per page view, and how long the page waits for their answers.
+MAX_LIVE_BATCHES = 64
+LIVE_SECONDS = 10.0
+
+#: Largest report.html served.
+MAX_REPORT_BYTES = 20 << 20
+#: Tasks whose records the report tab reads.
+RECORD_TASKS = ("validate_csv", "build_jsonl", "create_batch", "merge")
+_BATCH_ID = re.compile(r"[A-Za-z0-9_-]{1,200}")
+#: Every page: no script runs, nothing is fetched from elsewhere, the browser sniffs no other type.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "sandbox allow-forms; default-src 'none'; style-src 'unsafe-inline'; "
+    "img-src data:; form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
 
 app = FastAPI(title="OpenAI Batch pipeline", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@app.middleware("http")
+async def _security_headers(request: Request, call_next: Any) -> Any:
+    response = await call_next(request)
+    response.headers.update(SECURITY_HEADERS)
+    return response
 
 
 async def _user(request: Request) -> Any:
@@ -79,14 +103,17 @@ def _page(title: str, body: str, status: int = 200) -> HTMLResponse:
 
 
 def may_read(user: Any, dag_id: str) -> bool:
-    """Whether the auth manager lets ``user`` read the runs of DAG ``dag_id``."""
+    """Whether the auth manager lets ``user`` read the runs of DAG ``dag_id`` and their XComs (the pages
+    show what the runs recorded there)."""
     from airflow.api_fastapi.app import get_auth_manager
     from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
     from airflow.models.dag import DagModel
 
     details = DagDetails(id=dag_id, team_name=DagModel.get_team_name(dag_id))
-    return get_auth_manager().is_authorized_dag(
-        method="GET", access_entity=DagAccessEntity.RUN, details=details, user=user
+    manager = get_auth_manager()
+    return all(
+        manager.is_authorized_dag(method="GET", access_entity=entity, details=details, user=user)
+        for entity in (DagAccessEntity.RUN, DagAccessEntity.XCOM)
     )
 
 
@@ -101,6 +128,7 @@ def _records(session: Any, dag_id: str, run_id: str) -> dict[tuple[str, str], li
     rows = session.execute(
         select(XComModel.task_id, XComModel.key, XComModel.map_index, XComModel.value)
         .where(XComModel.dag_id == dag_id, XComModel.run_id == run_id, XComModel.key.in_(keys))
+        .where(XComModel.task_id.in_(RECORD_TASKS))
         .order_by(XComModel.task_id, XComModel.map_index)
     )
     out: dict[tuple[str, str], list[Any]] = {}
@@ -114,30 +142,31 @@ class _Value:
         self.value = value
 
 
-def read_report_html(summary: dict[str, Any]) -> str:
-    """The ``report.html`` a run summary names, read through the run's storage connection; ValueError
-    when the recorded location is not a ``report.html`` inside the allowed output roots."""
+def read_report_html(conf: dict[str, Any], run_id: str, summary: dict[str, Any]) -> str:
+    """The run's ``report.html``: read only when the location ``merge`` recorded (``summary``) is the run's
+    own folder as its conf gives it (``output_dir``, else the default output folder; ``input_csv``'s stem;
+    the run folder name), inside the allowed output roots, through the conf's ``storage_conn_id``, a
+    regular file of at most :data:`MAX_REPORT_BYTES`. ValueError otherwise: a record someone else wrote
+    cannot make the api-server read another file."""
     from batchpipe.paths import check_within, output_roots
     from openai_batch_airflow import storage
-    from openai_batch_airflow.config import OUTPUT_ROOTS_VARIABLE, variable
+    from openai_batch_airflow.config import OUTPUT_ROOTS_VARIABLE, run_location, variable
 
-    where = summary.get("report_html")
-    if not isinstance(where, str) or not where.endswith("/report.html"):
+    if not isinstance(conf.get("input_csv"), str) or not isinstance(summary.get("report_html"), str):
         raise ValueError("the run recorded no report.html")
-    location = storage.location(where, summary.get("storage_conn_id"))
-    if location.name != "report.html":
-        raise ValueError("the run recorded no report.html")
+    location = run_location(conf, run_id) / "report.html"
+    if summary["report_html"] != storage.shown(location):
+        raise ValueError("the run recorded no report.html in its own folder")
     check_within(str(location), output_roots(extra=variable(OUTPUT_ROOTS_VARIABLE)), "report")
-    text = storage.read_text(location)
-    if text is None:
-        raise FileNotFoundError(f"{storage.shown(location)} is not there (moved or deleted)")
-    return text
+    return storage.read_capped(location, MAX_REPORT_BYTES)
 
 
 def _validation_page(failure: dict[str, Any]) -> HTMLResponse:
-    rows = "".join(f"<li>{_e(p)}</li>" for p in failure.get("first_invalid") or [])
+    problems = failure.get("first_invalid")
+    problems = problems[:20] if isinstance(problems, list) else []
+    rows = "".join(f"<li>{_e(str(p)[:500])}</li>" for p in problems)
     body = (
-        '<p class="error" id="validation-message">' + _e(failure.get("message")) + "</p>"
+        '<p class="error" id="validation-message">' + _e(str(failure.get("message"))[:4000]) + "</p>"
         + (f'<h2>First bad rows</h2><ul id="first-invalid">{rows}</ul>' if rows else "")
         + '<p class="note">Nothing was uploaded or paid for: the run stopped in '
         "<code>validate_csv</code>.</p>"
@@ -164,13 +193,25 @@ def _progress_page(session: Any, dag_run: Any, records: dict[tuple[str, str], li
         f"<tr><td>{_e(t)}</td><td>{_e(', '.join(f'{n} {s}' for s, n in sorted(c.items())))}</td></tr>"
         for t, c in states.items()
     )
+    shards = [
+        shard
+        for group in records.get(("create_batch", "return_value")) or []
+        if isinstance(group, dict)
+        for shard in group.get("shards") or []
+        if isinstance(shard, dict)
+    ]
+    conn_id = (dag_run.conf or {}).get("conn_id") or "openai_default"
+    live = live_batches(str(conn_id), [str(s["batch_id"]) for s in shards if s.get("batch_id")])
     batch_rows = []
-    for group in records.get(("create_batch", "return_value")) or []:
-        for shard in (group or {}).get("shards") or []:
-            batch_rows.append(
-                f"<tr><td>{_e(shard.get('index'))}</td><td>{_e(shard.get('batch_id') or '')}</td>"
-                f"<td>{_e(shard.get('requests'))}</td><td>{_e(shard.get('refused') or '')}</td></tr>"
-            )
+    for shard in shards:
+        now = live.get(str(shard.get("batch_id"))) or {}
+        counts = now.get("request_counts") or {}
+        batch_rows.append(
+            f"<tr><td>{_e(shard.get('index'))}</td><td>{_e(shard.get('batch_id') or '')}</td>"
+            f"<td>{_e(shard.get('requests'))}</td><td>{_e(now.get('status') or '')}</td>"
+            + "".join(f"<td>{_e(counts.get(k, ''))}</td>" for k in ("completed", "failed", "total"))
+            + f"<td>{_e(shard.get('refused') or now.get('error') or '')}</td></tr>"
+        )
     estimate = (records.get(("build_jsonl", ESTIMATE_XCOM)) or [None])[0]
     body = [
         f'<p id="run-state">Run state: <b>{_e(dag_run.state)}</b>. The report lands when <code>merge</code> '
@@ -179,10 +220,52 @@ def _progress_page(session: Any, dag_run: Any, records: dict[tuple[str, str], li
     ]
     if batch_rows:
         body.append('<h2>Batches</h2><table id="batches"><tr><th>shard</th><th>batch</th><th>requests</th>'
-                    "<th>refused</th></tr>" + "".join(batch_rows) + "</table>")  # fmt: skip
+                    "<th>status now</th><th>completed</th><th>failed</th><th>total</th><th>problem</th></tr>"
+                    + "".join(batch_rows) + "</table>"
+                    '<p class="note">Status and counts as the Batch API gives them now (first-round batches; '
+                    "follow-ups of resubmitted requests are in the report once merged).</p>")  # fmt: skip
     if isinstance(estimate, dict) and estimate.get("markdown"):
         body.append(f'<h2>Estimate</h2><pre id="estimate">{_e(estimate["markdown"])}</pre>')
     return _page("Batch report: run in progress", "".join(body))
+
+
+def live_batches(conn_id: str, batch_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """The status and request counts of each batch now (at most :data:`MAX_LIVE_BATCHES`, asked at once
+    through the run's connection, for at most :data:`LIVE_SECONDS`): ``{id: {"status", "request_counts"}}``,
+    or ``{id: {"error"}}`` (redacted) for one the API would not give."""
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    from batchpipe.paths import redact_text
+    from openai_batch_airflow.hooks import OpenAIBatchHook
+
+    ids = [i for i in dict.fromkeys(batch_ids) if _BATCH_ID.fullmatch(i)][:MAX_LIVE_BATCHES]
+    if not ids:
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        api = OpenAIBatchHook(conn_id=conn_id)
+        pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="batch-report")
+    except Exception as exc:
+        why = f"no client for connection {conn_id!r}: {redact_text(str(exc))[:300]}"
+        return {i: {"error": why} for i in ids}
+    try:
+        futures = {pool.submit(api.retrieve, i): i for i in ids}
+        done, _ = wait(futures, timeout=LIVE_SECONDS)
+        for future, batch_id in futures.items():
+            if future not in done:
+                out[batch_id] = {"error": "no answer in time"}
+            elif future.exception() is not None:
+                out[batch_id] = {"error": redact_text(str(future.exception()))[:300]}
+            else:
+                batch = future.result()
+                counts = getattr(batch, "request_counts", None)
+                out[batch_id] = {
+                    "status": str(getattr(batch, "status", "") or ""),
+                    "request_counts": {k: getattr(counts, k, None) for k in ("completed", "failed", "total")},
+                }
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # those asked end within the client's timeout
+    return out
 
 
 @app.get("/report/{dag_id}/{run_id}", response_class=HTMLResponse)
@@ -191,6 +274,7 @@ def report(dag_id: str, run_id: str, user: UserDep, session: SessionDep) -> HTML
     from airflow.models.dagrun import DagRun
     from sqlalchemy import select
 
+    from batchpipe.spend import clean_summary
     from openai_batch_airflow.records import REPORT_XCOM, VALIDATION_XCOM
 
     if not may_read(user, dag_id):
@@ -199,21 +283,21 @@ def report(dag_id: str, run_id: str, user: UserDep, session: SessionDep) -> HTML
     if dag_run is None:
         return _page("Batch report", f"<p>No run {_e(run_id)} of DAG {_e(dag_id)}.</p>", status=404)
     records = _records(session, dag_id, run_id)
-    summaries = [s for (_, key), values in records.items() if key == REPORT_XCOM for s in values]
-    if summaries and isinstance(summaries[-1], dict):
+    failure = (records.get(("validate_csv", VALIDATION_XCOM)) or [None])[-1]
+    if isinstance(failure, dict):  # (a run stopped there never merged)
+        return _validation_page(failure)
+    summary = clean_summary((records.get(("merge", REPORT_XCOM)) or [None])[-1])
+    if summary is not None:
         try:
-            return HTMLResponse(read_report_html(summaries[-1]))
-        except Exception as exc:  # moved, deleted, a store that cannot be reached: say so, show the counts
+            return HTMLResponse(read_report_html(dict(dag_run.conf or {}), run_id, summary))
+        except Exception as exc:  # moved, deleted, refused: the detail goes to the log, not to the viewer
             from batchpipe.paths import redact_text
 
-            counts = ", ".join(
-                f"{k} {summaries[-1].get(k)}" for k in ("rows", "answered", "failed", "invalid")
-            )
-            return _page("Batch report", f'<p id="counts">{_e(counts)}</p><p class="error">report.html could '
-                         f"not be read: {_e(redact_text(str(exc)))}</p>")  # fmt: skip
-    failures = [f for (_, key), values in records.items() if key == VALIDATION_XCOM for f in values]
-    if failures and isinstance(failures[-1], dict):
-        return _validation_page(failures[-1])
+            log.warning("report of %s %s not shown: %s", dag_id, run_id, redact_text(str(exc)))
+            counts = ", ".join(f"{k} {summary[k]}" for k in ("rows", "answered", "failed", "invalid"))
+            return _page("Batch report", f'<p id="counts">{_e(counts)}</p><p class="error" id="unreadable">'
+                         "report.html could not be read (moved, deleted or refused; the api-server's log "
+                         "says why).</p>")  # fmt: skip
     if not any(task == "build_jsonl" or task == "validate_csv" for task, _ in records):
         note = (
             '<p class="note" id="not-a-pipeline">No batch report for this run: it is not a run of the OpenAI '
@@ -267,9 +351,11 @@ def spend_records(session: Any, user: Any) -> list[dict[str, Any]]:
     from airflow.models.xcom import XComModel
     from sqlalchemy import select
 
+    from batchpipe.spend import clean_summary
     from openai_batch_airflow.records import REPORT_XCOM
 
-    allowed = get_auth_manager().get_authorized_dag_ids(user=user, method="GET")
+    readable = get_auth_manager().get_authorized_dag_ids(user=user, method="GET")
+    allowed = [dag_id for dag_id in readable if may_read(user, dag_id)]
     if not allowed:
         return []
     rows = session.execute(
@@ -282,14 +368,14 @@ def spend_records(session: Any, user: Any) -> list[dict[str, Any]]:
             DagRun.run_after,
         )
         .join(DagRun, DagRun.id == XComModel.dag_run_id)
-        .where(XComModel.key == REPORT_XCOM, XComModel.dag_id.in_(allowed))
+        .where(XComModel.key == REPORT_XCOM, XComModel.task_id == "merge", XComModel.dag_id.in_(allowed))
         .order_by(XComModel.timestamp.desc())
         .limit(MAX_RUNS)
     )
     out = []
     for dag_id, run_id, value, state, ended, run_after in rows:
-        summary = XComModel.deserialize_value(_Value(value))
-        if not isinstance(summary, dict):
+        summary = clean_summary(XComModel.deserialize_value(_Value(value)))
+        if summary is None:
             continue
         when = ended or run_after
         out.append({**summary, "dag_id": dag_id, "run_id": run_id, "state": str(state or ""),
