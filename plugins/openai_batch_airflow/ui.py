@@ -47,9 +47,11 @@ MAX_REPORT_BYTES = 20 << 20
 #: Tasks whose records the report tab reads.
 RECORD_TASKS = ("validate_csv", "build_jsonl", "create_batch", "merge")
 _BATCH_ID = re.compile(r"[A-Za-z0-9_-]{1,200}")
-#: Every page: no script runs, nothing is fetched from elsewhere, the browser sniffs no other type.
+#: Every page: no script runs (a sandbox without allow-scripts; same-origin kept so the UI can follow the
+#: page's own links in its frame), nothing is fetched from elsewhere, the browser sniffs no other type.
 SECURITY_HEADERS = {
-    "Content-Security-Policy": "sandbox allow-forms; default-src 'none'; style-src 'unsafe-inline'; "
+    "Content-Security-Policy": "sandbox allow-forms allow-same-origin; default-src 'none'; "
+    "style-src 'unsafe-inline'; "
     "img-src data:; form-action 'self'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
