@@ -268,6 +268,9 @@ def test_views_and_extra_link_are_registered(site):
     assert status == 200, body
     links = json.loads(body)["extra_links"]
     assert links == {"Batch report": f"dags/{DAG_ID}/runs/{run}/plugin/batch-report"}
+    waiting = f"/api/v2/dags/{DAG_ID}/dagRuns/{run}/taskInstances/wait_for_batch/links?map_index=0"
+    status, body = web.get(waiting, "admin")
+    assert status == 200 and json.loads(body)["extra_links"] == links, body  # the waiting task's too
     # relative to the base URL: the link resolves under /airflow, where the tab is
     assert urllib.parse.urljoin(web.base + "/", links["Batch report"]).startswith(web.base + "/dags/")
 

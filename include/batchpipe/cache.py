@@ -103,8 +103,8 @@ class AnswerCache:
         try:
             self.db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT)")
             self.db.execute(
-                "CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, line BLOB NOT NULL,"
-                " created REAL NOT NULL, endpoint TEXT, model TEXT) WITHOUT ROWID"
+                "CREATE TABLE IF NOT EXISTS answers (key TEXT NOT NULL UNIQUE, line BLOB NOT NULL,"
+                " created REAL NOT NULL, endpoint TEXT, model TEXT)"
             )
             self.db.execute("CREATE INDEX IF NOT EXISTS answers_created ON answers (created)")
             row = self.db.execute("SELECT value FROM meta WHERE name = 'version'").fetchone()
@@ -142,18 +142,25 @@ class AnswerCache:
         replaces it."""
         if self.mode == "read_only":
             return 0
-        entries = list(entries)
-        sql = "INSERT OR REPLACE INTO answers (key, line, created, endpoint, model) VALUES (?,?,?,?,?)"
+        entries = sorted(entries)  # in key order: neighbouring pages of the index
+        verb = "INSERT OR REPLACE" if self.mode == "refresh" else "INSERT OR IGNORE"
+        sql = "INTO answers (key, line, created, endpoint, model) VALUES (?,?,?,?,?)"
         now = time.time()
         self.db.execute("BEGIN IMMEDIATE")
         try:
-            if self.mode == "read_write":  # inside the transaction: what another writer kept stays
+            before = self.db.total_changes
+            self.db.executemany(
+                f"{verb} {sql}", ((k, line, now, ep, model) for k, line, ep, model in entries)
+            )
+            written = self.db.total_changes - before
+            if written < len(entries) and self.mode == "read_write":  # some were kept already: whole?
                 kept = dict(select_in(self.db, "SELECT key, line FROM answers WHERE key IN ({marks})",
                                       [e[0] for e in entries]))  # fmt: skip
-                entries = [e for e in entries if e[0] not in kept or not is_answer_line(kept[e[0]])]
-            before = self.db.total_changes
-            self.db.executemany(sql, ((k, line, now, ep, model) for k, line, ep, model in entries))
-            written = self.db.total_changes - before
+                damaged = [e for e in entries if e[0] in kept and not is_answer_line(kept[e[0]])]
+                self.db.executemany(
+                    f"INSERT OR REPLACE {sql}", ((k, ln, now, ep, m) for k, ln, ep, m in damaged)
+                )
+                written += len(damaged)
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -321,30 +328,53 @@ def _blocks(items: Iterable[Any], size: int = _BLOCK) -> Iterator[list[Any]]:
         yield block
 
 
-def _answer_candidates(result_paths: Iterable[str | os.PathLike]) -> Iterator[tuple[str, dict | None]]:
-    """``(custom_id, decoded line)`` of each result line that may be that id's answer, as the merge reads
-    them: an HTTP 200 line (whatever else it says), or a line that is not JSON but still names an id
-    (``None``: the merge may have taken another line of that id for its answer)."""
+class _Status(msgspec.Struct):
+    status_code: Any = None
+
+
+class _Line(msgspec.Struct):
+    custom_id: Any = None
+    response: _Status | None = None
+    error: Any = None
+
+
+_decode_line = msgspec.json.Decoder(_Line).decode
+
+
+def _answer_candidates(
+    result_paths: Iterable[str | os.PathLike],
+) -> Iterator[tuple[str, int, int, int, int]]:
+    """``(custom_id, storable, file index, offset, length)`` of each result line that may be that id's
+    answer, as the merge reads them: an HTTP 200 line (``storable`` when it also has no error), or a line
+    that is not JSON but still names an id (not storable: the merge may have taken another line of that
+    id for its answer)."""
     from .merge import _custom_id_in_text
 
-    for path in result_paths:
+    for f, path in enumerate(result_paths):
         with open(path, "rb") as fh:
+            at = 0
             for raw in fh:
+                here, at = at, at + len(raw)
                 if not raw.strip():
                     continue
-                obj = _decode(raw)
-                if not isinstance(obj, dict):
-                    if obj is None:
-                        cid = _custom_id_in_text(raw.decode("utf-8", "replace"))
-                        if cid is not None:
-                            yield cid, None
+                try:
+                    line = _decode_line(raw)
+                    cid, response, error = line.custom_id, line.response, line.error
+                    status = response.status_code if isinstance(response, _Status) else None
+                except msgspec.MsgspecError:
+                    obj = _decode(raw)  # what msgspec refuses, as the merge's fallback reads it
+                    if not isinstance(obj, dict):
+                        if obj is None:
+                            cid = _custom_id_in_text(raw.decode("utf-8", "replace"))
+                            if cid is not None:
+                                yield cid, 0, f, here, len(raw)
+                        continue
+                    cid, response, error = obj.get("custom_id"), obj.get("response"), obj.get("error")
+                    status = response.get("status_code") if isinstance(response, dict) else None
+                if cid is None or status != 200:
                     continue
-                cid = obj.get("custom_id")
-                if cid is None:
-                    continue
-                response = obj.get("response")
-                if isinstance(response, dict) and response.get("status_code") == 200:
-                    yield (cid if isinstance(cid, str) else str(cid)), obj
+                storable = isinstance(cid, str) and error is None
+                yield (cid if isinstance(cid, str) else str(cid)), int(storable), f, here, len(raw)
 
 
 class NewAnswers:
@@ -353,6 +383,9 @@ class NewAnswers:
     The merge names (:meth:`answered`) the custom_ids whose own result line it put on their row as an
     answer; :meth:`keep` then keeps each such line under its request's key. Held in a SQLite file in
     ``folder`` (removed by :meth:`close`), so a run of millions of rows keeps memory flat."""
+
+    PUT_ENTRIES = 20_000  # entries per write to the cache (one transaction each) ...
+    PUT_BYTES = 32 << 20  # ... and at most about this many bytes of lines
 
     def __init__(self, folder: str | os.PathLike) -> None:
         import tempfile
@@ -364,7 +397,7 @@ class NewAnswers:
         self.db = sqlite3.connect(self.path)
         self.db.execute("PRAGMA journal_mode=OFF")
         self.db.execute("PRAGMA synchronous=OFF")
-        self.db.execute("CREATE TABLE ok (cid TEXT PRIMARY KEY, key TEXT, n INTEGER DEFAULT 0) WITHOUT ROWID")
+        self.db.execute("CREATE TABLE ok (cid TEXT PRIMARY KEY) WITHOUT ROWID")
 
     def answered(self, custom_ids: Iterable[str]) -> None:
         self.db.executemany("INSERT OR IGNORE INTO ok (cid) VALUES (?)", ((c,) for c in custom_ids))
@@ -382,12 +415,16 @@ class NewAnswers:
         line that may be its answer (:func:`_answer_candidates`) is kept: that line is the one the merge
         put on its row. With more (a service repeating itself, an unreadable line naming it), which one
         the merge took is not the cache's to guess: the request is sent again next time. Each line is
-        kept as :func:`entry_line`. Returns how many entries were written."""
+        kept as it came, or as :func:`entry_line` when it holds a CR (a record of ``cached.jsonl`` must be
+        one line). Returns how many entries were written."""
         if cache.mode == "read_only":
             return 0
         db = self.db
-        for block in _blocks(cid for cid, _ in _answer_candidates(result_paths)):
-            db.executemany("UPDATE ok SET n = n + 1 WHERE cid = ?", ((c,) for c in block))
+        db.execute("CREATE TABLE cand (cid TEXT, ok INTEGER, f INTEGER, at INTEGER, size INTEGER)")
+        for block in _blocks(_answer_candidates(result_paths)):
+            db.executemany("INSERT INTO cand VALUES (?,?,?,?,?)", block)
+        db.execute("CREATE INDEX cand_cid ON cand (cid)")
+        db.execute("CREATE TABLE req (cid TEXT, key TEXT)")
         for path in shard_paths:
             with open(path, "rb") as fh:
                 for block in _blocks(fh):
@@ -395,19 +432,34 @@ class NewAnswers:
                     for raw in block:
                         line = raw.rstrip(b"\r\n")
                         if line:
-                            keyed.append((request_key(line), _decode_request(line).custom_id))
-                    db.executemany("UPDATE ok SET key = ? WHERE cid = ? AND n = 1", keyed)
+                            keyed.append((_decode_request(line).custom_id, request_key(line)))
+                    db.executemany("INSERT INTO req VALUES (?,?)", keyed)
+        db.execute("CREATE INDEX req_cid ON req (cid)")
+        chosen = db.execute(
+            "SELECT c.f, c.at, c.size, r.key FROM cand c JOIN ok ON ok.cid = c.cid"
+            " JOIN req r ON r.cid = c.cid WHERE c.ok = 1"
+            " AND (SELECT COUNT(*) FROM cand d WHERE d.cid = c.cid) = 1 ORDER BY c.f, c.at"
+        )
+        files = [open(p, "rb") for p in result_paths]
         written = 0
-        for block in _blocks(_answer_candidates(result_paths)):
-            lines = {cid: obj for cid, obj in block if obj is not None}
-            sql = "SELECT cid, key FROM ok WHERE n = 1 AND key IS NOT NULL AND cid IN ({marks})"
-            entries = []
-            for cid, key in select_in(db, sql, list(lines)):
-                line = entry_line(lines[cid])
-                if is_answer_line(line):
-                    entries.append((key, line, endpoint, model))
+        try:
+            entries: list[tuple[str, bytes, str | None, str | None]] = []
+            held = 0
+            for f, at, size, key in chosen:
+                files[f].seek(at)
+                line = files[f].read(size).rstrip(b"\r\n")
+                if b"\r" in line or b"\n" in line:  # a CR inside the line: kept as one ASCII line
+                    line = entry_line(_decode(line))
+                entries.append((key, line, endpoint, model))
+                held += len(line)
+                if len(entries) >= self.PUT_ENTRIES or held >= self.PUT_BYTES:  # few, large transactions
+                    written += cache.put_many(entries)
+                    entries, held = [], 0
             if entries:
                 written += cache.put_many(entries)
+        finally:
+            for fh in files:
+                fh.close()
         return written
 
     def close(self) -> None:
