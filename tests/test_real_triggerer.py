@@ -239,7 +239,9 @@ def test_5_a_dag_scheduled_on_the_results_asset_runs_after_each_success(env):
 
 def test_6_inbox_scheduled_run_processes_two_csvs_once_and_the_next_finds_nothing(env):
     """Two good files are processed once; a third with a bad sidecar fails alone (issue 11 item 3):
-    it is not triggered, lands in failed/ with its reason, and the inbox run ends failed."""
+    it is not triggered, lands in failed/ with its reason, and the inbox run ends failed. With an answer
+    cache in the settings, the next day's export repeating alpha's rows pays only for what alpha's run
+    could not answer."""
     from batchpipe.inbox import claim_name, run_name
 
     tmp, server, stack = env
@@ -247,7 +249,8 @@ def test_6_inbox_scheduled_run_processes_two_csvs_once_and_the_next_finds_nothin
     server.set_config({"in_progress_seconds": 0.2})
     inbox, out = tmp / "inbox", tmp / "inbox-out"
     shutil.copytree(tmp / "in" / "images", inbox / "images")
-    settings = {"image_column": "image", "check_interval": 1, "output_dir": str(out)}
+    settings = {"image_column": "image", "check_interval": 1, "output_dir": str(out),
+                "cache_dir": str(tmp / "inbox-cache")}  # fmt: skip
     for name, extra in (
         ("alpha", {}),
         ("beta", {"end_row": 5, "model": "gpt-4o-mini"}),
@@ -307,6 +310,13 @@ def test_6_inbox_scheduled_run_processes_two_csvs_once_and_the_next_finds_nothin
 
         wait_for(next_scheduled_run_succeeded, 120, "the next scheduled inbox run", stack)
         assert len(pipeline_runs()) == 2
+
+        # the next day's export: alpha's rows again, with the same settings
+        shutil.copy(tmp / "in" / "questions.csv", inbox / "delta.csv")
+        (inbox / "delta.json").write_text(json.dumps(settings))
+        old = time.time() - 3600
+        os.utime(inbox / "delta.csv", (old, old))
+        wait_for(lambda: list((inbox / "done").glob("*/delta.csv")), 300, "delta done", stack)
     finally:
         stack.airflow("dags", "pause", "openai_batch_inbox")
     rows = {}
@@ -318,6 +328,13 @@ def test_6_inbox_scheduled_run_processes_two_csvs_once_and_the_next_finds_nothin
     assert len(rows["beta"]) == 5  # its sidecar's end_row
     beta = [b for b in server.client().batches.list(limit=100).data if "__beta_" in b.metadata["run_id"]]
     assert [b.metadata["model"] for b in beta] == ["gpt-4o-mini"]
+    (results,) = (out / "delta").glob("*/results.csv")
+    with open(results, newline="", encoding="utf-8") as fh:
+        delta = list(csv.DictReader(fh))
+    assert [r["response"] for r in delta] == [r["response"] for r in rows["alpha"]]
+    assert sum(r["answered_from"] == "cache" for r in delta) == 27  # alpha's answers, not paid again
+    batches = [b for b in server.client().batches.list(limit=100).data if "__delta_" in b.metadata["run_id"]]
+    assert [b.request_counts.total for b in batches] == [1]  # the row the server refused, sent again
 
 
 def safe(run_id: str) -> str:

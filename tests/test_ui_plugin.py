@@ -321,7 +321,7 @@ def test_a_run_still_going_shows_its_batches_as_the_api_gives_them_now(site, tmp
     # (last in the module: it adds a run)
     web, _ = site
     stack = web.stack
-    web.server.set_config({"in_progress_seconds": 15})
+    web.server.set_config({"in_progress_seconds": 8})
     conf = {**web.conf, "output_dir": str(tmp_path / "out")}
     with open(tmp_path / "dags-test.log", "wb") as log:
         command = [sys.executable, "-m", "airflow", "dags", "test", DAG_ID, "-c", json.dumps(conf)]
