@@ -43,6 +43,11 @@ RETRYABLE_CODES: frozenset[str] = frozenset(
         "internal_error",
         "service_unavailable",
         "timeout",
+        # Anthropic Message Batches error types of a request worth sending again
+        "api_error",
+        "overloaded_error",
+        "rate_limit_error",
+        "timeout_error",
     }
 )
 

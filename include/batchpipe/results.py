@@ -1,8 +1,11 @@
 """Parse Batch API output/error files into per-request outcomes.
 
-Output line: ``{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error": null}``.
-Error-file line: a non-200 ``response`` or ``"response": null, "error": {"code", "message"}``.
-Nothing here raises on a malformed line: it becomes an Outcome with an ``error``.
+OpenAI (and Azure OpenAI) output line: ``{"id", "custom_id", "response": {"status_code", "request_id",
+"body"}, "error": null}``. Error-file line: a non-200 ``response`` or ``"response": null, "error":
+{"code", "message"}``. Anthropic Message Batches result line: ``{"custom_id", "result": {"type":
+"succeeded", "message": {...}}}`` (or ``errored`` with ``error``, ``expired``, ``canceled``): told apart
+by its shape, whatever the endpoint. Nothing here raises on a malformed line: it becomes an Outcome with
+an ``error``.
 """
 
 from __future__ import annotations
@@ -141,6 +144,8 @@ def parse_result_line(line: Any, endpoint: str) -> Outcome:
     cid = cid if isinstance(cid, str) else (str(cid) if cid is not None else None)
     response = line.get("response")
     err = line.get("error")
+    if response is None and isinstance(line.get("result"), dict):
+        return _anthropic_outcome(cid, line["result"])
     if not isinstance(response, dict):
         if err:
             code, message = _error_text(err)
@@ -186,6 +191,60 @@ def parse_result_line(line: Any, endpoint: str) -> Outcome:
         return Outcome(cid, error=msg, prompt_tokens=p, completion_tokens=c, total_tokens=t, error_code=code)
     return Outcome(cid, response=text, prompt_tokens=p, completion_tokens=c, total_tokens=t,
                    error_code=TRUNCATED if _cut_off(body, endpoint) else None)  # fmt: skip
+
+
+#: Anthropic result types of a request that never ran, and the outcome codes they become (``batch_expired``
+#: is worth a resubmit, as for OpenAI).
+ANTHROPIC_NOT_RUN = {
+    "expired": ("batch_expired", "the batch expired before this request ran"),
+    "canceled": ("batch_cancelled", "the batch was cancelled before this request ran"),
+}
+
+
+def _anthropic_outcome(cid: str | None, result: dict) -> Outcome:
+    """The Outcome of an Anthropic Message Batches ``result``: the message's text blocks joined (a
+    ``tool_use`` block's input as JSON when there is no text, as structured output through a tool gives
+    it), its usage (prompt = input + cache writes + cache reads), ``max_tokens`` as truncated, ``refusal``
+    as an error; ``errored`` as ``<error type>: <message>``; ``expired`` / ``canceled`` as not run."""
+    kind = result.get("type")
+    if kind in ANTHROPIC_NOT_RUN:
+        code, message = ANTHROPIC_NOT_RUN[kind]
+        return Outcome(cid, error=f"{code}: {message}", error_code=code)
+    if kind == "errored":
+        outer = result.get("error")
+        inner = (
+            outer.get("error") if isinstance(outer, dict) and isinstance(outer.get("error"), dict) else outer
+        )
+        code, message = _error_text(inner)
+        return Outcome(cid, error=f"{code}: {message}" if code else message, error_code=code or "error")
+    message = result.get("message")
+    if kind != "succeeded" or not isinstance(message, dict):
+        return Outcome(
+            cid, error=f"malformed result: result type {str(kind)[:40]!r}", error_code="malformed_result"
+        )
+    usage = message.get("usage") if isinstance(message.get("usage"), dict) else {}
+    prompt_parts = [_int(usage.get(k)) for k in ("input_tokens", "cache_creation_input_tokens",
+                                                  "cache_read_input_tokens")]  # fmt: skip
+    p = sum(x or 0 for x in prompt_parts) if any(x is not None for x in prompt_parts) else None
+    c = _int(usage.get("output_tokens"))
+    t = (p or 0) + (c or 0) if p is not None or c is not None else None
+    blocks = [b for b in message.get("content") or [] if isinstance(b, dict)]
+    texts = [b["text"] for b in blocks if b.get("type") == "text" and isinstance(b.get("text"), str)]
+    tools = [b.get("input") for b in blocks if b.get("type") == "tool_use"]
+    stop = message.get("stop_reason")
+    if stop == "refusal":
+        said = "".join(texts).strip()
+        return Outcome(cid, error=f"refusal: {said}" if said else "refusal", error_code="refusal",
+                       prompt_tokens=p, completion_tokens=c, total_tokens=t)  # fmt: skip
+    if texts:
+        text = "".join(texts)
+    elif tools:
+        text = json.dumps(tools[0], ensure_ascii=False)
+    else:
+        return Outcome(cid, error="malformed result: the message has no text", error_code="malformed_result",
+                       prompt_tokens=p, completion_tokens=c, total_tokens=t)  # fmt: skip
+    return Outcome(cid, response=text, prompt_tokens=p, completion_tokens=c, total_tokens=t,
+                   error_code=TRUNCATED if stop == "max_tokens" else None)  # fmt: skip
 
 
 def _cut_off(body: dict, endpoint: str) -> bool:
