@@ -179,3 +179,18 @@ def test_stats_and_prune_from_the_command_line(tmp_path, capsys):
     assert "no answer cache here" in capsys.readouterr().err
     assert cli(["cache", "prune", str(folder)]) == 2
     assert "--older-than DAYS (0 or more) is required" in capsys.readouterr().err
+
+
+def test_the_key_is_what_follows_the_custom_id_for_either_request_shape():
+    import hashlib
+
+    body = b',"method":"POST","url":"/v1/chat/completions","body":{"model":"m","messages":[]}}'
+    for cid in (b'"row-1"', b'"a \\"quoted\\" id"', b'"ends with a backslash \\\\"', b'"\\u00e9"'):
+        line = b'{"custom_id":' + cid + body + b"\n"
+        assert request_key(line) == hashlib.sha256(body).hexdigest()  # the key kept caches were made with
+    claude = b',"params":{"model":"claude-x","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}}'
+    assert request_key(b'{"custom_id":"row-1"' + claude) == request_key(b'{"custom_id":"k9"' + claude)
+    assert request_key(b'{"custom_id":"row-1"' + claude) != request_key(b'{"custom_id":"row-1"' + body)
+    for bad in (b'{"params":{},"custom_id":"x"}', b'{"custom_id":"unterminated', b'{"custom_id":"x"}'):
+        with pytest.raises(ValueError):
+            request_key(bad)

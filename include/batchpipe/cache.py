@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -55,22 +56,23 @@ CACHE_MODES = ("read_write", "read_only", "refresh")
 RUN_CACHE_MODES = (*CACHE_MODES, "off")
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 60_000
-_METHOD = b',"method":'
+_CUSTOM_ID = re.compile(rb'\{"custom_id":"(?:[^"\\]|\\.)*"')
 
 
 def request_key(line: bytes) -> str:
-    """The request key (64 hex characters) of a request line as the build writes it (``{"custom_id": …,
-    "method": …, "url": …, "body": …}``): SHA-256 of everything after the custom_id. The custom_id is a
-    JSON string, inside which a ``"`` is always escaped, so the first ``,"method":`` ends it."""
+    """The request key (64 hex characters) of a request line as the build writes it, custom_id first
+    (``{"custom_id": …, "method": …, "url": …, "body": …}``; an Anthropic Message Batches request,
+    ``{"custom_id": …, "params": …}``, alike): SHA-256 of everything after the custom_id. The custom_id
+    is a JSON string, read to its closing quote (a ``"`` inside it is always escaped)."""
     return request_digest(line).hex()
 
 
 def request_digest(line: bytes) -> bytes:
     """:func:`request_key` as its 32 bytes."""
-    at = line.find(_METHOD)
-    if at < 0 or not line.startswith(b'{"custom_id":'):
-        raise ValueError("not a request line of the build (custom_id first, then method)")
-    return hashlib.sha256(line[at:].rstrip(b"\r\n")).digest()
+    head = _CUSTOM_ID.match(line)
+    if head is None or line[head.end() : head.end() + 1] != b",":
+        raise ValueError("not a request line of the build (the custom_id first, then the request)")
+    return hashlib.sha256(line[head.end() :].rstrip(b"\r\n")).digest()
 
 
 class AnswerCache:
