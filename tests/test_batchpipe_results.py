@@ -159,6 +159,10 @@ def test_anthropic_results_become_outcomes():
     expired = parse_result_line(anthropic("row-6", {"type": "expired"}), "")
     assert expired.error_code == "batch_expired" and expired.error.startswith("batch_expired: ")
     assert parse_result_line(anthropic("row-7", {"type": "canceled"}), "").error_code == "batch_cancelled"
+    for content in (7, "text", {"type": "text"}, None):  # a lying service: no crash, a precise error
+        lied = claude_message([])
+        lied["message"]["content"] = content
+        assert parse_result_line(anthropic("row-9", lied), "").error_code == "malformed_result"
     odd = parse_result_line(anthropic("row-8", {"type": "mystery"}), "")
     assert odd.error_code == "malformed_result" and "mystery" in odd.error
 

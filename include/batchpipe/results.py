@@ -228,7 +228,8 @@ def _anthropic_outcome(cid: str | None, result: dict) -> Outcome:
     p = sum(x or 0 for x in prompt_parts) if any(x is not None for x in prompt_parts) else None
     c = _int(usage.get("output_tokens"))
     t = (p or 0) + (c or 0) if p is not None or c is not None else None
-    blocks = [b for b in message.get("content") or [] if isinstance(b, dict)]
+    content = message.get("content")
+    blocks = [b for b in content if isinstance(b, dict)] if isinstance(content, list) else []
     texts = [b["text"] for b in blocks if b.get("type") == "text" and isinstance(b.get("text"), str)]
     tools = [b.get("input") for b in blocks if b.get("type") == "tool_use"]
     stop = message.get("stop_reason")
