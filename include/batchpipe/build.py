@@ -40,7 +40,7 @@ from .images import (
     image_url_for_cell,
     is_store_url,
 )
-from .options import BuildOptions
+from .options import ANTHROPIC_CUSTOM_ID, BuildOptions
 from .schema import SCHEMA_NAME, check_columns
 
 T = TypeVar("T")
@@ -254,6 +254,55 @@ def make_body(opts: BuildOptions, prompt: str, image_url: str | None) -> dict[st
     return body
 
 
+_ANTHROPIC_ID = re.compile(ANTHROPIC_CUSTOM_ID.strip("^$"))
+_DATA_URL = re.compile(r"data:(image/[a-z0-9.+-]+);base64,(.*)", re.S)
+#: The image types Anthropic takes (the images the build reads are these already: sniffed by content).
+ANTHROPIC_IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+
+
+def anthropic_params(opts: BuildOptions, prompt: str, image_url: str | None) -> dict[str, Any]:
+    """The ``params`` of an Anthropic Message Batches request for one prompt (and optional image): the
+    system prompt top-level, the image as a base64 ``image`` block (a URL as a ``url`` source) before the
+    text, ``max_tokens`` (required there), a ``response_schema`` as ``output_config`` JSON schema."""
+    if image_url is None:
+        content: Any = prompt
+    else:
+        found = _DATA_URL.fullmatch(image_url)
+        if found is None:
+            source = {"type": "url", "url": image_url}
+        elif found[1] in ANTHROPIC_IMAGE_TYPES:
+            source = {"type": "base64", "media_type": found[1], "data": found[2]}
+        else:
+            raise RowError(
+                f"Anthropic takes JPEG, PNG, GIF or WebP images, not {found[1]}", opts.image_column
+            )
+        content = [{"type": "image", "source": source}, {"type": "text", "text": prompt}]
+    params: dict[str, Any] = {"model": opts.model, "max_tokens": opts.max_tokens}
+    if opts.system_prompt is not None:
+        params["system"] = opts.system_prompt
+    params["messages"] = [{"role": "user", "content": content}]
+    checked = opts.checked_schema if opts.response_schema is not None else None
+    if checked is not None:
+        params["output_config"] = {"format": {"type": "json_schema", "schema": checked.schema}}
+    if opts.extra_body:
+        params.update(opts.extra_body)
+    return params
+
+
+def make_request(opts: BuildOptions, custom_id: str, prompt: str, image_url: str | None) -> dict[str, Any]:
+    """One request line's object: OpenAI's (and Azure's) ``{"custom_id", "method", "url", "body"}``, or
+    Anthropic's ``{"custom_id", "params"}``; the custom_id always first (:func:`batchpipe.cache.request_key`
+    reads what follows it)."""
+    if opts.provider == "anthropic":
+        return {"custom_id": custom_id, "params": anthropic_params(opts, prompt, image_url)}
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": opts.endpoint,
+        "body": make_body(opts, prompt, image_url),
+    }
+
+
 # --------------------------------------------------------------------------- per-file plan
 
 
@@ -275,13 +324,7 @@ class _Plan:
     def check_id(self, row: dict[str, str]) -> None:
         if not self.opts.id_column:
             return
-        value = row[self.opts.id_column]
-        if value.strip() == "":
-            raise RowError("empty id", self.opts.id_column)
-        if len(value) > MAX_CUSTOM_ID_LEN:
-            raise RowError(
-                f"id is {len(value)} characters, at most {MAX_CUSTOM_ID_LEN} allowed", self.opts.id_column
-            )
+        _check_id_value(row[self.opts.id_column], self.opts.id_column, self.opts.provider)
 
     def prompt(self, row: dict[str, str]) -> str:
         if self.template is not None:
@@ -301,9 +344,9 @@ class _Plan:
         try:
             if encode:
                 return image_url_for_cell(
-                    row[col], self.base_dir, self.opts.max_image_mb, self.roots, self.url_fs
+                    row[col], self.base_dir, self.opts.image_limit_mb, self.roots, self.url_fs
                 )
-            check_image_cell(row[col], self.base_dir, self.opts.max_image_mb, self.roots, self.url_fs)
+            check_image_cell(row[col], self.base_dir, self.opts.image_limit_mb, self.roots, self.url_fs)
             return None
         except RowError as exc:
             exc.column = col
@@ -517,13 +560,7 @@ def _line_template(o: BuildOptions) -> tuple[str, str, str] | None:
     is exactly ``dumps_line(request) + "\n"``; None when the prompt does not appear exactly once in the
     body (e.g. ``extra_body`` replaces the messages), in which case the generic path is used.
     """
-    request = {
-        "custom_id": _CID_MARK,
-        "method": "POST",
-        "url": o.endpoint,
-        "body": make_body(o, _PROMPT_MARK, None),
-    }
-    text = dumps_line(request) + "\n"
+    text = dumps_line(make_request(o, _CID_MARK, _PROMPT_MARK, None)) + "\n"
     cid, prompt = encode_basestring(_CID_MARK), encode_basestring(_PROMPT_MARK)
     if text.count(cid) != 1 or text.count(prompt) != 1:
         return None
@@ -535,24 +572,24 @@ def _line_template(o: BuildOptions) -> tuple[str, str, str] | None:
 
 
 def _request_line(o: BuildOptions, custom_id: str, prompt: str, image_url: str | None) -> bytes:
-    request = {
-        "custom_id": custom_id,
-        "method": "POST",
-        "url": o.endpoint,
-        "body": make_body(o, prompt, image_url),
-    }
-    return (dumps_line(request) + "\n").encode("utf-8")
+    return (dumps_line(make_request(o, custom_id, prompt, image_url)) + "\n").encode("utf-8")
 
 
 def _too_big(line: bytes, max_bytes: int) -> RowError:
     return RowError(f"request is {len(line)} bytes, larger than max_batch_bytes={max_bytes}")
 
 
-def _check_id_value(value: str, column: str) -> None:
+def _check_id_value(value: str, column: str, provider: str = "openai") -> None:
     if value.strip() == "":
         raise RowError("empty id", column)
     if len(value) > MAX_CUSTOM_ID_LEN:
         raise RowError(f"id is {len(value)} characters, at most {MAX_CUSTOM_ID_LEN} allowed", column)
+    if provider == "anthropic" and not _ANTHROPIC_ID.fullmatch(value):
+        raise RowError(
+            f"id {paths.clip(value, 40)!r} is not one Anthropic takes (1 to 64 letters, digits, _ or -); "
+            "leave id_column empty to use row numbers",
+            column,
+        )
 
 
 def _encode_ordered(
@@ -575,7 +612,7 @@ def _encode_ordered(
         max_bytes_in_flight = IMAGE_BYTES_IN_FLIGHT
     o = plan.opts
     col = o.image_column
-    base_dir, max_mb, roots, url_fs = plan.base_dir, o.max_image_mb, plan.roots, plan.url_fs
+    base_dir, max_mb, roots, url_fs = plan.base_dir, o.image_limit_mb, plan.roots, plan.url_fs
     largest = data_url_size(int((max_mb or 20) * 1024 * 1024))
 
     def hint(cell: str) -> int:
@@ -886,7 +923,7 @@ def build_jsonl(
                         custom_id = f"row-{index}"
                     try:
                         if id_i >= 0:
-                            _check_id_value(custom_id, id_col)
+                            _check_id_value(custom_id, id_col, o.provider)
                         prompt = row[prompt_i] if render is None else render(row)
                         if prompt.strip() == "":
                             raise RowError("empty prompt", prompt_col)

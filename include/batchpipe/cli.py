@@ -31,7 +31,7 @@ from typing import Any
 from .build import CACHED_NAME, DUPLICATES_NAME, build_jsonl, describe_problem, validate_csv
 from .cache import CACHE_MODES, AnswerCache, NewAnswers
 from .errors import InputError
-from .options import ENDPOINTS, IMAGE_DETAILS, BuildOptions
+from .options import ENDPOINTS, IMAGE_DETAILS, PROVIDERS, BuildOptions
 
 
 def _add_build_options(p: argparse.ArgumentParser) -> None:
@@ -46,6 +46,13 @@ def _add_build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-detail", default=d.image_detail, choices=IMAGE_DETAILS)
     p.add_argument("--id-column", help="column with unique ids used as custom_id (default: row-N)")
     p.add_argument("--model", default=d.model)
+    p.add_argument(
+        "--provider",
+        default=d.provider,
+        choices=PROVIDERS,
+        help="the batch API the requests are written for (anthropic: Message Batches request lines; "
+        "--max-tokens required)",
+    )
     p.add_argument("--endpoint", default=d.endpoint, choices=ENDPOINTS)
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--temperature", type=float)

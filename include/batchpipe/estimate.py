@@ -26,6 +26,7 @@ from .errors import InputError
 from .paths import clip
 from .tokens import (
     UnknownModel,
+    anthropic_token_breakdown,
     iter_request_images,
     request_text_tokens,
     request_token_breakdown,
@@ -267,6 +268,12 @@ def estimate_build(
     price = price_for(prices, model)
 
     notes: list[str] = []
+    anthropic = opts.get("provider") == "anthropic"
+    if anthropic:
+        notes.append(
+            "Anthropic request: prompt tokens are approximate (no offline tokenizer exists for Claude: text "
+            "counted with o200k_base, images at width x height / 750 after Anthropic's downscaling)."
+        )
     repeated = int(manifest.get("duplicates") or 0)
     from_cache = int(manifest.get("cached") or 0)
     copies = _copies(mpath.parent, repeated)  # custom_id -> rows answered by that request (not sent)
@@ -291,18 +298,23 @@ def estimate_build(
                     continue
                 try:
                     request = json.loads(raw)
-                    body = request["body"]
+                    body = request["params"] if anthropic else request["body"]
                 except (ValueError, KeyError, TypeError) as exc:
                     raise InputError(f"{path}: line {lineno}: not a request line ({exc})") from None
                 also = copies.get(request.get("custom_id"), 0) if copies else 0
-                imgs = iter_request_images(body, endpoint)
-                try:
-                    text, image = request_token_breakdown(body, endpoint, model)
-                except UnknownModel:
-                    text, image = request_text_tokens(body, endpoint, model), 0
-                    unknown_images += len(imgs)
-                images += len(imgs)
-                url_images += sum(1 for url, _ in imgs if not str(url).startswith("data:"))
+                if anthropic:
+                    text, image, n_images, n_urls = anthropic_token_breakdown(body)
+                    images += n_images
+                    url_images += n_urls
+                else:
+                    imgs = iter_request_images(body, endpoint)
+                    try:
+                        text, image = request_token_breakdown(body, endpoint, model)
+                    except UnknownModel:
+                        text, image = request_text_tokens(body, endpoint, model), 0
+                        unknown_images += len(imgs)
+                    images += len(imgs)
+                    url_images += sum(1 for url, _ in imgs if not str(url).startswith("data:"))
                 s_req += 1
                 s_prompt += text + image
                 s_image += image
@@ -355,7 +367,11 @@ def estimate_build(
     if url_images:
         notes.append(
             f"{url_images} images are given by URL: their size is unknown offline, so they are counted at "
-            "the low-detail base cost (an underestimate for large images)."
+            + (
+                "full size (an overestimate for small images)."
+                if anthropic
+                else "the low-detail base cost (an underestimate for large images)."
+            )
         )
     cost = None
     price_ok = False

@@ -14,6 +14,16 @@ if TYPE_CHECKING:
     from .schema import CheckedSchema
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/responses", "/v1/embeddings")
+#: Batch APIs the requests are written for. ``anthropic``: Message Batches request lines
+#: (``{"custom_id", "params"}``); the others: OpenAI's (``{"custom_id", "method", "url", "body"}``).
+PROVIDERS = ("openai", "azure_openai", "anthropic")
+#: Anthropic Message Batches: requests and bytes per batch, bytes per image, the custom_id pattern.
+ANTHROPIC_MAX_REQUESTS = 100_000
+ANTHROPIC_MAX_BYTES = 256 * 1024 * 1024
+ANTHROPIC_MAX_IMAGE_MB = 5.0
+ANTHROPIC_CUSTOM_ID = r"^[a-zA-Z0-9_-]{1,64}$"
+#: Params an Anthropic request gets from the pipeline: ``extra_body`` may not set them.
+ANTHROPIC_OWNED_FIELDS = ("model", "messages", "system", "max_tokens", "stream", "output_config")
 IMAGE_DETAILS = ("auto", "low", "high")
 MAX_REQUESTS_PER_FILE = 50_000
 MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI: at most 200 MB per batch input file
@@ -64,6 +74,8 @@ class BuildOptions:
     #: Send each distinct request once: a row whose request (same body, images by their bytes) repeats
     #: an earlier row's is not sent and gets that row's answer. False: every row is sent.
     dedupe: bool = True
+    #: The batch API the requests are written for (:data:`PROVIDERS`).
+    provider: str = "openai"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> BuildOptions:
@@ -105,6 +117,13 @@ class BuildOptions:
         if d["extra_body"] is not None:
             d["extra_body"] = dict(d["extra_body"])
         return d
+
+    @property
+    def image_limit_mb(self) -> float:
+        """``max_image_mb``, and at most what the provider takes (Anthropic: 5 MB)."""
+        if self.provider == "anthropic":
+            return min(self.max_image_mb, ANTHROPIC_MAX_IMAGE_MB)
+        return self.max_image_mb
 
     @cached_property
     def checked_schema(self) -> CheckedSchema | None:
@@ -181,6 +200,10 @@ class BuildOptions:
             ord(c) < 32 or ord(c) == 127 for c in self.output_prefix
         ):
             raise bad("output_prefix", "must be text without control characters")
+        if self.provider not in PROVIDERS:
+            raise bad("provider", f"must be one of {', '.join(PROVIDERS)}")
+        if self.provider == "anthropic":
+            self._validate_anthropic(bad)
         if self.response_schema is not None:
             if self.endpoint == "/v1/embeddings":
                 raise bad(
@@ -188,13 +211,34 @@ class BuildOptions:
                 )
             if not isinstance(self.response_schema, dict):
                 raise bad("response_schema", "must be a JSON object (a JSON Schema)")
-            owned = SCHEMA_BODY_FIELDS[self.endpoint]
+            owned = "output_config" if self.provider == "anthropic" else SCHEMA_BODY_FIELDS[self.endpoint]
             if self.extra_body and owned in self.extra_body:
                 raise InputError(
                     f"option extra_body may not set {owned!r} with a response_schema: the schema sets it"
                 )
             self.checked_schema  # noqa: B018 (checked now: InputError before anything is read)
         return self
+
+    def _validate_anthropic(self, bad: Any) -> None:
+        """Anthropic Message Batches take messages only, with ``max_tokens``; API version 2026-10-21 has no
+        ``temperature``; at most 100,000 requests and 256 MB per batch (images: :attr:`image_limit_mb`)."""
+        if self.endpoint != "/v1/chat/completions":
+            raise bad("endpoint", "Anthropic batches take messages: leave the endpoint at its default")
+        if self.max_tokens is None:
+            raise bad("max_tokens", "Anthropic requires max_tokens on every request: set it")
+        if self.temperature is not None:
+            raise bad(
+                "temperature", "Anthropic's API (version 2026-10-21) takes no temperature: leave it empty"
+            )
+        if self.max_requests_per_batch > ANTHROPIC_MAX_REQUESTS:
+            raise bad(
+                "max_requests_per_batch", f"Anthropic takes at most {ANTHROPIC_MAX_REQUESTS:,} per batch"
+            )
+        if self.max_batch_bytes > ANTHROPIC_MAX_BYTES:
+            raise bad("max_batch_bytes", f"Anthropic takes at most {ANTHROPIC_MAX_BYTES:,} bytes per batch")
+        for key in ANTHROPIC_OWNED_FIELDS:
+            if self.extra_body and key in self.extra_body:
+                raise InputError(f"option extra_body may not set {key!r}: the pipeline sets it")
 
 
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}

@@ -571,3 +571,63 @@ def request_text_tokens(body: Mapping[str, Any], endpoint: str, model: str) -> i
     """Prompt tokens of one request without its images (never raises ``UnknownModel``)."""
     ep = _endpoint(endpoint)
     return request_prompt_tokens(_without_images(body, ep), ep, model)
+
+
+# --------------------------------------------------------------------------- Anthropic (approximate)
+
+#: Anthropic downscales an image whose long edge is over 1,568 px or whose area is over about 1.15 MP
+#: before counting it at width x height / 750 tokens (their vision guide).
+ANTHROPIC_LONG_EDGE = 1568
+ANTHROPIC_MAX_PIXELS = 1_150_000
+#: An image given by URL (its size unknown offline) is counted as a full-size image.
+ANTHROPIC_UNKNOWN_IMAGE_TOKENS = ANTHROPIC_MAX_PIXELS // 750 + 1
+#: No offline tokenizer exists for Claude: text is counted with this encoding, an approximation.
+ANTHROPIC_TEXT_MODEL = "gpt-4o"
+
+
+def anthropic_image_tokens(width: int, height: int) -> int:
+    """Tokens of a ``width`` x ``height`` image on Claude: ceil(w x h / 750) after the API's downscaling."""
+    scale = min(
+        1.0, ANTHROPIC_LONG_EDGE / max(width, height), (ANTHROPIC_MAX_PIXELS / (width * height)) ** 0.5
+    )
+    w, h = max(1, int(width * scale)), max(1, int(height * scale))
+    return -(-(w * h) // 750)
+
+
+def anthropic_token_breakdown(params: Mapping[str, Any]) -> tuple[int, int, int, int]:
+    """``(text tokens, image tokens, images, images by URL)`` of the ``params`` of an Anthropic request:
+    the system prompt, the text blocks and the output schema counted with :data:`ANTHROPIC_TEXT_MODEL`'s
+    encoding plus a few tokens of framing per message (approximate: Claude's tokenizer is not
+    available offline), the images by :func:`anthropic_image_tokens`."""
+    count = _counter(encoding_for(ANTHROPIC_TEXT_MODEL))
+    text = 0
+    system = params.get("system")
+    if isinstance(system, str):
+        text += count(system) + 3
+    image = images = by_url = 0
+    for message in params.get("messages") or ():
+        if not isinstance(message, Mapping):
+            continue
+        text += 4  # role and framing
+        content = message.get("content")
+        blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content or ()
+        for block in blocks:
+            if not isinstance(block, Mapping):
+                continue
+            if block.get("type") == "text" and isinstance(block.get("text"), str):
+                text += count(block["text"])
+            elif block.get("type") == "image":
+                images += 1
+                source = block.get("source") if isinstance(block.get("source"), Mapping) else {}
+                size = None
+                if source.get("type") == "base64":
+                    size = image_size_from_data_url(
+                        f"data:{source.get('media_type')};base64,{source.get('data')}"
+                    )
+                else:
+                    by_url += 1
+                image += anthropic_image_tokens(*size) if size else ANTHROPIC_UNKNOWN_IMAGE_TOKENS
+    output = params.get("output_config")
+    if output:
+        text += count(json.dumps(output, ensure_ascii=False))
+    return text, image, images, by_url
