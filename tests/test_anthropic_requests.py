@@ -66,6 +66,7 @@ def test_the_contract_schema_catches_what_the_api_refuses():
     for broken in (
         {**good, "custom_id": "has space"},
         {**good, "custom_id": "x" * 65},
+        {**good, "custom_id": "row-1\n"},
         {**good, "params": {**good["params"], "temperature": 0.2}},
         {**good, "params": {k: v for k, v in good["params"].items() if k != "max_tokens"}},
         {**good, "params": {**good["params"], "messages": [{"role": "system", "content": "no"}]}},
@@ -106,6 +107,10 @@ def test_ids_anthropic_cannot_take_make_their_rows_invalid_with_the_reason(tmp_p
         ({"extra_body": {"system": "x"}}, "may not set 'system'"),
         ({"extra_body": {"output_config": {}}}, "may not set 'output_config'"),
         ({"provider": "bedrock"}, "must be one of openai, azure_openai, anthropic"),
+        ({"extra_body": {"temperature": 0.2}}, "may not set 'temperature' for Anthropic: Anthropic's API"),
+        ({"extra_body": {"top_k": 5}}, "may not set 'top_k'"),
+        ({"extra_body": {"store": True}}, "not allowed inside an Anthropic batch"),
+        ({"extra_body": {"response_format": {}}}, "an OpenAI parameter"),
     ],
 )
 def test_options_anthropic_refuses_before_anything_is_read(options, says):
@@ -115,7 +120,7 @@ def test_options_anthropic_refuses_before_anything_is_read(options, says):
 
 
 def test_images_over_5_mb_are_refused_for_anthropic_whatever_max_image_mb_says():
-    assert claude().image_limit_mb == 5.0 and claude(max_image_mb=2).image_limit_mb == 2
+    assert claude().image_limit_mb == 3.75 and claude(max_image_mb=2).image_limit_mb == 2  # 5 MB of base64
     assert BuildOptions().image_limit_mb == 20.0
 
 
@@ -153,3 +158,60 @@ def test_cli_build_for_anthropic(tmp_path, capsys):
     assert main([*argv, "--max-tokens", "50", "--json"]) == 0
     for r in lines(json.loads(capsys.readouterr().out)):
         jsonschema.validate(r, SCHEMA)
+
+
+def test_images_given_as_data_urls_are_checked_from_their_bytes(tmp_path):
+    import io
+
+    from PIL import Image
+
+    def data_url(image, fmt: str, label: str) -> str:
+        buf = io.BytesIO()
+        image.save(buf, fmt)
+        return f"data:{label};base64," + base64.b64encode(buf.getvalue()).decode()
+
+    small = Image.new("RGB", (40, 30), "red")
+    rows = [
+        ["png said to be jpeg", data_url(small, "PNG", "image/jpeg")],
+        ["upper case", data_url(small, "PNG", "image/png").replace("data:", "DATA:", 1)],
+        ["too tall", data_url(Image.new("RGB", (10, 9000)), "PNG", "image/png")],
+        ["not base64", "data:image/png;base64,@@@@"],
+        ["no type said", "data:;base64," + base64.b64encode(b"x").decode()],
+        ["a web image", "https://example.com/cat.png"],
+    ]
+    src = write_csv(tmp_path / "in.csv", ["prompt", "image"], rows)
+    b = build_jsonl(src, claude(image_column="image"), tmp_path / "b", allowed_roots=None)
+    sent = {r["params"]["messages"][0]["content"][1]["text"]: r for r in lines(b)}
+    for r in sent.values():
+        jsonschema.validate(r, SCHEMA)
+    image = {text: r["params"]["messages"][0]["content"][0]["source"] for text, r in sent.items()}
+    assert image["png said to be jpeg"]["media_type"] == "image/png"  # read from the bytes
+    assert image["upper case"]["media_type"] == "image/png"
+    assert image["a web image"] == {"type": "url", "url": "https://example.com/cat.png"}
+    bad = {
+        json.loads(x)["row"]: json.loads(x)["error"] for x in Path(b["invalid_path"]).read_text().splitlines()
+    }
+    assert "Anthropic takes at most 8000 px a side" in bad[2]
+    assert set(bad) == {2, 3, 4} and all(r for r in bad.values())
+
+
+def test_odd_anthropic_result_lines_never_crash():
+    from batchpipe.results import TRUNCATED, parse_result_line
+
+    for kind in (["expired"], {"a": 1}, None, 7):
+        assert (
+            parse_result_line({"custom_id": "row-0", "result": {"type": kind}}, "").error_code
+            == "malformed_result"
+        )
+    line = {
+        "custom_id": "row-0",
+        "result": {
+            "type": "succeeded",
+            "message": {
+                "content": [{"type": "text", "text": "cut"}],
+                "stop_reason": "model_context_window_exceeded",
+                "usage": {},
+            },
+        },
+    }
+    assert parse_result_line(line, "").error_code == TRUNCATED

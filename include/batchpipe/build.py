@@ -17,6 +17,8 @@ cells when ``image_base_dir`` is such a URL); see :mod:`batchpipe.images`. None:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import os
@@ -255,7 +257,7 @@ def make_body(opts: BuildOptions, prompt: str, image_url: str | None) -> dict[st
 
 
 _ANTHROPIC_ID = re.compile(ANTHROPIC_CUSTOM_ID.strip("^$"))
-_DATA_URL = re.compile(r"data:(image/[a-z0-9.+-]+);base64,(.*)", re.S)
+_DATA_URL = re.compile(r"data:(image/[a-z0-9.+-]+);base64,([A-Za-z0-9+/]*={0,2})", re.I)
 #: The image types Anthropic takes (the images the build reads are these already: sniffed by content).
 ANTHROPIC_IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
 
@@ -267,15 +269,7 @@ def anthropic_params(opts: BuildOptions, prompt: str, image_url: str | None) -> 
     if image_url is None:
         content: Any = prompt
     else:
-        found = _DATA_URL.fullmatch(image_url)
-        if found is None:
-            source = {"type": "url", "url": image_url}
-        elif found[1] in ANTHROPIC_IMAGE_TYPES:
-            source = {"type": "base64", "media_type": found[1], "data": found[2]}
-        else:
-            raise RowError(
-                f"Anthropic takes JPEG, PNG, GIF or WebP images, not {found[1]}", opts.image_column
-            )
+        source = _anthropic_source(image_url, opts.image_column)
         content = [{"type": "image", "source": source}, {"type": "text", "text": prompt}]
     params: dict[str, Any] = {"model": opts.model, "max_tokens": opts.max_tokens}
     if opts.system_prompt is not None:
@@ -287,6 +281,38 @@ def anthropic_params(opts: BuildOptions, prompt: str, image_url: str | None) -> 
     if opts.extra_body:
         params.update(opts.extra_body)
     return params
+
+
+def _anthropic_source(image_url: str, column: str | None) -> dict[str, Any]:
+    """The ``source`` of an Anthropic image block: an http(s) URL as it is; a data URL as base64 of a JPEG,
+    PNG, GIF or WebP (its type read from its bytes), of at most 8,000 px a side and 5 MB of base64; any
+    other image (a data URL that does not say what it holds) makes the row invalid, naming why."""
+    from .images import sniff_mime
+    from .options import ANTHROPIC_MAX_IMAGE_SIDE
+    from .tokens import image_size_from_data_url
+
+    if image_url[:8].lower().startswith(("http://", "https://")):
+        return {"type": "url", "url": image_url}
+    found = _DATA_URL.fullmatch(image_url)
+    if found is None:
+        raise RowError("Anthropic takes an image as a file, an http(s) URL or data:image/…;base64,…", column)
+    data = found[2]
+    if len(data) > 5 * 1024 * 1024:
+        raise RowError(f"the image is {len(data):,} bytes of base64, Anthropic takes at most 5 MB", column)
+    try:
+        head = base64.b64decode(data[:16], validate=True)
+    except (ValueError, binascii.Error):
+        raise RowError("the image's base64 cannot be read", column) from None
+    kind = sniff_mime(head)
+    if kind not in ANTHROPIC_IMAGE_TYPES:
+        raise RowError("Anthropic takes JPEG, PNG, GIF or WebP images (read from the bytes)", column)
+    size = image_size_from_data_url(f"data:{kind};base64,{data}")
+    if size is None or min(size) < 1:
+        raise RowError("the image cannot be read (its header is damaged or it has no size)", column)
+    if max(size) > ANTHROPIC_MAX_IMAGE_SIDE:
+        raise RowError(f"the image is {size[0]}x{size[1]} px, Anthropic takes at most "
+                       f"{ANTHROPIC_MAX_IMAGE_SIDE} px a side", column)  # fmt: skip
+    return {"type": "base64", "media_type": kind, "data": data}
 
 
 def make_request(opts: BuildOptions, custom_id: str, prompt: str, image_url: str | None) -> dict[str, Any]:

@@ -20,10 +20,22 @@ PROVIDERS = ("openai", "azure_openai", "anthropic")
 #: Anthropic Message Batches: requests and bytes per batch, bytes per image, the custom_id pattern.
 ANTHROPIC_MAX_REQUESTS = 100_000
 ANTHROPIC_MAX_BYTES = 256 * 1024 * 1024
-ANTHROPIC_MAX_IMAGE_MB = 5.0
+#: Anthropic's 5 MB image limit counts the base64 text: a file of at most 3/4 of it.
+ANTHROPIC_MAX_IMAGE_MB = 5.0 * 3 / 4
+ANTHROPIC_MAX_IMAGE_SIDE = 8000
 ANTHROPIC_CUSTOM_ID = r"^[a-zA-Z0-9_-]{1,64}$"
 #: Params an Anthropic request gets from the pipeline: ``extra_body`` may not set them.
 ANTHROPIC_OWNED_FIELDS = ("model", "messages", "system", "max_tokens", "stream", "output_config")
+#: Params Anthropic refuses (the current API version, or inside a batch), with why: refused before upload,
+#: not hours later as errored results.
+ANTHROPIC_REFUSED_FIELDS = {
+    **{
+        k: "Anthropic's API (version 2026-10-21) no longer takes it"
+        for k in ("temperature", "top_p", "top_k")
+    },
+    **{k: "not allowed inside an Anthropic batch" for k in ("speed", "store", "cache_hint", "context_hint")},
+    **{k: "an OpenAI parameter" for k in ("response_format", "max_completion_tokens", "n", "input")},
+}
 IMAGE_DETAILS = ("auto", "low", "high")
 MAX_REQUESTS_PER_FILE = 50_000
 MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI: at most 200 MB per batch input file
@@ -120,7 +132,8 @@ class BuildOptions:
 
     @property
     def image_limit_mb(self) -> float:
-        """``max_image_mb``, and at most what the provider takes (Anthropic: 5 MB)."""
+        """``max_image_mb``, and at most what the provider takes (Anthropic: 3.75 MB files, whose base64
+        text is its 5 MB)."""
         if self.provider == "anthropic":
             return min(self.max_image_mb, ANTHROPIC_MAX_IMAGE_MB)
         return self.max_image_mb
@@ -239,6 +252,9 @@ class BuildOptions:
         for key in ANTHROPIC_OWNED_FIELDS:
             if self.extra_body and key in self.extra_body:
                 raise InputError(f"option extra_body may not set {key!r}: the pipeline sets it")
+        for key, why in ANTHROPIC_REFUSED_FIELDS.items():
+            if self.extra_body and key in self.extra_body:
+                raise InputError(f"option extra_body may not set {key!r} for Anthropic: {why}")
 
 
 _BOOL_WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}

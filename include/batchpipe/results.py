@@ -201,12 +201,17 @@ ANTHROPIC_NOT_RUN = {
 }
 
 
+#: Anthropic stop reasons of an answer that was cut off (kept, marked truncated).
+ANTHROPIC_CUT_OFF = ("max_tokens", "model_context_window_exceeded", "pause_turn")
+
+
 def _anthropic_outcome(cid: str | None, result: dict) -> Outcome:
     """The Outcome of an Anthropic Message Batches ``result``: the message's text blocks joined (a
     ``tool_use`` block's input as JSON when there is no text, as structured output through a tool gives
     it), its usage (prompt = input + cache writes + cache reads), ``max_tokens`` as truncated, ``refusal``
     as an error; ``errored`` as ``<error type>: <message>``; ``expired`` / ``canceled`` as not run."""
     kind = result.get("type")
+    kind = kind if isinstance(kind, str) else repr(kind)[:40]
     if kind in ANTHROPIC_NOT_RUN:
         code, message = ANTHROPIC_NOT_RUN[kind]
         return Outcome(cid, error=f"{code}: {message}", error_code=code)
@@ -245,7 +250,7 @@ def _anthropic_outcome(cid: str | None, result: dict) -> Outcome:
         return Outcome(cid, error="malformed result: the message has no text", error_code="malformed_result",
                        prompt_tokens=p, completion_tokens=c, total_tokens=t)  # fmt: skip
     return Outcome(cid, response=text, prompt_tokens=p, completion_tokens=c, total_tokens=t,
-                   error_code=TRUNCATED if stop == "max_tokens" else None)  # fmt: skip
+                   error_code=TRUNCATED if stop in ANTHROPIC_CUT_OFF else None)  # fmt: skip
 
 
 def _cut_off(body: dict, endpoint: str) -> bool:
