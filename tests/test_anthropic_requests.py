@@ -136,7 +136,8 @@ def test_the_estimate_is_approximate_and_counts_images_by_anthropics_formula(tmp
     assert 0 < est["text_tokens"] < 40 and est["output_tokens_max"] == 400
     assert any("approximate" in note for note in est["notes"])
     assert anthropic_image_tokens(200, 200) == 54 and anthropic_image_tokens(1000, 1000) == 1334
-    assert anthropic_image_tokens(4000, 3000) <= 1534  # downscaled first: long edge 1,568, ~1.15 MP
+    assert anthropic_image_tokens(1092, 1092) == 1590  # the vision guide's largest square not downscaled
+    assert anthropic_image_tokens(4000, 3000) <= 1600  # downscaled first: long edge 1,568, ~1.2 MP
 
 
 def test_cli_build_for_anthropic(tmp_path, capsys):

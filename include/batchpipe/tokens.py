@@ -575,10 +575,10 @@ def request_text_tokens(body: Mapping[str, Any], endpoint: str, model: str) -> i
 
 # --------------------------------------------------------------------------- Anthropic (approximate)
 
-#: Anthropic downscales an image whose long edge is over 1,568 px or whose area is over about 1.15 MP
-#: before counting it at width x height / 750 tokens (their vision guide).
+#: Anthropic downscales an image whose long edge is over 1,568 px or that would cost over about 1,600
+#: tokens (1.2 MP) before counting it at width x height / 750 tokens (their vision guide).
 ANTHROPIC_LONG_EDGE = 1568
-ANTHROPIC_MAX_PIXELS = 1_150_000
+ANTHROPIC_MAX_PIXELS = 1_200_000
 #: An image given by URL (its size unknown offline) is counted as a full-size image.
 ANTHROPIC_UNKNOWN_IMAGE_TOKENS = ANTHROPIC_MAX_PIXELS // 750 + 1
 #: No offline tokenizer exists for Claude: text is counted with this encoding, an approximation.
