@@ -327,3 +327,30 @@ def test_a_trigger_for_several_batches_ends_with_the_first_to_end(server, conn):
     (event,) = asyncio.run(collect(trigger))
     assert [b["id"] for b in event.payload["ended"]] == [fast]
     server.client().batches.cancel(slow)
+
+
+def test_a_batch_as_azure_openai_reports_it_is_read_as_documented():
+    # Azure's REST examples: capitalised statuses, "" for files not made, null counts while validating
+    from openai_batch_airflow.status import BatchStatus
+    from openai_batch_airflow.triggers import batch_summary
+
+    assert BatchStatus.of("Completed") is BatchStatus.COMPLETED and BatchStatus.ended(" Expired ")
+    assert BatchStatus.of("Finished") is None and BatchStatus.of(None) is None
+    s = batch_summary({"id": "b1", "status": "Validating", "output_file_id": "", "error_file_id": "",
+                       "input_file_id": "f1", "request_counts": None})  # fmt: skip
+    assert (s["status"], s["output_file_id"], s["error_file_id"], s["input_file_id"]) == (
+        "validating",
+        None,
+        None,
+        "f1",
+    )
+    assert s["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
+    done = batch_summary(
+        {"id": "b1", "status": "Completed", "request_counts": {"total": 3, "completed": None}}
+    )
+    assert done["status"] == "completed" and done["request_counts"] == {
+        "total": 3,
+        "completed": 0,
+        "failed": 0,
+    }
+    assert batch_summary({"id": "b1", "status": "weird"})["status"] == "weird"  # unknown: kept as given

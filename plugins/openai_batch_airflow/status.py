@@ -41,11 +41,13 @@ class BatchStatus(StrEnum):
 
     @classmethod
     def of(cls, value: Any) -> BatchStatus | None:
-        """The member for a status as the API reports it, or None for one it does not document."""
+        """The member for a status as the API reports it, or None for one it does not document. Read
+        without regard to case or surrounding blanks (Azure OpenAI's REST examples say ``"Validating"``,
+        ``"Completed"``): a finished batch is never waited on as if still running."""
         if not isinstance(value, str):
             return None
         try:
-            return cls(value)
+            return cls(value.strip().lower())
         except ValueError:
             return None
 

@@ -43,17 +43,19 @@ def batch_summary(batch: Any) -> dict[str, Any]:
     data = batch.model_dump() if hasattr(batch, "model_dump") else dict(batch)
     counts = data.get("request_counts") or {}
     errors = (data.get("errors") or {}).get("data") or []
+    known = BatchStatus.of(data.get("status"))  # a documented status in its documented spelling
     return {
         "id": data.get("id"),
-        "status": data.get("status"),
+        "status": known.value if known is not None else data.get("status"),
         "endpoint": data.get("endpoint"),
-        "input_file_id": data.get("input_file_id"),
-        "output_file_id": data.get("output_file_id"),
-        "error_file_id": data.get("error_file_id"),
-        "request_counts": {
-            "total": counts.get("total", 0),
-            "completed": counts.get("completed", 0),
-            "failed": counts.get("failed", 0),
+        # Azure OpenAI may say "" for a file it has not made: no file
+        "input_file_id": data.get("input_file_id") or None,
+        "output_file_id": data.get("output_file_id") or None,
+        "error_file_id": data.get("error_file_id") or None,
+        "request_counts": {  # null while validating on Azure: none yet
+            "total": counts.get("total") or 0,
+            "completed": counts.get("completed") or 0,
+            "failed": counts.get("failed") or 0,
         },
         "errors": [{k: e.get(k) for k in ("code", "message", "param", "line")} for e in errors[:20]],
         "usage": data.get("usage"),
