@@ -319,9 +319,11 @@ def test_batch_status_says_what_each_documented_status_means():
     assert (
         BatchStatus.of("in_progress") is BatchStatus.IN_PROGRESS and BatchStatus.IN_PROGRESS == "in_progress"
     )
-    for unknown in ("paused", "", None, "COMPLETED", 3, ["completed"]):
+    for unknown in ("paused", "", None, "complete", 3, ["completed"]):
         assert BatchStatus.of(unknown) is None
         assert not BatchStatus.ended(unknown)
+    # case and blanks do not matter (Azure OpenAI spells "Completed"): a finished batch is not waited on
+    assert BatchStatus.of("COMPLETED") is BatchStatus.COMPLETED and BatchStatus.ended("Cancelled ")
     assert BatchStatus.ended("cancelled") and not BatchStatus.ended("cancelling")
 
 
