@@ -184,13 +184,7 @@ def test_trigger_form_renders_params_and_runs_the_pipeline(env, page):
     started = time.monotonic()
 
     with artifacts_on_failure(page, stack, "trigger-form"):
-        # -- log in -------------------------------------------------------------------------------
-        page.goto(base + "/")
-        page.wait_for_url(re.compile(r"/auth/login"))
-        page.get_by_label("Username").fill("admin")
-        page.get_by_label("Password").fill(password)
-        page.get_by_role("button", name="Sign in").click()
-        page.wait_for_url(lambda url: "/auth/login" not in url)
+        log_in(page, base, password)
 
         # -- open the DAG and its trigger form ---------------------------------------------------
         page.get_by_role("link", name="Dags", exact=True).first.click()
