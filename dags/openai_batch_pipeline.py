@@ -29,8 +29,10 @@ price of live calls, and get the answers back as a CSV.
 through Airflow's `ObjectStoragePath` and the installed providers; connection: `storage_conn_id`).
 Tasks then read and write only through the store, so mapped shards may run on different workers.
 
-The OpenAI connection is `openai_default` (or the `conn_id` param); its host may be any
-OpenAI-compatible base URL, e.g. the repo's local batch server.
+`provider` picks the batch API: `openai` (connection `openai_default`; its host may be any
+OpenAI-compatible base URL, e.g. the repo's local batch server), `azure_openai` (`azure_openai_default`;
+the model is the deployment name) or `anthropic` (Message Batches, `anthropic_default`); the `conn_id`
+param names another connection.
 """
 
 from __future__ import annotations
@@ -91,7 +93,7 @@ def openai_batch_pipeline():
 
     @task
     def upload(group: dict) -> dict:
-        return t.upload(group, _params()["conn_id"], get_current_context())
+        return t.upload(group, _params(), get_current_context())
 
     # one create at a time per run, so waves under max_enqueued_tokens see each other's batches
     @task(max_active_tis_per_dagrun=1)
@@ -100,7 +102,7 @@ def openai_batch_pipeline():
 
     @task
     def download(group: dict) -> dict:
-        return t.download(group, _params()["conn_id"])
+        return t.download(group, _params())
 
     # none_failed: also runs when no row could be sent (zero shards, so the mapped tasks skip).
     @task(trigger_rule="none_failed", outlets=[RESULTS_ASSET], on_success_callback=RunNotifier("success"))
@@ -114,6 +116,7 @@ def openai_batch_pipeline():
     waited = OpenAIBatchWaitOperator.partial(
         task_id="wait_for_batch",
         conn_id="{{ params.conn_id }}",
+        provider="{{ params.provider }}",
         check_interval="{{ params.check_interval }}",
         max_resubmits="{{ params.max_resubmits }}",
         token_limit_wait="{{ params.token_limit_wait }}",

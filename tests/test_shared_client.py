@@ -139,7 +139,7 @@ def test_sharing_switched_off_gives_each_trigger_its_own_client(server, conn, mo
     _, kwargs = OpenAIBatchTrigger(batch_ids=["b"], conn_id=conn).serialize()
     # the switch is the process's, never serialized
     assert set(kwargs) == {"batch_ids", "conn_id", "poll_interval", "max_consecutive_errors", "deadline",
-                           "cancel_on_kill", "wake_at", "deadlines"}  # fmt: skip
+                           "cancel_on_kill", "wake_at", "deadlines", "provider"}  # fmt: skip
 
     async def go():
         tasks = [asyncio.create_task(drain(t)) for t in triggers]

@@ -60,6 +60,7 @@ def test_serialize_round_trip():
         max_consecutive_errors=4,
         deadline=1_900_000_000.5,
         cancel_on_kill=False,
+        provider="anthropic",
     )
     classpath, kwargs = trigger.serialize()
     module, name = classpath.rsplit(".", 1)
@@ -76,6 +77,7 @@ def test_serialize_round_trip():
         "cancel_on_kill": False,
         "wake_at": None,
         "deadlines": {},
+        "provider": "anthropic",
     }
 
 

@@ -67,6 +67,24 @@ def _status_code(line: Mapping[str, Any]) -> int | None:
     return code
 
 
+def _anthropic_result(line: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """``(result type, error type)`` of an Anthropic Message Batches result line, ``(None, None)`` for any
+    other line."""
+    result = line.get("result")
+    if not isinstance(result, dict) or "response" in line:
+        return None, None
+    kind = result.get("type")
+    outer = result.get("error")
+    inner = outer.get("error") if isinstance(outer, dict) and isinstance(outer.get("error"), dict) else outer
+    code = inner.get("type") if isinstance(inner, dict) else None
+    return (kind if isinstance(kind, str) else None), (code if isinstance(code, str) else None)
+
+
+def _succeeded(line: Mapping[str, Any]) -> bool:
+    """The line is an answer: HTTP 200 (OpenAI, Azure), result type ``succeeded`` (Anthropic)."""
+    return _status_code(line) == 200 or _anthropic_result(line)[0] == "succeeded"
+
+
 def is_retryable(line: Any) -> bool:
     """Whether one (JSON-decoded) output/error-file line failed for a transient reason.
 
@@ -75,10 +93,15 @@ def is_retryable(line: Any) -> bool:
     * A line without an HTTP response is judged by ``error.code``: retryable when it is in
       ``RETRYABLE_CODES`` (``batch_expired``, ``rate_limit_exceeded``, ``server_error``, ...);
       ``batch_cancelled`` and unknown codes are permanent.
+    * An Anthropic result line: ``expired`` is retryable, ``errored`` when its error type is in
+      ``RETRYABLE_CODES`` (``api_error``, ``overloaded_error``, ...); ``canceled`` and ``succeeded`` are not.
     * Anything else (not an object, neither response nor error) is not retryable.
     """
     if not isinstance(line, dict):
         return False
+    kind, code = _anthropic_result(line)
+    if kind is not None:
+        return kind == "expired" or (kind == "errored" and code in RETRYABLE_CODES)
     status = _status_code(line)
     if status is not None:
         return status == 429 or status >= 500
@@ -105,7 +128,8 @@ def select_retryable(result_paths: Iterable[str | os.PathLike]) -> list[str]:
     """custom_ids to resubmit, from a batch's output and error files (read line by line).
 
     An id is selected when one of its lines ``is_retryable``, and never when any line of the files
-    shows it succeeded (HTTP 200): a resubmit must not bill a request twice. Lines that are not JSON,
+    shows it succeeded (HTTP 200, or an Anthropic ``succeeded`` result): a resubmit must not bill a
+    request twice. Lines that are not JSON,
     or carry no string ``custom_id``, are ignored. Order: first appearance; no duplicates.
     """
     retry: dict[str, None] = {}  # ordered set
@@ -117,7 +141,7 @@ def select_retryable(result_paths: Iterable[str | os.PathLike]) -> list[str]:
             cid = line.get("custom_id")
             if not isinstance(cid, str):
                 continue
-            if _status_code(line) == 200:
+            if _succeeded(line):
                 succeeded.add(cid)
             elif is_retryable(line):
                 retry.setdefault(cid)

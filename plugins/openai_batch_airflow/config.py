@@ -19,6 +19,13 @@ from typing import Any
 
 from openai_batch_airflow import storage
 
+#: The batch APIs the pipeline speaks (param ``provider``), and the connection each uses by default.
+DEFAULT_CONN_IDS = {
+    "openai": "openai_default",
+    "azure_openai": "azure_openai_default",
+    "anthropic": "anthropic_default",
+}
+
 #: Airflow Variable and environment variable that give the answer cache when param ``cache_dir`` is empty.
 CACHE_DIR_VARIABLE = "openai_batch_cache_dir"
 CACHE_DIR_ENV = "OPENAI_BATCH_CACHE_DIR"
@@ -165,7 +172,7 @@ class RunConfig:
     work_dir: storage.Location
     #: The connection for object-storage URLs (None: the URL's own or the filesystem's default).
     storage_conn_id: str | None
-    #: The OpenAI connection.
+    #: The batch API's connection (param ``conn_id``, else the provider's :data:`DEFAULT_CONN_IDS`).
     conn_id: str
     #: Allowed input roots (None: anywhere): OPENAI_BATCH_ALLOWED_ROOTS plus the Variable.
     read_roots: Any
@@ -210,6 +217,17 @@ class RunConfig:
     def endpoint(self) -> str:
         return self.build.endpoint
 
+    @property
+    def provider(self) -> str:
+        """``openai``, ``azure_openai`` or ``anthropic``: whose batch API the run uses."""
+        return self.build.provider
+
+    def hook(self):
+        """The run's batch-API hook (:func:`openai_batch_airflow.hooks.batch_hook`)."""
+        from openai_batch_airflow.hooks import batch_hook
+
+        return batch_hook(self.provider, self.conn_id)
+
     @classmethod
     def resolve(cls, params: Mapping[str, Any], run_id: str) -> RunConfig:
         """The run's settings from its ``params``, the Airflow Variables and the environment.
@@ -253,7 +271,7 @@ class RunConfig:
             run_dir=run_dir,
             work_dir=work_dir,
             storage_conn_id=conn,
-            conn_id=params.get("conn_id") or "openai_default",
+            conn_id=params.get("conn_id") or DEFAULT_CONN_IDS[build.provider],
             read_roots=allowed_roots(extra=variable(ALLOWED_ROOTS_VARIABLE)),
             output_roots=roots,
             prices=prices,

@@ -1,10 +1,18 @@
-"""``OpenAIBatchHook``: every call the pipeline makes to the OpenAI (or an OpenAI-compatible) Batch API.
+"""The batch-API hooks: every call the pipeline makes to a batch API goes through one of them.
 
-The hook builds on the provider's :class:`~airflow.providers.openai.hooks.openai.OpenAIHook` (connection
-type ``openai``; its host may be any OpenAI-compatible base URL, its password is the API key). It is the
-one place that builds OpenAI clients: tasks, the waiting operator and the trigger get it from a ``hook``
-(a cached property, or :func:`openai_batch_airflow.tasks.hook` for the task functions) and call its
-methods.
+:class:`BatchAPI` is the small interface the tasks, the waiting operator, the trigger and the UI use (submit
+once, find a lost submission, poll, fetch results, cancel, limits); :func:`batch_hook` gives the hook of a
+provider: :class:`OpenAIBatchHook` (OpenAI, or any OpenAI-compatible base URL), :class:`AzureOpenAIBatchHook`
+(Azure OpenAI, the same Batch API behind Azure's URLs and ``api-key`` header) and
+:class:`~openai_batch_airflow.anthropic_batches.AnthropicBatchHook` (Anthropic Message Batches). Batches
+are handed up in one shape, the OpenAI Batch's (``id``, ``status``, ``request_counts``, ``output_file_id``,
+...), and errors as the ``openai`` client's exception classes, so everything above the hooks is shared.
+
+``OpenAIBatchHook`` builds on the provider's :class:`~airflow.providers.openai.hooks.openai.OpenAIHook`
+(connection type ``openai``; its host may be any OpenAI-compatible base URL, its password is the API
+key). The hooks are the one place that builds API clients: tasks, the waiting operator and the trigger get
+one from a ``hook`` (a cached property, or :func:`openai_batch_airflow.tasks.hook` for the task functions)
+and call its methods.
 
 Upload and create happen at most once per task generation (see :mod:`openai_batch_airflow.submit` for the
 recorded :class:`~openai_batch_airflow.submit.Intent`): a retry re-attaches to what an earlier try made,
@@ -29,6 +37,7 @@ from airflow.providers.common.compat.connection import get_async_connection, get
 from airflow.providers.openai.hooks.openai import OpenAIHook
 
 from openai_batch_airflow import storage
+from openai_batch_airflow.config import DEFAULT_CONN_IDS
 from openai_batch_airflow.status import BatchStatus
 from openai_batch_airflow.submit import Intent, with_retries
 
@@ -83,18 +92,20 @@ class SharedAsyncClients:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def acquire(
-        self, conn_id: str, client_kwargs: dict[str, Any]
+        self, conn_id: str, client_kwargs: dict[str, Any], factory: Any = None
     ) -> tuple[tuple[int, str, str], AsyncOpenAI]:
-        """The shared client for these settings in the running loop (built now if there is none), counted
-        as one more user; returns ``(key, client)``, the key for :meth:`release`. Synchronous on purpose:
-        no other trigger runs between the look-up and the count."""
-        from openai import AsyncOpenAI
+        """The shared client for these settings in the running loop (built now by ``factory``, default
+        ``AsyncOpenAI``, if there is none), counted as one more user; returns ``(key, client)``, the key for
+        :meth:`release`. Synchronous on purpose: no other trigger runs between the look-up and the count.
+        A client needs ``is_closed()`` and ``close()``."""
+        if factory is None:
+            from openai import AsyncOpenAI as factory
 
         loop = asyncio.get_running_loop()
-        key = (id(loop), conn_id, self.fingerprint(client_kwargs))
+        key = (id(loop), conn_id, self.fingerprint({"factory": factory.__qualname__, **client_kwargs}))
         entry = self._entries.get(key)
         if entry is None or entry.loop is not loop or entry.client.is_closed():
-            entry = self._entries[key] = _Shared(loop, AsyncOpenAI(**client_kwargs))
+            entry = self._entries[key] = _Shared(loop, factory(**client_kwargs))
         entry.users += 1
         return key, entry.client
 
@@ -119,7 +130,96 @@ class SharedAsyncClients:
 SHARED_ASYNC_CLIENTS = SharedAsyncClients()
 
 
-class OpenAIBatchHook(OpenAIHook):
+class BatchAPI:
+    """What the pipeline needs of a batch API; one implementation per provider.
+
+    * **submit once**: :meth:`upload_once` (a provider without file upload, :attr:`uploads_files` False,
+      has none: its requests go with the create call) and :meth:`create_once`, both recorded in an
+      :class:`~openai_batch_airflow.submit.Intent`, so a retry re-attaches instead of paying twice, and a
+      call whose answer was lost is **found** (``_find_batch``) before it is repeated;
+    * **poll**: :meth:`retrieve` / :meth:`aretrieve` (a batch in the OpenAI Batch's shape, for
+      :func:`~openai_batch_airflow.triggers.batch_summary`), with :meth:`aconn` / :meth:`aclose` around a
+      trigger's polling;
+    * **fetch results**: :meth:`download_file` of the ``output_file_id`` / ``error_file_id`` a batch
+      names, checked whole by :meth:`download_results` (shared);
+    * **cancel**: :meth:`cancel`, :meth:`acancel_all`;
+    * **limits**: :meth:`enqueued_tokens` (0 where the API keeps no such count), :meth:`retrieve_model` /
+      :meth:`list_models` for the pre-flight check.
+
+    Errors are raised as the ``openai`` client's exception classes (``APIStatusError`` by status,
+    ``APIConnectionError``, ``APITimeoutError``), whatever the provider: what is retried, refused or
+    waited on is decided once, above the hooks.
+    """
+
+    #: The ``provider`` name (:data:`DEFAULT_CONN_IDS`).
+    provider = "openai"
+    #: Requests go in an uploaded file (True) or with the create call itself (False).
+    uploads_files = True
+    #: The pre-flight asks the API whether it knows the model.
+    checks_model = True
+
+    def download_results(
+        self, summary: dict[str, Any], folder: storage.Location, index: int, scratch: Path
+    ) -> tuple[list[tuple[str, Path]], list[str]]:
+        """Stream a finished batch's output and error files to ``folder`` (skipping what is already
+        there) and check they are whole: every line readable, a line for every request.
+
+        A broken download (a cut-off or non-JSON line, fewer or more lines than ``request_counts``) is
+        fetched again, up to :data:`DOWNLOAD_ATTEMPTS` times; if it stays broken, what was downloaded is
+        kept (never throw away answers already paid for) and the problem is returned, so the merge lands
+        every readable answer, marks the rest precisely and fails the run visibly.
+
+        Returns ``([(stored location, local file)], problems)``, output first. A remote ``folder`` is
+        filled through ``scratch`` (where the local copies stay for the caller); a local one is used in
+        place.
+        """
+        from batchpipe.resubmit import download_problem
+
+        local_folder = storage.mirror(folder, scratch / "results")
+        problem = None
+        for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+            paths: dict[str, tuple[storage.Location, Path]] = {}
+            for kind in ("output", "error"):
+                file_id = summary.get(f"{kind}_file_id")
+                if not file_id:
+                    continue
+                # the batch id in the name: after a cleared run submits anew, an old download is never reused
+                name = f"shard-{index:05d}.r{summary.get('round', 0)}.{summary['id']}.{kind}.jsonl"
+                target, local = folder / name, local_folder / name
+                storage.fetch_missing(target, local)
+                if not local.exists():
+                    self.download_file(file_id, local)
+                    log.info("batch %s: downloaded %s file %s", summary["id"], kind, file_id)
+                paths[kind] = (target, local)
+            problem = download_problem(
+                summary.get("request_counts"),
+                paths["output"][1] if "output" in paths else None,
+                paths["error"][1] if "error" in paths else None,
+                summary["status"],
+            )
+            if problem is None:
+                break
+            log.warning("batch %s: broken download (%d of %d): %s", summary["id"], attempt, DOWNLOAD_ATTEMPTS,
+                        problem)  # fmt: skip
+            if attempt < DOWNLOAD_ATTEMPTS:
+                for target, local in paths.values():  # fetched again from the service
+                    local.unlink(missing_ok=True)
+                    storage.discard(target)
+                time.sleep(attempt)
+        for target, local in paths.values():
+            storage.publish(local, target)
+            log.info("batch %s: %s stored", summary["id"], storage.shown(target))
+        problems = []
+        if problem is not None:
+            problems.append(
+                f"batch {summary['id']} (shard {index}): result files still broken after {DOWNLOAD_ATTEMPTS} "
+                f"downloads: {problem}; every readable answer was kept"
+            )
+            log.error("%s", problems[-1])
+        return [(storage.shown(target), local) for target, local in paths.values()], problems
+
+
+class OpenAIBatchHook(OpenAIHook, BatchAPI):
     """The Batch API calls of the pipeline, on connection ``conn_id`` (default ``openai_default``).
 
     :param conn_id: an Airflow connection of type ``openai``.
@@ -237,9 +337,23 @@ class OpenAIBatchHook(OpenAIHook):
         intent.done(file_id=found.id)
         return found
 
-    def create_once(self, intent: Intent, metadata: dict[str, str], **create_kwargs: Any) -> Any:
+    def create_once(
+        self,
+        intent: Intent,
+        metadata: dict[str, str],
+        *,
+        input_file_id: str | None,
+        endpoint: str,
+        completion_window: str = "24h",
+        requests_path: str | Path | None = None,
+        requests: int | None = None,
+    ) -> Any:
         """Create a batch once per task generation; return the Batch (possibly one an earlier try made).
-        The submission id goes into the batch's metadata, so a try whose answer was lost finds it."""
+        The submission id goes into the batch's metadata, so a try whose answer was lost finds it.
+        ``requests_path`` / ``requests`` (the shard file and its request count) are for APIs without file
+        upload; here the uploaded ``input_file_id`` is the batch's input."""
+        create_kwargs = {"input_file_id": input_file_id, "endpoint": endpoint,
+                         "completion_window": completion_window}  # fmt: skip
         saved = intent.start()
         if saved.get("batch_id"):
             batch = self.retrieve(saved["batch_id"])
@@ -286,66 +400,6 @@ class OpenAIBatchHook(OpenAIHook):
         os.replace(part, path)
         return path
 
-    def download_results(
-        self, summary: dict[str, Any], folder: storage.Location, index: int, scratch: Path
-    ) -> tuple[list[tuple[str, Path]], list[str]]:
-        """Stream a finished batch's output and error files to ``folder`` (skipping what is already
-        there) and check they are whole: every line readable, a line for every request.
-
-        A broken download (a cut-off or non-JSON line, fewer or more lines than ``request_counts``) is
-        fetched again, up to :data:`DOWNLOAD_ATTEMPTS` times; if it stays broken, what was downloaded is
-        kept (never throw away answers already paid for) and the problem is returned, so the merge lands
-        every readable answer, marks the rest precisely and fails the run visibly.
-
-        Returns ``([(stored location, local file)], problems)``, output first. A remote ``folder`` is
-        filled through ``scratch`` (where the local copies stay for the caller); a local one is used in
-        place.
-        """
-        from batchpipe.resubmit import download_problem
-
-        local_folder = storage.mirror(folder, scratch / "results")
-        problem = None
-        for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
-            paths: dict[str, tuple[storage.Location, Path]] = {}
-            for kind in ("output", "error"):
-                file_id = summary.get(f"{kind}_file_id")
-                if not file_id:
-                    continue
-                # the batch id in the name: after a cleared run submits anew, an old download is never reused
-                name = f"shard-{index:05d}.r{summary.get('round', 0)}.{summary['id']}.{kind}.jsonl"
-                target, local = folder / name, local_folder / name
-                storage.fetch_missing(target, local)
-                if not local.exists():
-                    self.download_file(file_id, local)
-                    log.info("batch %s: downloaded %s file %s", summary["id"], kind, file_id)
-                paths[kind] = (target, local)
-            problem = download_problem(
-                summary.get("request_counts"),
-                paths["output"][1] if "output" in paths else None,
-                paths["error"][1] if "error" in paths else None,
-                summary["status"],
-            )
-            if problem is None:
-                break
-            log.warning("batch %s: broken download (%d of %d): %s", summary["id"], attempt, DOWNLOAD_ATTEMPTS,
-                        problem)  # fmt: skip
-            if attempt < DOWNLOAD_ATTEMPTS:
-                for target, local in paths.values():  # fetched again from the service
-                    local.unlink(missing_ok=True)
-                    storage.discard(target)
-                time.sleep(attempt)
-        for target, local in paths.values():
-            storage.publish(local, target)
-            log.info("batch %s: %s stored", summary["id"], storage.shown(target))
-        problems = []
-        if problem is not None:
-            problems.append(
-                f"batch {summary['id']} (shard {index}): result files still broken after {DOWNLOAD_ATTEMPTS} "
-                f"downloads: {problem}; every readable answer was kept"
-            )
-            log.error("%s", problems[-1])
-        return [(storage.shown(target), local) for target, local in paths.values()], problems
-
     # -- models (the pre-flight check) ------------------------------------------------------------
     def retrieve_model(self, model: str, **options: Any) -> Any:
         """``GET /v1/models/{model}``; ``options`` (``max_retries``, ``timeout``) for this call only."""
@@ -355,3 +409,83 @@ class OpenAIBatchHook(OpenAIHook):
         """The model ids ``GET /v1/models`` lists (at most ``limit``); ``options`` as in
         :meth:`retrieve_model`."""
         return [m.id for m in islice(self.conn.with_options(**options).models.list(), limit)]
+
+
+class AzureOpenAIBatchHook(OpenAIBatchHook):
+    """Azure OpenAI's Batch API: the OpenAI Batch API behind Azure's URLs and auth, through the same client.
+
+    Connection (type ``azure_openai_batch``, default ``azure_openai_default``): host = the resource's
+    endpoint (``https://<resource>.openai.azure.com``; a trailing ``/openai/v1`` is fine), password = the
+    API key, sent as Azure's ``api-key`` header. Extra:
+
+    * ``api_version``: absent (default): the v1 API (``<endpoint>/openai/v1/``); set (e.g.
+      ``"2024-10-21"``): the dated API (``<endpoint>/openai/...?api-version=...``).
+    * ``auth_type``: ``api_key`` (default) or ``entra_token``: the password is then a Microsoft Entra ID
+      access token, sent as ``Authorization: Bearer`` (it expires: the connection must be kept fresh).
+
+    The ``model`` of each request is the **deployment** name (a Global Batch deployment). Azure's model
+    list shows models, not deployments, so the pre-flight model check is skipped.
+    """
+
+    default_conn_name = "azure_openai_default"
+    conn_type = "azure_openai_batch"
+    hook_name = "Azure OpenAI (Batch)"
+    provider = "azure_openai"
+    checks_model = False
+
+    def __init__(self, conn_id: str = default_conn_name, *args: Any, **kwargs: Any) -> None:
+        super().__init__(conn_id, *args, **kwargs)
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        return {
+            "hidden_fields": ["schema", "port", "login"],
+            "relabeling": {"host": "Endpoint", "password": "API key (or Entra token)"},
+            "placeholders": {
+                "host": "https://<resource>.openai.azure.com",
+                "extra": '{"api_version": "2024-10-21"} for the dated API; leave empty for the v1 API',
+            },
+        }
+
+    def _client_kwargs(self, conn: Any, extras: dict[str, Any]) -> dict[str, Any]:
+        return azure_client_kwargs(conn.host, conn.password, extras, self.conn_id)
+
+
+def azure_client_kwargs(host: str | None, secret: str | None, extras: dict[str, Any], conn_id: str) -> dict:
+    """The ``OpenAI`` client's settings for an Azure OpenAI connection (see :class:`AzureOpenAIBatchHook`)."""
+    if not host:
+        raise ValueError(f"connection {conn_id!r}: the host must be the Azure OpenAI endpoint")
+    endpoint = host.rstrip("/")
+    for suffix in ("/openai/v1", "/openai"):
+        if endpoint.endswith(suffix):
+            endpoint = endpoint[: -len(suffix)]
+            break
+    version = extras.get("api_version") or None
+    kwargs: dict[str, Any] = dict(extras.get("openai_client_kwargs") or {})
+    if version:
+        kwargs.update(base_url=f"{endpoint}/openai", default_query={"api-version": str(version)})
+    else:
+        kwargs.update(base_url=f"{endpoint}/openai/v1")
+    auth = extras.get("auth_type") or "api_key"
+    if auth == "api_key":
+        kwargs.update(api_key=secret, default_headers={"api-key": secret or ""})
+    elif auth == "entra_token":
+        kwargs.update(api_key=secret)  # sent as Authorization: Bearer <token>
+    else:
+        raise ValueError(f"connection {conn_id!r}: auth_type {auth!r} is not one of 'api_key', 'entra_token'")
+    return kwargs
+
+
+def batch_hook(provider: str = "openai", conn_id: str | None = None) -> BatchAPI:
+    """The hook of ``provider`` (:data:`DEFAULT_CONN_IDS`) on connection ``conn_id`` (None: the provider's
+    default connection)."""
+    if provider not in DEFAULT_CONN_IDS:
+        raise ValueError(f"provider {provider!r} is not one of {', '.join(DEFAULT_CONN_IDS)}")
+    conn_id = conn_id or DEFAULT_CONN_IDS[provider]
+    if provider == "anthropic":
+        from openai_batch_airflow.anthropic_batches import AnthropicBatchHook
+
+        return AnthropicBatchHook(conn_id)
+    if provider == "azure_openai":
+        return AzureOpenAIBatchHook(conn_id)
+    return OpenAIBatchHook(conn_id)

@@ -55,7 +55,7 @@ from openai_batch_airflow.triggers import (
 )
 
 if TYPE_CHECKING:
-    from openai_batch_airflow.hooks import OpenAIBatchHook
+    from openai_batch_airflow.hooks import BatchAPI
 
 
 class OpenAIBatchWaitOperator(BaseOperator):
@@ -64,7 +64,8 @@ class OpenAIBatchWaitOperator(BaseOperator):
     :param group: the ``create_batch`` manifest, ``{"group": n, "shards": [...]}``, each shard with its
         ``batch_id`` and, for resubmits, its ``path``, ``index``, ``input_file_id``, ``work_dir`` and
         ``storage_conn_id``; one shard's manifest or a batch id alone is a group of one.
-    :param conn_id: the OpenAI connection.
+    :param conn_id: the batch API's connection (None: the provider's default, :data:`DEFAULT_CONN_IDS`).
+    :param provider: ``openai``, ``azure_openai`` or ``anthropic``: the batch API behind the hook.
     :param check_interval: seconds between polls (at least 1).
     :param max_consecutive_errors: transient polling failures of one batch in a row that fail the wait.
     :param max_resubmits: follow-up rounds for retryable failures per shard (0 = none).
@@ -78,6 +79,7 @@ class OpenAIBatchWaitOperator(BaseOperator):
     template_fields = (
         "group",
         "conn_id",
+        "provider",
         "check_interval",
         "max_resubmits",
         "token_limit_wait",
@@ -88,7 +90,8 @@ class OpenAIBatchWaitOperator(BaseOperator):
         self,
         *,
         group: dict[str, Any] | str,
-        conn_id: str = "openai_default",
+        conn_id: str | None = None,
+        provider: str = "openai",
         check_interval: float | str = 60,
         max_consecutive_errors: int = 10,
         max_resubmits: int | str = 2,
@@ -101,6 +104,7 @@ class OpenAIBatchWaitOperator(BaseOperator):
         super().__init__(**kwargs)
         self.group = group
         self.conn_id = conn_id
+        self.provider = provider
         self.check_interval = check_interval
         self.max_consecutive_errors = max_consecutive_errors
         self.max_resubmits = max_resubmits
@@ -119,11 +123,11 @@ class OpenAIBatchWaitOperator(BaseOperator):
         return [{"batch_id": str(self.group)}]
 
     @cached_property
-    def hook(self) -> OpenAIBatchHook:
-        """The hook of connection ``conn_id`` (read once the field is rendered)."""
-        from openai_batch_airflow.hooks import OpenAIBatchHook  # the client, loaded when the task runs
+    def hook(self) -> BatchAPI:
+        """The hook of ``provider`` on connection ``conn_id`` (read once the fields are rendered)."""
+        from openai_batch_airflow.hooks import batch_hook  # the client, loaded when the task runs
 
-        return OpenAIBatchHook(conn_id=self.conn_id)
+        return batch_hook(self.provider or "openai", self.conn_id or None)
 
     def _interval(self) -> float:
         interval = float(self.check_interval)
@@ -325,7 +329,8 @@ class OpenAIBatchWaitOperator(BaseOperator):
         self.defer(
             trigger=OpenAIBatchTrigger(
                 batch_ids=self._current,
-                conn_id=self.conn_id,
+                conn_id=self.hook.conn_id,
+                provider=self.hook.provider,
                 poll_interval=self._interval(),
                 max_consecutive_errors=self.max_consecutive_errors,
                 cancel_on_kill=self._cancel_flag(),
@@ -498,16 +503,20 @@ class OpenAIBatchWaitOperator(BaseOperator):
         )
         name = f"{context['dag'].dag_id}-{context['run_id']}-shard-{index:05d}-r{nxt}"
         try:
-            uploaded = self.hook.upload_once(
-                followup["path"], name, intent(context, f"upload-{index}-r{nxt}")
-            )
-            sh.update(round=nxt, input_file_id=uploaded.id, shard_path=storage.shown(work / fname))
+            file_id = None
+            if self.hook.uploads_files:
+                file_id = self.hook.upload_once(
+                    followup["path"], name, intent(context, f"upload-{index}-r{nxt}")
+                ).id
+            sh.update(round=nxt, input_file_id=file_id, shard_path=storage.shown(work / fname))
             batch = self.hook.create_once(
                 intent(context, f"create-{index}-r{nxt}"),
                 metadata=self._metadata(context, sh),
-                input_file_id=uploaded.id,
+                input_file_id=file_id,
                 endpoint=summary["endpoint"],
                 completion_window="24h",
+                requests_path=followup["path"],
+                requests=followup["requests"],
             )
         except Exception as exc:
             if not refused(exc):

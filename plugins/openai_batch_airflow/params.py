@@ -15,7 +15,7 @@ from airflow.sdk import Param
 
 from batchpipe import options
 from batchpipe.cache import RUN_CACHE_MODES
-from batchpipe.options import ENDPOINTS, IMAGE_DETAILS, MAX_REQUESTS_PER_FILE, BuildOptions
+from batchpipe.options import ENDPOINTS, IMAGE_DETAILS, MAX_REQUESTS_PER_FILE, PROVIDERS, BuildOptions
 
 _BUILD = BuildOptions()  # the library's defaults
 
@@ -114,6 +114,15 @@ _PARAMS = {
         section=INPUT,
     ),
     # -- model ----------------------------------------------------------------------------------
+    "provider": Param(
+        _BUILD.provider,
+        type="string",
+        enum=list(PROVIDERS),
+        title="Batch API",
+        description="openai (or any OpenAI-compatible URL), azure_openai (model = the deployment name) or "
+        "anthropic (Message Batches: max_tokens required, no temperature).",
+        section=MODEL,
+    ),
     "model": Param(
         _BUILD.model,
         type="string",
@@ -267,11 +276,11 @@ _PARAMS = {
         section=BATCHING,
     ),
     "conn_id": Param(
-        "openai_default",
+        "",
         type="string",
-        minLength=1,
-        title="OpenAI connection",
-        description="Airflow connection of type openai; its host may be any OpenAI-compatible base URL.",
+        title="Connection",
+        description="Airflow connection of the batch API; empty: openai_default, azure_openai_default or "
+        "anthropic_default, by provider. An openai connection's host may be any OpenAI-compatible base URL.",
         section=BATCHING,
     ),
     # -- cost -----------------------------------------------------------------------------------

@@ -84,14 +84,14 @@ def check_model(api: Any, model: str, conn_id: str) -> None:
     """
     import openai
 
-    from openai_batch_airflow.hooks import OpenAIBatchHook
+    from openai_batch_airflow.hooks import BatchAPI, OpenAIBatchHook
 
     if _KEY_LIKE.search(model):  # never put a key in a URL, a log line or a message
         raise _fail(
             "the model param looks like an API key (sk-…): nothing was sent; put the key in the Airflow "
             "connection and a model name such as gpt-4o-mini in the model param"
         )
-    hook = api if isinstance(api, OpenAIBatchHook) else OpenAIBatchHook(conn_id, client=api)
+    hook = api if isinstance(api, BatchAPI) else OpenAIBatchHook(conn_id, client=api)
     name = _quoted(model)
     try:
         hook.retrieve_model(model, max_retries=MODEL_CHECK_RETRIES, timeout=MODEL_CHECK_TIMEOUT)

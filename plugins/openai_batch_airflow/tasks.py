@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterable
+from contextlib import nullcontext
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,13 @@ from openai_batch_airflow.records import ESTIMATE_XCOM, REPORT_XCOM, VALIDATION_
 log = logging.getLogger(__name__)
 
 
-def hook(conn_id: str):
-    """The :class:`~openai_batch_airflow.hooks.OpenAIBatchHook` of connection ``conn_id``: every API call
-    of the task bodies goes through it."""
-    from openai_batch_airflow.hooks import OpenAIBatchHook
+def hook(params: dict[str, Any]):
+    """The batch-API hook of the run's ``provider`` on its connection (param ``conn_id``, else the
+    provider's default; :func:`openai_batch_airflow.hooks.batch_hook`): every API call of the task bodies
+    goes through it."""
+    from openai_batch_airflow.hooks import batch_hook
 
-    return OpenAIBatchHook(conn_id=conn_id)
+    return batch_hook(params.get("provider") or "openai", params.get("conn_id") or None)
 
 
 def local_input_csv(cfg: RunConfig, into: Path) -> tuple[str, Any]:
@@ -147,7 +149,11 @@ def check_model(cfg: RunConfig) -> None:
     if not cfg.check_model:
         log.info("model %s not checked: %s is off", quote_value(cfg.model), CHECK_MODEL_ENV)
         return
-    api = hook(cfg.conn_id)
+    api = cfg.hook()
+    if not api.checks_model:
+        log.info("model %s not checked: %s model lists do not name deployments", quote_value(cfg.model),
+                 cfg.provider)  # fmt: skip
+        return
     try:
         api.conn  # noqa: B018 - builds the client: a broken connection is told apart from a wrong model
     except Exception as exc:
@@ -244,14 +250,17 @@ def estimate_cost(manifest_path: str, cfg: RunConfig, context: Any = None) -> di
     return estimate
 
 
-def upload(group: dict[str, Any], conn_id: str, context: Any) -> dict[str, Any]:
+def upload(group: dict[str, Any], params: dict[str, Any], context: Any) -> dict[str, Any]:
     """Upload the group's shards in order; a retry re-attaches to the files an earlier try uploaded. A
     shard the service refuses (a 4xx, e.g. a file too large) is marked ``refused`` with the reason and the
     others go on (its rows get that error in the merge, and the run fails then, naming it)."""
     from batchpipe.naming import safe_name
     from openai_batch_airflow.submit import intent, refused
 
-    api = hook(conn_id)
+    api = hook(params)
+    if not api.uploads_files:  # the requests go with the create call
+        log.info("no upload: %s batches take their requests with the create call", api.provider)
+        return {**group, "shards": [{**shard, "input_file_id": None} for shard in group["shards"]]}
     prefix = f"{safe_name(context['dag'].dag_id)}-{safe_name(context['run_id'])}"
     shards = []
     for shard in group["shards"]:
@@ -290,7 +299,7 @@ def create(group: dict[str, Any], params: dict[str, Any], context: Any) -> dict[
 
     dag_id, run_id = context["dag"].dag_id, context["run_id"]
     cfg = RunConfig.resolve(params, run_id)
-    api = hook(cfg.conn_id)
+    api = cfg.hook()
     shards = []
     for shard in group["shards"]:
         index = int(shard["index"])
@@ -325,14 +334,23 @@ def create(group: dict[str, Any], params: dict[str, Any], context: Any) -> dict[
                     limit,
                 )
                 raise AirflowRescheduleException(datetime.now(UTC) + timedelta(seconds=cfg.check_interval))
+        # an API without file upload takes the shard's requests with the create call
+        requests = (
+            nullcontext(None)
+            if api.uploads_files
+            else storage.local_copy(shard["path"], shard.get("storage_conn_id"))
+        )
         try:
-            batch = api.create_once(
-                recorded,
-                metadata=metadata,
-                input_file_id=shard["input_file_id"],
-                endpoint=cfg.endpoint,
-                completion_window=cfg.completion_window,
-            )
+            with requests as local:
+                batch = api.create_once(
+                    recorded,
+                    metadata=metadata,
+                    input_file_id=shard["input_file_id"],
+                    endpoint=cfg.endpoint,
+                    completion_window=cfg.completion_window,
+                    requests_path=local,
+                    requests=int(shard["requests"]),
+                )
         except Exception as exc:
             if not refused(exc):
                 raise  # may pass next time: the task's retry re-attaches to a batch this try made
@@ -344,10 +362,10 @@ def create(group: dict[str, Any], params: dict[str, Any], context: Any) -> dict[
     return {**group, "shards": shards}
 
 
-def download(group: dict[str, Any], conn_id: str) -> dict[str, Any]:
+def download(group: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """Download the result files of every batch of each of the group's shards (first submission and
     follow-ups)."""
-    api = hook(conn_id)
+    api = hook(params)
     return {**group, "shards": [_download_shard(api, waited) for waited in group["shards"]]}
 
 

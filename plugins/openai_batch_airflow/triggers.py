@@ -19,7 +19,11 @@ from openai_batch_airflow.status import BatchStatus
 from openai_batch_airflow.submit import refused
 
 if TYPE_CHECKING:
-    from openai_batch_airflow.hooks import OpenAIBatchHook
+    from openai_batch_airflow.hooks import BatchAPI
+
+
+#: How a provider is named in messages.
+PROVIDER_NAMES = {"openai": "OpenAI", "azure_openai": "Azure OpenAI", "anthropic": "Anthropic"}
 
 
 def unknown_status_note(summary: dict[str, Any], deadline: float | None) -> str | None:
@@ -211,8 +215,10 @@ class OpenAIBatchTrigger(BaseTrigger):
     ``wake`` at ``wake_at``, or ``error`` when no client can be built from the connection.
 
     :param batch_ids: the batches to wait for (may be empty while ``wake_at`` is set).
-    :param conn_id: Airflow connection of type ``openai`` (its host may be any OpenAI-compatible
-        base URL).
+    :param conn_id: the batch API's Airflow connection (an ``openai`` one's host may be any
+        OpenAI-compatible base URL).
+    :param provider: ``openai`` (default), ``azure_openai`` or ``anthropic``: whose batch API
+        (:func:`~openai_batch_airflow.hooks.batch_hook`).
     :param poll_interval: seconds between rounds of polls.
     :param max_consecutive_errors: transient polling failures of one batch in a row that end the wait.
     :param deadline: Unix time after which a batch without an entry in ``deadlines`` is given up on.
@@ -234,12 +240,14 @@ class OpenAIBatchTrigger(BaseTrigger):
         cancel_on_kill: bool = True,
         wake_at: float | None = None,
         deadlines: dict[str, float] | None = None,
+        provider: str = "openai",
     ) -> None:
         super().__init__()
         if isinstance(batch_ids, str):  # one id is a list of one, not a list of characters
             batch_ids = [batch_ids]
         self.batch_ids = [str(b) for b in batch_ids]
         self.conn_id = conn_id
+        self.provider = provider
         self.poll_interval = float(poll_interval)
         self.max_consecutive_errors = int(max_consecutive_errors)
         self.deadline = float(deadline) if deadline is not None else None
@@ -259,14 +267,15 @@ class OpenAIBatchTrigger(BaseTrigger):
                 "cancel_on_kill": self.cancel_on_kill,
                 "wake_at": self.wake_at,
                 "deadlines": dict(self.deadlines),
+                "provider": self.provider,
             },
         )
 
     @cached_property
-    def hook(self) -> OpenAIBatchHook:
-        from openai_batch_airflow.hooks import OpenAIBatchHook  # the client, loaded in the triggerer only
+    def hook(self) -> BatchAPI:
+        from openai_batch_airflow.hooks import batch_hook  # the client, loaded in the triggerer only
 
-        return OpenAIBatchHook(conn_id=self.conn_id)
+        return batch_hook(self.provider, self.conn_id)
 
     def poller(self) -> BatchPoller:
         return BatchPoller(self.batch_ids, self.poll_interval, self.max_consecutive_errors, self.deadline,
@@ -281,7 +290,10 @@ class OpenAIBatchTrigger(BaseTrigger):
                 await self.hook.aconn()
             except Exception as exc:  # a broken connection definition: report, do not crash the triggerer
                 yield TriggerEvent(
-                    BatchPoller._error(self.batch_ids[0], f"cannot build the OpenAI client: {exc}")
+                    BatchPoller._error(
+                        self.batch_ids[0],
+                        f"cannot build the {PROVIDER_NAMES.get(self.provider, self.provider)} client: {exc}",
+                    )
                 )
                 return
         try:

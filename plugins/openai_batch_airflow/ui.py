@@ -202,8 +202,9 @@ def _progress_page(session: Any, dag_run: Any, records: dict[tuple[str, str], li
         for shard in group.get("shards") or []
         if isinstance(shard, dict)
     ]
-    conn_id = (dag_run.conf or {}).get("conn_id") or "openai_default"
-    live = live_batches(str(conn_id), [str(s["batch_id"]) for s in shards if s.get("batch_id")])
+    conf = dag_run.conf or {}
+    ids = [str(s["batch_id"]) for s in shards if s.get("batch_id")]
+    live = live_batches(str(conf.get("conn_id") or ""), ids, str(conf.get("provider") or "openai"))
     batch_rows = []
     for shard in shards:
         now = live.get(str(shard.get("batch_id"))) or {}
@@ -231,21 +232,23 @@ def _progress_page(session: Any, dag_run: Any, records: dict[tuple[str, str], li
     return _page("Batch report: run in progress", "".join(body))
 
 
-def live_batches(conn_id: str, batch_ids: list[str]) -> dict[str, dict[str, Any]]:
+def live_batches(conn_id: str, batch_ids: list[str], provider: str = "openai") -> dict[str, dict[str, Any]]:
     """The status and request counts of each batch now (at most :data:`MAX_LIVE_BATCHES`, asked at once
-    through the run's connection, for at most :data:`LIVE_SECONDS`): ``{id: {"status", "request_counts"}}``,
+    through the run's connection of ``provider``, empty: its default, for at most :data:`LIVE_SECONDS`):
+    ``{id: {"status", "request_counts"}}``,
     or ``{id: {"error"}}`` (redacted) for one the API would not give."""
     from concurrent.futures import ThreadPoolExecutor, wait
 
     from batchpipe.paths import redact_text
-    from openai_batch_airflow.hooks import OpenAIBatchHook
+    from openai_batch_airflow.hooks import batch_hook
+    from openai_batch_airflow.triggers import batch_summary
 
     ids = [i for i in dict.fromkeys(batch_ids) if _BATCH_ID.fullmatch(i)][:MAX_LIVE_BATCHES]
     if not ids:
         return {}
     out: dict[str, dict[str, Any]] = {}
     try:
-        api = OpenAIBatchHook(conn_id=conn_id)
+        api = batch_hook(provider, conn_id or None)
         pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="batch-report")
     except Exception as exc:
         why = f"no client for connection {conn_id!r}: {redact_text(str(exc))[:300]}"
@@ -259,11 +262,10 @@ def live_batches(conn_id: str, batch_ids: list[str]) -> dict[str, dict[str, Any]
             elif future.exception() is not None:
                 out[batch_id] = {"error": redact_text(str(future.exception()))[:300]}
             else:
-                batch = future.result()
-                counts = getattr(batch, "request_counts", None)
+                summary = batch_summary(future.result())
                 out[batch_id] = {
-                    "status": str(getattr(batch, "status", "") or ""),
-                    "request_counts": {k: getattr(counts, k, None) for k in ("completed", "failed", "total")},
+                    "status": str(summary["status"] or ""),
+                    "request_counts": summary["request_counts"],
                 }
     finally:
         pool.shutdown(wait=True, cancel_futures=True)  # those asked end within the client's timeout

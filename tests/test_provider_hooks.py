@@ -1,0 +1,248 @@
+"""The Azure OpenAI and Anthropic hooks behind the batch-API interface: unit tests of their pure parts, and
+real calls to the local batch server (Azure's URLs and ``api-key`` header, Anthropic's Message Batches)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from conftest import StateStore
+from openai_batch_airflow.anthropic_batches import (
+    AmbiguousSubmission,
+    AnthropicBatchHook,
+    _body_size,
+    _requests_body,
+    openai_batch,
+)
+from openai_batch_airflow.hooks import (
+    AzureOpenAIBatchHook,
+    BatchAPI,
+    OpenAIBatchHook,
+    azure_client_kwargs,
+    batch_hook,
+)
+from openai_batch_airflow.submit import Intent
+from openai_batch_airflow.triggers import batch_summary
+
+KEY = "sk-ant-hook-test-0123456789"
+HEADERS = {"x-api-key": KEY, "anthropic-version": "2023-06-01"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from local_batch_server.testing import running_server
+
+    config = {
+        "validating_seconds": 0.05,
+        "in_progress_seconds": 0.1,
+        "finalizing_seconds": 0.05,
+        "api_key": KEY,
+    }
+    with running_server(tmp_path_factory.mktemp("srv"), config=config, admin_token="admin-token-for-hook-tests") as srv:
+        yield srv
+
+
+@pytest.fixture
+def srv(server):
+    server.reset()
+    return server
+
+
+@pytest.fixture
+def anthropic(srv, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_ANTHROPIC_TEST", json.dumps({"conn_type": "anthropic", "host": srv.root_url,
+                                                                  "password": KEY}))  # fmt: skip
+    return AnthropicBatchHook("anthropic_test")
+
+
+def lines(tmp_path, n: int, name: str = "shard.jsonl", prefix: str = "q"):
+    path = tmp_path / name
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(n):
+            params = {"model": "claude-haiku-4-5", "max_tokens": 50,
+                      "messages": [{"role": "user", "content": f"{prefix} {i} «ü»"}]}  # fmt: skip
+            fh.write(json.dumps({"custom_id": f"row-{i}", "params": params}, ensure_ascii=False) + "\n")
+    return path
+
+
+# -- pure parts ----------------------------------------------------------------------------------------
+def test_an_ended_anthropic_batch_in_the_openai_shape():
+    raw = {"id": "msgbatch_1", "type": "message_batch", "processing_status": "ended",
+           "request_counts": {"processing": 0, "succeeded": 5, "errored": 1, "canceled": 0, "expired": 4},
+           "created_at": "2026-12-07T10:00:00Z", "expires_at": "2026-12-08T10:00:00Z",
+           "ended_at": "2026-12-08T10:00:01.5Z", "cancel_initiated_at": None, "archived_at": None,
+           "results_url": "https://elsewhere.example/v1/messages/batches/msgbatch_1/results"}  # fmt: skip
+    summary = batch_summary(openai_batch(raw))
+    assert summary["status"] == "expired"  # resubmittable, like an OpenAI batch that expired
+    assert summary["request_counts"] == {"total": 10, "completed": 5, "failed": 5}
+    assert summary["output_file_id"] == "msgbatch_1" and summary["error_file_id"] is None
+    assert summary["expires_at"] == 1796724000 and summary["created_at"] == 1796637600
+    assert openai_batch({**raw, "cancel_initiated_at": "2026-12-07T11:00:00Z"})["status"] == "cancelled"
+    clean = {**raw, "request_counts": {**raw["request_counts"], "expired": 0}}
+    assert openai_batch(clean)["status"] == "completed"
+    running = {**raw, "processing_status": "in_progress", "results_url": None}
+    assert (
+        openai_batch(running)["status"] == "in_progress" and openai_batch(running)["output_file_id"] is None
+    )
+    assert openai_batch({**raw, "processing_status": "canceling"})["status"] == "cancelling"
+    # an unknown status is passed on (waited on until the deadline), odd counts are zero, bad times None
+    odd = openai_batch({"id": "x", "processing_status": "paused", "request_counts": {"succeeded": -1,
+                        "errored": "2", "expired": True}, "created_at": "yesterday"})  # fmt: skip
+    assert odd["status"] == "paused" and odd["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
+    assert odd["created_at"] is None
+
+
+def test_the_create_body_is_the_shard_lines_byte_for_byte(tmp_path):
+    path = tmp_path / "s.jsonl"
+    raw = [b'{"custom_id":"a","params":{"x":"\\u00e9 \xc3\xa9"}}', b'{"custom_id":"b","params":{}}']
+    path.write_bytes(raw[0] + b"\r\n\n" + raw[1])  # CRLF, a blank line, no final newline
+    body = b"".join(_requests_body(path))
+    assert body == b'{"requests":[' + raw[0] + b"," + raw[1] + b"]}"
+    assert len(body) == _body_size(path)
+    assert json.loads(body)["requests"][0]["params"]["x"] == "é é"
+
+
+def test_azure_client_settings_v1_dated_and_entra():
+    v1 = azure_client_kwargs("https://res.openai.azure.com/", "k1", {}, "c")
+    assert v1["base_url"] == "https://res.openai.azure.com/openai/v1"
+    assert v1["api_key"] == "k1" and v1["default_headers"] == {"api-key": "k1"}
+    same = azure_client_kwargs("https://res.openai.azure.com/openai/v1/", "k1", {}, "c")
+    assert same["base_url"] == v1["base_url"]
+    dated = azure_client_kwargs("https://res.openai.azure.com", "k1", {"api_version": "2024-10-21"}, "c")
+    assert dated["base_url"] == "https://res.openai.azure.com/openai"
+    assert dated["default_query"] == {"api-version": "2024-10-21"}
+    entra = azure_client_kwargs("https://res.openai.azure.com", "tok", {"auth_type": "entra_token"}, "c")
+    assert entra["api_key"] == "tok" and "default_headers" not in entra
+    with pytest.raises(ValueError, match="auth_type"):
+        azure_client_kwargs("https://res.openai.azure.com", "k", {"auth_type": "magic"}, "c")
+    with pytest.raises(ValueError, match="endpoint"):
+        azure_client_kwargs("", "k", {}, "c")
+
+
+def test_batch_hook_by_provider():
+    assert type(batch_hook()) is OpenAIBatchHook and batch_hook().conn_id == "openai_default"
+    azure = batch_hook("azure_openai")
+    assert isinstance(azure, AzureOpenAIBatchHook) and azure.conn_id == "azure_openai_default"
+    assert not azure.checks_model
+    claude = batch_hook("anthropic", "mine")
+    assert (
+        isinstance(claude, AnthropicBatchHook) and isinstance(claude, BatchAPI) and claude.conn_id == "mine"
+    )
+    assert not claude.uploads_files
+    with pytest.raises(ValueError, match="provider"):
+        batch_hook("bedrock")
+
+
+# -- Azure over HTTP -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra", [{}, {"api_version": "2024-10-21"}])
+def test_azure_hook_submits_polls_and_downloads_through_azure_urls(srv, monkeypatch, tmp_path, extra):
+    conn = {"conn_type": "azure_openai_batch", "host": srv.root_url, "password": KEY, "extra": extra}
+    monkeypatch.setenv("AIRFLOW_CONN_AZURE_TEST", json.dumps(conn))
+    hook = AzureOpenAIBatchHook("azure_test")
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+                                "body": {"model": "my-deployment", "messages": [{"role": "user",
+                                                                                 "content": "hi"}]}}) + "\n")  # fmt: skip
+    store = StateStore()
+    uploaded = hook.upload_once(path, "azure-test", Intent(store, "u", 1))
+    batch = hook.create_once(Intent(store, "c", 1), {"shard": "0"}, input_file_id=uploaded.id,
+                             endpoint="/v1/chat/completions")  # fmt: skip
+    import time
+
+    for _ in range(200):
+        summary = batch_summary(hook.retrieve(batch.id))
+        if summary["status"] == "completed":
+            break
+        time.sleep(0.05)
+    assert summary["status"] == "completed"
+    out = hook.download_file(summary["output_file_id"], tmp_path / "out.jsonl")
+    assert json.loads(out.read_text())["response"]["body"]["choices"][0]["message"]["content"] == "ECHO: hi"
+    # the key went as Azure's api-key header: a wrong one is refused
+    monkeypatch.setenv("AIRFLOW_CONN_AZURE_BAD", json.dumps({**conn, "password": "wrong"}))
+    with pytest.raises(openai.AuthenticationError):
+        AzureOpenAIBatchHook("azure_bad").retrieve(batch.id)
+
+
+# -- Anthropic over HTTP -------------------------------------------------------------------------------
+def wait_ended(hook, batch_id):
+    import time
+
+    for _ in range(400):
+        summary = batch_summary(hook.retrieve(batch_id))
+        if summary["status"] in ("completed", "expired", "cancelled"):
+            return summary
+        time.sleep(0.05)
+    raise AssertionError("never ended")
+
+
+def test_anthropic_create_poll_download(anthropic, tmp_path):
+    path = lines(tmp_path, 4)
+    batch = anthropic.create_once(
+        Intent(StateStore(), "c", 1), {"shard": "0"}, requests_path=path, requests=4
+    )
+    assert batch.status == "in_progress" and batch.request_counts["total"] == 4
+    summary = wait_ended(anthropic, batch.id)
+    assert summary["status"] == "completed" and summary["request_counts"] == {"total": 4, "completed": 4,
+                                                                               "failed": 0}  # fmt: skip
+    got = anthropic.download_file(summary["output_file_id"], tmp_path / "results.jsonl")
+    answers = {json.loads(x)["custom_id"]: json.loads(x)["result"] for x in got.read_text().splitlines()}
+    assert answers["row-2"]["message"]["content"][0]["text"] == "ECHO: q 2 «ü»"
+
+
+def test_anthropic_retry_after_a_lost_create_reattaches_and_two_candidates_stop(anthropic, tmp_path):
+    path = lines(tmp_path, 3)
+    store = StateStore()
+    # try 1 recorded its intent, created the batch, and died before recording the id
+    first = Intent(store, "create_batch-0", 1)
+    first.start()
+    made = anthropic._create(path)
+    # try 2 (the task's retry): finds that batch by listing; nothing new is created
+    again = anthropic.create_once(Intent(store, "create_batch-0", 1), {}, requests_path=path, requests=3)
+    assert again.id == made.id
+    assert (
+        len(
+            httpx.get(f"{anthropic._settings['base_url']}/v1/messages/batches", headers=HEADERS).json()[
+                "data"
+            ]
+        )
+        == 1
+    )
+    # another lost create, and meanwhile someone else created a batch of as many requests: no guess
+    store2 = StateStore()
+    Intent(store2, "create_batch-1", 1).start()
+    anthropic._create(lines(tmp_path, 3, "other.jsonl", prefix="other"))
+    with pytest.raises(AmbiguousSubmission, match="cannot be told"):
+        anthropic.create_once(Intent(store2, "create_batch-1", 1), {}, requests_path=path, requests=3)
+    # a batch of another size is never taken for this shard's
+    store3 = StateStore()
+    Intent(store3, "create_batch-2", 1).start()
+    fresh = anthropic.create_once(Intent(store3, "create_batch-2", 1), {}, requests_path=lines(tmp_path, 5, "five.jsonl"),
+                                  requests=5)  # fmt: skip
+    assert fresh.id not in (made.id,) and fresh.request_counts["total"] == 5
+
+
+def test_anthropic_results_come_from_the_connections_host_only(anthropic, tmp_path, srv):
+    """A results_url naming another host is never followed: the key goes to the connection's host only."""
+    batch = anthropic.create_once(
+        Intent(StateStore(), "c", 1), {}, requests_path=lines(tmp_path, 1), requests=1
+    )
+    wait_ended(anthropic, batch.id)
+    with pytest.raises(ValueError):
+        anthropic.download_file("../../v1/files", tmp_path / "x")
+    with pytest.raises(openai.NotFoundError):
+        anthropic.download_file("msgbatch_doesnotexist", tmp_path / "y")
+
+
+def test_anthropic_errors_are_the_openai_classes(srv, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_ANTHROPIC_BAD", json.dumps({"conn_type": "anthropic", "host": srv.root_url,
+                                                                 "password": "wrong"}))  # fmt: skip
+    with pytest.raises(openai.AuthenticationError) as caught:
+        AnthropicBatchHook("anthropic_bad").retrieve("msgbatch_x")
+    assert "wrong" not in str(caught.value)
+    monkeypatch.setenv("AIRFLOW_CONN_ANTHROPIC_DOWN", json.dumps({"conn_type": "anthropic",
+                                                                  "host": "http://127.0.0.1:9", "password": KEY}))  # fmt: skip
+    with pytest.raises(openai.APIConnectionError):
+        AnthropicBatchHook("anthropic_down")._call("GET", "/v1/messages/batches", attempts=1)
