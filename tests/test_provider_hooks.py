@@ -41,7 +41,8 @@ def server(tmp_path_factory):
         "finalizing_seconds": 0.05,
         "api_key": KEY,
     }
-    with running_server(tmp_path_factory.mktemp("srv"), config=config, admin_token="admin-token-for-hook-tests") as srv:
+    admin = "admin-token-for-hook-tests"
+    with running_server(tmp_path_factory.mktemp("srv"), config=config, admin_token=admin) as srv:
         yield srv
 
 
@@ -53,8 +54,8 @@ def srv(server):
 
 @pytest.fixture
 def anthropic(srv, monkeypatch):
-    monkeypatch.setenv("AIRFLOW_CONN_ANTHROPIC_TEST", json.dumps({"conn_type": "anthropic", "host": srv.root_url,
-                                                                  "password": KEY}))  # fmt: skip
+    conn = {"conn_type": "anthropic", "host": srv.root_url, "password": KEY}
+    monkeypatch.setenv("AIRFLOW_CONN_ANTHROPIC_TEST", json.dumps(conn))
     return AnthropicBatchHook("anthropic_test")
 
 
@@ -107,15 +108,23 @@ def test_the_create_body_is_the_shard_lines_byte_for_byte(tmp_path):
 
 def test_azure_client_settings_v1_dated_and_entra():
     v1 = azure_client_kwargs("https://res.openai.azure.com/", "k1", {}, "c")
-    assert v1["base_url"] == "https://res.openai.azure.com/openai/v1"
-    assert v1["api_key"] == "k1" and v1["default_headers"] == {"api-key": "k1"}
+    assert v1 == {"base_url": "https://res.openai.azure.com/openai/v1", "api_key": "k1"}
+    assert AzureOpenAIBatchHook._client_class(v1) is openai.OpenAI
     same = azure_client_kwargs("https://res.openai.azure.com/openai/v1/", "k1", {}, "c")
     assert same["base_url"] == v1["base_url"]
     dated = azure_client_kwargs("https://res.openai.azure.com", "k1", {"api_version": "2024-10-21"}, "c")
-    assert dated["base_url"] == "https://res.openai.azure.com/openai"
-    assert dated["default_query"] == {"api-version": "2024-10-21"}
-    entra = azure_client_kwargs("https://res.openai.azure.com", "tok", {"auth_type": "entra_token"}, "c")
-    assert entra["api_key"] == "tok" and "default_headers" not in entra
+    assert dated == {
+        "azure_endpoint": "https://res.openai.azure.com",
+        "api_version": "2024-10-21",
+        "api_key": "k1",
+    }
+    assert AzureOpenAIBatchHook._client_class(dated, asynchronous=True) is openai.AsyncAzureOpenAI
+    # the dated API's client sends the key as Azure's api-key header, and no bearer token
+    assert openai.AzureOpenAI(**dated).auth_headers == {"api-key": "k1"}
+    entra = azure_client_kwargs(
+        "https://res.openai.azure.com", "tok", {"auth_type": "entra_token", "api_version": "2024-10-21"}, "c"
+    )
+    assert entra["azure_ad_token"] == "tok" and "api_key" not in entra
     with pytest.raises(ValueError, match="auth_type"):
         azure_client_kwargs("https://res.openai.azure.com", "k", {"auth_type": "magic"}, "c")
     with pytest.raises(ValueError, match="endpoint"):
@@ -143,9 +152,9 @@ def test_azure_hook_submits_polls_and_downloads_through_azure_urls(srv, monkeypa
     monkeypatch.setenv("AIRFLOW_CONN_AZURE_TEST", json.dumps(conn))
     hook = AzureOpenAIBatchHook("azure_test")
     path = tmp_path / "in.jsonl"
-    path.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
-                                "body": {"model": "my-deployment", "messages": [{"role": "user",
-                                                                                 "content": "hi"}]}}) + "\n")  # fmt: skip
+    body = {"model": "my-deployment", "messages": [{"role": "user", "content": "hi"}]}
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": body}
+    path.write_text(json.dumps(line) + "\n")
     store = StateStore()
     uploaded = hook.upload_once(path, "azure-test", Intent(store, "u", 1))
     batch = hook.create_once(Intent(store, "c", 1), {"shard": "0"}, input_file_id=uploaded.id,
@@ -160,7 +169,7 @@ def test_azure_hook_submits_polls_and_downloads_through_azure_urls(srv, monkeypa
     assert summary["status"] == "completed"
     out = hook.download_file(summary["output_file_id"], tmp_path / "out.jsonl")
     assert json.loads(out.read_text())["response"]["body"]["choices"][0]["message"]["content"] == "ECHO: hi"
-    # the key went as Azure's api-key header: a wrong one is refused
+    # a wrong key is refused
     monkeypatch.setenv("AIRFLOW_CONN_AZURE_BAD", json.dumps({**conn, "password": "wrong"}))
     with pytest.raises(openai.AuthenticationError):
         AzureOpenAIBatchHook("azure_bad").retrieve(batch.id)
@@ -219,13 +228,14 @@ def test_anthropic_retry_after_a_lost_create_reattaches_and_two_candidates_stop(
     # a batch of another size is never taken for this shard's
     store3 = StateStore()
     Intent(store3, "create_batch-2", 1).start()
-    fresh = anthropic.create_once(Intent(store3, "create_batch-2", 1), {}, requests_path=lines(tmp_path, 5, "five.jsonl"),
-                                  requests=5)  # fmt: skip
-    assert fresh.id not in (made.id,) and fresh.request_counts["total"] == 5
+    five = lines(tmp_path, 5, "five.jsonl")
+    fresh = anthropic.create_once(Intent(store3, "create_batch-2", 1), {}, requests_path=five, requests=5)
+    assert fresh.id != made.id and fresh.request_counts["total"] == 5
 
 
 def test_anthropic_results_come_from_the_connections_host_only(anthropic, tmp_path, srv):
-    """A results_url naming another host is never followed: the key goes to the connection's host only."""
+    """Results are fetched by batch id from the connection's host (the absolute results_url is never
+    followed, so the key goes nowhere else); an id that could reach another path is refused."""
     batch = anthropic.create_once(
         Intent(StateStore(), "c", 1), {}, requests_path=lines(tmp_path, 1), requests=1
     )
@@ -237,12 +247,12 @@ def test_anthropic_results_come_from_the_connections_host_only(anthropic, tmp_pa
 
 
 def test_anthropic_errors_are_the_openai_classes(srv, monkeypatch):
-    monkeypatch.setenv("AIRFLOW_CONN_ANTHROPIC_BAD", json.dumps({"conn_type": "anthropic", "host": srv.root_url,
-                                                                 "password": "wrong"}))  # fmt: skip
+    bad = {"conn_type": "anthropic", "host": srv.root_url, "password": "wrong-key-0000"}
+    monkeypatch.setenv("AIRFLOW_CONN_ANTHROPIC_BAD", json.dumps(bad))
     with pytest.raises(openai.AuthenticationError) as caught:
         AnthropicBatchHook("anthropic_bad").retrieve("msgbatch_x")
-    assert "wrong" not in str(caught.value)
-    monkeypatch.setenv("AIRFLOW_CONN_ANTHROPIC_DOWN", json.dumps({"conn_type": "anthropic",
-                                                                  "host": "http://127.0.0.1:9", "password": KEY}))  # fmt: skip
+    assert "wrong-key-0000" not in str(caught.value)
+    down = {"conn_type": "anthropic", "host": "http://127.0.0.1:9", "password": KEY}
+    monkeypatch.setenv("AIRFLOW_CONN_ANTHROPIC_DOWN", json.dumps(down))
     with pytest.raises(openai.APIConnectionError):
         AnthropicBatchHook("anthropic_down")._call("GET", "/v1/messages/batches", attempts=1)

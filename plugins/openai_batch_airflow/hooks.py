@@ -251,7 +251,9 @@ class OpenAIBatchHook(OpenAIHook, BatchAPI):
             else:
                 conn = await get_async_connection(self.conn_id, hook=self)
                 kwargs = self._client_kwargs(conn, await get_async_extra_dejson(conn))
-                self._shared_key, self._aconn = SHARED_ASYNC_CLIENTS.acquire(self.conn_id, kwargs)
+                self._shared_key, self._aconn = SHARED_ASYNC_CLIENTS.acquire(
+                    self.conn_id, kwargs, self._client_class(kwargs, asynchronous=True)
+                )
         return self._aconn
 
     async def aclose(self) -> None:
@@ -265,6 +267,13 @@ class OpenAIBatchHook(OpenAIHook, BatchAPI):
             await SHARED_ASYNC_CLIENTS.release(key, client)
         else:
             await client.close()
+
+    @staticmethod
+    def _client_class(kwargs: dict[str, Any], asynchronous: bool = False) -> Any:
+        """The client class the settings ``kwargs`` are for (here always ``OpenAI`` / ``AsyncOpenAI``)."""
+        from openai import AsyncOpenAI, OpenAI
+
+        return AsyncOpenAI if asynchronous else OpenAI
 
     # -- batches ----------------------------------------------------------------------------------
     def retrieve(self, batch_id: str) -> Any:
@@ -416,10 +425,12 @@ class AzureOpenAIBatchHook(OpenAIBatchHook):
 
     Connection (type ``azure_openai_batch``, default ``azure_openai_default``): host = the resource's
     endpoint (``https://<resource>.openai.azure.com``; a trailing ``/openai/v1`` is fine), password = the
-    API key, sent as Azure's ``api-key`` header. Extra:
+    API key. Extra:
 
-    * ``api_version``: absent (default): the v1 API (``<endpoint>/openai/v1/``); set (e.g.
-      ``"2024-10-21"``): the dated API (``<endpoint>/openai/...?api-version=...``).
+    * ``api_version``: absent (default): the v1 API (``<endpoint>/openai/v1/``) through the ``OpenAI``
+      client, the key sent as Microsoft's v1 examples send it (``Authorization: Bearer``); set (e.g.
+      ``"2024-10-21"``): the dated API (``<endpoint>/openai/...?api-version=...``) through the
+      ``AzureOpenAI`` client, the key in Azure's ``api-key`` header.
     * ``auth_type``: ``api_key`` (default) or ``entra_token``: the password is then a Microsoft Entra ID
       access token, sent as ``Authorization: Bearer`` (it expires: the connection must be kept fresh).
 
@@ -450,9 +461,29 @@ class AzureOpenAIBatchHook(OpenAIBatchHook):
     def _client_kwargs(self, conn: Any, extras: dict[str, Any]) -> dict[str, Any]:
         return azure_client_kwargs(conn.host, conn.password, extras, self.conn_id)
 
+    @staticmethod
+    def _client_class(kwargs: dict[str, Any], asynchronous: bool = False) -> Any:
+        """``AzureOpenAI`` for the dated API (settings with an ``api_version``), else ``OpenAI``."""
+        from openai import AsyncAzureOpenAI, AsyncOpenAI, AzureOpenAI, OpenAI
+
+        if "api_version" in kwargs:
+            return AsyncAzureOpenAI if asynchronous else AzureOpenAI
+        return AsyncOpenAI if asynchronous else OpenAI
+
+    def get_conn(self) -> Any:
+        conn = self.get_connection(self.conn_id)
+        kwargs = self._client_kwargs(conn, conn.extra_dejson)
+        return self._client_class(kwargs)(**kwargs)
+
+    async def aget_conn(self) -> Any:
+        conn = await get_async_connection(self.conn_id, hook=self)
+        kwargs = self._client_kwargs(conn, await get_async_extra_dejson(conn))
+        return self._client_class(kwargs, asynchronous=True)(**kwargs)
+
 
 def azure_client_kwargs(host: str | None, secret: str | None, extras: dict[str, Any], conn_id: str) -> dict:
-    """The ``OpenAI`` client's settings for an Azure OpenAI connection (see :class:`AzureOpenAIBatchHook`)."""
+    """The client settings of an Azure OpenAI connection (see :class:`AzureOpenAIBatchHook`): ``OpenAI``'s
+    for the v1 API, ``AzureOpenAI``'s (with ``api_version``) for the dated one."""
     if not host:
         raise ValueError(f"connection {conn_id!r}: the host must be the Azure OpenAI endpoint")
     endpoint = host.rstrip("/")
@@ -461,18 +492,17 @@ def azure_client_kwargs(host: str | None, secret: str | None, extras: dict[str, 
             endpoint = endpoint[: -len(suffix)]
             break
     version = extras.get("api_version") or None
-    kwargs: dict[str, Any] = dict(extras.get("openai_client_kwargs") or {})
-    if version:
-        kwargs.update(base_url=f"{endpoint}/openai", default_query={"api-version": str(version)})
-    else:
-        kwargs.update(base_url=f"{endpoint}/openai/v1")
     auth = extras.get("auth_type") or "api_key"
-    if auth == "api_key":
-        kwargs.update(api_key=secret, default_headers={"api-key": secret or ""})
-    elif auth == "entra_token":
-        kwargs.update(api_key=secret)  # sent as Authorization: Bearer <token>
-    else:
+    if auth not in ("api_key", "entra_token"):
         raise ValueError(f"connection {conn_id!r}: auth_type {auth!r} is not one of 'api_key', 'entra_token'")
+    kwargs: dict[str, Any] = dict(extras.get("openai_client_kwargs") or {})
+    if not version:  # the v1 API: the OpenAI client, the key or token as a bearer token
+        return {**kwargs, "base_url": f"{endpoint}/openai/v1", "api_key": secret}
+    kwargs.update(azure_endpoint=endpoint, api_version=str(version))
+    if auth == "api_key":
+        kwargs["api_key"] = secret  # AzureOpenAI sends it as the api-key header
+    else:
+        kwargs["azure_ad_token"] = secret
     return kwargs
 
 
