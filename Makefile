@@ -18,8 +18,9 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 browser:
 	command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
+# PROVIDER=anthropic or PROVIDER=azure_openai: the same demo through that batch API (offline by default).
 demo: install
-	$(BIN)/python scripts/demo.py
+	PROVIDER="$(PROVIDER)" $(BIN)/python scripts/demo.py
 
 # Stop the Airflow processes and local batch server that `make demo` left running.
 stop:

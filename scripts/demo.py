@@ -3,12 +3,18 @@
 Without an OpenAI key it starts the repo's local batch server (offline). With ``OPENAI_API_KEY``
 (or ``AIRFLOW_CONN_OPENAI_DEFAULT``) in the environment, the same run goes to OpenAI for real.
 
+``make demo PROVIDER=anthropic`` (or ``azure_openai``) runs it through that batch API instead: offline
+against the local batch server (which speaks Anthropic's Message Batches and Azure's URLs too), or for
+real with ``ANTHROPIC_API_KEY`` / ``AIRFLOW_CONN_ANTHROPIC_DEFAULT`` (Azure:
+``AIRFLOW_CONN_AZURE_OPENAI_DEFAULT``; its model is your deployment's name, give it in ``DEMO_MODEL``).
+
 Airflow (SQLite, LocalExecutor) lives in ``airflow_home/`` inside the repo (git-ignored):
 api-server, scheduler, dag-processor and triggerer run as separate processes. Results land in
 ``output/``. ``make stop`` ends the processes this script leaves running.
 
 Environment: ``DEMO_API_PORT`` (default 8080), ``DEMO_BATCH_SERVER_PORT`` (default 8765),
-``DEMO_MODEL`` (default gpt-4o), ``DEMO_CHECK_INTERVAL`` (seconds; default 2 offline, 30 online).
+``DEMO_MODEL`` (default gpt-4o; claude-haiku-4-5 for Anthropic), ``DEMO_CHECK_INTERVAL`` (seconds;
+default 2 offline, 30 online).
 """
 
 from __future__ import annotations
@@ -64,8 +70,26 @@ def start_local_batch_server(stack: AirflowStack) -> str:
     raise SystemExit(f"local batch server did not start:\n{stack.log_tail('batch-server')}")
 
 
-def connection() -> tuple[str, str, str]:
-    """(AIRFLOW_CONN_OPENAI_DEFAULT value or "", mode, description) — never prints the key."""
+#: The demo's batch APIs: (connection variable, key variable, default model, what it is called).
+PROVIDERS = {
+    "openai": ("AIRFLOW_CONN_OPENAI_DEFAULT", "OPENAI_API_KEY", "gpt-4o", "OpenAI"),
+    "azure_openai": ("AIRFLOW_CONN_AZURE_OPENAI_DEFAULT", None, "gpt-4o-batch", "Azure OpenAI"),
+    "anthropic": ("AIRFLOW_CONN_ANTHROPIC_DEFAULT", "ANTHROPIC_API_KEY", "claude-haiku-4-5", "Anthropic"),
+}
+#: Connection types of the providers' connections.
+CONN_TYPES = {"openai": "openai", "azure_openai": "azure_openai_batch", "anthropic": "anthropic"}
+
+
+def connection(provider: str = "openai") -> tuple[str, str, str]:
+    """(the provider's connection value or "", mode, description) — never prints the key."""
+    variable, key, _, name = PROVIDERS[provider]
+    if provider != "openai":
+        if os.environ.get(variable):
+            return os.environ[variable], "online", f"the {variable} connection"
+        if key and os.environ.get(key):
+            conn = {"conn_type": CONN_TYPES[provider], "password": os.environ[key]}
+            return json.dumps(conn), "online", f"{name} with your {key}"
+        return "", "offline", f"the local batch server, speaking {name}'s batch API (no {name} key set)"
     if os.environ.get("AIRFLOW_CONN_OPENAI_DEFAULT"):
         return (
             os.environ["AIRFLOW_CONN_OPENAI_DEFAULT"],
@@ -102,7 +126,10 @@ def where_runs_land(env: dict[str, str]) -> str:
 
 
 def main() -> int:
-    conn, mode, where = connection()
+    provider = (os.environ.get("PROVIDER") or "openai").strip()
+    if provider not in PROVIDERS:
+        raise SystemExit(f"PROVIDER={provider!r}: use one of {', '.join(PROVIDERS)}")
+    conn, mode, where = connection(provider)
     api_port = int(os.environ.get("DEMO_API_PORT", "8080"))
     stack = AirflowStack(HOME, api_port=api_port)
     stopped = stack.stop_detached()
@@ -118,9 +145,10 @@ def main() -> int:
     try:
         if mode == "offline":
             base_url = start_local_batch_server(stack)
-            conn = json.dumps({"conn_type": "openai", "host": base_url, "password": "local-demo-key"})
-            say(f"local batch server: {base_url}")
-        stack.env["AIRFLOW_CONN_OPENAI_DEFAULT"] = conn
+            host = base_url if provider == "openai" else base_url.removesuffix("/v1")  # its own root
+            conn = json.dumps({"conn_type": CONN_TYPES[provider], "host": host, "password": "local-demo-key"})
+            say(f"local batch server: {host}")
+        stack.env[PROVIDERS[provider][0]] = conn
         stack.env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] = "admin:admin"
         say("preparing the Airflow database ...")
         stack.migrate()
@@ -134,9 +162,13 @@ def main() -> int:
             "output_dir": str(OUTPUT),
             "prompt_column": "prompt",
             "image_column": "image",
-            "model": os.environ.get("DEMO_MODEL", "gpt-4o"),
+            "model": os.environ.get("DEMO_MODEL") or PROVIDERS[provider][2],
             "check_interval": interval,
         }
+        if provider != "openai":
+            conf["provider"] = provider
+        if provider == "anthropic":
+            conf["max_tokens"] = 1024  # Anthropic requires it
         run_id = "demo__" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         say("\ntriggering, as you would yourself:")
         say(f"  airflow dags trigger {DAG_ID} --run-id {run_id} --conf '{json.dumps(conf)}'\n")

@@ -256,3 +256,14 @@ def test_anthropic_errors_are_the_openai_classes(srv, monkeypatch):
     monkeypatch.setenv("AIRFLOW_CONN_ANTHROPIC_DOWN", json.dumps(down))
     with pytest.raises(openai.APIConnectionError):
         AnthropicBatchHook("anthropic_down")._call("GET", "/v1/messages/batches", attempts=1)
+
+
+def test_the_connection_types_are_registered_with_airflow():
+    """The package's provider entry gives Airflow's connection form both types, with their fields."""
+    from airflow.providers_manager import ProvidersManager
+
+    hooks = ProvidersManager().hooks
+    assert hooks["azure_openai_batch"].hook_class_name == "openai_batch_airflow.hooks.AzureOpenAIBatchHook"
+    assert hooks["anthropic"].hook_class_name.endswith("anthropic_batches.AnthropicBatchHook")
+    assert AnthropicBatchHook.get_ui_field_behaviour()["relabeling"]["password"] == "API key"
+    assert AzureOpenAIBatchHook.get_ui_field_behaviour()["relabeling"]["host"] == "Endpoint"

@@ -41,7 +41,7 @@ DEFAULT_EXPECTED_OUTPUT_TOKENS = 200
 EMBEDDINGS = "/v1/embeddings"
 _TOP_KEYS = ("as_of", "source", "currency", "per", "batch_discount", "models")
 _MAX_KEYS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
-_SNAPSHOT = re.compile(r"-\d{4}-\d{2}-\d{2}$")
+_SNAPSHOT = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")  # OpenAI -2024-08-06, Anthropic -20250514
 
 
 # --------------------------------------------------------------------------- prices
@@ -126,9 +126,10 @@ def price_for(prices: dict[str, Any], model: str) -> dict[str, Any] | None:
     """Price entry for ``model``: ``{"model" (the table's name), "input", "output", "currency", "per",
     "batch_discount", "as_of", "source"}``, or None when the table has no entry for it.
 
-    Looked up exactly (case-insensitive), then without a ``-YYYY-MM-DD`` snapshot suffix
-    (``gpt-4o-2024-08-06`` → ``gpt-4o``). Fine-tuned models (``ft:...``) are not matched: their
-    prices differ from the base model's.
+    Looked up exactly (case-insensitive), then without a ``-YYYY-MM-DD`` or ``-YYYYMMDD`` snapshot suffix
+    (``gpt-4o-2024-08-06`` → ``gpt-4o``, ``claude-sonnet-4-20250514`` → ``claude-sonnet-4``). A model entry's
+    own ``as_of`` / ``source`` (another provider's table) win over the file's. Fine-tuned models
+    (``ft:...``) are not matched: their prices differ from the base model's.
     """
     models = {k.lower(): v for k, v in (prices.get("models") or {}).items()}
     m = model.strip().lower()
@@ -142,8 +143,8 @@ def price_for(prices: dict[str, Any], model: str) -> dict[str, Any] | None:
                 "currency": prices.get("currency", "USD"),
                 "per": prices.get("per", 1_000_000),
                 "batch_discount": prices.get("batch_discount", 0.5),
-                "as_of": prices.get("as_of"),
-                "source": prices.get("source"),
+                "as_of": entry.get("as_of") or prices.get("as_of"),
+                "source": entry.get("source") or prices.get("source"),
             }
     return None
 

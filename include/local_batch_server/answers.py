@@ -78,6 +78,23 @@ above: strings are the echo text (a ``format`` gets a fixed value of that format
 it is no longer JSON, ``finish_reason`` "length"). A last user message containing :data:`NOT_JSON_MARKER`
 is answered with the plain echo text instead. The responses body echoes the request's ``text`` format.
 
+``/v1/messages`` (Anthropic Messages ``params``, used by the Message Batches API; tokens counted by
+:func:`batchpipe.tokens.anthropic_token_breakdown` (input: text + image tokens) and in
+:data:`~batchpipe.tokens.ANTHROPIC_TEXT_MODEL`'s encoding (output))::
+
+    text = "ECHO: " + text(last user message) + image suffixes   (same rule and order as chat)
+    content: a string or blocks {"type": "text", "text"} / {"type": "image", "source": {"type": "base64",
+    "media_type", "data"}} (suffix as the data URL "data:<media_type>;base64,<data>") / {"type": "image",
+    "source": {"type": "url", "url"}} (" [image url=...]"); ``system`` is not echoed
+    output_config: {"format": {"type": "json_schema", "schema"}} -> the JSON answer (as response_format)
+    max_tokens (required, int >= 1) cuts as above -> stop_reason "max_tokens", else "end_turn"
+    {"id": "msg_<24 hex>", "type": "message", "role": "assistant", "model": <model>,
+     "content": [{"type": "text", "text": ...}], "stop_reason": "end_turn"|"max_tokens",
+     "stop_sequence": null, "usage": {"input_tokens", "output_tokens"}}
+
+A missing ``model`` / ``max_tokens`` / ``messages`` raises a :class:`RequestError` whose message is
+Anthropic's (``"max_tokens: Field required"``); the server turns it into an ``errored`` result.
+
 A body without a string ``model`` gets a 400 ``missing_required_parameter`` error line. Ids are
 derived from sha256(batch id + custom_id), so they are stable for a given batch.
 """
@@ -94,7 +111,9 @@ import urllib.parse
 from typing import Any
 
 from batchpipe.tokens import (
+    ANTHROPIC_TEXT_MODEL,
     UnknownModel,
+    anthropic_token_breakdown,
     count_text_tokens,
     iter_request_images,
     request_prompt_tokens,
@@ -509,11 +528,84 @@ def completion(body: dict[str, Any], seed: str = "") -> dict[str, Any]:
     }
 
 
+def _anthropic_part(block: Any) -> Any:
+    """An Anthropic content block as the chat part that gets the same text / image suffix."""
+    if not isinstance(block, dict) or block.get("type") != "image":
+        return block
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    kind = source.get("type")
+    if kind == "base64":
+        url = f"data:{source.get('media_type') or ''};base64,{source.get('data') or ''}"
+        return {"type": "image_url", "image_url": {"url": url}}
+    if kind == "url" and isinstance(source.get("url"), str):
+        return {"type": "image_url", "image_url": {"url": source["url"]}}
+    if kind == "file" and isinstance(source.get("file_id"), str):
+        return {"type": "input_image", "file_id": source["file_id"]}
+    raise RequestError("messages: invalid image source.", code="invalid_image", param="messages")
+
+
+def _anthropic_schema(params: dict[str, Any]) -> Any:
+    """The schema of ``output_config.format`` (or of the older ``output_format``) when it is json_schema."""
+    config = params.get("output_config")
+    fmt = config.get("format") if isinstance(config, dict) else params.get("output_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        return fmt.get("schema")
+    return None
+
+
+def message(params: Any, seed: str = "") -> dict[str, Any]:
+    """The Anthropic Message answering ``params`` (see the module docstring)."""
+    if not isinstance(params, dict):
+        raise RequestError("params: Input should be a valid dictionary.", param="params")
+    for name in ("model", "max_tokens", "messages"):
+        if name not in params:
+            raise RequestError(f"{name}: Field required", param=name)
+    model = params["model"]
+    if not isinstance(model, str) or not model:
+        raise RequestError("model: Input should be a valid string", param="model")
+    limit = params["max_tokens"]
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        problem = "max_tokens: Input should be an integer greater than or equal to 1"
+        raise RequestError(problem, param="max_tokens")
+    messages = params["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages: Input should be a non-empty list", param="messages")
+    chat_messages = []
+    for item in messages:
+        if not isinstance(item, dict):
+            raise RequestError("messages: Input should be a valid dictionary", param="messages")
+        content = item.get("content")
+        if isinstance(content, list):
+            content = [_anthropic_part(block) for block in content]
+        chat_messages.append({"role": item.get("role"), "content": content})
+    text, truncated = _truncate(
+        _shaped(_echo(chat_messages), _anthropic_schema(params)), limit, ANTHROPIC_TEXT_MODEL
+    )
+    try:
+        text_tokens, image_tokens, _, _ = anthropic_token_breakdown(params)
+    except (TypeError, AttributeError, KeyError, ValueError):
+        raise RequestError("Invalid request body.", param="params") from None
+    return {
+        "id": "msg_" + _hex_id(seed, "message"),
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": "max_tokens" if truncated else "end_turn",
+        "stop_sequence": None,
+        "usage": {
+            "input_tokens": text_tokens + image_tokens,
+            "output_tokens": count_text_tokens(text, ANTHROPIC_TEXT_MODEL),
+        },
+    }
+
+
 HANDLERS = {
     "/v1/chat/completions": chat_completion,
     "/v1/responses": response,
     "/v1/embeddings": embeddings,
     "/v1/completions": completion,
+    "/v1/messages": message,
 }
 
 

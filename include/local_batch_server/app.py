@@ -17,6 +17,31 @@ file (``batch_expired`` / ``batch_cancelled``) and count as ``failed`` in ``requ
 Auth: ``/v1/*`` needs ``Authorization: Bearer <api_key>`` when ``api_key`` is set; ``/_admin/*`` is
 guarded by the start-up :class:`~local_batch_server.config.AdminPolicy` (admin token, locked upstream
 and keys). Both secrets are compared in constant time.
+
+Anthropic Message Batches (``/v1/messages/batches``: create, list ``?limit=&before_id=&after_id=``
+newest first, retrieve, ``/cancel``, ``/results`` (JSONL, once ended), delete (once ended)): an Anthropic
+batch is a batch of endpoint ``/v1/messages`` whose requests are the given ``params`` (answered by
+:func:`local_batch_server.answers.message`, always locally: ``upstream_base_url`` does not apply), run
+by the same runner. Calls need an ``anthropic-version`` header (else 400) and, when ``api_key`` is set,
+``x-api-key: <api_key>`` (else 401); every answer carries a ``request-id`` header and errors on
+``/v1/messages*`` use Anthropic's shape ``{"type": "error", "error": {"type", "message"}}``. The
+batch object maps the internal statuses: validating / in_progress / finalizing -> ``in_progress``
+(``canceling`` once a cancel was asked; a cancel during finalizing lets the batch end normally),
+cancelling -> ``canceling``, the terminal ones -> ``ended``. ``request_counts``: ``processing`` = not yet
+answered, ``succeeded`` / ``errored`` grow while it runs (Anthropic itself shows them only at the end),
+unrun requests count as ``expired`` / ``canceled`` once it ends. ``results_url`` is absolute, built from
+the call's base URL. Result lines: ``{"custom_id", "result": {"type": "succeeded", "message"}}``,
+``errored`` (reject marker, or a missing / invalid model / max_tokens / messages) with an Anthropic error
+body, ``expired``, ``canceled``; shuffled like the OpenAI files. Failure injection: ``reject_marker``,
+``expire_fraction`` / ``expire_batches``, ``http_faults`` (``after`` included), ``result_faults`` (on
+the results file: ``error_after_answer`` / ``unknown_ids`` add ``errored`` lines, ``drop_lines`` drops
+``succeeded`` ones) and cancel apply; ``fail_validation`` and ``status_faults`` do not. A deleted batch
+leaves the creation order, so the ``batch`` index of later ``http_faults`` shifts. OpenAI's
+``/v1/batches`` routes do not see Anthropic batches, and the other way round.
+
+Azure OpenAI: ``/openai/v1/<rest>`` is served as ``/v1/<rest>``, and ``/openai/<rest>`` (the older API
+the ``AzureOpenAI`` client uses: ``/openai/files``, ``/openai/batches``, ...) as ``/v1/<rest>`` when it
+has an ``api-version`` query parameter (400 without). There the key may also come as ``api-key: <key>``.
 """
 
 from __future__ import annotations
@@ -34,6 +59,7 @@ import time
 import urllib.parse
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +98,18 @@ CANCELLED_ERROR = {
     "message": "This request was not executed because the batch was cancelled.",
 }
 
+#: Anthropic Message Batches: internal endpoint of their requests, route prefix, limits, views.
+MESSAGES_ENDPOINT = "/v1/messages"
+ANTHROPIC_CUSTOM_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+ANTHROPIC_STATUS = {
+    "validating": "in_progress", "in_progress": "in_progress", "finalizing": "in_progress",
+    "cancelling": "canceling",
+    "completed": "ended", "expired": "ended", "cancelled": "ended", "failed": "ended",
+}  # fmt: skip
+ANTHROPIC_MAX_LIST = 1000
+#: ASGI scope key marking a call that came in on an Azure path (``/openai/...``).
+AZURE_SCOPE_KEY = "local_batch_server.azure"
+
 
 class ApiError(Exception):
     def __init__(
@@ -101,6 +139,36 @@ def error_type(status: int) -> str:
 def error_response(status: int, message: str, param=None, code=None, headers=None) -> JSONResponse:
     body = {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def anthropic_error_type(status: int) -> str:
+    return {
+        401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+        413: "request_too_large", 429: "rate_limit_error", 529: "overloaded_error",
+    }.get(status, "api_error" if status >= 500 else "invalid_request_error")  # fmt: skip
+
+
+def anthropic_error(status: int, message: str) -> dict[str, Any]:
+    """Anthropic's error body: ``{"type": "error", "error": {"type", "message"}}``."""
+    return {"type": "error", "error": {"type": anthropic_error_type(status), "message": message}}
+
+
+def is_anthropic_path(path: str) -> bool:
+    return path == MESSAGES_ENDPOINT or path.startswith(MESSAGES_ENDPOINT + "/")
+
+
+def path_error_response(
+    path: str, status: int, message: str, param=None, code=None, headers=None
+) -> Response:
+    """An error in the shape of the API of ``path``: Anthropic's on ``/v1/messages*``, else OpenAI's."""
+    if is_anthropic_path(path):
+        return JSONResponse(anthropic_error(status, message), status_code=status, headers=headers)
+    return error_response(status, message, param, code, headers)
+
+
+def rfc3339(ts: float | None) -> str | None:
+    """``ts`` (epoch seconds) as ``2026-12-07T20:31:12.123456Z``; None stays None."""
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def public_batch(data: dict[str, Any]) -> dict[str, Any]:
@@ -165,6 +233,15 @@ class BatchState:
     cancel_requested: bool = False
     requests: list[Parsed] = field(default_factory=list)
     task: asyncio.Task | None = None
+    #: An Anthropic Message Batch: ``requests`` given at create (endpoint ``/v1/messages``, bodies = the
+    #: ``params``), answered locally, results in one JSONL file at ``results_path``.
+    anthropic: bool = False
+    created: float = field(default_factory=time.time)
+    cancel_initiated: float | None = None
+    ended: float | None = None
+    #: requests never run (expired / canceled), known once the batch ends
+    unrun: int = 0
+    results_path: Path | None = None
 
 
 class Store:
@@ -334,6 +411,7 @@ class Runner:
         except Exception as exc:  # pragma: no cover - defensive
             log.exception("batch %s crashed", state.data["id"])
             self.fail(state, [{"code": "server_error", "message": f"Internal error: {exc}", "param": None}])
+        state.ended = time.time()
 
     def fail(self, state: BatchState, errors: list[dict]) -> None:
         d = state.data
@@ -344,6 +422,9 @@ class Runner:
     async def _run(self, state: BatchState) -> None:
         d = state.data
         cancelled = await self.wait_phase(state, "validating_seconds")
+        if state.anthropic:  # requests given at create, already checked; fail_validation does not apply
+            await self.run_requests(state, state.requests, cancelled or state.cancel_requested)
+            return
         if d["input_file_id"] not in self.store.files and not cancelled:
             msg = f"The input file {d['input_file_id']} no longer exists."
             self.fail(
@@ -366,6 +447,11 @@ class Runner:
         if errors and not cancelled:
             self.fail(state, errors)
             return
+        await self.run_requests(state, requests, cancelled)
+
+    async def run_requests(self, state: BatchState, requests: list[Parsed], cancelled: bool) -> None:
+        """From validated ``requests`` to the end: in_progress, finalizing, and a terminal status."""
+        d = state.data
         state.requests = requests
         total = len(requests)
         d["request_counts"] = {"total": total, "completed": 0, "failed": 0}
@@ -410,7 +496,7 @@ class Runner:
         start = time.monotonic()
         index = 0
         client = None
-        if self.cfg.upstream_base_url:
+        if self.cfg.upstream_base_url and not state.anthropic:
             client = httpx.AsyncClient(timeout=self.cfg.upstream_timeout_seconds)
         try:
             for step in range(1, steps + 1):
@@ -422,7 +508,7 @@ class Runner:
                 if state.cancel_requested:
                     return True, False
                 end = min(total * step // steps, limit)
-                for outcome in await self.answer_chunk(d["id"], requests[index:end], client):
+                for outcome in await self.answer_chunk(state, requests[index:end], client):
                     outcomes.append(outcome)
                     d["request_counts"]["completed" if outcome.ok else "failed"] += 1
                 index = max(index, end)
@@ -433,7 +519,10 @@ class Runner:
             if client is not None:
                 await client.aclose()
 
-    async def answer_chunk(self, batch_id: str, chunk: list[Parsed], client) -> list[Outcome]:
+    async def answer_chunk(self, state: BatchState, chunk: list[Parsed], client) -> list[Outcome]:
+        batch_id = state.data["id"]
+        if state.anthropic:
+            return await asyncio.to_thread(lambda: [self.answer_anthropic(batch_id, p) for p in chunk])
         if client is None:
             return await asyncio.to_thread(lambda: [self.answer_local(batch_id, p) for p in chunk])
         sem = asyncio.Semaphore(self.cfg.upstream_concurrency)
@@ -469,6 +558,20 @@ class Runner:
             return Outcome(p.custom_id, self.line(p, exc.status, exc.body()), ok=False)
         inp, out = answers.usage_of(body)
         return Outcome(p.custom_id, self.line(p, 200, body), ok=True, input_tokens=inp, output_tokens=out)
+
+    def answer_anthropic(self, batch_id: str, p: Parsed) -> Outcome:
+        """A Message Batch result line: ``succeeded`` with the Message, or ``errored``."""
+        try:
+            rejection = self.rejected(p)
+            if rejection:
+                raise rejection
+            message = answers.answer(MESSAGES_ENDPOINT, p.body, seed=f"{batch_id}:{p.custom_id}")
+        except answers.RequestError as exc:
+            result = {"type": "errored", "error": anthropic_error(exc.status, exc.message)}
+            return Outcome(p.custom_id, {"custom_id": p.custom_id, "result": result}, ok=False)
+        inp, out = answers.usage_of(message)
+        line = {"custom_id": p.custom_id, "result": {"type": "succeeded", "message": message}}
+        return Outcome(p.custom_id, line, ok=True, input_tokens=inp, output_tokens=out)
 
     async def answer_upstream(self, batch_id: str, p: Parsed, client: httpx.AsyncClient) -> Outcome:
         rejection = self.rejected(p)
@@ -506,6 +609,9 @@ class Runner:
     async def finish(self, state: BatchState, outcomes: list[Outcome], unrun_error: dict | None) -> None:
         """Write output / error files (built off the event loop), usage and final counts."""
         d = state.data
+        if state.anthropic:
+            await self.finish_anthropic(state, outcomes, unrun_error)
+            return
         good, bad, n_good, n_bad = await asyncio.to_thread(
             build_result_files, outcomes, state.requests, unrun_error, self.cfg.shuffle_seed
         )
@@ -537,6 +643,78 @@ class Runner:
             "input_tokens_details": {"cached_tokens": 0},
             "output_tokens_details": {"reasoning_tokens": 0},
         }
+
+    async def finish_anthropic(
+        self, state: BatchState, outcomes: list[Outcome], unrun_error: dict | None
+    ) -> None:
+        """Write the Message Batch results file (``result_faults`` apply) and the final counts."""
+        d = state.data
+        kind = (
+            "expired"
+            if unrun_error is EXPIRED_ERROR
+            else "canceled"
+            if unrun_error is CANCELLED_ERROR
+            else None
+        )
+        content, unrun = await asyncio.to_thread(
+            build_anthropic_results, outcomes, state.requests, kind, self.cfg.shuffle_seed
+        )
+        faults = self.cfg.result_faults
+        if faults is not None and faults.batches is not None:
+            if faults.batches <= 0:
+                faults = None
+            else:
+                faults.batches -= 1
+        broken = break_anthropic_results(content, faults) if faults is not None else None
+        path = self.store.files_dir / f"{d['id']}.results.jsonl"
+        if broken is not None and broken != content and faults.downloads is None:
+            content = broken
+        elif broken is not None and broken != content:
+            self.store.broken[d["id"]] = [broken, faults.downloads]
+        await asyncio.to_thread(path.write_bytes, content)
+        state.results_path = path
+        n_good = sum(1 for o in outcomes if o.ok)
+        d["request_counts"]["completed"] = n_good
+        d["request_counts"]["failed"] = len(state.requests) - n_good
+        state.unrun = unrun
+
+
+def build_anthropic_results(
+    outcomes: list[Outcome], requests: list[Parsed], unrun_kind: str | None, seed: int
+) -> tuple[bytes, int]:
+    """(results JSONL, number of unrun requests): one line per request, shuffled; unrun requests get
+    ``{"type": unrun_kind}`` (``expired`` / ``canceled``)."""
+    done = {o.custom_id for o in outcomes}
+    lines = [o.line for o in outcomes]
+    unrun = [p for p in requests if p.custom_id not in done] if unrun_kind else []
+    lines += [{"custom_id": p.custom_id, "result": {"type": unrun_kind}} for p in unrun]
+    text = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in shuffled(lines, seed))
+    return text.encode("utf-8"), len(unrun)
+
+
+def break_anthropic_results(content: bytes, faults: Any) -> bytes:
+    """The results file as ``faults`` (a :class:`ResultFaults`) breaks it: ``error_after_answer`` adds an
+    ``errored`` line for an already ``succeeded`` custom_id, ``unknown_ids`` ``errored`` (api_error) lines
+    for custom_ids never sent, ``drop_lines`` leaves out succeeded lines; garbage / truncation as OpenAI's."""
+    lines = content.splitlines(keepends=True)
+    succeeded = [line for line in lines if json.loads(line)["result"]["type"] == "succeeded"]
+    extra = []
+    for line in succeeded[: faults.error_after_answer]:
+        error = anthropic_error(400, "duplicate line after an answer")
+        extra.append(
+            {"custom_id": json.loads(line)["custom_id"], "result": {"type": "errored", "error": error}}
+        )
+    for n in range(faults.unknown_ids):
+        error = anthropic_error(500, "server error")
+        extra.append({"custom_id": f"never-sent-{n}", "result": {"type": "errored", "error": error}})
+    dropped = set(map(id, succeeded[: faults.drop_lines]))
+    lines = [line for line in lines if id(line) not in dropped]
+    lines += [(json.dumps(x) + "\n").encode() for x in extra]
+    if faults.garbage_line:
+        lines.append(b"<html><body><h1>502 Bad Gateway</h1></body></html>\n")
+    if faults.truncate_last_line and lines:
+        lines[-1] = lines[-1][: len(lines[-1]) // 2]
+    return b"".join(lines)
 
 
 def build_result_files(
@@ -607,30 +785,53 @@ def create_app(
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
-        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
+        return path_error_response(
+            request.url.path, exc.status, exc.message, exc.param, exc.code, exc.headers
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         loc = first.get("loc") or ()
         param = str(loc[-1]) if loc else None
-        return error_response(400, f"Invalid request: {first.get('msg', 'bad request')}", param, None)
+        message = f"Invalid request: {first.get('msg', 'bad request')}"
+        return path_error_response(request.url.path, 400, message, param, None)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         message = exc.detail if isinstance(exc.detail, str) else "error"
         if exc.status_code == 404:
             message = f"Invalid URL ({request.method} {request.url.path})"
-        return error_response(exc.status_code, message, None, None)
+        return path_error_response(request.url.path, exc.status_code, message, None, None)
 
     @app.middleware("http")
     async def _faults_and_auth(request: Request, call_next):
         path = request.url.path
+        if not is_anthropic_path(path):
+            return await faults_and_auth(request, call_next)
+        request_id = new_id("req_")
+        response = await faults_and_auth(request, call_next)
+        response.headers["request-id"] = request_id
+        return response
+
+    async def faults_and_auth(request: Request, call_next):
+        path = request.url.path
         lost = None  # a fault that fires after the call was handled
         if not path.startswith("/_admin"):
             cfg = store.config
-            if cfg.api_key and path.startswith("/v1"):
-                if not bearer_matches(request.headers.get("authorization"), cfg.api_key):
+            if is_anthropic_path(path):
+                refused = anthropic_refusal(request, cfg)
+                if refused is not None:
+                    return refused
+            elif cfg.api_key and path.startswith("/v1"):
+                given_key = request.headers.get("api-key") if request.scope.get(AZURE_SCOPE_KEY) else None
+                if not (
+                    bearer_matches(request.headers.get("authorization"), cfg.api_key)
+                    or (
+                        given_key is not None
+                        and hmac.compare_digest(given_key.encode(), cfg.api_key.encode())
+                    )
+                ):
                     return error_response(401, "Incorrect API key provided.", None, "invalid_api_key")
             if cfg.latency_seconds and path.startswith("/v1"):
                 await asyncio.sleep(cfg.latency_seconds)
@@ -653,9 +854,9 @@ def create_app(
                 message = fault.message or f"Injected fault: HTTP {fault.status} for {request.method} {path}"
                 code = "rate_limit_exceeded" if fault.status == 429 else None
                 if fault.after:
-                    lost = error_response(fault.status, message, None, code, headers)
+                    lost = path_error_response(path, fault.status, message, None, code, headers)
                     break
-                return error_response(fault.status, message, None, code, headers)
+                return path_error_response(path, fault.status, message, None, code, headers)
         response = await call_next(request)
         return lost if lost is not None else response
 
@@ -896,7 +1097,8 @@ def create_app(
 
     @app.get("/v1/batches")
     async def list_batches(limit: int = 20, after: str | None = None):
-        items = [public_batch(store.batches[i].data) for i in reversed(store.batch_order)]
+        states = [store.batches[i] for i in reversed(store.batch_order)]
+        items = [public_batch(state.data) for state in states if not state.anthropic]
         page = paginate(items, limit, after, max_limit=100)
         # first_id / last_id are optional strings in the spec: left out of an empty page
         return {k: v for k, v in page.items() if v is not None}
@@ -926,11 +1128,214 @@ def create_app(
 
     def get_batch(batch_id: str) -> BatchState:
         state = store.batches.get(batch_id)
-        if state is None:
+        if state is None or state.anthropic:
             raise ApiError(404, f"No batch found with id '{batch_id}'.", "batch_id")
         return state
 
+    # ---- Anthropic Message Batches ---------------------------------------------------------------
+    @app.post("/v1/messages/batches")
+    async def create_message_batch(request: Request):
+        cfg = store.config
+        raw = await request.body()
+        if len(raw) > cfg.max_file_bytes:
+            raise ApiError(413, f"Request exceeds the maximum allowed size of {cfg.max_file_bytes} bytes.")
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            raise ApiError(400, "The request body is not valid JSON.") from exc
+        items = body.get("requests") if isinstance(body, dict) else None
+        if not isinstance(items, list):
+            raise ApiError(400, "requests: Field required")
+        if not items:
+            raise ApiError(400, "requests: List should have at least 1 item after validation, not 0")
+        if len(items) > cfg.max_requests_per_file:
+            raise ApiError(400, f"requests: a batch holds at most {cfg.max_requests_per_file} requests.")
+        parsed: list[Parsed] = []
+        seen: set[str] = set()
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise ApiError(400, f"requests.{i}: Input should be a valid dictionary")
+            custom_id = item.get("custom_id")
+            if not isinstance(custom_id, str) or not ANTHROPIC_CUSTOM_ID.fullmatch(custom_id):
+                raise ApiError(
+                    400, f"requests.{i}.custom_id: String should match pattern '^[a-zA-Z0-9_-]{{1,64}}$'"
+                )
+            if custom_id in seen:
+                raise ApiError(400, f"requests.{i}.custom_id: duplicate custom_id '{custom_id}'.")
+            seen.add(custom_id)
+            if not isinstance(item.get("params"), dict):
+                raise ApiError(400, f"requests.{i}.params: Input should be a valid dictionary")
+            parsed.append(Parsed(i + 1, custom_id, MESSAGES_ENDPOINT, item["params"], ""))
+        created = now()
+        batch = {
+            "id": new_id("msgbatch_"),
+            "endpoint": MESSAGES_ENDPOINT,
+            "model": next((p.body["model"] for p in parsed if isinstance(p.body.get("model"), str)), None),
+            "status": "validating",
+            "created_at": created,
+            "expires_at": created + 24 * 3600,
+            "request_counts": {"total": len(parsed), "completed": 0, "failed": 0},
+        }
+        state = BatchState(batch, requests=parsed, anthropic=True)
+        store.batches[batch["id"]] = state
+        store.batch_order.append(batch["id"])
+        state.task = asyncio.create_task(runner.run(state))
+        return anthropic_batch(state, request)
+
+    @app.get("/v1/messages/batches")
+    async def list_message_batches(
+        request: Request, limit: int = 20, before_id: str | None = None, after_id: str | None = None
+    ):
+        if not 1 <= limit <= ANTHROPIC_MAX_LIST:
+            raise ApiError(400, f"limit: Input should be between 1 and {ANTHROPIC_MAX_LIST}")
+        if before_id is not None and after_id is not None:
+            raise ApiError(400, "Only one of before_id and after_id may be given.")
+        ids = [i for i in reversed(store.batch_order) if store.batches[i].anthropic]  # newest first
+        if after_id is not None:
+            rest = ids[ids.index(after_id) + 1 :] if after_id in ids else []
+            page, has_more = rest[:limit], len(rest) > limit
+        elif before_id is not None:
+            rest = ids[: ids.index(before_id)] if before_id in ids else []
+            page, has_more = rest[-limit:], len(rest) > limit
+        else:
+            page, has_more = ids[:limit], len(ids) > limit
+        return {
+            "data": [anthropic_batch(store.batches[i], request) for i in page],
+            "has_more": has_more,
+            "first_id": page[0] if page else None,
+            "last_id": page[-1] if page else None,
+        }
+
+    @app.get("/v1/messages/batches/{batch_id}")
+    async def retrieve_message_batch(batch_id: str, request: Request):
+        return anthropic_batch(get_message_batch(batch_id), request)
+
+    @app.post("/v1/messages/batches/{batch_id}/cancel")
+    async def cancel_message_batch(batch_id: str, request: Request):
+        state = get_message_batch(batch_id)
+        d = state.data
+        if d["status"] in TERMINAL:
+            raise ApiError(400, f"Message batch {batch_id} has already ended and cannot be canceled.")
+        if not state.cancel_requested:
+            state.cancel_requested = True
+            state.cancel_initiated = time.time()
+            if d["status"] in ("validating", "in_progress"):  # once finalizing, it ends without canceling
+                d["status"] = "cancelling"
+                d["cancelling_at"] = now()
+        return anthropic_batch(state, request)
+
+    @app.get("/v1/messages/batches/{batch_id}/results")
+    async def message_batch_results(batch_id: str):
+        state = get_message_batch(batch_id)
+        if state.data["status"] not in TERMINAL or state.results_path is None:
+            raise ApiError(404, f"Message batch {batch_id} has not ended: its results are not available yet.")
+        broken = store.broken.get(batch_id)
+        if broken is not None and broken[1] > 0:  # result_faults: served broken this many more times
+            broken[1] -= 1
+            return Response(broken[0], media_type="application/x-jsonl")
+        return FileResponse(state.results_path, media_type="application/x-jsonl")
+
+    @app.delete("/v1/messages/batches/{batch_id}")
+    async def delete_message_batch(batch_id: str):
+        state = get_message_batch(batch_id)
+        if state.data["status"] not in TERMINAL:
+            raise ApiError(
+                400, f"Message batch {batch_id} has not ended; cancel it and wait until it ends to delete it."
+            )
+        del store.batches[batch_id]
+        store.batch_order.remove(batch_id)
+        store.broken.pop(batch_id, None)
+        if state.results_path is not None:
+            state.results_path.unlink(missing_ok=True)
+        return {"id": batch_id, "type": "message_batch_deleted"}
+
+    def get_message_batch(batch_id: str) -> BatchState:
+        state = store.batches.get(batch_id)
+        if state is None or not state.anthropic:
+            raise ApiError(404, f"No message batch found with id '{batch_id}'.")
+        return state
+
+    app.add_middleware(AzurePaths)
     return app
+
+
+def anthropic_refusal(request: Request, cfg: ServerConfig) -> Response | None:
+    """The error answer of a ``/v1/messages*`` call without the right ``x-api-key`` (when the server has an
+    ``api_key``) or without an ``anthropic-version`` header; None when it may go on."""
+    if cfg.api_key:
+        given = request.headers.get("x-api-key") or ""
+        if not hmac.compare_digest(given.encode(), cfg.api_key.encode()):
+            return JSONResponse(anthropic_error(401, "invalid x-api-key"), status_code=401)
+    if not request.headers.get("anthropic-version"):
+        return JSONResponse(anthropic_error(400, "anthropic-version header is required"), status_code=400)
+    return None
+
+
+def anthropic_batch(state: BatchState, request: Request) -> dict[str, Any]:
+    """The Message Batch object of ``state`` (see the module docstring); ``results_url`` is absolute,
+    built from ``request``'s base URL."""
+    d = state.data
+    status = d["status"]
+    shown = ANTHROPIC_STATUS.get(status, "in_progress")
+    if shown == "in_progress" and state.cancel_requested:
+        shown = "canceling"
+    total = len(state.requests)
+    good, bad = d["request_counts"]["completed"], d["request_counts"]["failed"]
+    counts = {
+        "processing": total - good - bad,
+        "succeeded": good,
+        "errored": bad,
+        "canceled": 0,
+        "expired": 0,
+    }
+    ended = shown == "ended"
+    if ended:
+        counts["processing"] = 0
+        counts["errored"] = total - good - state.unrun
+        counts["canceled" if status == "cancelled" else "expired"] = state.unrun
+    base = str(request.base_url).rstrip("/")
+    return {
+        "id": d["id"],
+        "type": "message_batch",
+        "processing_status": shown,
+        "request_counts": counts,
+        "ended_at": rfc3339(state.ended or time.time()) if ended else None,
+        "created_at": rfc3339(state.created),
+        "expires_at": rfc3339(state.created + 24 * 3600),
+        "archived_at": None,
+        "cancel_initiated_at": rfc3339(state.cancel_initiated),
+        "results_url": f"{base}/v1/messages/batches/{d['id']}/results" if ended else None,
+    }
+
+
+class AzurePaths:
+    """ASGI middleware serving Azure OpenAI URLs: ``/openai/v1/<rest>`` as ``/v1/<rest>`` (the v1 API), and
+    ``/openai/<rest>`` as ``/v1/<rest>`` when it has an ``api-version`` query parameter (the older API;
+    400 without it). The rewritten call is marked so that it may authenticate with ``api-key: <key>``."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "") if scope["type"] == "http" else ""
+        if path == "/openai" or path.startswith("/openai/"):
+            rest = path[len("/openai") :]
+            raw = scope.get("raw_path") or path.encode()
+            raw_rest = raw[len(b"/openai") :] if raw.startswith(b"/openai") else rest.encode()
+            if not (rest == "/v1" or rest.startswith("/v1/")):
+                query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+                if not query.get("api-version"):
+                    response = error_response(
+                        400,
+                        "api-version query parameter is required",
+                        "api-version",
+                        "missing_required_parameter",
+                    )
+                    await response(scope, receive, send)
+                    return
+                rest, raw_rest = "/v1" + rest, b"/v1" + raw_rest
+            scope = {**scope, "path": rest, "raw_path": raw_rest, AZURE_SCOPE_KEY: True}
+        await self.app(scope, receive, send)
 
 
 def check_metadata(metadata: Any, max_pairs: int) -> None:

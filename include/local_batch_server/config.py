@@ -34,8 +34,12 @@ DEFAULT_TOKEN_LIMIT_MESSAGE = (
 )
 
 
-EXTRA_MODELS = ("gpt-4o-2024-08-06", "gpt-4o-mini-2024-07-18", "o3-mini", "text-embedding-ada-002")
-"""Served besides the shipped price table's models: snapshot names and models the tests use."""
+EXTRA_MODELS = (
+    "gpt-4o-2024-08-06", "gpt-4o-mini-2024-07-18", "o3-mini", "text-embedding-ada-002",
+    "claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1",
+)  # fmt: skip
+"""Served besides the shipped price table's models: snapshot names, models the tests use and Claude
+models (for the Anthropic Message Batches API the server also serves)."""
 MAX_MODEL_NAME = 256
 
 
@@ -171,7 +175,9 @@ class ServerConfig(BaseModel):
 
     # --- auth -----------------------------------------------------------------------------------
     api_key: str | None = None
-    """When set, ``/v1/*`` calls need ``Authorization: Bearer <api_key>`` (else 401)."""
+    """When set, ``/v1/*`` calls need ``Authorization: Bearer <api_key>`` (else 401); ``/v1/messages*``
+    (Anthropic) calls need ``x-api-key: <api_key>`` instead; Azure-style calls (``/openai/...``) take
+    ``api-key: <api_key>`` or the Bearer header."""
 
     @field_validator("models")
     @classmethod
