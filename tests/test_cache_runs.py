@@ -330,3 +330,41 @@ def test_prune_gives_the_space_back(tmp_path):
         full = cache.stats()["file_bytes"]
         assert cache.prune(0) == 2000
         assert cache.stats()["file_bytes"] < full / 4
+
+
+def anthropic_results(build: dict, path: Path, fail: frozenset = frozenset()) -> Path:
+    """Message Batches result lines for what ``build`` sent: ``succeeded``, or ``errored`` for ``fail``."""
+    with open(path, "w", encoding="utf-8") as fh:
+        for request in sent(build):
+            cid, text = request["custom_id"], request["params"]["messages"][-1]["content"]
+            if cid in fail:
+                error = {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}
+                result = {"type": "errored", "error": error}
+            else:
+                message = {"type": "message", "role": "assistant", "content": [{"type": "text",
+                           "text": f"claude on {text}"}], "stop_reason": "end_turn",
+                           "usage": {"input_tokens": 9, "output_tokens": 4}}  # fmt: skip
+                result = {"type": "succeeded", "message": message}
+            fh.write(json.dumps({"custom_id": cid, "result": result}) + "\n")
+    return path
+
+
+def test_anthropic_answers_are_kept_and_answer_the_next_run(tmp_path):
+    """Message Batches answers are kept like OpenAI's (errored ones never): the next run sends only
+    what failed, and the same prompt sent to OpenAI is another request (another key)."""
+    src = write_csv(tmp_path / "in.csv", ["prompt"], [["a"], ["b"], ["c"], ["a"]])
+    opts = BuildOptions(provider="anthropic", model="claude-haiku-4-5", max_tokens=100)
+    with AnswerCache(tmp_path / "cache") as cache:
+        b1, r1, rows1 = run(tmp_path, "1", src, opts, cache,
+                            results=lambda b, p: anthropic_results(b, p, frozenset({"row-1"})))  # fmt: skip
+        assert r1["added"] == 2 and cache.stats()["entries"] == 2  # a, c; b errored; the copy of a
+        assert [r["response"] for r in rows1] == ["claude on a", "", "claude on c", "claude on a"]
+        first = Path(b1["shards"][0]["path"]).read_bytes().splitlines()[0]  # the request of "a"
+        kept = cache.get_many([request_key(first)])
+        assert all(is_answer_line(v.rstrip(b"\n")) for v in kept.values()) and len(kept) == 1
+        b2, r2, rows2 = run(tmp_path, "2", src, opts, cache, results=anthropic_results)
+        assert [r["custom_id"] for r in sent(b2)] == ["row-1"]  # only the one that failed
+        assert [r["response"] for r in rows2] == ["claude on a", "claude on b", "claude on c", "claude on a"]
+        assert [r["answered_from"] for r in rows2] == ["cache", "batch", "cache", "row 0"]
+        b3, _, _ = run(tmp_path, "3", src, BuildOptions(), cache)  # OpenAI: other requests, nothing kept
+        assert b3["cached"] == 0 and len(sent(b3)) == 3

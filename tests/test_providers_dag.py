@@ -187,3 +187,17 @@ def test_anthropic_create_whose_answer_is_lost_is_found_not_made_twice(dag, srv,
     assert dr.state == "success", {k: ti.state for k, ti in tis.items()}
     assert [r["response"] for r in read_csv(found[0])] == ["ECHO: alpha", "ECHO: beta", "ECHO: gamma"]
     assert len(anthropic_batches(srv)) == 1  # found by listing, re-attached: one batch, paid once
+
+
+def test_anthropic_answers_kept_in_the_cache_are_not_paid_for_again(dag, srv, tmp_path):
+    src = tmp_path / "again.csv"
+    src.write_text("prompt\nred\ngreen\nblue\n", encoding="utf-8")
+    cache = str(tmp_path / "cache")
+    conf = {**PROVIDER_CONF["anthropic"], "image_column": "", "cache_dir": cache}
+    dr1, _, _ = run(dag, tmp_path / "1", src, **conf)
+    dr2, tis2, found2 = run(dag, tmp_path / "2", src, **conf)
+    assert dr1.state == dr2.state == "success"
+    rows = read_csv(found2[0])
+    assert [r["response"] for r in rows] == ["ECHO: red", "ECHO: green", "ECHO: blue"]
+    assert {r["answered_from"] for r in rows} == {"cache"}
+    assert len(anthropic_batches(srv)) == 1  # the second run sent nothing

@@ -22,10 +22,10 @@ answer and a writer killed mid-way leaves none; an entry is also checked when re
 line, newline-ended), so a damaged object is a miss, never an answer. Old entries there are removed by
 the bucket's own lifecycle rules (``batchpipe cache prune`` works on local folders).
 
-Only answers are kept (HTTP 200 lines the merge counted as answered); an error is never cached, so a
-failed request is sent again next time. Modes: ``read_write`` (look up, then add new answers),
-``read_only`` (look up, add nothing), ``refresh`` (look up nothing, send everything, add and overwrite),
-``off`` (no cache, even when one is configured).
+Only answers are kept (HTTP 200 lines, Anthropic ``succeeded`` ones, the merge counted as answered); an
+error is never cached, so a failed request is sent again next time. Modes: ``read_write`` (look up, then
+add new answers), ``read_only`` (look up, add nothing), ``refresh`` (look up nothing, send everything, add
+and overwrite), ``off`` (no cache, even when one is configured).
 
 :class:`NewAnswers` picks, after a merge, the result lines to keep: the answers the merge put on their own
 rows (never an error, never a copy, never an id the service answered twice), each under the key of the
@@ -220,14 +220,18 @@ class Cache(Protocol):
 
 
 def is_answer_line(line: bytes) -> bool:
-    """Whether ``line`` is one whole result line with an HTTP 200 response and no error, on one line (no
-    CR or LF: a record of ``cached.jsonl`` embeds it): what a cache entry must be to be used."""
+    """Whether ``line`` is one whole result line that is an answer (an HTTP 200 response and no error; an
+    Anthropic ``succeeded`` result), on one line (no CR or LF: a record of ``cached.jsonl`` embeds it):
+    what a cache entry must be to be used."""
     if b"\n" in line or b"\r" in line:
         return False
     obj = _decode(line)
     if not isinstance(obj, dict):
         return False
     response = obj.get("response")
+    if response is None and "response" not in obj:
+        result = obj.get("result")
+        return isinstance(result, dict) and result.get("type") == "succeeded" and obj.get("error") is None
     return isinstance(response, dict) and response.get("status_code") == 200 and obj.get("error") is None
 
 
@@ -334,10 +338,20 @@ class _Status(msgspec.Struct):
     status_code: Any = None
 
 
+class _Result(msgspec.Struct):
+    type: Any = None
+
+
 class _Line(msgspec.Struct):
     custom_id: Any = None
     response: _Status | None = None
     error: Any = None
+    result: _Result | None = None  # Anthropic's
+
+
+def _answered(status: Any, kind: Any, has_response: bool) -> bool:
+    """A result line that is an answer: HTTP 200, or (no response) an Anthropic ``succeeded`` result."""
+    return status == 200 or (not has_response and kind == "succeeded")
 
 
 _decode_line = msgspec.json.Decoder(_Line).decode
@@ -347,7 +361,8 @@ def _answer_candidates(
     result_paths: Iterable[str | os.PathLike],
 ) -> Iterator[tuple[str, int, int, int, int]]:
     """``(custom_id, storable, file index, offset, length)`` of each result line that may be that id's
-    answer, as the merge reads them: an HTTP 200 line (``storable`` when it also has no error), or a line
+    answer, as the merge reads them: an HTTP 200 line or an Anthropic ``succeeded`` one (``storable`` when
+    it also has no error), or a line
     that is not JSON but still names an id (not storable: the merge may have taken another line of that
     id for its answer)."""
     from .merge import _custom_id_in_text
@@ -363,6 +378,8 @@ def _answer_candidates(
                     line = _decode_line(raw)
                     cid, response, error = line.custom_id, line.response, line.error
                     status = response.status_code if isinstance(response, _Status) else None
+                    kind = line.result.type if isinstance(line.result, _Result) else None
+                    has_response = response is not None
                 except msgspec.MsgspecError:
                     obj = _decode(raw)  # what msgspec refuses, as the merge's fallback reads it
                     if not isinstance(obj, dict):
@@ -373,7 +390,10 @@ def _answer_candidates(
                         continue
                     cid, response, error = obj.get("custom_id"), obj.get("response"), obj.get("error")
                     status = response.get("status_code") if isinstance(response, dict) else None
-                if cid is None or status != 200:
+                    result = obj.get("result")
+                    kind = result.get("type") if isinstance(result, dict) else None
+                    has_response = "response" in obj
+                if cid is None or not _answered(status, kind, has_response):
                     continue
                 storable = isinstance(cid, str) and error is None
                 yield (cid if isinstance(cid, str) else str(cid)), int(storable), f, here, len(raw)
