@@ -83,6 +83,31 @@ def test_defaults_resolve_to_typed_settings(tmp_path):
         cfg.conn_id = "other"  # type: ignore[misc]
 
 
+def test_each_provider_has_its_connection_and_azure_deployments_are_priced_as_their_model(
+    tmp_path, monkeypatch
+):
+    import json
+
+    from batchpipe.estimate import price_for
+
+    csv = str(tmp_path / "q.csv")
+    claude = resolve(
+        {"input_csv": csv, "provider": "anthropic", "model": "claude-haiku-4-5", "max_tokens": 9}
+    )
+    assert claude.conn_id == "anthropic_default" and claude.provider == "anthropic"
+    assert price_for(claude.prices, "claude-haiku-4-5-20251001")["as_of"] == "2026-07-24"  # dated, its own
+    azure = {"input_csv": csv, "provider": "azure_openai", "model": "eastus-4o-batch"}
+    assert resolve(azure).conn_id == "azure_openai_default"
+    assert price_for(resolve(azure).prices, "eastus-4o-batch") is None  # a deployment name alone: no price
+    conn = {"conn_type": "azure_openai_batch", "host": "https://r.openai.azure.com", "password": "k",
+            "extra": {"deployments": {"eastus-4o-batch": "gpt-4o", "odd": 7}}}  # fmt: skip
+    monkeypatch.setenv("AIRFLOW_CONN_AZURE_OPENAI_DEFAULT", json.dumps(conn))
+    priced = price_for(resolve(azure).prices, "eastus-4o-batch")
+    assert (priced["input"], priced["output"]) == (2.5, 10.0)  # gpt-4o's, from the connection's mapping
+    assert "odd" not in resolve(azure).prices["models"]
+    assert resolve({**azure, "conn_id": "other"}).conn_id == "other"
+
+
 def test_shard_groups_from_the_environment_never_over_max_map_length(tmp_path, monkeypatch):
     params = {"input_csv": str(tmp_path / "q.csv")}
     monkeypatch.setenv("OPENAI_BATCH_SHARD_GROUPS", "3")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,26 @@ def load_prices(override: dict | str | os.PathLike | None = None) -> dict[str, A
     merged["models"] = models
     merged["overridden"] = True
     return merged
+
+
+def with_aliases(prices: dict[str, Any], aliases: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``prices`` with each alias priced as the model it names: ``{"my-gpt-4o-batch": "gpt-4o"}`` (an Azure
+    deployment and its model). An alias with an entry of its own keeps it; one naming a model the table
+    does not price, or not a string, is left out. Returns a new table (``prices`` is not changed)."""
+    models = dict(prices.get("models") or {})
+    for alias, model in (aliases or {}).items():
+        if (
+            not isinstance(alias, str)
+            or not isinstance(model, str)
+            or alias.lower() in {m.lower() for m in models}
+        ):
+            continue
+        found = price_for(prices, model)
+        if found is not None:
+            models[alias] = {
+                k: found[k] for k in ("input", "output", "as_of", "source") if found.get(k) is not None
+            }
+    return {**prices, "models": models}
 
 
 def price_for(prices: dict[str, Any], model: str) -> dict[str, Any] | None:

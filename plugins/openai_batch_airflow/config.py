@@ -77,6 +77,19 @@ def fail_on_bad_input() -> Iterator[None]:
         raise AirflowFailException(str(exc)) from exc
 
 
+def _deployments(conn_id: str) -> dict[str, Any]:
+    """The Azure connection's extra ``deployments`` (``{"<deployment>": "<model>"}``): each deployment is
+    priced as its model. Empty when the connection or the extra is missing (the hook reports a missing
+    connection when it is used)."""
+    try:
+        from airflow.sdk import BaseHook
+
+        found = BaseHook.get_connection(conn_id).extra_dejson.get("deployments")
+    except Exception:
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 def default_output_dir() -> str:
     """Param ``output_dir`` when empty: Variable, then environment, then ``$AIRFLOW_HOME``."""
     value = variable(OUTPUT_DIR_VARIABLE) or os.environ.get(OUTPUT_DIR_ENV)
@@ -236,7 +249,7 @@ class RunConfig:
         price override or token limit, an output or work folder that is not a usable location (a scheme
         nothing reads, a password in the URL) or lies outside the allowed output roots.
         """
-        from batchpipe.estimate import load_prices
+        from batchpipe.estimate import load_prices, with_aliases
         from batchpipe.paths import PathNotAllowed, allowed_roots, check_within, output_roots
 
         build = build_options(params)
@@ -265,13 +278,16 @@ class RunConfig:
             prices = load_prices(params.get("prices") or variable(PRICES_VARIABLE) or None)
             limit = _max_enqueued_tokens(params)
             groups = shard_groups()
+        conn_id = params.get("conn_id") or DEFAULT_CONN_IDS[build.provider]
+        if build.provider == "azure_openai":  # a deployment is priced as the model the connection names
+            prices = with_aliases(prices, _deployments(conn_id))
         return cls(
             run_id=run_id,
             input_csv=str(params["input_csv"]),
             run_dir=run_dir,
             work_dir=work_dir,
             storage_conn_id=conn,
-            conn_id=params.get("conn_id") or DEFAULT_CONN_IDS[build.provider],
+            conn_id=conn_id,
             read_roots=allowed_roots(extra=variable(ALLOWED_ROOTS_VARIABLE)),
             output_roots=roots,
             prices=prices,
