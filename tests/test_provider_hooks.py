@@ -267,3 +267,41 @@ def test_the_connection_types_are_registered_with_airflow():
     assert hooks["anthropic"].hook_class_name.endswith("anthropic_batches.AnthropicBatchHook")
     assert AnthropicBatchHook.get_ui_field_behaviour()["relabeling"]["password"] == "API key"
     assert AzureOpenAIBatchHook.get_ui_field_behaviour()["relabeling"]["host"] == "Endpoint"
+
+
+def test_the_trigger_waits_for_anthropic_batches_and_cancels_them_when_killed(anthropic, srv, tmp_path):
+    """The deferrable wait on the Anthropic hook: one event when the batch ends (in the OpenAI shape the
+    operator reads), and on_kill cancels through a client of its own (an unknown id is reported, not
+    raised)."""
+    import asyncio
+
+    from openai_batch_airflow.triggers import OpenAIBatchTrigger
+
+    done = anthropic.create_once(
+        Intent(StateStore(), "a", 1), {}, requests_path=lines(tmp_path, 2), requests=2
+    )
+
+    async def collect(trigger):
+        return [event async for event in trigger.run()]
+
+    trigger = OpenAIBatchTrigger(batch_ids=[done.id], conn_id="anthropic_test", poll_interval=0.2,
+                                 provider="anthropic")  # fmt: skip
+    (event,) = asyncio.run(asyncio.wait_for(collect(trigger), 60))
+    ended = event.payload["ended"][0]
+    assert event.payload["status"] == "done" and ended["id"] == done.id and ended["status"] == "completed"
+    assert ended["request_counts"] == {"total": 2, "completed": 2, "failed": 0}
+
+    srv.set_config({"in_progress_seconds": 30})
+    three = lines(tmp_path, 3, "b.jsonl")
+    slow = anthropic.create_once(Intent(StateStore(), "b", 1), {}, requests_path=three, requests=3)
+    killer = OpenAIBatchTrigger(batch_ids=[slow.id, "msgbatch_unknown"], conn_id="anthropic_test",
+                                provider="anthropic")  # fmt: skip
+    asyncio.run(killer.on_kill())
+    srv.set_config({"in_progress_seconds": 0.1})
+    summary = wait_ended(anthropic, slow.id)
+    assert summary["status"] == "cancelled"
+    got = anthropic.download_file(summary["output_file_id"], tmp_path / "cancelled.jsonl")
+    assert {json.loads(x)["result"]["type"] for x in got.read_text().splitlines()} <= {
+        "canceled",
+        "succeeded",
+    }
