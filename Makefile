@@ -27,7 +27,7 @@ stop:
 	test ! -x $(BIN)/python || $(BIN)/python scripts/demo.py stop
 
 test: install browser lint
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
 
 # The pipeline on Postgres + CeleryExecutor (Redis broker) with two workers (also part of `make test`).
 e2e-celery: install

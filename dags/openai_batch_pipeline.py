@@ -115,7 +115,7 @@ def openai_batch_pipeline():
     created = create_batch.expand(group=upload.expand(group=built))
     waited = OpenAIBatchWaitOperator.partial(
         task_id="wait_for_batch",
-        conn_id="{{ params.conn_id }}",
+        conn_id="{{ params.conn_id or '' }}",
         provider="{{ params.provider }}",
         check_interval="{{ params.check_interval }}",
         max_resubmits="{{ params.max_resubmits }}",

@@ -305,3 +305,55 @@ def test_the_trigger_waits_for_anthropic_batches_and_cancels_them_when_killed(an
         "canceled",
         "succeeded",
     }
+
+
+def test_a_server_answering_something_that_is_no_batch_is_an_api_error_the_wait_survives(
+    tmp_path, monkeypatch
+):
+    """A proxy answering 200 with an HTML page (or a JSON list) for a poll: an openai.APIError, never an
+    exception that would end the trigger; the wait gives that batch up after its transient errors."""
+    import asyncio
+    import subprocess
+    import sys
+    import time
+
+    from local_batch_server.testing import free_port
+    from openai_batch_airflow.triggers import OpenAIBatchTrigger
+
+    folder = tmp_path / "site" / "v1" / "messages" / "batches"
+    folder.mkdir(parents=True)
+    (folder / "msgbatch_html").write_text("<html><body>Gateway says hello</body></html>")
+    (folder / "msgbatch_list").write_text("[1, 2, 3]")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                             "--directory", str(tmp_path / "site")], stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        for _ in range(100):
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        conn = {"conn_type": "anthropic", "host": f"http://127.0.0.1:{port}", "password": KEY}
+        monkeypatch.setenv("AIRFLOW_CONN_ANTHROPIC_LIAR", json.dumps(conn))
+        hook = AnthropicBatchHook("anthropic_liar")
+        for batch_id in ("msgbatch_html", "msgbatch_list"):
+            with pytest.raises(openai.APIResponseValidationError, match="not a JSON object"):
+                hook.retrieve(batch_id)
+        trigger = OpenAIBatchTrigger(
+            batch_ids=["msgbatch_html"],
+            conn_id="anthropic_liar",
+            poll_interval=0.05,
+            max_consecutive_errors=2,
+            provider="anthropic",
+        )
+
+        async def collect():
+            return [event async for event in trigger.run()]
+
+        (event,) = asyncio.run(asyncio.wait_for(collect(), 30))
+        assert event.payload["status"] == "done" and event.payload["ended"] == []
+        assert event.payload["failed"][0]["batch_id"] == "msgbatch_html"
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -183,7 +183,10 @@ def test_anthropic_create_whose_answer_is_lost_is_found_not_made_twice(dag, srv,
                                      "after": True, "times": 1}]})  # fmt: skip
     src = tmp_path / "few.csv"
     src.write_text("prompt\nalpha\nbeta\ngamma\n", encoding="utf-8")
-    dr, tis, found = run(dag, tmp_path, src, image_column="", **PROVIDER_CONF["anthropic"])
+    # max_enqueued_tokens does not apply to Anthropic (no token estimate rides with its batches): ignored
+    dr, tis, found = run(
+        dag, tmp_path, src, image_column="", max_enqueued_tokens=1, **PROVIDER_CONF["anthropic"]
+    )
     assert dr.state == "success", {k: ti.state for k, ti in tis.items()}
     assert [r["response"] for r in read_csv(found[0])] == ["ECHO: alpha", "ECHO: beta", "ECHO: gamma"]
     assert len(anthropic_batches(srv)) == 1  # found by listing, re-attached: one batch, paid once

@@ -229,7 +229,7 @@ class AsyncAnthropicBatches:
             raise _transport_error(exc, _request_of(exc)) from exc
         if response.status_code >= 400:
             raise _status_error(response)
-        return response.json()
+        return _json(response)
 
     async def retrieve(self, batch_id: str) -> Batch:
         return Batch(openai_batch(await self._call("GET", f"/v1/messages/batches/{_safe(batch_id)}")))
@@ -240,18 +240,29 @@ class AsyncAnthropicBatches:
 
 def _safe(batch_id: str) -> str:
     """A batch id as a path segment: refused when it could reach another path."""
-    if (
-        not isinstance(batch_id, str)
-        or not batch_id
-        or any(c in batch_id for c in "/?#%\\")
-        or batch_id
-        in (
-            ".",
-            "..",
-        )
-    ):
+    bad = not isinstance(batch_id, str) or batch_id in ("", ".", "..") or any(c in batch_id for c in "/?#%\\")
+    if bad:
         raise ValueError(f"not a batch id: {str(batch_id)[:80]!r}")
     return batch_id
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    """The JSON object of a successful answer; an answer that is not one (an HTML page from a proxy, a
+    list) is the ``openai`` client's ``APIResponseValidationError``: an API error, polled again."""
+    import openai
+
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise openai.APIResponseValidationError(
+            response,
+            None,
+            message=f"the answer to {response.request.method} {response.request.url.path} "
+            "is not a JSON object",
+        )
+    return data
 
 
 class AnthropicBatchHook(BaseHook, BatchAPI):
@@ -265,6 +276,7 @@ class AnthropicBatchHook(BaseHook, BatchAPI):
     hook_name = "Anthropic (Message Batches)"
     provider = "anthropic"
     uploads_files = False
+    counts_enqueued_tokens = False  # no metadata; Anthropic's limit counts requests in its queue
 
     def __init__(self, conn_id: str = default_conn_name, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -333,7 +345,7 @@ class AnthropicBatchHook(BaseHook, BatchAPI):
                     raise _transport_error(exc, _request_of(exc)) from exc
                 if response.status_code >= 400:
                     raise _status_error(response)
-                return response.json()
+                return _json(response)
             except Exception as exc:
                 if attempt == attempts or not _transient(exc):
                     raise
@@ -424,7 +436,7 @@ class AnthropicBatchHook(BaseHook, BatchAPI):
             raise _transport_error(exc, _request_of(exc)) from exc
         if response.status_code >= 400:
             raise _status_error(response)
-        return Batch(openai_batch(response.json()))
+        return Batch(openai_batch(_json(response)))
 
     def _find_batch(self, saved: dict[str, Any], requests: int) -> Batch | None:
         """The batch a lost create made: created since the try began (``saved["since"]``, which already

@@ -157,6 +157,9 @@ class BatchAPI:
     uploads_files = True
     #: The pre-flight asks the API whether it knows the model.
     checks_model = True
+    #: Batches carry their estimated prompt tokens (metadata), so ``max_enqueued_tokens`` can hold shards
+    #: back in waves.
+    counts_enqueued_tokens = True
 
     def download_results(
         self, summary: dict[str, Any], folder: storage.Location, index: int, scratch: Path

@@ -276,8 +276,8 @@ _PARAMS = {
         section=BATCHING,
     ),
     "conn_id": Param(
-        "",
-        type="string",
+        None,
+        type=_nullable("string"),
         title="Connection",
         description="Airflow connection of the batch API; empty: openai_default, azure_openai_default or "
         "anthropic_default, by provider. An openai connection's host may be any OpenAI-compatible base URL.",

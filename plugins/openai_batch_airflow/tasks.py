@@ -314,7 +314,7 @@ def create(group: dict[str, Any], params: dict[str, Any], context: Any) -> dict[
             "source": Path(cfg.input_csv).name[:512],
             "model": cfg.model[:512],
         }
-        limit = cfg.max_enqueued_tokens
+        limit = cfg.max_enqueued_tokens if api.counts_enqueued_tokens else None
         if limit and not (recorded.saved and recorded.saved.get("batch_id")):
             from batchpipe.tokens import shard_prompt_tokens
 
