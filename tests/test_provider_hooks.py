@@ -357,3 +357,12 @@ def test_a_server_answering_something_that_is_no_batch_is_an_api_error_the_wait_
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_every_provider_implements_the_whole_interface():
+    calls = [name for name, value in vars(BatchAPI).items() if callable(value) and not name.startswith("_")]
+    assert {"retrieve", "aretrieve", "cancel", "acancel_all", "create_once", "download_file"} <= set(calls)
+    for cls in (OpenAIBatchHook, AzureOpenAIBatchHook, AnthropicBatchHook):
+        for name in calls:
+            owner = next(k for k in cls.__mro__ if name in vars(k))
+            assert owner is not BatchAPI or name == "download_results", (cls.__name__, name)

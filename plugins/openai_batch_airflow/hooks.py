@@ -3,7 +3,7 @@
 :class:`BatchAPI` is the small interface the tasks, the waiting operator, the trigger and the UI use (submit
 once, find a lost submission, poll, fetch results, cancel, limits); :func:`batch_hook` gives the hook of a
 provider: :class:`OpenAIBatchHook` (OpenAI, or any OpenAI-compatible base URL), :class:`AzureOpenAIBatchHook`
-(Azure OpenAI, the same Batch API behind Azure's URLs and ``api-key`` header) and
+(Azure OpenAI, the same Batch API behind Azure's URLs and auth) and
 :class:`~openai_batch_airflow.anthropic_batches.AnthropicBatchHook` (Anthropic Message Batches). Batches
 are handed up in one shape, the OpenAI Batch's (``id``, ``status``, ``request_counts``, ``output_file_id``,
 ...), and errors as the ``openai`` client's exception classes, so everything above the hooks is shared.
@@ -160,7 +160,54 @@ class BatchAPI:
     #: Batches carry their estimated prompt tokens (metadata), so ``max_enqueued_tokens`` can hold shards
     #: back in waves.
     counts_enqueued_tokens = True
+    conn_id: str
 
+    # -- what each provider implements ------------------------------------------------------------
+    def retrieve(self, batch_id: str) -> Any:
+        """The batch now, in the OpenAI Batch's shape."""
+        raise NotImplementedError
+
+    async def aretrieve(self, batch_id: str) -> Any:
+        """One poll from the trigger, through :meth:`aconn`'s client."""
+        raise NotImplementedError
+
+    async def aconn(self) -> Any:
+        """The async client (shared per connection settings in the running loop)."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Let go of the async client."""
+        raise NotImplementedError
+
+    def cancel(self, batch_id: str) -> Any:
+        raise NotImplementedError
+
+    async def acancel_all(self, batch_ids: list[str], concurrency: int = 16) -> dict[str, Any]:
+        """Cancel every batch at once; ``{batch_id: batch or the exception its cancel raised}``."""
+        raise NotImplementedError
+
+    def enqueued_tokens(self, model: str) -> int:
+        raise NotImplementedError
+
+    def upload_once(self, path: str | Path, name: str, intent: Intent) -> Any:
+        raise NotImplementedError
+
+    def create_once(self, intent: Intent, metadata: dict[str, str], *, input_file_id: str | None,
+                    endpoint: str, completion_window: str = "24h", requests_path: str | Path | None = None,
+                    requests: int | None = None) -> Any:  # fmt: skip
+        """Create the batch once per task generation (re-attach to, or find, one an earlier try made)."""
+        raise NotImplementedError
+
+    def download_file(self, file_id: str, path: Path) -> Path:
+        raise NotImplementedError
+
+    def retrieve_model(self, model: str, **options: Any) -> Any:
+        raise NotImplementedError
+
+    def list_models(self, limit: int | None = None, **options: Any) -> list[str]:
+        raise NotImplementedError
+
+    # -- shared -----------------------------------------------------------------------------------
     def download_results(
         self, summary: dict[str, Any], folder: storage.Location, index: int, scratch: Path
     ) -> tuple[list[tuple[str, Path]], list[str]]:
