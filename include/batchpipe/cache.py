@@ -229,7 +229,7 @@ def is_answer_line(line: bytes) -> bool:
     if not isinstance(obj, dict):
         return False
     response = obj.get("response")
-    if response is None and "response" not in obj:
+    if response is None:  # an Anthropic line (``"response": null`` too, as the merge reads it)
         result = obj.get("result")
         return isinstance(result, dict) and result.get("type") == "succeeded" and obj.get("error") is None
     return isinstance(response, dict) and response.get("status_code") == 200 and obj.get("error") is None
@@ -392,7 +392,7 @@ def _answer_candidates(
                     status = response.get("status_code") if isinstance(response, dict) else None
                     result = obj.get("result")
                     kind = result.get("type") if isinstance(result, dict) else None
-                    has_response = "response" in obj
+                    has_response = obj.get("response") is not None
                 if cid is None or not _answered(status, kind, has_response):
                     continue
                 storable = isinstance(cid, str) and error is None

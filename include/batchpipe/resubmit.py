@@ -71,7 +71,7 @@ def _anthropic_result(line: Mapping[str, Any]) -> tuple[str | None, str | None]:
     """``(result type, error type)`` of an Anthropic Message Batches result line, ``(None, None)`` for any
     other line."""
     result = line.get("result")
-    if not isinstance(result, dict) or "response" in line:
+    if not isinstance(result, dict) or line.get("response") is not None:  # as the merge tells them apart
         return None, None
     kind = result.get("type")
     outer = result.get("error")

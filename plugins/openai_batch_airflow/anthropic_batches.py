@@ -16,16 +16,20 @@ Above the hook everything is the OpenAI pipeline's: a batch is handed up in the 
 ``GET .../{id}/results`` from the connection's base URL, never the absolute ``results_url`` the service
 names, so the key never goes to another host), and errors as the ``openai`` client's exceptions.
 
-Lost submissions: Anthropic batches carry no metadata and the API takes no idempotency key. A create whose
-answer was lost (a timeout, a dropped connection, a worker killed before it recorded the id) is looked for
-among the batches created since the try began that hold exactly the shard's number of requests: one such
-batch is re-attached; two or more fail the task naming them (never a guess, never a second batch); see the
-README's fault table for what this cannot guarantee.
+Lost submissions: Anthropic batches carry no metadata and the API takes no idempotency key. Just before
+each create call the newest batch's id is recorded with the task's intent; a create whose answer was lost
+(a timeout, a dropped connection, a worker killed before it recorded the id) is looked for among the
+batches listed above that one that hold exactly the shard's number of requests: one such batch is
+re-attached; two or more fail the task naming them (never a guess, never a second batch). A batch made
+before the call (another shard's of the same size) is never taken. docs/faults.md says what this cannot
+guarantee. Keys are sent stripped (a key read from a file keeps its newline) and redacted from the errors
+the API answers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import time
@@ -39,7 +43,7 @@ import httpx
 from airflow.providers.common.compat.connection import get_async_connection, get_async_extra_dejson
 from airflow.sdk.bases.hook import BaseHook
 
-from openai_batch_airflow.hooks import SHARED_ASYNC_CLIENTS, BatchAPI, shared_clients_enabled
+from openai_batch_airflow.hooks import SHARED_ASYNC_CLIENTS, BatchAPI, clean_key, shared_clients_enabled
 from openai_batch_airflow.submit import Intent, with_retries
 
 log = logging.getLogger(__name__)
@@ -91,6 +95,8 @@ def openai_batch(data: dict[str, Any]) -> dict[str, Any]:
     canceled, expired = _count(counts, "canceled"), _count(counts, "expired")
     total = _count(counts, "processing") + succeeded + errored + canceled + expired
     raw = data.get("processing_status")
+    if not isinstance(raw, str):  # a status no API would send: unknown, waited on until the deadline
+        raw = repr(raw)[:80]
     ended_at = _epoch(data.get("ended_at"))
     status: Any = {"in_progress": "in_progress", "canceling": "cancelling"}.get(raw, raw)
     if raw == "ended":
@@ -138,22 +144,26 @@ class Batch(dict):
         return dict(self)
 
 
+def _redacted(text: str, request: httpx.Request | None) -> str:
+    """``text`` with the request's API key replaced by ``***`` (a gateway may quote the header it refused)."""
+    key = request.headers.get("x-api-key") if request is not None else None
+    return text.replace(key, "***") if key and len(key) >= 4 else text
+
+
 def _status_error(response: httpx.Response) -> Exception:
-    """The ``openai`` exception for an error answer (by status), its message the API's own."""
+    """The ``openai`` exception for an error answer (by status), its message the API's own with the key
+    redacted."""
     import openai
 
+    raw = _redacted(response.text, response.request)
     try:
-        body: Any = response.json()
+        body: Any = json.loads(raw)
     except ValueError:
         body = None
     inner = body.get("error") if isinstance(body, dict) else None
     message = inner.get("message") if isinstance(inner, dict) else None
     kind = inner.get("type") if isinstance(inner, dict) else None
-    text = (
-        f"{kind}: {message}"
-        if kind and message
-        else (message or response.text[:500] or response.reason_phrase)
-    )
+    text = f"{kind}: {message}" if kind and message else (message or raw[:500] or response.reason_phrase)
     classes = {
         400: openai.BadRequestError, 401: openai.AuthenticationError, 403: openai.PermissionDeniedError,
         404: openai.NotFoundError, 409: openai.ConflictError, 422: openai.UnprocessableEntityError,
@@ -175,10 +185,11 @@ def _request_of(exc: httpx.HTTPError) -> httpx.Request | None:
 def _transport_error(exc: httpx.HTTPError, request: httpx.Request | None) -> Exception:
     import openai
 
+    text = _redacted(str(exc), request)
     request = request or httpx.Request("GET", "http://unknown")
     if isinstance(exc, httpx.TimeoutException):
         return openai.APITimeoutError(request=request)
-    return openai.APIConnectionError(message=f"{type(exc).__name__}: {exc}", request=request)
+    return openai.APIConnectionError(message=f"{type(exc).__name__}: {text}", request=request)
 
 
 def _transient(exc: Exception) -> bool:
@@ -192,9 +203,7 @@ def _transient(exc: Exception) -> bool:
 def _settings(conn: Any, extras: dict[str, Any], conn_id: str) -> dict[str, Any]:
     """The client settings of an Anthropic connection: host = base URL (default api.anthropic.com; a
     trailing ``/v1`` is dropped), password = API key, extra ``anthropic_version`` / ``anthropic_beta``."""
-    key = conn.password
-    if not key:
-        raise ValueError(f"connection {conn_id!r} has no API key (the connection's password)")
+    key = clean_key(conn.password, conn_id)
     base = (conn.host or DEFAULT_BASE_URL).rstrip("/")
     if base.endswith("/v1"):
         base = base[: -len("/v1")]
@@ -415,8 +424,14 @@ class AnthropicBatchHook(BaseHook, BatchAPI):
         if found is None:
             log.info("creating a Message Batch of %d requests (%s)", requests,
                      ", ".join(f"{k}={v}" for k, v in metadata.items()))  # fmt: skip
-            found = with_retries(lambda: self._create(Path(requests_path)),
-                                 lambda: self._find_batch(saved, requests), "batch create")  # fmt: skip
+
+            def attempt() -> Batch:
+                # recorded before the call: a lost answer is looked for only among the batches listed
+                # above this one, so a batch made before the call (another shard's) is never taken
+                intent.done(newest_before=self._newest_batch_id())
+                return self._create(Path(requests_path))
+
+            found = with_retries(attempt, lambda: self._find_batch(saved, requests), "batch create")
         else:
             log.info("found batch %s created by an earlier try", found.id)
         intent.done(batch_id=found.id)
@@ -438,13 +453,24 @@ class AnthropicBatchHook(BaseHook, BatchAPI):
             raise _status_error(response)
         return Batch(openai_batch(_json(response)))
 
+    def _newest_batch_id(self) -> str:
+        """The id of the newest batch the API lists now (``""`` when it lists none)."""
+        page = self._call("GET", "/v1/messages/batches", params={"limit": 1})
+        data = [b for b in page.get("data") or [] if isinstance(b, dict)]
+        return str(data[0].get("id") or "") if data else ""
+
     def _find_batch(self, saved: dict[str, Any], requests: int) -> Batch | None:
-        """The batch a lost create made: created since the try began (``saved["since"]``, which already
-        allows for clock skew) with exactly ``requests`` requests. None when there is none; raises
-        :class:`AmbiguousSubmission` when there are several (another run submitting as many requests at
-        the same time): the task fails naming them rather than guess or pay twice."""
+        """The batch a lost create made: listed above ``saved["newest_before"]`` (the newest batch just
+        before the call; a try that recorded none: created since ``saved["since"]``, the try's start less a
+        margin for clock skew, a batch of unknown age skipped) with exactly ``requests`` requests.
+
+        None when there is none; raises :class:`AmbiguousSubmission` when there are several (another
+        client submitting as many requests at the same moment): the task fails naming them rather than
+        guess or pay twice. The listing stops at the marker, at an older batch, at its end, at a cursor
+        that does not move, or after :data:`MAX_LISTED` batches; a batch listed twice counts once."""
+        marker = saved.get("newest_before") or None
         since = int(saved.get("since") or 0)
-        found: list[Batch] = []
+        found: dict[str, Batch] = {}
         after: str | None = None
         listed = 0
         while listed < MAX_LISTED:
@@ -454,27 +480,32 @@ class AnthropicBatchHook(BaseHook, BatchAPI):
             page = self._call("GET", "/v1/messages/batches", params=params)
             data = [b for b in page.get("data") or [] if isinstance(b, dict)]
             listed += len(data)
-            older = False
+            stop = False
             for raw in data:
-                batch = Batch(openai_batch(raw))
-                created = batch.created_at or 0
-                if created < since:
-                    older = True
+                if marker is not None and raw.get("id") == marker:
+                    stop = True
                     break
-                if batch.request_counts["total"] == requests:
-                    found.append(batch)
-            if older or not page.get("has_more") or not data:
+                batch = Batch(openai_batch(raw))
+                if batch.created_at is not None and batch.created_at < since:
+                    stop = True
+                    break
+                if batch.created_at is None and marker is None:
+                    continue  # of unknown age: neither taken nor a reason to stop
+                if isinstance(batch.id, str) and batch.request_counts["total"] == requests:
+                    found.setdefault(batch.id, batch)
+            cursor = page.get("last_id") or (data[-1].get("id") if data else None)
+            if stop or not page.get("has_more") or not data or not cursor or cursor == after:
                 break
-            after = page.get("last_id") or data[-1].get("id")
+            after = str(cursor)
         if len(found) > 1:
-            ids = ", ".join(b.id for b in found[:10])
+            ids = ", ".join(list(found)[:10])
             raise AmbiguousSubmission(
                 f"the answer to an earlier create was lost and {len(found)} batches of {requests} requests "
                 f"were created since then ({ids}): which one is this shard's cannot be told (Anthropic "
                 "batches carry no metadata). Nothing new was created. Check them in the Anthropic console, "
                 "cancel the ones that are not this run's, and clear this task."
             )
-        return found[0] if found else None
+        return next(iter(found.values()), None)
 
     # -- downloads --------------------------------------------------------------------------------
     def download_file(self, file_id: str, path: Path) -> Path:

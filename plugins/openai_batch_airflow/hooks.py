@@ -531,6 +531,17 @@ class AzureOpenAIBatchHook(OpenAIBatchHook):
         return self._client_class(kwargs, asynchronous=True)(**kwargs)
 
 
+def clean_key(secret: str | None, conn_id: str) -> str:
+    """The connection's key without the blanks around it (a key read from a file keeps its newline); a key
+    that is empty or holds a control character is refused, naming the connection and never the key."""
+    key = (secret or "").strip()
+    if not key:
+        raise ValueError(f"connection {conn_id!r} has no API key (the connection's password)")
+    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+        raise ValueError(f"connection {conn_id!r}: the API key holds a control character; paste it again")
+    return key
+
+
 def azure_client_kwargs(host: str | None, secret: str | None, extras: dict[str, Any], conn_id: str) -> dict:
     """The client settings of an Azure OpenAI connection (see :class:`AzureOpenAIBatchHook`): ``OpenAI``'s
     for the v1 API, ``AzureOpenAI``'s (with ``api_version``) for the dated one."""
@@ -541,6 +552,7 @@ def azure_client_kwargs(host: str | None, secret: str | None, extras: dict[str, 
         if endpoint.endswith(suffix):
             endpoint = endpoint[: -len(suffix)]
             break
+    secret = clean_key(secret, conn_id)
     version = extras.get("api_version") or None
     auth = extras.get("auth_type") or "api_key"
     if auth not in ("api_key", "entra_token"):

@@ -282,8 +282,6 @@ class OpenAIBatchTrigger(BaseTrigger):
                            self.wake_at, self.deadlines)  # fmt: skip
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        import openai
-
         poller = self.poller()
         if self.batch_ids:
             try:
@@ -304,9 +302,7 @@ class OpenAIBatchTrigger(BaseTrigger):
                 polled: list[dict[str, Any]] = []
                 errors: list[PollError] = []
                 for batch_id, outcome in await self._poll_round():
-                    if isinstance(
-                        outcome, openai.APIError
-                    ):  # refused (401, 404, ...): at once; else after a few
+                    if isinstance(outcome, Exception):  # refused (401, 404, ...): at once; else after a few
                         errors.append(PollError(batch_id, _describe(outcome), not refused(outcome)))
                         if not refused(outcome):
                             count = poller.failures.get(batch_id, 0) + 1
@@ -329,18 +325,16 @@ class OpenAIBatchTrigger(BaseTrigger):
     ROUND_CONCURRENCY = 8
 
     async def _poll_round(self) -> list[tuple[str, Any]]:
-        """``[(batch_id, summary or the openai.APIError its poll raised)]`` for every batch, in order;
-        at most :attr:`ROUND_CONCURRENCY` polls at a time through the trigger's client."""
-        import openai
-
+        """``[(batch_id, summary or the exception its poll raised)]`` for every batch, in order; at most
+        :attr:`ROUND_CONCURRENCY` polls at a time through the trigger's client."""
         gate = asyncio.Semaphore(self.ROUND_CONCURRENCY)
 
         async def one(batch_id: str) -> tuple[str, Any]:
             async with gate:
                 try:
                     return batch_id, batch_summary(await self.hook.aretrieve(batch_id))
-                except openai.APIError as exc:
-                    return batch_id, exc
+                except Exception as exc:  # one batch's trouble (an API error, an answer no hook can read)
+                    return batch_id, exc  # is that batch's poll error, never the end of the others' wait
 
         return list(await asyncio.gather(*(one(b) for b in self.batch_ids)))
 
