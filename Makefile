@@ -3,7 +3,7 @@ PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install browser demo stop test lint bench bench-dag bench-wait clean e2e-celery
+.PHONY: install browser demo stop test test-1100 lint bench bench-dag bench-wait clean e2e-celery
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,10 @@ stop:
 
 test: install browser lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
+
+# The shard-grouping case at full scale: 1,100 one-request batches in 64 task instances (5 min; not in `make test`).
+test-1100: install
+	OPENAI_BATCH_TEST_SHARDS=1100 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_shard_groups.py -k one_request
 
 # The pipeline on Postgres + CeleryExecutor (Redis broker) with two workers (also part of `make test`).
 e2e-celery: install
