@@ -617,12 +617,7 @@ class Runner:
         )
         d["request_counts"]["completed"] = n_good
         d["request_counts"]["failed"] = n_bad
-        faults = self.cfg.result_faults
-        if faults is not None and faults.batches is not None:
-            if faults.batches <= 0:
-                faults = None
-            else:
-                faults.batches -= 1
+        faults = self.take_result_faults()
         broken = break_result_files(good, bad, faults) if faults is not None else None
         for kind, content in (("output", good), ("error", bad)):
             if content or (broken and broken[kind] != content):
@@ -644,6 +639,15 @@ class Runner:
             "output_tokens_details": {"reasoning_tokens": 0},
         }
 
+    def take_result_faults(self) -> Any:
+        """The ``result_faults`` for the batch finishing now (counting down ``batches``), or None."""
+        faults = self.cfg.result_faults
+        if faults is not None and faults.batches is not None:
+            if faults.batches <= 0:
+                return None
+            faults.batches -= 1
+        return faults
+
     async def finish_anthropic(
         self, state: BatchState, outcomes: list[Outcome], unrun_error: dict | None
     ) -> None:
@@ -659,12 +663,7 @@ class Runner:
         content, unrun = await asyncio.to_thread(
             build_anthropic_results, outcomes, state.requests, kind, self.cfg.shuffle_seed
         )
-        faults = self.cfg.result_faults
-        if faults is not None and faults.batches is not None:
-            if faults.batches <= 0:
-                faults = None
-            else:
-                faults.batches -= 1
+        faults = self.take_result_faults()
         broken = break_anthropic_results(content, faults) if faults is not None else None
         path = self.store.files_dir / f"{d['id']}.results.jsonl"
         if broken is not None and broken != content and faults.downloads is None:

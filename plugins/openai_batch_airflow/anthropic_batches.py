@@ -334,16 +334,6 @@ class AnthropicBatchHook(BaseHook, BatchAPI):
                 self._aconn = AsyncAnthropicBatches(**settings)
         return self._aconn
 
-    async def aclose(self) -> None:
-        client, self._aconn = self._aconn, None
-        key, self._shared_key = self._shared_key, None
-        if client is None:
-            return
-        if key is not None:
-            await SHARED_ASYNC_CLIENTS.release(key, client)
-        else:
-            await client.close()
-
     def _call(self, method: str, path: str, attempts: int = READ_ATTEMPTS, **kwargs: Any) -> Any:
         """One call, tried up to ``attempts`` times on a transient failure; the JSON answer."""
         for attempt in range(1, attempts + 1):

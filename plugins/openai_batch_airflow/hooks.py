@@ -161,6 +161,8 @@ class BatchAPI:
     #: back in waves.
     counts_enqueued_tokens = True
     conn_id: str
+    _aconn: Any = None
+    _shared_key: tuple[int, str, str] | None = None
 
     # -- what each provider implements ------------------------------------------------------------
     def retrieve(self, batch_id: str) -> Any:
@@ -176,8 +178,16 @@ class BatchAPI:
         raise NotImplementedError
 
     async def aclose(self) -> None:
-        """Let go of the async client."""
-        raise NotImplementedError
+        """Let go of the async client: a shared one is closed when its last user lets go, one of the hook's
+        own at once. The next async call takes a client again (shared by every provider's hook)."""
+        client, self._aconn = self._aconn, None
+        key, self._shared_key = self._shared_key, None
+        if client is None:
+            return
+        if key is not None:
+            await SHARED_ASYNC_CLIENTS.release(key, client)
+        else:
+            await client.close()
 
     def cancel(self, batch_id: str) -> Any:
         raise NotImplementedError
@@ -305,18 +315,6 @@ class OpenAIBatchHook(OpenAIHook, BatchAPI):
                     self.conn_id, kwargs, self._client_class(kwargs, asynchronous=True)
                 )
         return self._aconn
-
-    async def aclose(self) -> None:
-        """Let go of the async client: a shared one is closed when its last user lets go, one of the hook's
-        own at once. The next async call takes a client again."""
-        client, self._aconn = self._aconn, None
-        key, self._shared_key = self._shared_key, None
-        if client is None:
-            return
-        if key is not None:
-            await SHARED_ASYNC_CLIENTS.release(key, client)
-        else:
-            await client.close()
 
     @staticmethod
     def _client_class(kwargs: dict[str, Any], asynchronous: bool = False) -> Any:
